@@ -1,0 +1,405 @@
+"""The OpenAI-compatible HTTP API (Starlette, asyncio). It never touches torch.
+
+A generation request is validated and tokenized here, put on the bounded queue, and then waited
+for on an asyncio queue that the engine thread feeds. The wait is bounded by the request's
+deadline (queue time counts) and by the client's connection: a client that goes away cancels
+its request, which frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from opentelemetry import propagate, trace
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..engine.queue import QueueFull
+from ..engine.request import Event, Failed, Finished, GenerationRequest, TextDelta
+from ..service import InferenceService
+from ..telemetry.recorder import CompletedRequest, RequestRecorder
+from .errors import ApiError, from_validation_error
+from .prompts import chat_prompt_ids, completion_prompt_ids, sampling_params
+from .responses import ChunkWriter, completion_body
+from .schemas import ChatCompletionRequest, CompletionRequest
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
+
+
+def _request_id(request: Request, endpoint: str) -> str:
+    given = request.headers.get("x-request-id", "")
+    if _REQUEST_ID.match(given):
+        return given
+    prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
+    return prefix + uuid.uuid4().hex
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {declared} bytes, above the limit of {limit} "
+                       "bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is over the limit of {limit} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {exc.start}: "
+                       f"{exc.reason})") from None
+    if not text.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                       f"column {exc.colno}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+async def _wait_for_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+@dataclass
+class _Call:
+    """One generation request on its way through the API."""
+
+    endpoint: str
+    request_id: str
+    arrival_ns: int
+    span: Any
+    record: CompletedRequest
+    generation: GenerationRequest | None = None
+    events: asyncio.Queue | None = None
+    ended: bool = False
+
+
+class _GuardedStream(StreamingResponse):
+    """A streamed response whose cleanup also runs when it is cancelled before its body starts
+    (a client that disconnects at once), so that no request is left unrecorded or running."""
+
+    def __init__(self, content: AsyncIterator[bytes], cleanup: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
+
+
+class InferenceApi:
+    def __init__(self, service: InferenceService, recorder: RequestRecorder):
+        self.service = service
+        self.config = service.config
+        self.recorder = recorder
+
+    # ---- plain routes ------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        info = self.service.describe()
+        return JSONResponse({"status": "ready" if self.service.ready else info["state"], **info},
+                            status_code=200 if self.service.ready else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        if self.service.metrics is None:
+            return Response("", media_type=CONTENT_TYPE_LATEST)
+        body = await run_in_threadpool(self.service.metrics.exposition)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        created = int(self.service.load_started_at or time.time())
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.service.model_name, "object": "model", "created": created,
+             "owned_by": "llm-vigil"}]})
+
+    def _authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 key.encode()):
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           error_type="authentication_error", code="invalid_api_key")
+
+    # ---- generation --------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "completions")
+
+    async def _generate(self, request: Request, endpoint: str) -> Response:
+        arrival_ns = time.perf_counter_ns()
+        request_id = _request_id(request, endpoint)
+        parent = propagate.extract(request.headers)
+        span = self.recorder.start_span(
+            f"{'chat' if endpoint == 'chat' else 'text_completion'} {self.service.model_name}",
+            parent, arrival_ns)
+        record = CompletedRequest(request_id=request_id, endpoint=endpoint,
+                                  model=self.service.model_name, status=200,
+                                  arrival_ns=arrival_ns, span=span)
+        call = _Call(endpoint, request_id, arrival_ns, span, record)
+        context = span.get_span_context()
+        headers = {"X-Request-Id": request_id, "X-Trace-Id": format(context.trace_id, "032x")}
+        with trace.use_span(span, end_on_exit=False):
+            try:
+                response = await self._admit_and_run(request, call, headers)
+            except ApiError as error:
+                self._end(call, error.status, error.error_type, error.message)
+                return error.response(headers)
+            except Exception as exc:  # noqa: BLE001 - never a bare 500 page or a hang
+                self._end(call, 500, "server_error", f"{type(exc).__name__}: {exc}")
+                return ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                error_type="server_error").response(headers)
+        return response
+
+    async def _admit_and_run(self, request: Request, call: _Call,
+                             headers: dict[str, str]) -> Response:
+        self._authorize(request)
+        body = _parse_json(await _read_body(request, self.config.max_body_bytes))
+        schema = ChatCompletionRequest if call.endpoint == "chat" else CompletionRequest
+        try:
+            parsed = schema.model_validate(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        call.record.stream = parsed.stream
+        call.record.request_params = {
+            "max_tokens": parsed.requested_max_tokens, "temperature": parsed.temperature,
+            "top_p": parsed.top_p, "frequency_penalty": parsed.frequency_penalty,
+            "presence_penalty": parsed.presence_penalty}
+        if parsed.model != self.service.model_name:
+            raise ApiError(404, f"The model '{parsed.model}' does not exist; this server serves "
+                           f"'{self.service.model_name}'", param="model",
+                           code="model_not_found")
+        loaded = self.service.loaded
+        if not self.service.ready or loaded is None:
+            state = self.service.state
+            message = ("the model is still loading; retry shortly" if state == "loading" else
+                       f"the model failed to load: {self.service.load_error}")
+            raise ApiError(503, message, error_type="server_unavailable",
+                           code="model_not_ready", headers={"Retry-After": "5"})
+        if call.endpoint == "chat":
+            prompt_ids, prompt_text = chat_prompt_ids(loaded, parsed)
+        else:
+            prompt_ids, prompt_text = completion_prompt_ids(loaded, parsed)
+        if self.recorder.log_prompts:
+            call.record.prompt_text = prompt_text
+        params = sampling_params(loaded, parsed, len(prompt_ids), self.config.max_tokens_limit)
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        deadline_ns = call.arrival_ns + int(self.config.request_timeout * 1e9)
+
+        def emit(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is closed: the server is shutting down
+                pass
+
+        generation = GenerationRequest(request_id=call.request_id, prompt_ids=prompt_ids,
+                                       params=params, stream=parsed.stream,
+                                       deadline_ns=deadline_ns, emit=emit,
+                                       arrival_ns=call.arrival_ns)
+        try:
+            self.service.queue.put(generation)
+        except QueueFull as exc:
+            raise ApiError(429, f"{exc}; retry later", error_type="rate_limit_exceeded",
+                           code="queue_full",
+                           headers={"Retry-After": str(self._retry_after())}) from None
+        call.generation, call.events = generation, events
+        call.record.generation = generation
+        if self.service.metrics is not None:
+            self.service.metrics.in_flight.inc()
+
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+        try:
+            first = await self._next_event(call, watcher)
+        except BaseException:
+            watcher.cancel()
+            raise
+        if isinstance(first, Failed):
+            watcher.cancel()
+            raise self._engine_error(first)
+        if not parsed.stream:
+            while not isinstance(first, Finished):
+                first = await self._next_event(call, watcher)
+                if isinstance(first, Failed):
+                    watcher.cancel()
+                    raise self._engine_error(first)
+            watcher.cancel()
+            self._end(call, 200)
+            return JSONResponse(completion_body(call.endpoint, call.request_id,
+                                                self.service.model_name, int(time.time()),
+                                                generation), headers=headers)
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        writer = ChunkWriter(call.endpoint, call.request_id, self.service.model_name,
+                             include_usage)
+        return _GuardedStream(self._stream(call, writer, first, watcher),
+                              cleanup=lambda: self._abandon(call, watcher),
+                              media_type="text/event-stream",
+                              headers={**headers, "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+
+    async def _stream(self, call: _Call, writer: ChunkWriter, first: Event,
+                      watcher: asyncio.Future) -> AsyncIterator[bytes]:
+        """The SSE body; the HTTP status is already sent, so errors become error events."""
+        status, error_type, message = CLIENT_CLOSED, "cancelled", "the client disconnected"
+        try:
+            opening = writer.start()
+            if opening:
+                yield opening
+            event = first
+            while True:
+                if isinstance(event, TextDelta):
+                    yield writer.delta(event.text)
+                elif isinstance(event, Finished):
+                    yield writer.finish(call.generation)
+                    yield writer.DONE
+                    status, error_type, message = 200, "", ""
+                    return
+                elif isinstance(event, Failed):
+                    error = self._engine_error(event)
+                    status, error_type, message = error.status, error.error_type, error.message
+                    yield writer.error(error.body())
+                    yield writer.DONE
+                    return
+                try:
+                    event = await self._next_event(call, watcher)
+                except ApiError as error:
+                    status, error_type, message = error.status, error.error_type, error.message
+                    if status != CLIENT_CLOSED:
+                        yield writer.error(error.body())
+                        yield writer.DONE
+                    return
+        finally:
+            watcher.cancel()
+            if call.generation is not None and call.generation.finished_ns is None:
+                self._cancel(call.generation)
+            self._end(call, status, error_type, message)
+
+    def _abandon(self, call: _Call, watcher: asyncio.Future) -> None:
+        """After a stream: if its body never ran, the client left first; say so and stop."""
+        watcher.cancel()
+        if not call.ended:
+            if call.generation is not None and call.generation.finished_ns is None:
+                self._cancel(call.generation)
+            self._end(call, CLIENT_CLOSED, "cancelled", "the client disconnected")
+
+    async def _next_event(self, call: _Call, watcher: asyncio.Future) -> Event:
+        """The engine's next event, or an ApiError at the deadline or on disconnect."""
+        generation, events = call.generation, call.events
+        assert generation is not None and events is not None
+        if not events.empty():
+            return events.get_nowait()
+        remaining = (generation.deadline_ns - time.perf_counter_ns()) / 1e9
+        getter = asyncio.ensure_future(events.get())
+        try:
+            done, _ = await asyncio.wait({getter, watcher}, timeout=max(remaining, 0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            getter.cancel()
+            self._cancel(generation)
+            raise
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        self._cancel(generation)
+        if watcher in done:
+            raise ApiError(CLIENT_CLOSED, "the client disconnected before the answer was ready",
+                           error_type="cancelled", code="client_disconnected")
+        from ..engine.engine import timeout_error
+
+        error = timeout_error(generation, self.config.request_timeout)
+        raise ApiError(error.status, error.message, error_type=error.error_type, code=error.code)
+
+    def _cancel(self, generation: GenerationRequest) -> None:
+        """Stop work on a request nobody will read: out of the queue now, out of the batch at the
+        engine's next step."""
+        generation.cancelled = True
+        if self.service.queue.remove(generation):
+            generation.finished_ns = time.perf_counter_ns()
+
+    @staticmethod
+    def _engine_error(event: Failed) -> ApiError:
+        error = event.error
+        headers = {"Retry-After": "5"} if error.status == 503 else None
+        return ApiError(error.status, error.message, error_type=error.error_type,
+                        code=error.code, headers=headers)
+
+    def _retry_after(self) -> int:
+        engine = self.service.engine
+        per_request = engine.mean_request_seconds if engine is not None else 1.0
+        waves = len(self.service.queue) / max(1, self.config.max_batch_size) + 1
+        return max(1, min(60, math.ceil(waves * per_request)))
+
+    def _end(self, call: _Call, status: int, error_type: str = "", message: str = "") -> None:
+        if call.ended:
+            return
+        call.ended = True
+        record = call.record
+        record.status, record.error_type, record.error_message = status, error_type, message
+        if call.generation is not None and self.service.metrics is not None:
+            self.service.metrics.in_flight.dec()
+        self.recorder.record(record)
+
+
+def build_app(service: InferenceService, recorder: RequestRecorder) -> Starlette:
+    api = InferenceApi(service, recorder)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return ApiError(404, f"no route {request.method} {request.url.path}",
+                        code="not_found").response()
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                        code="method_not_allowed").response()
+
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return exc.response()
+
+    routes = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/ready", api.ready, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed,
+                                                        ApiError: api_error})

@@ -1,0 +1,153 @@
+"""Request bodies of the OpenAI-compatible API, validated strictly.
+
+Types are strict (a string is not a number, a float is not an integer), ranges are OpenAI's,
+and parameters that would change the answer in ways this server does not implement (n > 1,
+logprobs, tools, a JSON response format) are refused rather than silently ignored. Unknown
+fields are ignored, as newer clients send fields older servers do not know.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_STOP_SEQUENCES = 4
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        return role
+
+    def text(self) -> str:
+        """The message's text; refuses parts this text-only server cannot read."""
+        if self.content is None:
+            raise ValueError("content is required")
+        if isinstance(self.content, str):
+            return self.content
+        pieces = []
+        for part in self.content:
+            kind = part.get("type")
+            if kind != "text":
+                raise ValueError(f"content parts of type {kind!r} are not supported by this "
+                                 "text-only model; send text parts")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ValueError("a text content part needs a string 'text'")
+            pieces.append(text)
+        return "".join(pieces)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _GenerationParams(_Strict):
+    model: str
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    ignore_eos: bool = False
+    seed: int | None = None  # accepted; a server-wide --seed makes sampling reproducible
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _single_choice(cls, n: int | None) -> int | None:
+        if n is not None and n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        return stop
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ChatCompletionRequest(_GenerationParams):
+    messages: list[ChatMessage]
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not messages:
+            raise ValueError("messages must hold at least one message")
+        return messages
+
+    @model_validator(mode="after")
+    def _supported(self) -> "ChatCompletionRequest":
+        if self.logprobs:
+            raise ValueError("logprobs are not supported")
+        if self.tools:
+            raise ValueError("tools (function calling) are not supported")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return self
+
+
+class CompletionRequest(_GenerationParams):
+    prompt: str | list[str] | list[int]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> "CompletionRequest":
+        if self.logprobs:
+            raise ValueError("logprobs are not supported")
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.best_of not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if isinstance(self.prompt, list):
+            if not self.prompt:
+                raise ValueError("prompt must not be empty")
+            if isinstance(self.prompt[0], str) and len(self.prompt) != 1:
+                raise ValueError("only one prompt per request is supported")
+        return self

@@ -1,0 +1,115 @@
+"""The inference service: loads the model in the background and owns the queue and engine.
+
+``/health`` answers from the moment the process starts; ``ready`` turns true only once the model
+is loaded and the engine thread runs. A failed load is logged with its cause and leaves the
+service not ready for good (it never pretends to serve); the supervisor decides what to do.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+from typing import Any
+
+from loguru import logger
+
+from . import __version__
+from .config import Config
+from .engine.engine import Engine
+from .engine.queue import RequestQueue
+from .model.loader import LoadedModel, load_model
+from .telemetry.identity import remove_identity, write_identity
+from .telemetry.metrics import InferenceMetrics
+
+
+class InferenceService:
+    def __init__(self, config: Config, metrics: InferenceMetrics | None = None):
+        self.config = config
+        self.metrics = metrics
+        self.model_name = config.model_name
+        self.queue = RequestQueue(config.max_queue,
+                                  metrics.queue_changed if metrics else lambda *_: None)
+        self.state = "loading"  # loading, loaded, failed
+        self.load_error: str | None = None
+        self.load_started_at: float | None = None
+        self.load_duration_s: float | None = None
+        self.loaded: LoadedModel | None = None
+        self.engine: Engine | None = None
+        self._loader: threading.Thread | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "loaded"
+
+    def start(self) -> None:
+        self._write_identity()
+        self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
+        self._loader.start()
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        remove_identity(self.config.state_dir)
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        if self._loader is not None:
+            self._loader.join(timeout)
+        return self.ready
+
+    def _write_identity(self) -> None:
+        write_identity(self.config.state_dir, role="inference", version=__version__,
+                       model=self.model_name, host=self.config.host, port=self.config.port,
+                       state=self.state, started_at=time.time() if self.load_started_at is None
+                       else self.load_started_at)
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        self.load_started_at = time.time()
+        if self.metrics is not None:
+            self.metrics.load_started(self.load_started_at)
+        logger.info("loading model {!r} on device {}", self.config.model, self.config.device,
+                    model=self.model_name)
+        try:
+            loaded = load_model(self.config)
+            engine_view = copy.copy(loaded)
+            # The engine decodes while the API thread tokenizes: each gets its own tokenizer,
+            # as fast tokenizers are not safe to share across threads.
+            engine_view.tokenizer = copy.deepcopy(loaded.tokenizer)
+            engine = Engine(engine_view, self.queue, max_batch_size=self.config.max_batch_size,
+                            request_timeout_s=self.config.request_timeout, observer=self.metrics,
+                            seed=self.config.seed)
+            engine.start()
+        except Exception as exc:  # noqa: BLE001 - whatever it is, say it and stay not-ready
+            self.load_duration_s = time.perf_counter() - started
+            self.state = "failed"
+            self.load_error = str(exc)
+            if self.metrics is not None:
+                self.metrics.load_finished(self.load_duration_s, ok=False)
+            logger.opt(exception=exc).error(
+                "model load failed after {:.1f} s: {}", self.load_duration_s, exc,
+                model=self.model_name, load_duration_s=round(self.load_duration_s, 3))
+            self._write_identity()
+            return
+        self.load_duration_s = time.perf_counter() - started
+        self.loaded, self.engine = loaded, engine
+        self.state = "loaded"
+        if self.metrics is not None:
+            self.metrics.load_finished(self.load_duration_s, ok=True, loaded=loaded)
+            if loaded.device.type == "cuda":
+                self.metrics.cuda_memory(loaded.device)
+        logger.info("model loaded in {:.1f} s: {} ({}, {}, context {} tokens)",
+                    self.load_duration_s, self.model_name, loaded.dtype_name, loaded.device,
+                    loaded.context_length, model=self.model_name,
+                    load_duration_s=round(self.load_duration_s, 3))
+        self._write_identity()
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"model": self.model_name, "state": self.state}
+        if self.load_error:
+            info["error"] = self.load_error
+        if self.loaded is not None:
+            info.update(device=str(self.loaded.device), dtype=self.loaded.dtype_name,
+                        context_length=self.loaded.context_length)
+        return info
