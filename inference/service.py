@@ -78,7 +78,7 @@ class InferenceService:
             # as fast tokenizers are not safe to share across threads.
             engine_view.tokenizer = copy.deepcopy(loaded.tokenizer)
             engine = Engine(engine_view, self.queue, max_batch_size=self.config.max_batch_size,
-                            request_timeout_s=self.config.request_timeout, observer=self.metrics,
+                            observer=self.metrics,
                             seed=self.config.seed)
             engine.start()
         except Exception as exc:  # noqa: BLE001 - whatever it is, say it and stay not-ready

@@ -181,10 +181,10 @@ class InferenceApi:
             try:
                 response = await self._admit_and_run(request, call, headers)
             except ApiError as error:
-                self._end(call, error.status, error.error_type, error.message)
+                self._end(call, error.status, error.kind, error.message)
                 return error.response(headers)
             except Exception as exc:  # noqa: BLE001 - never a bare 500 page or a hang
-                self._end(call, 500, "server_error", f"{type(exc).__name__}: {exc}")
+                self._end(call, 500, "internal_error", f"{type(exc).__name__}: {exc}")
                 return ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
                                 error_type="server_error").response(headers)
         return response
@@ -224,7 +224,7 @@ class InferenceApi:
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        deadline_ns = call.arrival_ns + int(self.config.request_timeout * 1e9)
+        deadline_ns = call.arrival_ns + int(self._timeout(request) * 1e9)
 
         def emit(event: Event) -> None:
             try:
@@ -279,7 +279,8 @@ class InferenceApi:
     async def _stream(self, call: _Call, writer: ChunkWriter, first: Event,
                       watcher: asyncio.Future) -> AsyncIterator[bytes]:
         """The SSE body; the HTTP status is already sent, so errors become error events."""
-        status, error_type, message = CLIENT_CLOSED, "cancelled", "the client disconnected"
+        status, error_type, message = (CLIENT_CLOSED, "client_disconnected",
+                                       "the client disconnected")
         try:
             opening = writer.start()
             if opening:
@@ -295,14 +296,14 @@ class InferenceApi:
                     return
                 elif isinstance(event, Failed):
                     error = self._engine_error(event)
-                    status, error_type, message = error.status, error.error_type, error.message
+                    status, error_type, message = error.status, error.kind, error.message
                     yield writer.error(error.body())
                     yield writer.DONE
                     return
                 try:
                     event = await self._next_event(call, watcher)
                 except ApiError as error:
-                    status, error_type, message = error.status, error.error_type, error.message
+                    status, error_type, message = error.status, error.kind, error.message
                     if status != CLIENT_CLOSED:
                         yield writer.error(error.body())
                         yield writer.DONE
@@ -319,7 +320,7 @@ class InferenceApi:
         if not call.ended:
             if call.generation is not None and call.generation.finished_ns is None:
                 self._cancel(call.generation)
-            self._end(call, CLIENT_CLOSED, "cancelled", "the client disconnected")
+            self._end(call, CLIENT_CLOSED, "client_disconnected", "the client disconnected")
 
     async def _next_event(self, call: _Call, watcher: asyncio.Future) -> Event:
         """The engine's next event, or an ApiError at the deadline or on disconnect."""
@@ -342,11 +343,27 @@ class InferenceApi:
         self._cancel(generation)
         if watcher in done:
             raise ApiError(CLIENT_CLOSED, "the client disconnected before the answer was ready",
-                           error_type="cancelled", code="client_disconnected")
+                           error_type="client_closed_request", code="client_disconnected")
         from ..engine.engine import timeout_error
 
-        error = timeout_error(generation, self.config.request_timeout)
+        error = timeout_error(generation)
         raise ApiError(error.status, error.message, error_type=error.error_type, code=error.code)
+
+    def _timeout(self, request: Request) -> float:
+        """The request's deadline in seconds: --request-timeout, or less if the client asks
+        (a gateway passing on what is left of its own budget)."""
+        limit = self.config.request_timeout
+        given = request.headers.get("x-request-timeout")
+        if given is None:
+            return limit
+        try:
+            seconds = float(given)
+        except ValueError:
+            seconds = float("nan")
+        if not 0 < seconds < float("inf"):
+            raise ApiError(400, f"the X-Request-Timeout header must be a positive number of "
+                           f"seconds, got {given!r}", param="X-Request-Timeout")
+        return min(seconds, limit)
 
     def _cancel(self, generation: GenerationRequest) -> None:
         """Stop work on a request nobody will read: out of the queue now, out of the batch at the

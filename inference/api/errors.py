@@ -20,6 +20,12 @@ class ApiError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    @property
+    def kind(self) -> str:
+        """The low-cardinality cause recorded in metrics, spans and logs: the code if there
+        is one (queue_full, deadline_exceeded, ...), else the OpenAI error type."""
+        return self.code or self.error_type
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
                           "code": self.code}}

@@ -46,7 +46,8 @@ class NullObserver:
         pass
 
 
-def timeout_error(request: GenerationRequest, timeout_s: float) -> EngineError:
+def timeout_error(request: GenerationRequest) -> EngineError:
+    timeout_s = (request.deadline_ns - request.arrival_ns) / 1e9
     where = "in the queue" if request.scheduled_ns is None else (
         f"after {request.completion_tokens} generated tokens")
     return EngineError(504, "timeout", f"the request's deadline of {timeout_s:g} s passed {where}; "
@@ -106,12 +107,11 @@ def _select_cache(cache: Any, keep: torch.Tensor) -> Any:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, queue: RequestQueue, *, max_batch_size: int,
-                 request_timeout_s: float, observer: EngineObserver | None = None,
+                 observer: EngineObserver | None = None,
                  seed: int | None = None):
         self.loaded = loaded
         self.queue = queue
         self.max_batch_size = max_batch_size
-        self.request_timeout_s = request_timeout_s
         self.observer = observer or NullObserver()
         self._generator = torch.Generator(device=loaded.device)
         if seed is None:
@@ -204,7 +204,7 @@ class Engine:
             if request.cancelled:
                 request.finished_ns = time.perf_counter_ns()
             else:
-                self._fail(request, timeout_error(request, self.request_timeout_s))
+                self._fail(request, timeout_error(request))
 
     # ---- admission and prefill -------------------------------------------------------------
 
@@ -235,7 +235,8 @@ class Engine:
             self._batch = new_batch
         else:
             self._merge(new_batch)
-        self._drop_done_rows()
+        if not self._drop_done_rows():
+            self.observer.running_changed(len(self._batch))
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor, cache: Any, prefill: bool):
@@ -301,7 +302,6 @@ class Engine:
         old.rows.extend(new.rows)
         old.sampler = self._sampler_for(old.rows)
         self._update_eos_suppression(old)
-        self.observer.running_changed(len(old))
 
     # ---- decoding --------------------------------------------------------------------------
 
@@ -316,7 +316,7 @@ class Engine:
                 request.finished_ns = now
             elif now >= request.deadline_ns:
                 row.done = True
-                self._fail(request, timeout_error(request, self.request_timeout_s))
+                self._fail(request, timeout_error(request))
         if self._drop_done_rows():
             return
         self.stage = "decode"

@@ -48,8 +48,11 @@ METRICS: tuple[MetricSpec, ...] = (
     M("inference_requests", "counter", "requests",
       ("model", "endpoint", "status", "finish_reason", "error_type"),
       "Finished requests by outcome: HTTP status, finish reason (stop, length; empty on error) "
-      "and error type (empty on success; invalid_request_error, queue_full, timeout, "
-      "cancelled, server_error, ...)."),
+      "and error type (empty on success; else the error's code, or its OpenAI type when it has "
+      "no code: invalid_request_error, context_length_exceeded, model_not_found, "
+      "invalid_api_key, request_too_large, queue_full, deadline_exceeded, "
+      "client_disconnected (status 499), model_not_ready, shutting_down, server_error, "
+      "internal_error)."),
     M("gen_ai_server_request_duration_seconds", "histogram", "seconds",
       ("model", "operation", "error_type"),
       "End-to-end request duration, from arrival to the last token or the error "

@@ -77,6 +77,7 @@ def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     logger.add(_JsonSink(stream or sys.stdout).write, level=level, format="{message}",
                backtrace=False, diagnose=False)
     logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
+    logging.captureWarnings(True)  # warnings.warn() lines become JSON lines too
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "transformers"):
         std = logging.getLogger(name)
         std.handlers = []
@@ -87,5 +88,8 @@ def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        # transformers writes through its own stderr handler unless told to propagate.
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
     except ImportError:  # transformers is only needed once a model loads
         pass

@@ -1,0 +1,25 @@
+# Sourced by scripts/*: make .venv with the project and its test tools installed.
+# Re-installs only when pyproject.toml changes (a stamp in .venv records its hash).
+ensure_venv() {
+  local python="${PYTHON:-}"
+  if [ -z "$python" ]; then
+    for candidate in python3.11 python3; do
+      if command -v "$candidate" >/dev/null 2>&1; then python="$candidate"; break; fi
+    done
+  fi
+  if [ ! -x .venv/bin/python ]; then
+    echo "creating .venv with $($python --version 2>&1)" >&2
+    "$python" -m venv .venv
+  fi
+  local stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    # The CPU build of torch 2.13.0 lies on these machines' disk; an unpinned torch would
+    # download a multi-GB CUDA build. On a GPU machine, install the CUDA torch you need first.
+    if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+      .venv/bin/python -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
+    fi
+    .venv/bin/python -m pip install --quiet -e ".[test]"
+    rm -f .venv/.installed-* && touch "$stamp"
+  fi
+}
