@@ -41,7 +41,8 @@ class InferenceService:
 
     @property
     def ready(self) -> bool:
-        return self.state == "loaded"
+        """Loaded, and the engine thread is running (it may die, and then we must say so)."""
+        return self.state == "loaded" and self.engine is not None and self.engine.alive
 
     def start(self) -> None:
         self._write_identity()
@@ -106,7 +107,10 @@ class InferenceService:
         self._write_identity()
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"model": self.model_name, "state": self.state}
+        state = self.state
+        if state == "loaded" and not self.ready:
+            state = "engine_stopped"
+        info: dict[str, Any] = {"model": self.model_name, "state": state}
         if self.load_error:
             info["error"] = self.load_error
         if self.loaded is not None:

@@ -62,6 +62,15 @@ CASES = [
     ("prompt-wrong-type", COMPLETIONS, {"model": "demo", "prompt": {"a": 1}}, 400, "'prompt'"),
     ("token-id-out-of-range", COMPLETIONS, {"model": "demo", "prompt": [1, 99999]}, 400,
      "token id 99999 is outside the vocabulary"),
+    ("nested-too-deeply", COMPLETIONS,
+     b'{"model": "demo", "prompt": "x", "a": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400,
+     "nested too deeply"),
+    ("huge-integer", CHAT, b'{"model": "demo", "messages": [], "x": 1' + b"1" * 5000 + b"}", 400,
+     "cannot be read"),
+    ("lone-surrogate", COMPLETIONS, b'{"model": "demo", "prompt": "hi \\ud800 there"}', 400,
+     "unpaired UTF-16 surrogate"),
+    ("stream-options-without-stream", CHAT, chat_body(stream_options={"include_usage": True}),
+     400, "only allowed when stream is true"),
     ("several-prompts", COMPLETIONS, {"model": "demo", "prompt": ["a", "b"]}, 400,
      "one prompt per request"),
 ]
@@ -106,3 +115,15 @@ def test_wrong_method_is_405(server):
     response = requests.get(server.url(CHAT), timeout=5)
     assert response.status_code == 405
     assert "error" in response.json()
+
+
+def test_slow_upload_is_bounded_by_the_deadline(server):
+    import socket
+
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                     b"X-Request-Timeout: 1\r\n\r\n{\"model\"")
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"did not arrive within" in reply

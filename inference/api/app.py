@@ -22,7 +22,7 @@ from opentelemetry import propagate, trace
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -75,8 +75,18 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
                        f"column {exc.colno}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal of thousands of digits
+        raise ApiError(400, f"the request body has a value that cannot be read: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    try:
+        # JSON escapes can spell lone UTF-16 surrogates, which are no text at all.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body holds an unpaired UTF-16 surrogate escape "
+                       "(such as \\ud800); send valid Unicode text") from None
     return body
 
 
@@ -119,6 +129,7 @@ class InferenceApi:
         self.service = service
         self.config = service.config
         self.recorder = recorder
+        self._tokenizer_lock = asyncio.Lock()
 
     # ---- plain routes ------------------------------------------------------------------------
 
@@ -184,15 +195,36 @@ class InferenceApi:
                 self._end(call, error.status, error.kind, error.message)
                 return error.response(headers)
             except Exception as exc:  # noqa: BLE001 - never a bare 500 page or a hang
+                from loguru import logger
+
+                logger.opt(exception=exc).error("unexpected error while handling {}: {}",
+                                                call.request_id, exc)
                 self._end(call, 500, "internal_error", f"{type(exc).__name__}: {exc}")
                 return ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
                                 error_type="server_error").response(headers)
+            except BaseException:  # cancelled (the server is stopping): still account for it
+                if call.generation is not None and call.generation.finished_ns is None:
+                    self._cancel(call.generation)
+                self._end(call, 503, "shutting_down", "the server stopped before answering")
+                raise
         return response
 
     async def _admit_and_run(self, request: Request, call: _Call,
                              headers: dict[str, str]) -> Response:
         self._authorize(request)
-        body = _parse_json(await _read_body(request, self.config.max_body_bytes))
+        timeout_s = self._timeout(request)
+        try:
+            raw = await asyncio.wait_for(_read_body(request, self.config.max_body_bytes),
+                                         timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within the request's deadline "
+                           f"of {timeout_s:g} s", error_type="timeout",
+                           code="deadline_exceeded") from None
+        except ClientDisconnect:
+            raise ApiError(CLIENT_CLOSED, "the client disconnected while sending the request",
+                           error_type="client_closed_request",
+                           code="client_disconnected") from None
+        body = _parse_json(raw)
         schema = ChatCompletionRequest if call.endpoint == "chat" else CompletionRequest
         try:
             parsed = schema.model_validate(body)
@@ -210,21 +242,26 @@ class InferenceApi:
         loaded = self.service.loaded
         if not self.service.ready or loaded is None:
             state = self.service.state
-            message = ("the model is still loading; retry shortly" if state == "loading" else
-                       f"the model failed to load: {self.service.load_error}")
+            if state == "loading":
+                message = "the model is still loading; retry shortly"
+            elif state == "failed":
+                message = f"the model failed to load: {self.service.load_error}"
+            else:
+                message = "the engine has stopped; the server is not serving"
             raise ApiError(503, message, error_type="server_unavailable",
                            code="model_not_ready", headers={"Retry-After": "5"})
-        if call.endpoint == "chat":
-            prompt_ids, prompt_text = chat_prompt_ids(loaded, parsed)
-        else:
-            prompt_ids, prompt_text = completion_prompt_ids(loaded, parsed)
+        # Tokenizing a long prompt takes a while: off the event loop, one at a time (a fast
+        # tokenizer is not safe to share between threads; the engine has its own).
+        build = chat_prompt_ids if call.endpoint == "chat" else completion_prompt_ids
+        async with self._tokenizer_lock:
+            prompt_ids, prompt_text = await run_in_threadpool(build, loaded, parsed)
         if self.recorder.log_prompts:
             call.record.prompt_text = prompt_text
         params = sampling_params(loaded, parsed, len(prompt_ids), self.config.max_tokens_limit)
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        deadline_ns = call.arrival_ns + int(self._timeout(request) * 1e9)
+        deadline_ns = call.arrival_ns + int(timeout_s * 1e9)
 
         def emit(event: Event) -> None:
             try:

@@ -34,7 +34,7 @@ def chat_prompt_ids(loaded: LoadedModel, body: ChatCompletionRequest) -> tuple[l
 def completion_prompt_ids(loaded: LoadedModel, body: CompletionRequest) -> tuple[list[int], str]:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        vocab = len(loaded.tokenizer)
+        vocab = loaded.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ApiError(400, f"'prompt': token id {bad[0]} is outside the vocabulary "
@@ -48,12 +48,13 @@ def completion_prompt_ids(loaded: LoadedModel, body: CompletionRequest) -> tuple
 def sampling_params(loaded: LoadedModel, body: _GenerationParams, prompt_tokens: int,
                     max_tokens_limit: int) -> SamplingParams:
     context = loaded.context_length
+    prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     if prompt_tokens == 0:
-        raise ApiError(400, "the prompt is empty: it encodes to no tokens", param="prompt")
+        raise ApiError(400, "the prompt is empty: it encodes to no tokens", param=prompt_param)
     if prompt_tokens >= context:
         raise ApiError(400, f"This model's maximum context length is {context} tokens, but the "
                        f"prompt has {prompt_tokens} tokens; shorten the prompt",
-                       param="messages", code="context_length_exceeded")
+                       param=prompt_param, code="context_length_exceeded")
     requested = body.requested_max_tokens
     name = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
     if requested is None:

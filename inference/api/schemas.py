@@ -79,6 +79,12 @@ class _GenerationParams(_Strict):
     seed: int | None = None  # accepted; a server-wide --seed makes sampling reproducible
     user: str | None = None
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "_GenerationParams":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
     @field_validator("n")
     @classmethod
     def _single_choice(cls, n: int | None) -> int | None:

@@ -120,6 +120,7 @@ class Engine:
             self._generator.manual_seed(seed)
         self._vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
         self._batch: _Batch | None = None
+        self._admitting: list[GenerationRequest] = []  # taken from the queue, not yet in the batch
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         # Read by the watchdog: the time of the last prefill or decode step, and what it is doing.
@@ -149,18 +150,48 @@ class Engine:
         batch = self._batch
         return [row.request for row in batch.rows] if batch is not None else []
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
-        with torch.inference_mode():
-            while not self._stopping.is_set():
-                if self._batch is None:
-                    self.stage = "idle"
-                    self.queue.wait(timeout=0.5)
-                    if self._stopping.is_set():
-                        break
-                self._admit()
-                if self._batch is not None:
-                    self._decode_step()
-        self._fail_everything(shutdown_error())
+        final_error = shutdown_error()
+        try:
+            with torch.inference_mode():
+                while not self._stopping.is_set():
+                    if self._batch is None:
+                        self.stage = "idle"
+                        self.queue.wait(timeout=0.5)
+                        if self._stopping.is_set():
+                            break
+                    try:
+                        self._admit()
+                        if self._batch is not None:
+                            self._decode_step()
+                    except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+                        self._fail_held(exc)
+        except BaseException as exc:
+            final_error = EngineError(500, "server_error", f"the engine thread died: "
+                                      f"{type(exc).__name__}: {exc}", code="engine_dead")
+            logger.opt(exception=exc).critical("the engine thread died: {}", exc)
+            raise
+        finally:
+            self._fail_everything(final_error)
+
+    def _fail_held(self, exc: Exception) -> None:
+        """A step failed: every request the engine holds gets the error; the queue is kept."""
+        held = [row.request for row in self._batch.rows if not row.done] if self._batch else []
+        held += [r for r in self._admitting if r.finished_ns is None and r not in held]
+        logger.opt(exception=exc).error(
+            "{} step failed for {} request(s): {}: {}", self.stage, len(held),
+            type(exc).__name__, exc, request_ids=[r.request_id for r in held])
+        error = EngineError(500, "server_error", f"generation failed in {self.stage}: "
+                            f"{type(exc).__name__}: {exc}", code="generation_failed")
+        for request in held:
+            self._fail(request, error)
+        self._batch = None
+        self._admitting = []
+        self.observer.running_changed(0)
 
     # ---- finishing requests ----------------------------------------------------------------
 
@@ -219,22 +250,22 @@ class Engine:
         self._fail_dead(dead)
         if not live:
             return
+        self._admitting = live
         try:
             new_batch = self._prefill(live)
-        except Exception as exc:  # noqa: BLE001 - any failure must reach the callers
-            logger.opt(exception=exc).error(
-                "prefill failed for {} request(s): {}", len(live), exc,
-                request_ids=[r.request_id for r in live])
-            error = EngineError(500, "server_error", f"generation failed in prefill: "
-                                f"{type(exc).__name__}: {exc}")
-            for request in live:
-                self._fail(request, error)
+        except Exception as exc:  # noqa: BLE001 - only the new group fails; the batch goes on
+            running, self._batch = self._batch, None
+            self._fail_held(exc)
+            self._batch = running
+            if running is not None:
+                self.observer.running_changed(len(running))
             return
         self.observer.batch_formed(len(live))
         if self._batch is None:
             self._batch = new_batch
         else:
             self._merge(new_batch)
+        self._admitting = []
         if not self._drop_done_rows():
             self.observer.running_changed(len(self._batch))
 
@@ -322,21 +353,8 @@ class Engine:
         self.stage = "decode"
         batch.attention_mask = torch.cat(
             [batch.attention_mask, batch.attention_mask.new_ones((len(batch), 1))], dim=1)
-        try:
-            output = self._forward(batch.last_tokens[:, None], batch.attention_mask,
-                                   batch.positions[:, None], batch.cache, prefill=False)
-        except Exception as exc:  # noqa: BLE001 - any failure must reach the callers
-            logger.opt(exception=exc).error(
-                "decode step failed for {} request(s): {}", len(batch), exc,
-                request_ids=[row.request.request_id for row in batch.rows])
-            error = EngineError(500, "server_error",
-                                f"generation failed in decode: {type(exc).__name__}: {exc}")
-            for row in batch.rows:
-                if not row.done:
-                    self._fail(row.request, error)
-            self._batch = None
-            self.observer.running_changed(0)
-            return
+        output = self._forward(batch.last_tokens[:, None], batch.attention_mask,
+                               batch.positions[:, None], batch.cache, prefill=False)
         batch.cache = output.past_key_values
         batch.positions += 1
         self._choose_and_accept(batch, output.logits[:, -1, :], "decode")
@@ -371,6 +389,7 @@ class Engine:
                 self._finish(row, "stop")
                 continue
             request.output_ids.append(token)
+            request.last_token_ns = now
             generated = len(request.output_ids)
             if generated == params.min_tokens and not params.ignore_eos:
                 suppression_changed = True

@@ -32,10 +32,6 @@ class SamplingParams:
     ignore_eos: bool = False
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
     def penalized(self) -> bool:
         return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
@@ -91,6 +87,7 @@ class GenerationRequest:
     scheduled_ns: int | None = None  # left the queue
     prefill_start_ns: int | None = None
     first_token_ns: int | None = None
+    last_token_ns: int | None = None  # the last token kept in output_ids (EOS is not kept)
     finished_ns: int | None = None
     batch_size_at_prefill: int = 0
 

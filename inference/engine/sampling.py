@@ -15,6 +15,8 @@ import torch
 
 from .request import SamplingParams
 
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class BatchSampler:
@@ -32,7 +34,8 @@ class BatchSampler:
     def build(cls, params: Sequence[SamplingParams], outputs: Sequence[Sequence[int]],
               vocab_size: int, eos_ids: Sequence[int], device: torch.device,
               generator: torch.Generator | None) -> "BatchSampler":
-        greedy = [p.greedy for p in params]
+        # A temperature this close to 0 is greedy in effect, and dividing by it overflows.
+        greedy = [p.temperature < MIN_TEMPERATURE for p in params]
         penalized = any(p.penalized for p in params)
         counts = None
         freq = pres = None
@@ -45,7 +48,7 @@ class BatchSampler:
             freq = torch.tensor([p.frequency_penalty for p in params], device=device)
             pres = torch.tensor([p.presence_penalty for p in params], device=device)
         return cls(
-            temperature=torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
+            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
                                      device=device),
             top_p=torch.tensor([p.top_p for p in params], device=device),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
@@ -71,8 +74,14 @@ class BatchSampler:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits / self.temperature[:, None], dim=-1)
         probs = _top_p_filter(probs, self.top_p)
-        sampled = torch.multinomial(probs, 1, generator=self.generator).flatten()
-        return torch.where(self.greedy, logits.argmax(dim=-1), sampled)
+        # Greedy rows sample from a one-hot row, so one multinomial call serves the batch; a
+        # row that is not a distribution (every logit -inf or nan) can then not fail the others.
+        greedy = self.greedy | ~torch.isfinite(probs).all(dim=-1)
+        if bool(greedy.any()):
+            probs = torch.where(greedy[:, None], torch.nn.functional.one_hot(
+                torch.nan_to_num(logits, nan=-float("inf")).argmax(dim=-1),
+                probs.shape[-1]).to(probs.dtype), probs)
+        return torch.multinomial(probs, 1, generator=self.generator).flatten()
 
     def record(self, tokens: torch.Tensor) -> None:
         """Count the tokens just chosen, for the penalties of the next step."""

@@ -28,6 +28,7 @@ class LoadedModel:
     context_length: int
     eos_token_ids: frozenset[int]
     pad_token_id: int
+    vocab_size: int  # token ids the model can embed (the tokenizer may know more)
     accepts_position_ids: bool
     accepts_logits_to_keep: bool
     has_chat_template: bool
@@ -141,6 +142,7 @@ def load_model(config: Config) -> LoadedModel:
         context_length=_context_length(model.config, tokenizer, config.max_model_len),
         eos_token_ids=_eos_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        vocab_size=min(len(tokenizer), model.get_input_embeddings().num_embeddings),
         accepts_position_ids="position_ids" in parameters,
         accepts_logits_to_keep="logits_to_keep" in parameters,
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),

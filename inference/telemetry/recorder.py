@@ -90,8 +90,9 @@ class RequestRecorder:
             return
         m.prompt_tokens.inc(gen.prompt_tokens)
         m.generation_tokens.inc(gen.completion_tokens)
-        if gen.scheduled_ns is not None:
-            m.queue_wait.observe((gen.scheduled_ns - gen.arrival_ns) / 1e9)
+        # A request that timed out or was abandoned in the queue waited until it ended: leaving
+        # it out would hide the worst waits exactly when the server is overloaded.
+        m.queue_wait.observe(((gen.scheduled_ns or end_ns) - gen.arrival_ns) / 1e9)
         if not ok:
             return
         if gen.first_token_ns is not None:
@@ -100,10 +101,10 @@ class RequestRecorder:
                 (gen.first_token_ns - gen.arrival_ns) / 1e9)
             if gen.scheduled_ns is not None:
                 m.prefill_duration.observe((gen.first_token_ns - gen.scheduled_ns) / 1e9)
-            if gen.completion_tokens > 1 and gen.finished_ns:
+            if gen.completion_tokens > 1 and gen.last_token_ns:
                 f["gen_ai_server_time_per_output_token_seconds"].labels(
                     model=m.model, operation=done.operation).observe(
-                    (gen.finished_ns - gen.first_token_ns) / 1e9 / (gen.completion_tokens - 1))
+                    (gen.last_token_ns - gen.first_token_ns) / 1e9 / (gen.completion_tokens - 1))
         if empty_reason is not None:
             f["inference_empty_outputs"].labels(model=m.model, reason=empty_reason).inc()
 

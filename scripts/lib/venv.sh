@@ -23,3 +23,15 @@ ensure_venv() {
     rm -f .venv/.installed-* && touch "$stamp"
   fi
 }
+
+# promtool (Debian package prometheus) checks the exposition; installed where apt-get can.
+ensure_promtool() {
+  command -v promtool >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+      >/dev/null
+  else
+    echo "note: promtool is missing and cannot be installed here; its checks will be skipped" >&2
+  fi
+}
