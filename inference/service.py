@@ -98,8 +98,6 @@ class InferenceService:
         self.state = "loaded"
         if self.metrics is not None:
             self.metrics.load_finished(self.load_duration_s, ok=True, loaded=loaded)
-            if loaded.device.type == "cuda":
-                self.metrics.cuda_memory(loaded.device)
         logger.info("model loaded in {:.1f} s: {} ({}, {}, context {} tokens)",
                     self.load_duration_s, self.model_name, loaded.dtype_name, loaded.device,
                     loaded.context_length, model=self.model_name,

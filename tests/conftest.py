@@ -149,3 +149,19 @@ def server(tmp_path_factory, demo_dir):
 
 def chat_body(content: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "demo", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run only where torch sees a CUDA device."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

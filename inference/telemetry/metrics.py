@@ -19,6 +19,7 @@ from ..engine.request import to_epoch_ns
 from .catalog import METRICS, MetricSpec
 
 LOAD_STATES = ("loading", "loaded", "failed")
+CUDA_SAMPLE_EVERY_STEPS = 64
 
 
 def prepare_multiprocess_dir(state_dir: str | os.PathLike) -> Path:
@@ -69,12 +70,21 @@ class InferenceMetrics:
         for gauge in (self.queue_depth, self.queue_oldest, self.running, self.in_flight):
             gauge.set(0)
         self.heartbeat.set(time.time())
+        self._cuda_device = None  # set once a model is loaded on a GPU
+        self._steps_since_cuda_sample = 0
 
     # ---- engine observer (called from the engine thread, once per step or change) -----------
 
     def step(self, stage: str, batch_size: int) -> None:
         self.heartbeat.set(time.time())
         self.steps[stage].inc()
+        if self._cuda_device is not None:
+            # The allocator moves most at prefill; between, a sample every so many steps is
+            # enough (a decode step adds one token of KV cache per row).
+            self._steps_since_cuda_sample += 1
+            if stage == "prefill" or self._steps_since_cuda_sample >= CUDA_SAMPLE_EVERY_STEPS:
+                self._steps_since_cuda_sample = 0
+                self.cuda_memory(self._cuda_device)
 
     def running_changed(self, running: int) -> None:
         self.running.set(running)
@@ -96,6 +106,9 @@ class InferenceMetrics:
     def load_finished(self, duration_s: float, ok: bool, loaded=None) -> None:
         self.family["inference_model_load_duration_seconds"].labels(model=self.model).set(duration_s)
         self._set_load_state("loaded" if ok else "failed")
+        if ok and loaded is not None and loaded.device.type == "cuda":
+            self._cuda_device = loaded.device
+            self.cuda_memory(loaded.device)
         if ok and loaded is not None:
             self.family["inference_model_info"].labels(
                 model=self.model, architecture=type(loaded.model).__name__,
