@@ -67,7 +67,7 @@ def test_eos_suppression_and_tiny_temperatures():
     sampler = BatchSampler.build(params, [[], []], 4, [3], torch.device("cpu"),
                                  torch.Generator().manual_seed(0))
     logits = torch.tensor([[0.0, 0.0, 0.0, 9.0], [0.0, 0.0, 0.0, 90.0]])
-    chosen = sampler.select(logits, torch.tensor([True, True]))
+    chosen = sampler.select(logits, torch.tensor([0, 1]))
     assert 3 not in chosen.tolist()  # the end token is masked for both rows
     assert chosen[0].item() == 0  # 1e-46 is treated as greedy, not divided by
 

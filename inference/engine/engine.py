@@ -74,7 +74,7 @@ class _Batch:
     positions: torch.Tensor  # [B] position id of each row's next token
     last_tokens: torch.Tensor  # [B]
     sampler: BatchSampler
-    suppress_eos: torch.Tensor | None = field(default=None)  # [B] rows that may not end yet
+    suppress_eos: torch.Tensor | None = field(default=None)  # indices of rows that may not end yet
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -361,11 +361,11 @@ class Engine:
         self._drop_done_rows()
 
     def _update_eos_suppression(self, batch: _Batch) -> None:
-        flags = [row.request.params.ignore_eos
-                 or len(row.request.output_ids) < row.request.params.min_tokens
-                 for row in batch.rows]
-        batch.suppress_eos = (torch.tensor(flags, dtype=torch.bool, device=self.loaded.device)
-                              if any(flags) else None)
+        rows = [i for i, row in enumerate(batch.rows)
+                if row.request.params.ignore_eos
+                or len(row.request.output_ids) < row.request.params.min_tokens]
+        batch.suppress_eos = (torch.tensor(rows, dtype=torch.long, device=self.loaded.device)
+                              if rows else None)
 
     def _choose_and_accept(self, batch: _Batch, logits: torch.Tensor, stage: str) -> None:
         if batch.suppress_eos is None and stage == "prefill":

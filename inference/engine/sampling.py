@@ -61,15 +61,14 @@ class BatchSampler:
         )
 
     def select(self, logits: torch.Tensor, suppress_eos: torch.Tensor | None) -> torch.Tensor:
-        """Pick one token per row from logits [B, V]; rows in ``suppress_eos`` cannot end."""
+        """Pick one token per row from logits [B, V]; the rows whose indices are in
+        ``suppress_eos`` cannot end."""
         logits = logits.float()
         if self.token_counts is not None:
             logits = logits - self.frequency_penalty[:, None] * self.token_counts
             logits = logits - self.presence_penalty[:, None] * (self.token_counts > 0)
         if suppress_eos is not None and self.eos_ids.numel():
-            rows = suppress_eos.nonzero().flatten()
-            if rows.numel():
-                logits[rows[:, None], self.eos_ids[None, :]] = float("-inf")
+            logits[suppress_eos[:, None], self.eos_ids[None, :]] = float("-inf")
         if self.all_greedy:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits / self.temperature[:, None], dim=-1)

@@ -90,8 +90,9 @@ METRICS: tuple[MetricSpec, ...] = (
       "Requests prefilled together when they join the running batch.", BATCH_SIZE_BUCKETS),
     # ---- engine progress --------------------------------------------------------------------
     M("inference_progress_heartbeat_timestamp_seconds", "gauge", "seconds", ("model",),
-      "Unix time of the engine's last prefill or decode step (set at every step, and when the "
-      "engine starts). With work pending, a growing age means the engine is stuck."),
+      "Unix time of the engine's last prefill or decode step (published at most every 0.25 s "
+      "while it steps, when it goes idle, and when it starts). With work pending, a growing age "
+      "means the engine is stuck."),
     M("inference_engine_steps", "counter", "steps", ("model", "stage"),
       "Forward passes of the engine by stage (prefill, decode)."),
     # ---- model ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from .catalog import METRICS, MetricSpec
 
 LOAD_STATES = ("loading", "loaded", "failed")
 CUDA_SAMPLE_EVERY_STEPS = 64
+HEARTBEAT_PUBLISH_S = 0.25
 
 
 def prepare_multiprocess_dir(state_dir: str | os.PathLike) -> Path:
@@ -70,14 +71,20 @@ class InferenceMetrics:
         for gauge in (self.queue_depth, self.queue_oldest, self.running, self.in_flight):
             gauge.set(0)
         self.heartbeat.set(time.time())
+        self._pending_steps = {stage: 0 for stage in self.steps}
+        self._published_at = time.monotonic()
         self._cuda_device = None  # set once a model is loaded on a GPU
         self._steps_since_cuda_sample = 0
 
     # ---- engine observer (called from the engine thread, once per step or change) -----------
 
     def step(self, stage: str, batch_size: int) -> None:
-        self.heartbeat.set(time.time())
-        self.steps[stage].inc()
+        # Counted in plain ints and published at most every HEARTBEAT_PUBLISH_S: a multiprocess
+        # write costs tens of microseconds between torch ops, and hang thresholds are seconds.
+        self._pending_steps[stage] += 1
+        now = time.monotonic()
+        if now - self._published_at >= HEARTBEAT_PUBLISH_S:
+            self._publish_progress(now)
         if self._cuda_device is not None:
             # The allocator moves most at prefill; between, a sample every so many steps is
             # enough (a decode step adds one token of KV cache per row).
@@ -86,8 +93,18 @@ class InferenceMetrics:
                 self._steps_since_cuda_sample = 0
                 self.cuda_memory(self._cuda_device)
 
+    def _publish_progress(self, now: float) -> None:
+        self._published_at = now
+        self.heartbeat.set(time.time())
+        for stage, count in self._pending_steps.items():
+            if count:
+                self.steps[stage].inc(count)
+                self._pending_steps[stage] = 0
+
     def running_changed(self, running: int) -> None:
         self.running.set(running)
+        if running == 0:  # the engine goes idle: publish what the last steps counted
+            self._publish_progress(time.monotonic())
 
     def batch_formed(self, new_requests: int) -> None:
         self.prefill_batch.observe(new_requests)
