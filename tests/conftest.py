@@ -134,6 +134,7 @@ def server_factory(tmp_path, demo_dir):
         server = start_server(directory, demo_dir, *args, **kwargs)
         started.append(server)
         return server
+    factory.tmp = tmp_path
     yield factory
     for server in started:
         server.stop()

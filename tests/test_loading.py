@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
+import http.server
 import threading
 
 import requests
@@ -11,39 +10,64 @@ import requests
 from conftest import chat_body
 
 
-def test_health_answers_while_the_model_loads_and_a_failed_load_is_explained(
-        server_factory, demo_dir, tmp_path):
-    # A model directory whose config.json is a FIFO: loading blocks on it until the test writes,
-    # so the "loading" state can be watched for as long as needed.
-    model_dir = tmp_path / "stuck-model"
-    shutil.copytree(next(p for p in __import__("pathlib").Path(demo_dir).iterdir()
-                         if p.name.startswith("demo-llama")), model_dir)
-    (model_dir / "config.json").unlink()
-    os.mkfifo(model_dir / "config.json")
-    server = server_factory(model=str(model_dir), ready=False)
+class _StalledHub:
+    """A stand-in model hub on loopback that holds every request until released, then
+    answers 404: a model load that hangs on the network, as it does behind a dead proxy."""
 
-    assert requests.get(server.url("/health"), timeout=5).status_code == 200
-    ready = requests.get(server.url("/ready"), timeout=5)
-    assert ready.status_code == 503 and ready.json()["status"] == "loading"
-    assert server.sample("inference_model_load_state", state="loading") == 1
-    refused = requests.post(server.url("/v1/chat/completions"),
-                            json=chat_body(max_tokens=2) | {"model": "stuck-model"}, timeout=10)
-    assert refused.status_code == 503
-    assert "still loading" in refused.json()["error"]["message"]
-    assert refused.headers["Retry-After"]
+    def __init__(self):
+        release = self.release = threading.Event()
+        self.requests = 0
+        hub = self
 
-    # Unblock the loader with a config that is not JSON: the load fails.
-    def write_garbage() -> None:
-        with open(model_dir / "config.json", "w") as fifo:
-            fifo.write("this is not json")
-    writer = threading.Thread(target=write_garbage)
-    writer.start()
-    server.wait_for(lambda: requests.get(server.url("/ready"), timeout=5).json()["status"]
-                    == "failed", what="the failed state")
-    writer.join(10)
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _hold(self):
+                hub.requests += 1
+                release.wait(120)
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD = _hold
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+
+
+def test_health_answers_while_the_model_loads_and_a_failed_load_is_explained(server_factory):
+    hub = _StalledHub()
+    try:
+        server = server_factory(model="example-org/stalled-model", ready=False, env={
+            "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "120",
+            "HF_HUB_DOWNLOAD_TIMEOUT": "120", "HF_HOME": str(server_factory.tmp / "hf")})
+        server.wait_for(lambda: hub.requests > 0, what="the loader to reach the hub")
+        assert requests.get(server.url("/health"), timeout=5).status_code == 200
+        ready = requests.get(server.url("/ready"), timeout=5)
+        assert ready.status_code == 503 and ready.json()["status"] == "loading"
+        assert server.sample("inference_model_load_state", state="loading") == 1
+        assert server.sample("inference_model_load_started_timestamp_seconds") > 0
+        refused = requests.post(server.url("/v1/chat/completions"),
+                                json=chat_body(max_tokens=2) | {"model": "stalled-model"},
+                                timeout=10)
+        assert refused.status_code == 503
+        assert "still loading" in refused.json()["error"]["message"]
+        assert refused.headers["Retry-After"]
+        hub.release.set()  # the hub answers 404: the load fails
+        server.wait_for(lambda: requests.get(server.url("/ready"), timeout=5).json()["status"]
+                        == "failed", timeout=120, what="the failed state")
+    finally:
+        hub.close()
     ready = requests.get(server.url("/ready"), timeout=5)
     assert ready.status_code == 503
-    assert "config" in ready.json()["error"]
+    assert "example-org/stalled-model" in ready.json()["error"]
     assert server.sample("inference_model_load_state", state="failed") == 1
     assert server.sample("inference_model_load_state", state="loading") == 0
     assert server.sample("inference_model_load_duration_seconds") > 0
@@ -52,7 +76,7 @@ def test_health_answers_while_the_model_loads_and_a_failed_load_is_explained(
     # Still alive (the supervisor decides), never pretending to serve.
     assert requests.get(server.url("/health"), timeout=5).status_code == 200
     refused = requests.post(server.url("/v1/chat/completions"),
-                            json=chat_body(max_tokens=2) | {"model": "stuck-model"}, timeout=10)
+                            json=chat_body(max_tokens=2) | {"model": "stalled-model"}, timeout=10)
     assert refused.status_code == 503
     assert "failed to load" in refused.json()["error"]["message"]
 

@@ -94,6 +94,10 @@ def test_streamed_request_is_traced(traced):
     exporter.clear()
     client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
     list(client.completions.create(model="demo", prompt="s", max_tokens=3, stream=True))
+    # The client has [DONE] a moment before the server's stream closes and its span ends.
+    deadline = time.monotonic() + 10
+    while len(exporter.get_finished_spans()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
     names = sorted(span.name for span in exporter.get_finished_spans())
     assert names == ["decode", "prefill", "queue wait", "text_completion demo"]
 
