@@ -45,6 +45,8 @@ def test_metrics_count_real_traffic(server_factory):
                          timeout=30).status_code == 404
 
     s = server.sample
+    # A stream is recorded as its body closes, a moment after the client read [DONE].
+    server.wait_for(lambda: s("inference_requests_total") == 6, what="all six recorded")
     assert s("inference_requests_total", endpoint="chat", status="200",
              finish_reason="length", error_type="") == 3
     assert s("inference_requests_total", endpoint="completions", status="200") == 1
