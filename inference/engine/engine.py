@@ -146,10 +146,6 @@ class Engine:
         batch = self._batch
         return len(batch) if batch is not None else 0
 
-    def running_requests(self) -> list[GenerationRequest]:
-        batch = self._batch
-        return [row.request for row in batch.rows] if batch is not None else []
-
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

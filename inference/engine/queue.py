@@ -91,10 +91,3 @@ class RequestQueue:
         with self._cond:
             self._woken = True
             self._cond.notify_all()
-
-    def oldest_arrival_ns(self) -> int | None:
-        items = self._items
-        try:
-            return items[0].arrival_ns
-        except IndexError:
-            return None

@@ -147,10 +147,3 @@ def load_model(config: Config) -> LoadedModel:
         accepts_logits_to_keep="logits_to_keep" in parameters,
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
-
-
-def torch_seed(seed: int | None) -> None:
-    if seed is not None:
-        import torch
-
-        torch.manual_seed(seed)
