@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..engine.engine import timeout_error
 from ..engine.queue import QueueFull
 from ..engine.request import Event, Failed, Finished, GenerationRequest, TextDelta
 from ..service import InferenceService
@@ -203,8 +204,6 @@ class InferenceApi:
                 return ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
                                 error_type="server_error").response(headers)
             except BaseException:  # cancelled (the server is stopping): still account for it
-                if call.generation is not None and call.generation.finished_ns is None:
-                    self._cancel(call.generation)
                 self._end(call, 503, "shutting_down", "the server stopped before answering")
                 raise
         return response
@@ -347,17 +346,13 @@ class InferenceApi:
                     return
         finally:
             watcher.cancel()
-            if call.generation is not None and call.generation.finished_ns is None:
-                self._cancel(call.generation)
             self._end(call, status, error_type, message)
 
     def _abandon(self, call: _Call, watcher: asyncio.Future) -> None:
-        """After a stream: if its body never ran, the client left first; say so and stop."""
+        """After a stream: if its body never ran, the client left first; say so and stop
+        (a no-op when the body ran and recorded the outcome itself)."""
         watcher.cancel()
-        if not call.ended:
-            if call.generation is not None and call.generation.finished_ns is None:
-                self._cancel(call.generation)
-            self._end(call, CLIENT_CLOSED, "client_disconnected", "the client disconnected")
+        self._end(call, CLIENT_CLOSED, "client_disconnected", "the client disconnected")
 
     async def _next_event(self, call: _Call, watcher: asyncio.Future) -> Event:
         """The engine's next event, or an ApiError at the deadline or on disconnect."""
@@ -381,8 +376,6 @@ class InferenceApi:
         if watcher in done:
             raise ApiError(CLIENT_CLOSED, "the client disconnected before the answer was ready",
                            error_type="client_closed_request", code="client_disconnected")
-        from ..engine.engine import timeout_error
-
         error = timeout_error(generation)
         raise ApiError(error.status, error.message, error_type=error.error_type, code=error.code)
 
@@ -426,6 +419,8 @@ class InferenceApi:
         if call.ended:
             return
         call.ended = True
+        if call.generation is not None and call.generation.finished_ns is None:
+            self._cancel(call.generation)  # answered without its result: nobody will read it
         record = call.record
         record.status, record.error_type, record.error_message = status, error_type, message
         if call.generation is not None and self.service.metrics is not None:

@@ -178,16 +178,19 @@ class Engine:
         """A step failed: every request the engine holds gets the error; the queue is kept."""
         held = [row.request for row in self._batch.rows if not row.done] if self._batch else []
         held += [r for r in self._admitting if r.finished_ns is None and r not in held]
-        logger.opt(exception=exc).error(
-            "{} step failed for {} request(s): {}: {}", self.stage, len(held),
-            type(exc).__name__, exc, request_ids=[r.request_id for r in held])
-        error = EngineError(500, "server_error", f"generation failed in {self.stage}: "
-                            f"{type(exc).__name__}: {exc}", code="generation_failed")
-        for request in held:
-            self._fail(request, error)
+        self._fail_step(exc, held)
         self._batch = None
         self._admitting = []
         self.observer.running_changed(0)
+
+    def _fail_step(self, exc: Exception, requests: Sequence[GenerationRequest]) -> None:
+        logger.opt(exception=exc).error(
+            "{} step failed for {} request(s): {}: {}", self.stage, len(requests),
+            type(exc).__name__, exc, request_ids=[r.request_id for r in requests])
+        error = EngineError(500, "server_error", f"generation failed in {self.stage}: "
+                            f"{type(exc).__name__}: {exc}", code="generation_failed")
+        for request in requests:
+            self._fail(request, error)
 
     # ---- finishing requests ----------------------------------------------------------------
 
@@ -250,11 +253,8 @@ class Engine:
         try:
             new_batch = self._prefill(live)
         except Exception as exc:  # noqa: BLE001 - only the new group fails; the batch goes on
-            running, self._batch = self._batch, None
-            self._fail_held(exc)
-            self._batch = running
-            if running is not None:
-                self.observer.running_changed(len(running))
+            self._fail_step(exc, live)
+            self._admitting = []
             return
         self.observer.batch_formed(len(live))
         if self._batch is None:
