@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import socket
 import sys
 from typing import Sequence
@@ -42,6 +43,7 @@ def serve(config: Config) -> int:
     sock = _bind(config)
     metrics = InferenceMetrics(config.model_name, prepare_multiprocess_dir(config.state_dir))
     metrics.build_info(__version__, torch.__version__, transformers.__version__)
+    metrics.stall_timeout(config.stall_timeout)
     provider = build_tracer_provider()
     recorder = RequestRecorder(metrics, provider.get_tracer("inference"), config.log_prompts)
     service = InferenceService(config, metrics)
@@ -71,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .telemetry.logs import setup_logging
 
     setup_logging(config.log_level)
+    # A crash in native code (a driver or kernel bug) still leaves every thread's Python stack.
+    faulthandler.enable(file=sys.stderr, all_threads=True)
     try:
         return serve(config)
     except ConfigError as exc:

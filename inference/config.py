@@ -159,6 +159,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_prompts", _bool,
            "Also log prompts and outputs in the per-request log line (they may hold private "
            "data).", flag_only=True),
+    Option("stall_timeout", _positive_float,
+           "Seconds the engine may go without a prefill or decode step while work is pending "
+           "before the watchdog declares it stalled.", metavar="SECONDS"),
+    Option("load_timeout", _positive_float,
+           "Seconds the model load may take before the watchdog declares it stalled (stage "
+           "load).", metavar="SECONDS"),
+    Option("on_stall", str,
+           "What the watchdog does after its stall report: exit (with status 75, so that the "
+           "supervisor restarts the process) or report (keep running, answer 503 until the "
+           "engine moves again).", choices=("exit", "report")),
+    Option("enable_fault_injection", _bool,
+           "Enable POST /debug/fault, which arms hangs, slow steps, out-of-memory errors, empty "
+           "outputs and crashes in the engine (for tests and demos; never in production).",
+           flag_only=True),
 )
 
 
@@ -183,6 +197,10 @@ class Config:
     seed: int | None = None
     log_level: str = "INFO"
     log_prompts: bool = False
+    stall_timeout: float = 30.0
+    load_timeout: float = 900.0
+    on_stall: str = "exit"
+    enable_fault_injection: bool = False
 
     @property
     def model_name(self) -> str:

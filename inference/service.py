@@ -18,10 +18,13 @@ from loguru import logger
 from . import __version__
 from .config import Config
 from .engine.engine import Engine
+from .engine.faults import FaultInjector
+from .engine.memory import CudaMemory, kv_cache_shape
 from .engine.queue import RequestQueue
 from .model.loader import LoadedModel, load_model
 from .telemetry.identity import remove_identity, write_identity
 from .telemetry.metrics import InferenceMetrics
+from .watchdog import Watchdog
 
 
 class InferenceService:
@@ -34,22 +37,49 @@ class InferenceService:
         self.state = "loading"  # loading, loaded, failed
         self.load_error: str | None = None
         self.load_started_at: float | None = None
+        self.load_started_ns: int | None = None  # perf_counter_ns, for the watchdog
         self.load_duration_s: float | None = None
         self.loaded: LoadedModel | None = None
         self.engine: Engine | None = None
         self._loader: threading.Thread | None = None
+        self.faults = FaultInjector() if config.enable_fault_injection else None
+        self.watchdog = Watchdog(self, stall_timeout=config.stall_timeout,
+                                 load_timeout=config.load_timeout, on_stall=config.on_stall)
+
+    @property
+    def loader_thread_id(self) -> int | None:
+        return self._loader.ident if self._loader is not None else None
 
     @property
     def ready(self) -> bool:
-        """Loaded, and the engine thread is running (it may die, and then we must say so)."""
-        return self.state == "loaded" and self.engine is not None and self.engine.alive
+        """Loaded, the engine thread is running (it may die, and then we must say so), and it
+        is not stalled."""
+        return (self.state == "loaded" and self.engine is not None and self.engine.alive
+                and self.watchdog.stall is None)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Liveness for a supervisor: fine while loading or serving; not when the engine is
+        stalled (or the load is overdue) or its thread has died."""
+        stall = self.watchdog.stall
+        if stall is not None:
+            return False, {"status": "stalled", "stage": stall.stage,
+                           "stalled_for_s": round(stall.stalled_for_s(), 3),
+                           "on_stall": self.config.on_stall}
+        if self.state == "loaded" and (self.engine is None or not self.engine.alive):
+            return False, {"status": "engine_dead"}
+        return True, {"status": "ok"}
 
     def start(self) -> None:
         self._write_identity()
         self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
+        self.load_started_ns = time.perf_counter_ns()
         self._loader.start()
+        self.watchdog.start()
 
     def stop(self) -> None:
+        self.watchdog.stop()
+        if self.faults is not None:
+            self.faults.release()
         if self.engine is not None:
             self.engine.stop()
         remove_identity(self.config.state_dir)
@@ -78,9 +108,11 @@ class InferenceService:
             # The engine decodes while the API thread tokenizes: each gets its own tokenizer,
             # as fast tokenizers are not safe to share across threads.
             engine_view.tokenizer = copy.deepcopy(loaded.tokenizer)
+            kv_cache = kv_cache_shape(loaded.model.config, loaded.dtype.itemsize)
             engine = Engine(engine_view, self.queue, max_batch_size=self.config.max_batch_size,
-                            observer=self.metrics,
-                            seed=self.config.seed)
+                            observer=self.metrics, seed=self.config.seed, faults=self.faults,
+                            kv_cache=kv_cache, memory=(CudaMemory(loaded.device)
+                                                       if loaded.device.type == "cuda" else None))
             engine.start()
         except Exception as exc:  # noqa: BLE001 - whatever it is, say it and stay not-ready
             self.load_duration_s = time.perf_counter() - started
@@ -98,6 +130,12 @@ class InferenceService:
         self.state = "loaded"
         if self.metrics is not None:
             self.metrics.load_finished(self.load_duration_s, ok=True, loaded=loaded)
+            if kv_cache is not None:
+                self.metrics.kv_cache_bytes_per_token(kv_cache.bytes_per_token)
+        if kv_cache is None:
+            logger.warning("the KV cache of {} has no per-token estimate (an attention layout "
+                           "other than multi-head or grouped-query): no admission control",
+                           self.model_name)
         logger.info("model loaded in {:.1f} s: {} ({}, {}, context {} tokens)",
                     self.load_duration_s, self.model_name, loaded.dtype_name, loaded.device,
                     loaded.context_length, model=self.model_name,
@@ -106,7 +144,9 @@ class InferenceService:
 
     def describe(self) -> dict[str, Any]:
         state = self.state
-        if state == "loaded" and not self.ready:
+        if self.watchdog.stall is not None:
+            state = "stalled"
+        elif state == "loaded" and not self.ready:
             state = "engine_stopped"
         info: dict[str, Any] = {"model": self.model_name, "state": state}
         if self.load_error:

@@ -94,8 +94,10 @@ def test_every_exposed_metric_is_documented_and_vice_versa(server):
     # The parser reports counters without their _total suffix.
     documented = {spec.name for spec in METRICS}
     assert exposed - documented == set()
-    # Empty outputs only appear once one happened; CUDA gauges only on CUDA.
-    assert documented - exposed <= CUDA_ONLY | {"inference_empty_outputs"}
+    # Empty outputs only appear once one happened; CUDA gauges only on CUDA; injected faults
+    # only with fault injection.
+    assert documented - exposed <= CUDA_ONLY | {"inference_empty_outputs",
+                                                "inference_faults_injected"}
 
 
 def test_exposition_passes_promtool_when_available(server):

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..engine.engine import timeout_error
+from ..engine.faults import Fault
 from ..engine.queue import QueueFull
 from ..engine.request import Event, Failed, Finished, GenerationRequest, TextDelta
 from ..service import InferenceService
@@ -34,7 +35,7 @@ from ..telemetry.recorder import CompletedRequest, RequestRecorder
 from .errors import ApiError, from_validation_error
 from .prompts import chat_prompt_ids, completion_prompt_ids, sampling_params
 from .responses import ChunkWriter, completion_body
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, FaultRequest
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
@@ -135,7 +136,30 @@ class InferenceApi:
     # ---- plain routes ------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        ok, info = self.service.health()
+        return JSONResponse(info, status_code=200 if ok else 503)
+
+    async def fault(self, request: Request) -> Response:
+        """Arm a fault (only with --enable-fault-injection; a 404 otherwise)."""
+        faults = self.service.faults
+        if faults is None:
+            raise ApiError(404, f"no route {request.method} {request.url.path} (fault injection "
+                           "is off; start the server with --enable-fault-injection)",
+                           code="not_found")
+        self._authorize(request)
+        body = _parse_json(await _read_body(request, 64 * 1024))
+        try:
+            parsed = FaultRequest.model_validate(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        fault = Fault(parsed.fault, parsed.stage,
+                      float(parsed.seconds) if parsed.seconds is not None else None, parsed.steps)
+        faults.arm(fault)
+        from loguru import logger
+
+        logger.warning("fault armed for the next batch: {} at {}", fault.kind, fault.stage,
+                       fault=fault.describe())
+        return JSONResponse({"armed": [f.describe() for f in faults.armed()]})
 
     async def ready(self, request: Request) -> Response:
         info = self.service.describe()
@@ -239,7 +263,7 @@ class InferenceApi:
                            f"'{self.service.model_name}'", param="model",
                            code="model_not_found")
         loaded = self.service.loaded
-        if not self.service.ready or loaded is None:
+        if not self.service.ready and self.service.watchdog.stall is None or loaded is None:
             state = self.service.state
             if state == "loading":
                 message = "the model is still loading; retry shortly"
@@ -249,6 +273,12 @@ class InferenceApi:
                 message = "the engine has stopped; the server is not serving"
             raise ApiError(503, message, error_type="server_unavailable",
                            code="model_not_ready", headers={"Retry-After": "5"})
+        stall = self.service.watchdog.stall
+        if stall is not None:
+            raise ApiError(503, f"the engine is stalled in {stall.stage} (no progress for "
+                           f"{stall.stalled_for_s():.1f} s); retry later",
+                           error_type="server_unavailable", code="engine_stalled",
+                           headers={"Retry-After": "5"})
         # Tokenizing a long prompt takes a while: off the event loop, one at a time (a fast
         # tokenizer is not safe to share between threads; the engine has its own).
         build = chat_prompt_ids if call.endpoint == "chat" else completion_prompt_ids
@@ -271,7 +301,8 @@ class InferenceApi:
         generation = GenerationRequest(request_id=call.request_id, prompt_ids=prompt_ids,
                                        params=params, stream=parsed.stream,
                                        deadline_ns=deadline_ns, emit=emit,
-                                       arrival_ns=call.arrival_ns)
+                                       arrival_ns=call.arrival_ns,
+                                       trace_id=headers["X-Trace-Id"])
         try:
             self.service.queue.put(generation)
         except QueueFull as exc:
@@ -405,7 +436,9 @@ class InferenceApi:
     @staticmethod
     def _engine_error(event: Failed) -> ApiError:
         error = event.error
-        headers = {"Retry-After": "5"} if error.status == 503 else None
+        # Worth a retry, except a request too big for the memory there is.
+        retry = error.status == 503 and error.code != "insufficient_memory"
+        headers = {"Retry-After": "5"} if retry else None
         return ApiError(error.status, error.message, error_type=error.error_type,
                         code=error.code, headers=headers)
 
@@ -449,6 +482,7 @@ def build_app(service: InferenceService, recorder: RequestRecorder) -> Starlette
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/debug/fault", api.fault, methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed,
                                                         ApiError: api_error})

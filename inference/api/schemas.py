@@ -157,3 +157,24 @@ class CompletionRequest(_GenerationParams):
             if isinstance(self.prompt[0], str) and len(self.prompt) != 1:
                 raise ValueError("only one prompt per request is supported")
         return self
+
+
+class FaultRequest(_Strict):
+    """``POST /debug/fault``: a fault for the engine's next batch (fault injection only)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    fault: Literal["hang", "slow", "oom", "empty", "crash"]
+    stage: Literal["prefill", "decode"] = "prefill"
+    # hang: how long (null: until the process stops); slow: the delay added to each step.
+    seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Annotated[
+        int, Field(gt=0)] | None = None
+    steps: Annotated[int, Field(ge=1, le=1_000_000)] = 1  # slow: how many steps are slowed
+
+    @model_validator(mode="after")
+    def _seconds_where_needed(self) -> "FaultRequest":
+        if self.fault == "slow" and self.seconds is None:
+            raise ValueError("a slow fault needs 'seconds', the delay added to each step")
+        if self.fault in ("oom", "empty", "crash") and self.seconds is not None:
+            raise ValueError(f"'seconds' has no meaning for a {self.fault} fault")
+        return self

@@ -7,6 +7,14 @@ from the batch (and from the KV cache) at the next step. Models whose cache cann
 this way (sliding-window or recurrent layers, legacy caches) still batch, but new requests join
 only when the running batch is empty.
 
+Out of memory: a prefill group that runs out of memory is retried in halves; a decode step that
+does is undone (the KV cache cut back to its length before the step) and the newer half of the
+batch is preempted, to be prefilled again (prompt plus the tokens so far) once there is room;
+the batch size stays capped until the batch drains. A single request that does not fit gets a
+503 naming the memory figures. On CUDA, a request whose estimated KV cache cannot fit in the
+free memory waits while others run (memory frees as they finish) and is refused when nothing
+runs.
+
 The hot path records perf_counter timestamps and counts; the observer is called once per step.
 """
 
@@ -22,6 +30,8 @@ from loguru import logger
 
 from ..model.loader import LoadedModel
 from .detokenizer import IncrementalDetokenizer, decode_output
+from .faults import Fault, FaultInjector, middle_layer
+from .memory import KvCacheShape, MemoryProbe, cuda_figures, describe_figures
 from .queue import RequestQueue
 from .request import EngineError, Failed, Finished, GenerationRequest, TextDelta
 from .sampling import BatchSampler
@@ -33,6 +43,9 @@ class EngineObserver(Protocol):
     def step(self, stage: str, batch_size: int) -> None: ...
     def running_changed(self, running: int) -> None: ...
     def batch_formed(self, new_requests: int) -> None: ...
+    def out_of_memory(self, stage: str) -> None: ...
+    def admission_refused(self, reason: str) -> None: ...
+    def fault_fired(self, fault: str, stage: str) -> None: ...
 
 
 class NullObserver:
@@ -43,6 +56,15 @@ class NullObserver:
         pass
 
     def batch_formed(self, new_requests: int) -> None:
+        pass
+
+    def out_of_memory(self, stage: str) -> None:
+        pass
+
+    def admission_refused(self, reason: str) -> None:
+        pass
+
+    def fault_fired(self, fault: str, stage: str) -> None:
         pass
 
 
@@ -59,11 +81,32 @@ def shutdown_error() -> EngineError:
                        code="shutting_down")
 
 
+def out_of_memory_error(stage: str, exc: BaseException, figures: str) -> EngineError:
+    what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return EngineError(503, "server_unavailable",
+                       f"out of memory during {stage} ({what})"
+                       + (f"; {figures}" if figures else "")
+                       + "; retry later, or send a shorter prompt or a smaller max_tokens",
+                       code="out_of_memory")
+
+
+def insufficient_memory_error(request: GenerationRequest, kv: KvCacheShape, need: int,
+                              available: int, device: Any) -> EngineError:
+    tokens = request.prompt_tokens + request.params.max_tokens
+    return EngineError(
+        503, "server_unavailable",
+        f"not enough GPU memory for this request: its KV cache needs an estimated "
+        f"{need / 2**20:.1f} MiB ({tokens} tokens of prompt plus max_tokens x "
+        f"{kv.bytes_per_token} bytes per token), and {available / 2**20:.1f} MiB are free on "
+        f"{device}; send a shorter prompt or a smaller max_tokens", code="insufficient_memory")
+
+
 @dataclass
 class _Row:
     request: GenerationRequest
     detokenizer: IncrementalDetokenizer | None
     done: bool = False
+    preempted: bool = False  # out of the batch after an OOM, to be prefilled again
 
 
 @dataclass
@@ -108,11 +151,19 @@ def _select_cache(cache: Any, keep: torch.Tensor) -> Any:
 class Engine:
     def __init__(self, loaded: LoadedModel, queue: RequestQueue, *, max_batch_size: int,
                  observer: EngineObserver | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, faults: FaultInjector | None = None,
+                 kv_cache: KvCacheShape | None = None, memory: MemoryProbe | None = None):
         self.loaded = loaded
         self.queue = queue
         self.max_batch_size = max_batch_size
         self.observer = observer or NullObserver()
+        self.faults = faults
+        self._fault_layer = middle_layer(loaded.model) if faults is not None else None
+        self._force_eos = False  # an injected empty output, for the prefill under way
+        self.kv_cache = kv_cache
+        self.memory = memory  # admission control runs only with both an estimate and a probe
+        self._preempted: list[_Row] = []  # rows pushed out of the batch by an OOM
+        self._oom_cap: int | None = None  # batch size limit after an OOM, until the batch drains
         self._generator = torch.Generator(device=loaded.device)
         if seed is None:
             self._generator.seed()
@@ -126,6 +177,7 @@ class Engine:
         # Read by the watchdog: the time of the last prefill or decode step, and what it is doing.
         self.last_progress_ns = time.perf_counter_ns()
         self.stage = "idle"
+        self.iterations = 0  # turns of the engine loop: a stuck step stops it
         # Mean seconds a request spends in the engine, for Retry-After estimates.
         self.mean_request_seconds = 1.0
 
@@ -137,6 +189,8 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
+        if self.faults is not None:
+            self.faults.release()
         self.queue.wake()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -150,12 +204,26 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def thread_id(self) -> int | None:
+        return self._thread.ident if self._thread is not None else None
+
+    def held_requests(self) -> list[GenerationRequest]:
+        """The requests the engine has taken from the queue and not finished (a snapshot, safe
+        to take from another thread)."""
+        batch = self._batch
+        rows = list(batch.rows) if batch is not None else []
+        held = [row.request for row in rows + list(self._preempted) if not row.done]
+        held += [r for r in list(self._admitting) if r not in held]
+        return [r for r in held if r.finished_ns is None]
+
     def _run(self) -> None:
         final_error = shutdown_error()
         try:
             with torch.inference_mode():
                 while not self._stopping.is_set():
-                    if self._batch is None:
+                    self.iterations += 1
+                    if self._batch is None and not self._preempted:
                         self.stage = "idle"
                         self.queue.wait(timeout=0.5)
                         if self._stopping.is_set():
@@ -176,11 +244,14 @@ class Engine:
 
     def _fail_held(self, exc: Exception) -> None:
         """A step failed: every request the engine holds gets the error; the queue is kept."""
-        held = [row.request for row in self._batch.rows if not row.done] if self._batch else []
-        held += [r for r in self._admitting if r.finished_ns is None and r not in held]
-        self._fail_step(exc, held)
+        held = self.held_requests()
+        if isinstance(exc, torch.OutOfMemoryError):
+            self._out_of_memory(exc, held)
+        else:
+            self._fail_step(exc, held)
         self._batch = None
         self._admitting = []
+        self._preempted = []
         self.observer.running_changed(0)
 
     def _fail_step(self, exc: Exception, requests: Sequence[GenerationRequest]) -> None:
@@ -219,13 +290,29 @@ class Engine:
         request.emit(Failed(error))
 
     def _fail_everything(self, error: EngineError) -> None:
+        for request in self.held_requests():
+            self._fail(request, error)
         if self._batch is not None:
-            for row in self._batch.rows:
-                if not row.done:
-                    self._fail(row.request, error)
             self._batch = None
             self.observer.running_changed(0)
+        self._preempted = []
         for request in self.queue.drain():
+            self._fail(request, error)
+
+    def _out_of_memory(self, exc: BaseException, failed: Sequence[GenerationRequest]) -> None:
+        """Count an OOM, give the allocator's cache back, and fail ``failed`` with the figures."""
+        self.observer.out_of_memory(self.stage)
+        device = self.loaded.device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        figures = cuda_figures(device)
+        text = describe_figures(figures, device)
+        logger.error("out of memory during {} with {} request(s) in the batch: {}{}", self.stage,
+                     len(failed) + self.running, str(exc).splitlines()[0] if str(exc) else "",
+                     f"; {text}" if text else "", stage=self.stage,
+                     request_ids=[r.request_id for r in failed], memory=figures)
+        error = out_of_memory_error(self.stage, exc, text)
+        for request in failed:
             self._fail(request, error)
 
     def _fail_dead(self, requests: Sequence[GenerationRequest]) -> None:
@@ -240,30 +327,100 @@ class Engine:
 
     def _admit(self) -> None:
         batch = self._batch
-        room = self.max_batch_size - (len(batch) if batch else 0)
-        if room <= 0 or not len(self.queue):
+        running = len(batch) if batch else 0
+        if batch is None and not self._preempted:
+            self._oom_cap = None  # drained: the next batch may be full size again
+        limit = self.max_batch_size if self._oom_cap is None else self._oom_cap
+        room = limit - running
+        if room <= 0 or not (self._preempted or len(self.queue)):
             return
         if batch is not None and not _mergeable(batch.cache):
             return
-        live, dead = self.queue.take(room)
-        self._fail_dead(dead)
-        if not live:
+        rows = self._take_preempted(room)
+        if len(rows) < room:
+            live, dead = self.queue.take(room - len(rows))
+            self._fail_dead(dead)
+            rows += [_Row(r, IncrementalDetokenizer(self.loaded.tokenizer, r.prompt_ids,
+                                                    r.params.stop)
+                          if r.needs_incremental_text else None) for r in live]
+        if self.memory is not None and self.kv_cache is not None:
+            rows = self._admit_by_memory(rows)
+        if not rows:
             return
-        self._admitting = live
-        try:
-            new_batch = self._prefill(live)
-        except Exception as exc:  # noqa: BLE001 - only the new group fails; the batch goes on
-            self._fail_step(exc, live)
-            self._admitting = []
+        self._admitting = [row.request for row in rows]
+        new_batch = None
+        while rows:
+            try:
+                new_batch = self._prefill(rows)
+                break
+            except torch.OutOfMemoryError as exc:  # retry in halves; the batch goes on
+                if len(rows) == 1:
+                    self._out_of_memory(exc, [rows[0].request])
+                    rows = []
+                else:
+                    self._out_of_memory(exc, [])
+                    half = len(rows) // 2
+                    self._preempted[:0] = rows[half:]
+                    rows = rows[:half]
+                    self._oom_cap = running + half
+                    logger.warning("prefill retried with {} of {} request(s) after running out "
+                                   "of memory", half, len(self._admitting))
+            except Exception as exc:  # noqa: BLE001 - only the new group fails; the batch goes on
+                self._fail_step(exc, [row.request for row in rows])
+                rows = []
+        self._admitting = []
+        if new_batch is None:
             return
-        self.observer.batch_formed(len(live))
+        self.observer.batch_formed(len(new_batch))
         if self._batch is None:
             self._batch = new_batch
         else:
             self._merge(new_batch)
-        self._admitting = []
         if not self._drop_done_rows():
             self.observer.running_changed(len(self._batch))
+
+    def _take_preempted(self, room: int) -> list[_Row]:
+        now = time.perf_counter_ns()
+        dead = [row for row in self._preempted
+                if row.request.cancelled or now >= row.request.deadline_ns]
+        if dead:
+            self._fail_dead([row.request for row in dead])
+            self._preempted = [row for row in self._preempted if row not in dead]
+        rows, self._preempted = self._preempted[:room], self._preempted[room:]
+        for row in rows:
+            row.preempted = False
+        return rows
+
+    def _admit_by_memory(self, rows: list[_Row]) -> list[_Row]:
+        """Keep the rows whose KV cache fits in the free memory; the others wait for running
+        requests to finish, or are refused when none runs (the memory will not come)."""
+        assert self.memory is not None and self.kv_cache is not None
+        kv = self.kv_cache
+        available = self.memory.available_bytes()
+        batch = self._batch
+        if batch is not None:  # what the running rows will still add, one token at a time
+            available -= sum(kv.bytes_for(row.request.params.max_tokens
+                                          - row.request.completion_tokens)
+                             for row in batch.rows if not row.done)
+        admitted: list[_Row] = []
+        for i, row in enumerate(rows):
+            request = row.request
+            need = kv.bytes_for(request.prompt_tokens + request.params.max_tokens)
+            if need <= available:
+                admitted.append(row)
+                available -= need
+                continue
+            if batch is not None or admitted:
+                self._preempted[:0] = rows[i:]  # wait, in order, for memory to free up
+                break
+            self.observer.admission_refused("insufficient_memory")
+            error = insufficient_memory_error(request, kv, need, max(available, 0),
+                                              self.loaded.device)
+            logger.warning("request refused before it ran: {}", error.message,
+                           request_id=request.request_id, trace_id=request.trace_id,
+                           kv_cache_bytes=need, available_bytes=available)
+            self._fail(request, error)
+        return admitted
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor, cache: Any, prefill: bool):
@@ -273,30 +430,53 @@ class Engine:
             kwargs["position_ids"] = position_ids
         if prefill and self.loaded.accepts_logits_to_keep:
             kwargs["logits_to_keep"] = 1
+        if self.faults is not None and self.faults.pending:
+            fault = self.faults.take(self.stage)
+            if fault is not None:
+                return self._forward_with_fault(fault, kwargs)
         return self.loaded.model(**kwargs)
 
-    def _prefill(self, requests: list[GenerationRequest]) -> _Batch:
+    def _forward_with_fault(self, fault: Fault, kwargs: dict[str, Any]):
+        self.observer.fault_fired(fault.kind, self.stage)
+        logger.warning("injected fault {} fires in {}", fault.kind, self.stage,
+                       fault=fault.describe(),
+                       request_ids=[r.request_id for r in self.held_requests()])
+        if fault.kind == "empty":
+            self._force_eos = True
+            return self.loaded.model(**kwargs)
+        handle = self._fault_layer.register_forward_pre_hook(
+            lambda module, args: self.faults.fire(fault))
+        try:
+            return self.loaded.model(**kwargs)
+        finally:
+            handle.remove()
+
+    def _prefill(self, rows: list[_Row]) -> _Batch:
+        """Prefill a group of rows: new requests, or preempted ones (prompt plus their tokens so
+        far, recomputed)."""
         now = time.perf_counter_ns()
         running = self.running
-        for request in requests:
-            request.scheduled_ns = now
-            request.prefill_start_ns = now
-            request.batch_size_at_prefill = running + len(requests)
+        for row in rows:
+            request = row.request
+            if request.scheduled_ns is None:
+                request.scheduled_ns = now
+                request.prefill_start_ns = now
+                request.batch_size_at_prefill = running + len(rows)
         self.stage = "prefill"
         device = self.loaded.device
-        width = max(r.prompt_tokens for r in requests)
+        inputs = [row.request.prompt_ids + row.request.output_ids for row in rows]
+        width = max(len(ids) for ids in inputs)
         pad = self.loaded.pad_token_id
-        ids = torch.full((len(requests), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for i, request in enumerate(requests):
-            n = request.prompt_tokens
-            ids[i, width - n:] = torch.tensor(request.prompt_ids, dtype=torch.long)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, tokens in enumerate(inputs):
+            n = len(tokens)
+            ids[i, width - n:] = torch.tensor(tokens, dtype=torch.long)
             mask[i, width - n:] = 1
         ids, mask = ids.to(device), mask.to(device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        self._force_eos = False
         output = self._forward(ids, mask, position_ids, None, prefill=True)
-        rows = [_Row(r, IncrementalDetokenizer(self.loaded.tokenizer, r.prompt_ids, r.params.stop)
-                     if r.needs_incremental_text else None) for r in requests]
         batch = _Batch(
             rows=rows, cache=output.past_key_values, attention_mask=mask,
             positions=mask.sum(-1), last_tokens=torch.zeros(len(rows), dtype=torch.long,
@@ -347,13 +527,44 @@ class Engine:
         if self._drop_done_rows():
             return
         self.stage = "decode"
+        mask_before, positions_before = batch.attention_mask, batch.positions
         batch.attention_mask = torch.cat(
             [batch.attention_mask, batch.attention_mask.new_ones((len(batch), 1))], dim=1)
-        output = self._forward(batch.last_tokens[:, None], batch.attention_mask,
-                               batch.positions[:, None], batch.cache, prefill=False)
-        batch.cache = output.past_key_values
-        batch.positions += 1
-        self._choose_and_accept(batch, output.logits[:, -1, :], "decode")
+        try:
+            output = self._forward(batch.last_tokens[:, None], batch.attention_mask,
+                                   batch.positions[:, None], batch.cache, prefill=False)
+            batch.cache = output.past_key_values
+            batch.positions = batch.positions + 1
+            self._choose_and_accept(batch, output.logits[:, -1, :], "decode")
+        except torch.OutOfMemoryError as exc:
+            if len(batch) == 1 or not _mergeable(batch.cache):
+                raise  # nothing to split, or a cache that cannot be cut back: fail the batch
+            self._undo_decode_step(batch, mask_before, positions_before)
+            self._out_of_memory(exc, [])
+            self._preempt_newer_half(batch)
+            return
+        self._drop_done_rows()
+
+    @staticmethod
+    def _undo_decode_step(batch: _Batch, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Put the batch back as it was before a failed step: the layers that ran before the
+        failure had already appended this step's keys and values."""
+        length = mask.shape[1]
+        batch.attention_mask, batch.positions = mask, positions
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys[:, :, :length, :]
+            layer.values = layer.values[:, :, :length, :]
+
+    def _preempt_newer_half(self, batch: _Batch) -> None:
+        keep = len(batch) // 2
+        preempted = batch.rows[keep:]
+        for row in preempted:
+            row.preempted = True
+        self._preempted[:0] = preempted
+        self._oom_cap = keep
+        logger.warning("{} request(s) preempted after running out of memory during decode; they "
+                       "are prefilled again when there is room", len(preempted),
+                       request_ids=[row.request.request_id for row in preempted])
         self._drop_done_rows()
 
     def _update_eos_suppression(self, batch: _Batch) -> None:
@@ -367,6 +578,9 @@ class Engine:
         if batch.suppress_eos is None and stage == "prefill":
             self._update_eos_suppression(batch)
         tokens = batch.sampler.select(logits, batch.suppress_eos)
+        if self._force_eos and stage == "prefill":  # an injected empty output
+            tokens = torch.full_like(tokens, min(self.loaded.eos_token_ids))
+            self._force_eos = False
         batch.sampler.record(tokens)
         batch.last_tokens = tokens
         now = time.perf_counter_ns()
@@ -407,7 +621,7 @@ class Engine:
         batch = self._batch
         if batch is None:
             return True
-        keep = [i for i, row in enumerate(batch.rows) if not row.done]
+        keep = [i for i, row in enumerate(batch.rows) if not (row.done or row.preempted)]
         if len(keep) == len(batch.rows):
             return False
         if not keep:

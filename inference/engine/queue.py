@@ -73,6 +73,10 @@ class RequestQueue:
                 self._changed()
         return live, dead
 
+    def snapshot(self) -> list[GenerationRequest]:
+        with self._cond:
+            return list(self._items)
+
     def drain(self) -> list[GenerationRequest]:
         with self._cond:
             items = list(self._items)

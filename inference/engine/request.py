@@ -74,6 +74,7 @@ class GenerationRequest:
     deadline_ns: int  # perf_counter_ns() after which the request has timed out
     emit: Callable[[Event], None] = lambda event: None
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
+    trace_id: str = ""  # for the watchdog's stall report and the engine's log lines
 
     # Set by the API layer, read by the engine between steps.
     cancelled: bool = False

@@ -95,6 +95,27 @@ METRICS: tuple[MetricSpec, ...] = (
       "means the engine is stuck."),
     M("inference_engine_steps", "counter", "steps", ("model", "stage"),
       "Forward passes of the engine by stage (prefill, decode)."),
+    # ---- defences: stalls, memory, faults -----------------------------------------------------
+    M("inference_engine_stalled", "gauge", "", ("model",),
+      "1 while the watchdog holds the engine stalled (work pending and no progress for longer "
+      "than the stall timeout, or a model load past its allowance), else 0. /health answers "
+      "503 meanwhile."),
+    M("inference_engine_stalls", "counter", "stalls", ("model", "stage"),
+      "Stalls the watchdog reported, by stage: load, schedule (pending work the engine did not "
+      "take), prefill, decode."),
+    M("inference_watchdog_stall_timeout_seconds", "gauge", "seconds", ("model",),
+      "The configured stall timeout (--stall-timeout), for alert rules to compare against."),
+    M("inference_out_of_memory_errors", "counter", "errors", ("model", "stage"),
+      "Out-of-memory errors caught during a batch, by stage (prefill, decode); the batch was "
+      "retried in smaller parts or its requests answered with 503 out_of_memory."),
+    M("inference_admission_refusals", "counter", "requests", ("model", "reason"),
+      "Requests refused before they ran, by reason: insufficient_memory (their estimated KV "
+      "cache does not fit in the free GPU memory)."),
+    M("inference_kv_cache_bytes_per_token", "gauge", "bytes", ("model",),
+      "Estimated KV-cache bytes per token of context (2 x layers x KV heads x head size x "
+      "dtype size), used for admission control."),
+    M("inference_faults_injected", "counter", "faults", ("model", "fault", "stage"),
+      "Faults fired by fault injection (--enable-fault-injection), by kind and stage."),
     # ---- model ------------------------------------------------------------------------------
     M("inference_model_info", "gauge", "", ("model", "architecture", "dtype", "device"),
       "Always 1 once the model is loaded; the labels describe it."),

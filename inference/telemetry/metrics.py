@@ -19,6 +19,7 @@ from ..engine.request import to_epoch_ns
 from .catalog import METRICS, MetricSpec
 
 LOAD_STATES = ("loading", "loaded", "failed")
+STALL_STAGES = ("load", "schedule", "prefill", "decode")
 CUDA_SAMPLE_EVERY_STEPS = 64
 HEARTBEAT_PUBLISH_S = 0.25
 
@@ -67,9 +68,16 @@ class InferenceMetrics:
         self.generation_tokens = f["inference_generation_tokens"].labels(model=model)
         self.load_state = {state: f["inference_model_load_state"].labels(model=model, state=state)
                            for state in LOAD_STATES}
+        self.stalled_flag = f["inference_engine_stalled"].labels(model=model)
         # Zero-valued series exist from the start, so that rate() and absent() behave.
-        for gauge in (self.queue_depth, self.queue_oldest, self.running, self.in_flight):
+        for gauge in (self.queue_depth, self.queue_oldest, self.running, self.in_flight,
+                      self.stalled_flag):
             gauge.set(0)
+        for stage in ("prefill", "decode"):
+            f["inference_out_of_memory_errors"].labels(model=model, stage=stage)
+        for stage in STALL_STAGES:
+            f["inference_engine_stalls"].labels(model=model, stage=stage)
+        f["inference_admission_refusals"].labels(model=model, reason="insufficient_memory")
         self.heartbeat.set(time.time())
         self._pending_steps = {stage: 0 for stage in self.steps}
         self._published_at = time.monotonic()
@@ -108,6 +116,32 @@ class InferenceMetrics:
 
     def batch_formed(self, new_requests: int) -> None:
         self.prefill_batch.observe(new_requests)
+
+    def out_of_memory(self, stage: str) -> None:
+        self.family["inference_out_of_memory_errors"].labels(model=self.model, stage=stage).inc()
+
+    def admission_refused(self, reason: str) -> None:
+        self.family["inference_admission_refusals"].labels(model=self.model, reason=reason).inc()
+
+    def fault_fired(self, fault: str, stage: str) -> None:
+        self.family["inference_faults_injected"].labels(model=self.model, fault=fault,
+                                                        stage=stage).inc()
+
+    # ---- watchdog ----------------------------------------------------------------------------
+
+    def stall_timeout(self, seconds: float) -> None:
+        self.family["inference_watchdog_stall_timeout_seconds"].labels(model=self.model).set(
+            seconds)
+
+    def stalled(self, stage: str) -> None:
+        self.family["inference_engine_stalls"].labels(model=self.model, stage=stage).inc()
+        self.stalled_flag.set(1)
+
+    def stall_ended(self) -> None:
+        self.stalled_flag.set(0)
+
+    def kv_cache_bytes_per_token(self, value: int) -> None:
+        self.family["inference_kv_cache_bytes_per_token"].labels(model=self.model).set(value)
 
     def queue_changed(self, depth: int, oldest_arrival_ns: int | None) -> None:
         self.queue_depth.set(depth)

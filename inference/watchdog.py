@@ -1,0 +1,191 @@
+"""The stall watchdog: a thread that notices when the engine stops making progress.
+
+Stalled means work is pending (waiting in the queue or held by the engine) and neither a prefill
+nor a decode step has completed for longer than ``--stall-timeout`` seconds, counted from the
+later of the last step and the arrival of the oldest pending request (so an idle server, or a
+long generation that keeps producing tokens, is never stalled). A model load that takes longer
+than ``--load-timeout`` is a stall too (stage ``load``).
+
+On a stall the watchdog, once per stall:
+- logs at ERROR one stall report: every thread's Python stack, and each pending request (id,
+  trace id, stage, tokens so far, age);
+- counts it by stage and marks the process stalled in its metrics; ``/health`` answers 503;
+- answers every pending request with a 503 (``engine_stalled``), so no client waits for ever;
+- with ``--on-stall exit`` (the default), exits with status 75 (STALL_EXIT_CODE) so that the
+  supervisor restarts the process; with ``report``, keeps serving 503s until the engine moves
+  again, and then serves as before.
+The exit is armed before the report is written: a wedged log pipe cannot keep the process alive.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from loguru import logger
+
+from .engine.request import EngineError, Failed, GenerationRequest
+
+STALL_EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure; restarting is the cure
+EXIT_GRACE_S = 1.0  # time for the 503s to reach the clients before the process exits
+
+
+@dataclass
+class Stall:
+    stage: str  # load, schedule (pending work the engine does not take), prefill, decode
+    since_ns: int  # perf_counter_ns of the last progress (or of the oldest pending arrival)
+    detected_ns: int
+    engine_iterations: int = 0  # the engine loop's count when the stall was seen
+
+    def stalled_for_s(self, now_ns: int | None = None) -> float:
+        return ((now_ns or time.perf_counter_ns()) - self.since_ns) / 1e9
+
+
+def stalled_error(stage: str, seconds: float, threshold: float) -> EngineError:
+    return EngineError(503, "server_unavailable",
+                       f"the engine stalled in {stage}: no progress for {seconds:.1f} s (the "
+                       f"stall timeout is {threshold:g} s); the request was abandoned, retry "
+                       "later", code="engine_stalled")
+
+
+def thread_stacks() -> list[dict[str, Any]]:
+    """Every thread's current Python stack, innermost frame last."""
+    frames = sys._current_frames()
+    stacks = []
+    for thread in threading.enumerate():
+        frame = frames.get(thread.ident)
+        if frame is not None:
+            stacks.append({"thread": thread.name, "thread_id": thread.ident,
+                           "daemon": thread.daemon,
+                           "stack": "".join(traceback.format_stack(frame))})
+    return stacks
+
+
+def _request_stage(request: GenerationRequest) -> str:
+    if request.scheduled_ns is None:
+        return "queued"
+    return "prefill" if request.first_token_ns is None else "decode"
+
+
+def describe_requests(requests: list[GenerationRequest], now_ns: int) -> list[dict[str, Any]]:
+    return [{"request_id": r.request_id, "trace_id": r.trace_id, "stage": _request_stage(r),
+             "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+             "age_s": round((now_ns - r.arrival_ns) / 1e9, 3)} for r in requests]
+
+
+class Watchdog:
+    def __init__(self, service: Any, *, stall_timeout: float, load_timeout: float,
+                 on_stall: str, exit: Callable[[int], None] = os._exit,
+                 interval: float | None = None):
+        self.service = service
+        self.stall_timeout = stall_timeout
+        self.load_timeout = load_timeout
+        self.on_stall = on_stall
+        self._exit = exit
+        self.interval = interval or min(1.0, max(0.05, stall_timeout / 20))
+        self.stall: Stall | None = None  # the current stall, read by the API
+        self._load_reported = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval):
+            try:
+                self.check()
+            except Exception as exc:  # noqa: BLE001 - the watchdog must outlive its own bugs
+                logger.opt(exception=exc).error("the watchdog's check failed: {}", exc)
+
+    # ---- one check ---------------------------------------------------------------------------
+
+    def check(self, now_ns: int | None = None) -> None:
+        now_ns = now_ns or time.perf_counter_ns()
+        service = self.service
+        if service.state == "loading":
+            self._check_load(now_ns)
+            return
+        engine = service.engine
+        if engine is None or not engine.alive:
+            return
+        if self.stall is not None:
+            # Moving again: a step completed, or the loop came round (a failed step ends there).
+            if (engine.last_progress_ns > self.stall.detected_ns
+                    or engine.iterations >= self.stall.engine_iterations + 2):
+                self._recovered(now_ns)
+            return
+        pending = service.queue.snapshot() + engine.held_requests()
+        if not pending:
+            return
+        since = max(engine.last_progress_ns, min(r.arrival_ns for r in pending))
+        if (now_ns - since) / 1e9 <= self.stall_timeout:
+            return
+        stage = engine.stage if engine.stage != "idle" else "schedule"
+        self._stalled(Stall(stage, since, now_ns, engine.iterations), pending, engine.thread_id)
+
+    def _check_load(self, now_ns: int) -> None:
+        started = self.service.load_started_ns
+        if self._load_reported or started is None:
+            return
+        if (now_ns - started) / 1e9 > self.load_timeout:
+            self._load_reported = True
+            self._stalled(Stall("load", started, now_ns), [], self.service.loader_thread_id)
+
+    # ---- acting on a stall -------------------------------------------------------------------
+
+    def _stalled(self, stall: Stall, pending: list[GenerationRequest],
+                 culprit_thread: int | None) -> None:
+        self.stall = stall
+        exiting = self.on_stall == "exit"
+        if exiting:  # armed first: nothing below may keep a stalled process alive
+            threading.Thread(target=self._exit_later, name="watchdog-exit", daemon=True).start()
+        metrics = self.service.metrics
+        if metrics is not None:
+            metrics.stalled(stall.stage)
+        seconds = stall.stalled_for_s(stall.detected_ns)
+        threshold = self.load_timeout if stall.stage == "load" else self.stall_timeout
+        stacks = thread_stacks()
+        culprit = next((s for s in stacks if s["thread_id"] == culprit_thread), None)
+        where = ""
+        if culprit is not None:
+            last = culprit["stack"].strip().splitlines()
+            where = f"; the {culprit['thread']} thread is at {last[-2].strip()}" if len(
+                last) >= 2 else ""
+        logger.bind(stage=stall.stage, stalled_for_s=round(seconds, 3),
+                    stall_timeout_s=threshold, on_stall=self.on_stall,
+                    requests=describe_requests(pending, stall.detected_ns), threads=stacks,
+                    ).error("stall report: the engine made no progress in {} for {:.1f} s "
+                            "(threshold {:g} s) with {} request(s) pending{}; {}",
+                            stall.stage, seconds, threshold, len(pending), where,
+                            f"exiting with status {STALL_EXIT_CODE}" if exiting else
+                            "answering 503 until it moves again")
+        error = stalled_error(stall.stage, seconds, threshold)
+        for request in self.service.queue.drain() + pending:
+            if request.finished_ns is None:
+                request.cancelled = True  # the engine drops it if it ever moves again
+                request.error = error
+                request.finished_ns = time.perf_counter_ns()
+                request.emit(Failed(error))
+
+    def _exit_later(self) -> None:
+        time.sleep(EXIT_GRACE_S)
+        self._exit(STALL_EXIT_CODE)
+
+    def _recovered(self, now_ns: int) -> None:
+        stall = self.stall
+        assert stall is not None
+        self.stall = None
+        if self.service.metrics is not None:
+            self.service.metrics.stall_ended()
+        logger.warning("the engine moves again after a stall in {} of {:.1f} s", stall.stage,
+                       stall.stalled_for_s(now_ns), stage=stall.stage)
