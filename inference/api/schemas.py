@@ -167,8 +167,7 @@ class FaultRequest(_Strict):
     fault: Literal["hang", "slow", "oom", "empty", "crash"]
     stage: Literal["prefill", "decode"] = "prefill"
     # hang: how long (null: until the process stops); slow: the delay added to each step.
-    seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Annotated[
-        int, Field(gt=0)] | None = None
+    seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     steps: Annotated[int, Field(ge=1, le=1_000_000)] = 1  # slow: how many steps are slowed
 
     @model_validator(mode="after")
