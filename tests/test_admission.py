@@ -88,7 +88,7 @@ class _Observer:
 
 @pytest.fixture(scope="module")
 def loaded(demo_dir):
-    return load_model(Config(demo_dir=demo_dir))
+    return load_model(Config(demo_dir=demo_dir, device="cpu"))
 
 
 def _engine(loaded, available: int):

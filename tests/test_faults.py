@@ -181,7 +181,8 @@ def test_a_load_past_its_allowance_is_a_stall(server_factory):
 # ---- out of memory --------------------------------------------------------------------------
 
 def test_oom_in_decode_preempts_half_the_batch_and_everyone_finishes(server_factory):
-    server = server_factory(*FAULTY, "--seed", "1")
+    # float32: recomputing a preempted row must give the very tokens decoding would have.
+    server = server_factory(*FAULTY, "--seed", "1", "--dtype", "float32")
     client = _client(server)
     prompts = ["first prompt", "second one", "and a third"]
 
@@ -193,7 +194,10 @@ def test_oom_in_decode_preempts_half_the_batch_and_everyone_finishes(server_fact
     # Three arrive while one slow step holds the engine, so they join its batch as one group;
     # then an OOM in the middle of the model's next decode step.
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        warm = pool.submit(run, "keep the engine busy")
+        # long enough to be seen running on a fast GPU too
+        warm = pool.submit(lambda: client.completions.create(
+            model="demo", prompt="keep the engine busy", max_tokens=400,
+            extra_body={"ignore_eos": True}))
         server.wait_for(lambda: server.sample("inference_requests_running") == 1, timeout=30,
                         what="the first request to run")
         _arm(server, "slow", stage="decode", seconds=2)
@@ -216,7 +220,7 @@ def test_oom_in_prefill_splits_the_group_or_answers_503(server_factory):
     # A group of four prefilled together (queued behind one slow step) runs out of memory:
     # retried in halves, all four are answered.
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
-        first = pool.submit(_complete, server, "occupy", max_tokens=60, ignore_eos=True)
+        first = pool.submit(_complete, server, "occupy", max_tokens=400, ignore_eos=True)
         server.wait_for(lambda: server.sample("inference_requests_running") == 1, timeout=30,
                         what="the first request to run")
         _arm(server, "slow", stage="decode", seconds=2)

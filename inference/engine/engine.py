@@ -31,7 +31,8 @@ from loguru import logger
 from ..model.loader import LoadedModel
 from .detokenizer import IncrementalDetokenizer, decode_output
 from .faults import Fault, FaultInjector, middle_layer
-from .memory import KvCacheShape, MemoryProbe, cuda_figures, describe_figures
+from .memory import (KvCacheShape, MemoryProbe, cuda_figures, describe_figures,
+                     is_out_of_memory)
 from .queue import RequestQueue
 from .request import EngineError, Failed, Finished, GenerationRequest, TextDelta
 from .sampling import BatchSampler
@@ -245,7 +246,7 @@ class Engine:
     def _fail_held(self, exc: Exception) -> None:
         """A step failed: every request the engine holds gets the error; the queue is kept."""
         held = self.held_requests()
-        if isinstance(exc, torch.OutOfMemoryError):
+        if is_out_of_memory(exc, self.loaded.device):
             self._out_of_memory(exc, held)
         else:
             self._fail_step(exc, held)
@@ -353,8 +354,11 @@ class Engine:
             try:
                 new_batch = self._prefill(rows)
                 break
-            except torch.OutOfMemoryError as exc:  # retry in halves; the batch goes on
-                if len(rows) == 1:
+            except Exception as exc:  # noqa: BLE001 - only the new group fails; the batch goes on
+                if not is_out_of_memory(exc, self.loaded.device):
+                    self._fail_step(exc, [row.request for row in rows])
+                    rows = []
+                elif len(rows) == 1:  # out of memory, alone: answer it
                     self._out_of_memory(exc, [rows[0].request])
                     rows = []
                 else:
@@ -365,9 +369,6 @@ class Engine:
                     self._oom_cap = running + half
                     logger.warning("prefill retried with {} of {} request(s) after running out "
                                    "of memory", half, len(self._admitting))
-            except Exception as exc:  # noqa: BLE001 - only the new group fails; the batch goes on
-                self._fail_step(exc, [row.request for row in rows])
-                rows = []
         self._admitting = []
         if new_batch is None:
             return
@@ -536,9 +537,10 @@ class Engine:
             batch.cache = output.past_key_values
             batch.positions = batch.positions + 1
             self._choose_and_accept(batch, output.logits[:, -1, :], "decode")
-        except torch.OutOfMemoryError as exc:
-            if len(batch) == 1 or not _mergeable(batch.cache):
-                raise  # nothing to split, or a cache that cannot be cut back: fail the batch
+        except Exception as exc:
+            if (not is_out_of_memory(exc, self.loaded.device) or len(batch) == 1
+                    or not _mergeable(batch.cache)):
+                raise  # not memory, nothing to split, or a cache that cannot be cut back
             self._undo_decode_step(batch, mask_before, positions_before)
             self._out_of_memory(exc, [])
             self._preempt_newer_half(batch)

@@ -56,6 +56,32 @@ def kv_cache_shape(model_config: Any, dtype_bytes: int) -> KvCacheShape | None:
     return KvCacheShape(layers, kv_heads, head_dim, dtype_bytes)
 
 
+# Allocation failures that libraries below PyTorch report as plain RuntimeErrors.
+_ALLOCATION_FAILURES = ("out of memory", "ALLOC_FAILED", "cudaErrorMemoryAllocation")
+# cuDNN's attention reports a failed workspace allocation only as a failed graph execution
+# (seen on an H100 with torch 2.11 when another process held the rest of the GPU).
+_CUDNN_FAILURES = ("mha_graph.execute", "CUDNN_STATUS_EXECUTION_FAILED")
+NEARLY_FULL_BYTES = 256 * MIB
+
+
+def is_out_of_memory(exc: BaseException, device: Any) -> bool:
+    """True for PyTorch's OOM, for allocation failures of cuBLAS and others, and for a cuDNN
+    execution failure while the device is nearly full."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if not isinstance(exc, RuntimeError) or getattr(device, "type", None) != "cuda":
+        return False
+    text = str(exc)
+    if any(marker in text for marker in _ALLOCATION_FAILURES):
+        return True
+    if any(marker in text for marker in _CUDNN_FAILURES):
+        figures = cuda_figures(device)
+        return bool(figures) and figures["free"] < NEARLY_FULL_BYTES
+    return False
+
+
 class MemoryProbe(Protocol):
     """The hardware seam for admission control: bytes a new request may still take."""
 
