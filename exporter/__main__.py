@@ -1,0 +1,26 @@
+"""``python -m exporter``: the companion exporter."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from .config import ConfigError, load_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"python -m exporter: error: {exc}", file=sys.stderr)
+        return 2
+    from inference.telemetry.logs import setup_logging
+
+    from .app import serve
+
+    setup_logging(config.log_level)
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

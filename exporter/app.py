@@ -1,0 +1,103 @@
+"""Assembles the exporter from its configuration and serves /metrics until told to stop."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from prometheus_client import CollectorRegistry, start_http_server
+
+from .collectors.gpu import GpuCollector
+from .collectors.inference import InferenceCollector
+from .collectors.probe import ProbeCollector
+from .collectors.processes import ProcessCollector
+from .config import ExporterConfig
+from .gpu.fake import FakeFleet
+from .gpu.nvml import NvmlBackend
+from .gpu.poller import GpuPoller
+from .inference_dir import InferenceDirectory
+from .probe import TargetProber
+from .registry import build_registry
+
+
+@dataclass
+class Exporter:
+    config: ExporterConfig
+    directory: InferenceDirectory
+    probers: list[TargetProber]
+    poller: GpuPoller | None
+    registry: CollectorRegistry
+    server: Any = None
+    port: int = 0
+    _threads: list = field(default_factory=list)
+
+    def start(self) -> None:
+        self.directory.start()
+        if self.poller is not None:
+            self.poller.start()
+        for prober in self.probers:
+            prober.start()
+        self.server, _thread = start_http_server(self.config.port, addr=self.config.host,
+                                                 registry=self.registry)
+        self.port = self.server.server_port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+        for prober in self.probers:
+            prober.stop()
+        if self.poller is not None:
+            self.poller.stop()
+        self.directory.stop()
+
+
+def _backend(config: ExporterConfig):
+    if config.gpu_backend == "nvml":
+        return NvmlBackend()
+    if config.gpu_backend == "fake":
+        return FakeFleet.from_file(config.fake_gpu_fleet)
+    return None
+
+
+def build_exporter(config: ExporterConfig) -> Exporter:
+    state_dir = Path(config.state_dir)
+    (state_dir / "metrics").mkdir(parents=True, exist_ok=True)
+    directory = InferenceDirectory(state_dir, retention=config.dead_process_retention)
+    probers = [TargetProber(url, interval=config.probe_interval, timeout=config.probe_timeout,
+                            canary_interval=config.canary_interval,
+                            canary_model=config.canary_model,
+                            canary_max_tokens=config.canary_max_tokens,
+                            api_key=config.target_api_key) for url in config.target]
+    backend = _backend(config)
+    poller = (GpuPoller(backend, interval=config.gpu_interval, max_age=config.gpu_max_age)
+              if backend is not None else None)
+
+    def pid_models() -> dict[int, str]:
+        return {v.stat.pid: v.identity.model for v in directory.views() if v.stat is not None}
+
+    collectors: list = [("inference", InferenceCollector(directory)),
+                        ("processes", ProcessCollector(directory))]
+    if poller is not None:
+        collectors.append(("gpu", GpuCollector(poller, pid_models)))
+    if probers:
+        collectors.append(("probe", ProbeCollector(probers)))
+    return Exporter(config, directory, probers, poller, build_registry(collectors))
+
+
+def serve(config: ExporterConfig) -> int:
+    exporter = build_exporter(config)
+    exporter.start()
+    logger.info("listening on http://{}:{}/metrics", config.host, exporter.port,
+                state_dir=config.state_dir, targets=list(config.target),
+                gpu_backend=config.gpu_backend)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    logger.info("stopping")
+    exporter.stop()
+    return 0

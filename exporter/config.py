@@ -1,0 +1,104 @@
+"""The exporter's one typed configuration: flags over ``VIGIL_EXPORTER_*`` variables over
+defaults. ``--target`` may repeat; its variable takes a comma-separated list."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+from urllib.parse import urlsplit
+
+from inference.config import _default_state_dir
+from vigil.options import (ConfigError, Option, OptionSet, optional_str, port, positive_float,
+                           positive_int)
+
+ENV_PREFIX = "VIGIL_EXPORTER_"
+__all__ = ["ExporterConfig", "ConfigError", "OPTIONS", "load_config"]
+
+
+def _url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return text.rstrip("/")
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be zero or a positive number of seconds")
+    return value
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", str, "Address /metrics listens on.", metavar="HOST"),
+    Option("port", port, "Port /metrics listens on.", metavar="PORT"),
+    Option("state_dir", str,
+           "The inference processes' state directory (their metrics files and identities).",
+           metavar="DIR"),
+    Option("target", _url,
+           "Base URL of an OpenAI-compatible server to probe (repeat the flag for several; the "
+           "variable takes a comma-separated list).", metavar="URL", multiple=True),
+    Option("target_api_key", optional_str,
+           "Bearer token the probe sends to the targets.", metavar="KEY"),
+    Option("probe_interval", positive_float,
+           "Seconds between two probes of /health and /ready.", metavar="SECONDS"),
+    Option("probe_timeout", positive_float,
+           "Seconds a probe check may take before it counts as failed.", metavar="SECONDS"),
+    Option("canary_interval", _non_negative_float,
+           "Seconds between two canary completions (0: no canary).", metavar="SECONDS"),
+    Option("canary_model", optional_str,
+           "Model the canary asks for (default: the first one GET /v1/models lists).",
+           metavar="NAME"),
+    Option("canary_max_tokens", positive_int,
+           "Tokens the canary completion asks for.", metavar="TOKENS"),
+    Option("gpu_backend", str,
+           "Where GPU readings come from: nvml, fake (a fleet described in --fake-gpu-fleet, "
+           "for tests and demos) or none.", choices=("nvml", "fake", "none")),
+    Option("fake_gpu_fleet", optional_str,
+           "JSON file describing the fake GPU fleet (with --gpu-backend fake).", metavar="FILE"),
+    Option("gpu_interval", positive_float,
+           "Seconds between two reads of the GPUs (in a background thread).", metavar="SECONDS"),
+    Option("gpu_max_age", positive_float,
+           "Seconds after which a GPU's readings count as stale: its values are left out and "
+           "its vigil_gpu_up is 0.", metavar="SECONDS"),
+    Option("dead_process_retention", positive_float,
+           "Seconds a process that died uncleanly is still shown (vigil_process_alive 0) before "
+           "its identity file is removed.", metavar="SECONDS"),
+    Option("log_level", str, "Lowest log level written.",
+           choices=("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")),
+)
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    host: str = "127.0.0.1"
+    port: int = 9400
+    state_dir: str = _default_state_dir()
+    target: tuple[str, ...] = ()
+    target_api_key: str | None = None
+    probe_interval: float = 15.0
+    probe_timeout: float = 5.0
+    canary_interval: float = 60.0
+    canary_model: str | None = None
+    canary_max_tokens: int = 2
+    gpu_backend: str = "nvml"
+    fake_gpu_fleet: str | None = None
+    gpu_interval: float = 2.0
+    gpu_max_age: float = 30.0
+    dead_process_retention: float = 600.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.gpu_backend == "fake" and not self.fake_gpu_fleet:
+            raise ConfigError("--gpu-backend fake needs --fake-gpu-fleet FILE")
+
+
+_OPTION_SET = OptionSet(ENV_PREFIX, OPTIONS, ExporterConfig, prog="python -m exporter",
+                        description="Companion exporter: GPUs, inference telemetry and probes "
+                        "for Prometheus.")
+OPTIONS = _OPTION_SET.options
+
+
+def load_config(argv: Sequence[str] | None = None,
+                environ: Mapping[str, str] | None = None) -> ExporterConfig:
+    return _OPTION_SET.load(argv, environ)

@@ -1,0 +1,186 @@
+"""A black-box probe of OpenAI-compatible servers, with ``requests``, one thread per target.
+
+Every ``interval`` seconds: ``GET /health`` and ``GET /ready``; every ``canary_interval``
+seconds: a streamed ``POST /v1/completions`` of a few tokens, timed to its first token. Any
+OpenAI-compatible server can be a target (vLLM and SGLang too; a server without ``/ready``
+shows its 404 there). The model for the canary is ``canary_model``, or the first that
+``GET /v1/models`` lists. Results are kept for the collector; nothing here runs on the scrape.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from loguru import logger
+
+CHECKS = ("health", "ready", "canary")
+USER_AGENT = "llm-vigil-exporter/0.1 (probe)"
+CANARY_PROMPT = "Say hello."
+
+
+def target_label(url: str) -> str:
+    """The target's URL without credentials, query or fragment, for a label."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    success: bool
+    status: int  # 0: no answer
+    duration_s: float
+    finished_at: float
+    error: str = ""
+    ttft_s: float | None = None  # canary only
+    empty: bool | None = None  # canary only
+
+
+@dataclass
+class TargetState:
+    label: str
+    results: dict[str, CheckResult] = field(default_factory=dict)
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+class TargetProber:
+    def __init__(self, url: str, interval: float = 15.0, timeout: float = 5.0,
+                 canary_interval: float = 60.0, canary_model: str | None = None,
+                 canary_max_tokens: int = 2, api_key: str | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.url = url.rstrip("/")
+        self.label = target_label(url)
+        self.interval, self.timeout = interval, timeout
+        self.canary_interval, self.canary_model = canary_interval, canary_model
+        self.canary_max_tokens = canary_max_tokens
+        self.clock = clock
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = USER_AGENT
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        self._state = TargetState(self.label, counts={
+            (check, result): 0 for check in CHECKS for result in ("success", "failure")})
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._model: str | None = canary_model
+        self._next_canary = 0.0
+        self._canaries = 0
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name=f"probe {self.label}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def state(self) -> TargetState:
+        with self._lock:
+            return replace(self._state, results=dict(self._state.results),
+                           counts=dict(self._state.counts))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - a probe bug must not end probing
+                logger.exception("probe of {} failed", self.label)
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def run_once(self) -> None:
+        self._record("health", self._get("/health"))
+        self._record("ready", self._get("/ready"))
+        if self.canary_interval > 0 and time.monotonic() >= self._next_canary:
+            self._next_canary = time.monotonic() + self.canary_interval
+            self._record("canary", self._canary())
+
+    def _record(self, check: str, result: CheckResult) -> None:
+        with self._lock:
+            previous = self._state.results.get(check)
+            self._state.results[check] = result
+            key = (check, "success" if result.success else "failure")
+            self._state.counts[key] = self._state.counts.get(key, 0) + 1
+        if not result.success and (previous is None or previous.success):
+            logger.warning("probe {} of {} failed: {}", check, self.label,
+                           result.error or f"HTTP {result.status}")
+        elif result.success and previous is not None and not previous.success:
+            logger.info("probe {} of {} succeeds again", check, self.label)
+
+    def _get(self, path: str) -> CheckResult:
+        start = time.monotonic()
+        try:
+            response = self.session.get(self.url + path, timeout=self.timeout)
+            response.close()
+        except requests.RequestException as exc:
+            return CheckResult(False, 0, time.monotonic() - start, self.clock(), _short(exc))
+        return CheckResult(response.status_code == 200, response.status_code,
+                           time.monotonic() - start, self.clock(),
+                           "" if response.status_code == 200 else f"HTTP {response.status_code}")
+
+    def _discover_model(self) -> str:
+        response = self.session.get(self.url + "/v1/models", timeout=self.timeout)
+        response.raise_for_status()
+        models = response.json().get("data") or []
+        if not models:
+            raise ValueError("GET /v1/models lists no model")
+        return str(models[0]["id"])
+
+    def _canary(self) -> CheckResult:
+        start = time.monotonic()
+
+        def failed(status: int, error: str) -> CheckResult:
+            return CheckResult(False, status, time.monotonic() - start, self.clock(), error)
+
+        try:
+            if self._model is None:
+                self._model = self._discover_model()
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            return failed(0, f"no model for the canary: {_short(exc)}")
+        self._canaries += 1
+        body = {"model": self._model, "prompt": CANARY_PROMPT, "max_tokens":
+                self.canary_max_tokens, "temperature": 0, "stream": True}
+        headers = {"X-Request-Id": f"vigil-canary-{self._canaries}"}
+        text, first_token, done = [], None, False
+        try:
+            with self.session.post(self.url + "/v1/completions", json=body, headers=headers,
+                                   timeout=self.timeout, stream=True) as response:
+                if response.status_code != 200:
+                    if response.status_code == 404 and self.canary_model is None:
+                        self._model = None  # the served model may have changed
+                    return failed(response.status_code, f"HTTP {response.status_code}: "
+                                  f"{response.text[:200]}")
+                for line in response.iter_lines():
+                    if time.monotonic() - start > self.timeout:
+                        return failed(200, f"the stream took longer than {self.timeout} s")
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        done = True
+                        break
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        return failed(200, f"error event: {str(chunk['error'])[:200]}")
+                    piece = "".join(c.get("text") or "" for c in chunk.get("choices") or [])
+                    if first_token is None and chunk.get("choices"):
+                        first_token = time.monotonic() - start
+                    text.append(piece)
+        except (requests.RequestException, ValueError) as exc:
+            return failed(0, _short(exc))
+        if not done:
+            return failed(200, "the stream ended without [DONE]")
+        empty = not "".join(text)
+        return CheckResult(True, 200, time.monotonic() - start, self.clock(),
+                           ttft_s=first_token, empty=empty)
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"

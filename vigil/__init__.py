@@ -1,0 +1,1 @@
+"""What the inference process and the exporter share: option parsing."""
