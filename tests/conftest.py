@@ -166,3 +166,103 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def start_exporter(tmp_path: Path, state_dir: Path, *args: str) -> Server:
+    """The companion exporter as a child process, on a free port (parsed from its log)."""
+    log_path = tmp_path / "exporter.log"
+    command = [sys.executable, "-m", "exporter", "--host", "127.0.0.1", "--port", "0",
+               "--state-dir", str(state_dir), *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_EXPORTER_")}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    exporter = Server(process, log_path, state_dir)
+
+    def listening() -> bool:
+        match = _LISTENING.search(log_path.read_text(errors="replace"))
+        if match:
+            exporter.base_url = f"http://{match.group(1)}:{match.group(2)}"
+        return bool(match)
+    exporter.wait_for(listening, 30, "the exporter's listening line")
+    return exporter
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Prometheus:
+    """A real Prometheus (the Debian package) on loopback, queried through its HTTP API."""
+
+    process: subprocess.Popen
+    base_url: str
+    log_path: Path
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        response = requests.get(self.base_url + "/api/v1/query", params={"query": expr},
+                                timeout=10)
+        response.raise_for_status()
+        return response.json()["data"]["result"]
+
+    def value(self, expr: str) -> float | None:
+        """The single value of an instant query, or None when it returns nothing."""
+        result = self.query(expr)
+        if not result:
+            return None
+        assert len(result) == 1, f"{expr} returned {len(result)} series: {result}"
+        return float(result[0]["value"][1])
+
+    def wait_for(self, expr: str, predicate, timeout: float = 60.0) -> float | None:
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            value = self.value(expr)
+            if predicate(value):
+                return value
+            time.sleep(0.25)
+        raise AssertionError(f"timed out waiting on {expr} (last value {value}); Prometheus log:\n"
+                             + self.log_path.read_text()[-2000:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_prometheus(tmp_path: Path, config_text: str, *extra: str) -> Prometheus:
+    import shutil
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus is not installed (Debian package prometheus)")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(config_text)
+    port = free_port()
+    log_path = tmp_path / "prometheus.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}", *extra],
+            stdout=log, stderr=subprocess.STDOUT)
+    prometheus = Prometheus(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError("prometheus exited:\n" + log_path.read_text()[-3000:])
+        try:
+            if requests.get(prometheus.base_url + "/-/ready", timeout=2).status_code == 200:
+                return prometheus
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    prometheus.stop()
+    raise AssertionError("prometheus never became ready:\n" + log_path.read_text()[-3000:])

@@ -49,6 +49,7 @@ class GpuPoller:
         self._error = ""
         self._system: SystemInfo | None = None
         self._next_init = 0.0
+        self._xid_warned = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -143,29 +144,33 @@ class GpuPoller:
 
     # ---- XID events -----------------------------------------------------------------------------
     def _xid_loop(self) -> None:
-        warned = False
         while not self._stop.is_set():
             if not self._backend_up:
                 self._stop.wait(1.0)
                 continue
-            try:
-                events = self.backend.wait_xid(1.0)
-            except BackendUnavailable as exc:
-                if not warned:
-                    logger.warning("XID events unavailable (retrying every {} s): {}",
-                                   XID_RETRY_S, exc)
-                    warned = True
+            if not self.xid_once(1.0):
                 self._stop.wait(XID_RETRY_S)
-                continue
-            except Exception:  # noqa: BLE001
-                logger.exception("waiting for XID events failed")
-                self._stop.wait(XID_RETRY_S)
-                continue
-            for event in events:
-                state = self._states.get(event.index)
-                uuid = state.identity[0] if state is not None else ""
-                logger.error("XID {} on GPU {} ({})", event.xid, event.index,
-                             uuid or "uuid not read yet")
-                key = (event.index, event.xid)
-                with self._xid_lock:
-                    self._xids[key] = self._xids.get(key, 0) + 1
+
+    def xid_once(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for XID events and count them; False when events are
+        unavailable (then the caller waits before it tries again)."""
+        try:
+            events = self.backend.wait_xid(timeout_s)
+        except BackendUnavailable as exc:
+            if not self._xid_warned:
+                logger.warning("XID events unavailable (retrying every {} s): {}",
+                               XID_RETRY_S, exc)
+                self._xid_warned = True
+            return False
+        except Exception:  # noqa: BLE001
+            logger.exception("waiting for XID events failed")
+            return False
+        for event in events:
+            state = self._states.get(event.index)
+            uuid = state.identity[0] if state is not None else ""
+            logger.error("XID {} on GPU {} ({})", event.xid, event.index,
+                         uuid or "uuid not read yet")
+            key = (event.index, event.xid)
+            with self._xid_lock:
+                self._xids[key] = self._xids.get(key, 0) + 1
+        return True

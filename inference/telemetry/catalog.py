@@ -1,7 +1,7 @@
 """Every metric the inference process records: name, type, unit, labels and meaning.
 
 This table is the single source: the metrics are created from it, and the metrics reference
-(docs/metrics.md) is generated from it (``python -m inference.telemetry.reference``; a test
+(docs/metrics.md) is generated from it (``python -m exporter.reference``; a test
 checks that the committed file is current). Names are in base units; where OpenTelemetry's GenAI
 semantic conventions define a metric, its name and bucket boundaries are used (the dots become
 underscores and the unit a suffix, as the OpenTelemetry-to-Prometheus mapping does).

@@ -1,6 +1,6 @@
 """Generate the metrics reference (docs/metrics.md) from the catalog.
 
-    python -m inference.telemetry.reference > docs/metrics.md
+    python -m exporter.reference > docs/metrics.md  (this section and the exporter's)
 """
 
 from __future__ import annotations
@@ -9,13 +9,16 @@ from .catalog import METRICS
 
 HEADER = """# Metrics reference
 
-Generated from `inference/telemetry/catalog.py` by `python -m inference.telemetry.reference`;
+Generated from `inference/telemetry/catalog.py` and `exporter/catalog.py` by
+`python -m exporter.reference`;
 a test fails when this file and the code disagree. Do not edit by hand.
 
 The inference process records these through prometheus_client's multiprocess mode into
 `<state-dir>/metrics`; it serves them on its own `/metrics`, and the companion exporter publishes
 them from the same files. Gauges are per process: multiprocess collection adds a `pid` label.
 Histograms also expose `_bucket`, `_sum` and `_count` series.
+
+## Inference process metrics
 
 | Metric | Type | Unit | Labels | Meaning |
 | --- | --- | --- | --- | --- |
