@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from .collectors.gpu import GpuCollector
 from .collectors.inference import InferenceCollector
@@ -19,6 +19,7 @@ from .config import ExporterConfig
 from .gpu.fake import FakeFleet
 from .gpu.nvml import NvmlBackend
 from .gpu.poller import GpuPoller
+from .http import make_server, serve_in_thread
 from .inference_dir import InferenceDirectory
 from .probe import TargetProber
 from .registry import build_registry
@@ -41,13 +42,14 @@ class Exporter:
             self.poller.start()
         for prober in self.probers:
             prober.start()
-        self.server, _thread = start_http_server(self.config.port, addr=self.config.host,
-                                                 registry=self.registry)
+        self.server = make_server(self.config.host, self.config.port, self.registry)
         self.port = self.server.server_port
+        serve_in_thread(self.server)
 
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()
         for prober in self.probers:
             prober.stop()
         if self.poller is not None:

@@ -1,0 +1,202 @@
+"""What a scrape of the exporter costs: latency (median, p99), CPU seconds per scrape and
+resident memory, with 8 fake GPUs and 4 inference processes writing to the state directory.
+
+Four real inference servers (demo model) share one state directory; an exporter reads it with a
+fake fleet of 8 GPUs (the hardware seam) and probes the four servers. The scrapes run in two
+phases of the same run: the servers idle, then each under a steady trickle of completions (so
+their metrics files change while they are read). Per phase the script scrapes ``--scrapes``
+times at ``--rate`` per second and prints latency, the exporter's CPU seconds per scrape (its
+CPU time over the phase, background threads included, divided by the scrapes) against the CPU
+it uses over an equal time without scrapes (the baseline), and its resident memory (VmRSS,
+VmHWM). Goals: p99 under 50 ms, resident memory under 80 MB.
+
+Run: ``.venv/bin/python bench/exporter_scrape.py`` (about 2 minutes on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serving_efficiency import Server, free_port  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fleet(count: int) -> dict:
+    gpus = []
+    for index in range(count):
+        gpus.append({"uuid": f"GPU-bench-{index:04d}", "name": "NVIDIA H100 80GB HBM3",
+                     "utilization_gpu": 0.9, "utilization_memory": 0.4,
+                     "memory_total_bytes": 85520809984, "memory_used_bytes": 70_000_000_000,
+                     "memory_free_bytes": 15_000_000_000, "memory_reserved_bytes": 520809984,
+                     "temperature_celsius": 65, "power_watts": 500, "power_limit_watts": 700,
+                     "energy_joules": 1e6, "sm_clock_hertz": 1.98e9, "memory_clock_hertz": 2.6e9,
+                     "clock_event_reasons": 0, "ecc_corrected": 0, "ecc_uncorrected": 0,
+                     "pcie_replays": 0, "remapped_rows_correctable": 0,
+                     "remapped_rows_uncorrectable": 0, "remapped_rows_pending": False,
+                     "remapped_rows_failure": False, "mig_enabled": False,
+                     "processes": [{"pid": 1000 + index, "used_memory_bytes": 6e10}]})
+    return {"driver_version": "550.54.15", "cuda_version": "12.4", "gpus": gpus}
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    import os
+
+    rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_memory(pid: int) -> dict[str, int]:
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            key, amount, _unit = line.split()
+            values[key.rstrip(":")] = int(amount) * 1024
+    return values
+
+
+class Traffic:
+    """One client thread per server, each sending short completions back to back."""
+
+    def __init__(self, urls: list[str], max_tokens: int):
+        self.stop = threading.Event()
+        self.sent = 0
+        self.threads = [threading.Thread(target=self._run, args=(url, max_tokens), daemon=True)
+                        for url in urls]
+
+    def _run(self, url: str, max_tokens: int) -> None:
+        session = requests.Session()
+        while not self.stop.is_set():
+            session.post(url + "/v1/completions", timeout=60,
+                         json={"model": "demo", "prompt": "benchmark", "max_tokens": max_tokens})
+            self.sent += 1
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(70)
+
+
+def scrape_phase(url: str, pid: int, scrapes: int, rate: float) -> dict:
+    session = requests.Session()
+    # Baseline: the exporter's CPU over the same span without scrapes (its background threads).
+    span = scrapes / rate
+    cpu0 = proc_cpu_seconds(pid)
+    time.sleep(span)
+    idle_cpu = proc_cpu_seconds(pid) - cpu0
+    latencies, sizes = [], []
+    cpu0 = proc_cpu_seconds(pid)
+    start = time.monotonic()
+    for index in range(scrapes):
+        due = start + index / rate
+        pause = due - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        t0 = time.perf_counter()
+        response = session.get(url + "/metrics", timeout=30)
+        latencies.append(time.perf_counter() - t0)
+        response.raise_for_status()
+        sizes.append(len(response.content))
+    cpu = proc_cpu_seconds(pid) - cpu0
+    latencies.sort()
+    return {"median_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "max_ms": 1000 * latencies[-1],
+            "cpu_per_scrape_ms": 1000 * cpu / scrapes,
+            "cpu_per_scrape_beyond_idle_ms": 1000 * (cpu - idle_cpu) / scrapes,
+            "idle_cpu_ms_per_interval": 1000 * idle_cpu / scrapes,
+            "bytes": statistics.median(sizes), **proc_memory(pid)}
+
+
+def main(argv=None) -> int:
+    from inference.config import Config
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo-dir", default=Config().demo_dir)
+    parser.add_argument("--servers", type=int, default=4)
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--scrapes", type=int, default=400)
+    parser.add_argument("--rate", type=float, default=10.0, help="scrapes per second")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="vigil-bench-exporter-") as tmp:
+        workdir = Path(tmp)
+        servers = []
+        exporter = None
+        try:
+            for _ in range(args.servers):
+                server = Server(args.demo_dir, workdir, free_port(), ["--log-level", "WARNING"])
+                servers.append(server)
+            for server in servers:
+                server.wait_ready(300)
+            fleet_path = workdir / "fleet.json"
+            fleet_path.write_text(json.dumps(fleet(args.gpus)))
+            port = free_port()
+            command = [sys.executable, "-m", "exporter", "--port", str(port), "--state-dir",
+                       str(workdir / "state"), "--gpu-backend", "fake", "--fake-gpu-fleet",
+                       str(fleet_path), "--log-level", "WARNING"]
+            for server in servers:
+                command += ["--target", server.url]
+            log = open(workdir / "exporter.log", "wb")  # noqa: SIM115
+            exporter = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(100):
+                try:
+                    if requests.get(url + "/metrics", timeout=2).status_code == 200:
+                        break
+                except requests.RequestException:
+                    time.sleep(0.1)
+            time.sleep(2)  # the first GPU poll and probes
+            text = requests.get(url + "/metrics", timeout=10).text
+            processes = text.count("vigil_process_alive{")
+            gpus = text.count("vigil_gpu_up{")
+            print(f"exporter scrape: {gpus} fake GPUs, {processes} inference processes, "
+                  f"{args.scrapes} scrapes at {args.rate:g}/s per phase")
+            results = {"idle": scrape_phase(url, exporter.pid, args.scrapes, args.rate)}
+            with Traffic([s.url for s in servers], args.max_tokens) as traffic:
+                time.sleep(2)
+                results["traffic"] = scrape_phase(url, exporter.pid, args.scrapes, args.rate)
+            print(f"  (completions sent during the traffic phase: {traffic.sent})")
+            print(f"{'phase':>8} {'median':>9} {'p99':>9} {'max':>9} {'CPU/scrape':>11} "
+                  f"{'beyond idle':>12} {'body':>8} {'RSS':>8} {'peak RSS':>9}")
+            for phase, r in results.items():
+                print(f"{phase:>8} {r['median_ms']:7.2f}ms {r['p99_ms']:7.2f}ms "
+                      f"{r['max_ms']:7.2f}ms {r['cpu_per_scrape_ms']:9.2f}ms "
+                      f"{r['cpu_per_scrape_beyond_idle_ms']:10.2f}ms {r['bytes'] / 1024:6.1f}KB "
+                      f"{r['VmRSS'] / 2**20:6.1f}MB {r['VmHWM'] / 2**20:7.1f}MB")
+            worst = results["traffic"]
+            print(f"p99 under traffic: {worst['p99_ms']:.2f} ms = "
+                  f"{worst['p99_ms'] / 50:.2f}x the 50 ms goal; peak RSS "
+                  f"{worst['VmHWM'] / 2**20:.1f} MB = {worst['VmHWM'] / (80 * 2**20):.2f}x the "
+                  f"80 MB goal; p99 traffic/idle {worst['p99_ms'] / results['idle']['p99_ms']:.2f}x")
+        finally:
+            if exporter is not None:
+                exporter.terminate()
+                exporter.wait(10)
+            for server in servers:
+                server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
