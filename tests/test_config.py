@@ -47,8 +47,10 @@ def test_bad_values_are_rejected_with_their_name(argv, env, words):
 
 
 def test_every_option_is_documented_in_the_readme():
+    from exporter.config import OPTIONS as EXPORTER_OPTIONS
+
     readme = (REPO / "README.md").read_text()
-    for option in OPTIONS:
+    for option in OPTIONS + EXPORTER_OPTIONS:
         assert f"`{option.flag}`" in readme, option.flag
         assert f"`{option.env}`" in readme, option.env
 
