@@ -1,0 +1,423 @@
+"""The alert rules, written once here with their thresholds as named parameters.
+
+    python -m alerts.rules                       # writes alerts/*.rules.yml with the defaults
+    python -m alerts.rules --set hang_for=10s --out DIR   # other thresholds (tests, your site)
+
+The committed ``alerts/*.rules.yml`` are this module's output with the defaults (a test checks
+that they are current), so they can be read and loaded as they are; README's table of
+parameters comes from ``PARAMETERS``. Every alert carries ``severity`` (critical, warning,
+info), ``cause`` (what Alertmanager inhibits on), a summary, a description naming the instance,
+model or GPU and the value, and a ``runbook_url``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ALERTS_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Parameter:
+    default: str
+    doc: str
+
+
+PARAMETERS: dict[str, Parameter] = {
+    "exporter_job": Parameter("vigil-exporter", "Prometheus job name of the exporter."),
+    "runbook_base": Parameter(
+        "https://github.com/llm-vigil/llm-vigil/blob/main/alerts/runbooks",
+        "Where the runbooks are published; each alert links <runbook_base>/<Alert>.md."),
+    "stall_for": Parameter("0s", "How long the engine's own stall flag must hold (the watchdog "
+                           "already waited --stall-timeout)."),
+    "stall_window": Parameter("5m", "Window in which a recorded stall (counter) keeps the "
+                              "alert firing, also when the process exited right after it."),
+    "heartbeat_max_age": Parameter("60", "Seconds without engine progress while requests are in "
+                                   "flight that count as a hang."),
+    "hang_for": Parameter("30s", "How long a heartbeat-based hang must last."),
+    "probe_for": Parameter("1m", "How long a failing probe must fail."),
+    "busy_cpu_ratio": Parameter("0.9", "CPU cores' share a process must use to count as busy."),
+    "disk_sleep_for": Parameter("2m", "How long a process may sit in uninterruptible wait."),
+    "load_max_seconds": Parameter("900", "Seconds a model load may take."),
+    "crash_loop_exits": Parameter("3", "Unclean exits within crash_loop_window that make a "
+                                  "crash loop."),
+    "crash_loop_window": Parameter("15m", "Window of crash_loop_exits."),
+    "vram_full_ratio": Parameter("0.95", "Used share of a GPU's memory that counts as nearly "
+                                 "full."),
+    "vram_full_for": Parameter("5m", "How long memory must stay nearly full."),
+    "vram_predict_window": Parameter("30m", "History predict_linear extrapolates from."),
+    "oom_window": Parameter("5m", "Window in which out-of-memory errors alert."),
+    "refusals_window": Parameter("10m", "Window of admission refusals."),
+    "refusals_max": Parameter("5", "Admission refusals within refusals_window that alert."),
+    "queue_depth_max": Parameter("32", "Queued requests that count as a backlog."),
+    "queue_wait_max": Parameter("30", "Seconds the oldest queued request may wait."),
+    "backlog_for": Parameter("2m", "How long a backlog must last."),
+    "ttft_p95_max": Parameter("2", "Objective for time to first token, p95, seconds."),
+    "latency_p95_max": Parameter("60", "Objective for end-to-end request duration, p95, "
+                                 "seconds."),
+    "latency_for": Parameter("10m", "How long latency must exceed its objective."),
+    "error_ratio_warning": Parameter("0.05", "Share of 5xx answers that warns."),
+    "error_ratio_critical": Parameter("0.25", "Share of 5xx answers that is critical."),
+    "error_for": Parameter("5m", "How long the error share must hold."),
+    "empty_outputs_max": Parameter("3", "Empty completions within 10 minutes that alert."),
+    "xid_critical_codes": Parameter("48|61|62|63|64|74|79|92|94|95|119|120",
+                                    "XID codes that need a person (regular expression)."),
+    "throttle_for": Parameter("5m", "How long a thermal or power slowdown must last."),
+    "gpu_stale_seconds": Parameter("120", "Seconds after which GPU readings count as stale."),
+    "gpu_lost_for": Parameter("1m", "How long a GPU must stay down."),
+    "imbalance_ratio": Parameter("0.5", "Spread of utilization between the GPUs of one model."),
+    "imbalance_for": Parameter("15m", "How long the spread must last."),
+    "exporter_down_for": Parameter("1m", "How long the exporter may be unreachable."),
+}
+
+
+def _alert(name: str, expr: str, for_: str, severity: str, cause: str, summary: str,
+           description: str, p: dict[str, str]) -> dict:
+    return {"alert": name, "expr": _dedent(expr), "for": for_,
+            "labels": {"severity": severity, "cause": cause},
+            "annotations": {"summary": summary, "description": description,
+                            "runbook_url": f"{p['runbook_base']}/{name}.md"}}
+
+
+def _dedent(expr: str) -> str:
+    lines = [line.strip() for line in expr.strip().splitlines()]
+    return "\n".join(lines)
+
+
+def groups(p: dict[str, str]) -> dict[str, list[dict]]:
+    """File stem -> its rule groups."""
+    a = lambda *args: _alert(*args, p)  # noqa: E731
+    hangs = [
+        a("InferenceEngineStalled",
+          f"""(max by (instance, model) (inference_engine_stalled) > 0)
+          or
+          (sum by (instance, model) (increase(inference_engine_stalls_total[{p['stall_window']}])) > 0)""",
+          p["stall_for"], "critical", "hang",
+          "Inference engine stalled on {{ $labels.model }}",
+          "The watchdog of {{ $labels.model }} on {{ $labels.instance }} found work pending and "
+          "no engine progress for longer than its stall timeout (now, or within the last "
+          f"{p['stall_window']}: with --on-stall exit the process restarted right after); the "
+          "waiting requests were answered 503 engine_stalled. The stall report in the log holds "
+          "every thread's stack and the requests' trace ids."),
+        a("InferenceHeartbeatStale",
+          f"""max by (instance, model, pid) (vigil_process_heartbeat_age_seconds) > {p['heartbeat_max_age']}
+          and on (instance, model, pid)
+          max by (instance, model, pid) (inference_requests_in_flight) > 0""",
+          p["hang_for"], "critical", "hang",
+          "No engine progress on {{ $labels.model }} with requests in flight",
+          "Process {{ $labels.pid }} on {{ $labels.instance }} made no prefill or decode step "
+          "for {{ $value | humanizeDuration }} while requests wait (seen from the exporter: "
+          "the process may be frozen, or its watchdog is off)."),
+        a("InferenceBusyWithoutProgress",
+          f"""rate(vigil_process_cpu_seconds_total[2m]) > {p['busy_cpu_ratio']}
+          and on (instance, model, pid)
+          max by (instance, model, pid) (vigil_process_heartbeat_age_seconds) > {p['heartbeat_max_age']}
+          and on (instance, model, pid)
+          max by (instance, model, pid) (inference_requests_in_flight) > 0""",
+          p["hang_for"], "warning", "hang",
+          "Inference process busy at full CPU without progress on {{ $labels.model }}",
+          "Process {{ $labels.pid }} on {{ $labels.instance }} uses {{ $value | humanize }} "
+          "CPU cores but its engine has not stepped: a busy loop outside the engine (tokenizer, "
+          "a stuck thread). Take its stacks (py-spy dump)."),
+        a("InferenceProcessInDriverWait",
+          'max by (instance, model, pid) (vigil_process_state{state="disk_sleep"}) == 1',
+          p["disk_sleep_for"], "warning", "hang",
+          "Inference process stuck in uninterruptible wait on {{ $labels.model }}",
+          "Process {{ $labels.pid }} on {{ $labels.instance }} has been in uninterruptible "
+          f"wait (state D) for over {p['disk_sleep_for']}: usually inside the GPU driver or "
+          "on a hung file system. It cannot be killed until the call returns."),
+        a("InferenceProbeFailing",
+          f"""max by (instance, target) (vigil_probe_success{{check="canary"}}) == 0
+          and on (instance, target)
+          max by (instance, target) (vigil_probe_success{{check="health"}}) == 1""",
+          p["probe_for"], "critical", "hang",
+          "Canary completions fail on {{ $labels.target }} while it answers /health",
+          "The exporter on {{ $labels.instance }} gets no completion from {{ $labels.target }} "
+          "although its /health answers 200: it looks alive and does not serve."),
+        a("InferenceTargetDown",
+          'max by (instance, target) (vigil_probe_success{check="health"}) == 0',
+          p["probe_for"], "critical", "down",
+          "Inference server {{ $labels.target }} does not answer /health",
+          "The exporter on {{ $labels.instance }} gets no 200 from {{ $labels.target }}/health "
+          "(refused, timed out, or 503 while stalled or its engine died)."),
+        a("InferenceProbeAbsent",
+          f'absent(vigil_probe_success{{check="health",job="{p["exporter_job"]}"}})',
+          "5m", "warning", "down",
+          "No probe results from the exporter",
+          "Prometheus has no vigil_probe_success series: the exporter runs without --target, "
+          "or it is not scraped."),
+        a("InferenceNoLiveProcess",
+          f'absent(vigil_process_alive{{job="{p["exporter_job"]}"}} == 1)',
+          p["probe_for"], "critical", "down",
+          "No live inference process",
+          "No exporter reports a live inference process in its state directory."),
+        a("InferenceProcessDied",
+          "max by (instance, model, pid) (vigil_process_alive) == 0",
+          "0s", "warning", "crash",
+          "Inference process {{ $labels.pid }} of {{ $labels.model }} died",
+          "Process {{ $labels.pid }} on {{ $labels.instance }} disappeared without a clean exit "
+          "(crash, kill, OOM killer or the watchdog's exit 75)."),
+        a("InferenceCrashLoop",
+          f"sum by (instance, model) (increase(vigil_process_unclean_exits_total[{p['crash_loop_window']}])) >= {p['crash_loop_exits']}",
+          "0s", "critical", "crash",
+          "Inference server of {{ $labels.model }} is crash-looping",
+          "{{ $value | humanize }} unclean exits of {{ $labels.model }} on "
+          f"{{{{ $labels.instance }}}} in {p['crash_loop_window']}."),
+        a("InferenceModelLoadSlow",
+          f"""(time() - max by (instance, model, pid) (inference_model_load_started_timestamp_seconds)) > {p['load_max_seconds']}
+          and on (instance, model, pid)
+          max by (instance, model, pid) (inference_model_load_state{{state="loading"}}) == 1""",
+          "0s", "warning", "load",
+          "Model load of {{ $labels.model }} takes too long",
+          "Process {{ $labels.pid }} on {{ $labels.instance }} has been loading for "
+          "{{ $value | humanizeDuration }}."),
+        a("InferenceModelLoadFailed",
+          'max by (instance, model, pid) (inference_model_load_state{state="failed"}) == 1',
+          "0s", "critical", "load",
+          "Model load of {{ $labels.model }} failed",
+          "Process {{ $labels.pid }} on {{ $labels.instance }} could not load its model; "
+          "/ready gives the error."),
+    ]
+    vram = [
+        a("GpuMemoryNearlyFull",
+          f"""max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_used_bytes)
+          / max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_total_bytes) > {p['vram_full_ratio']}""",
+          p["vram_full_for"], "warning", "vram",
+          "GPU {{ $labels.gpu }} memory nearly full on {{ $labels.instance }}",
+          "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}, {{ $labels.uuid }}) has "
+          "{{ $value | humanizePercentage }} of its memory in use."),
+        a("GpuMemoryFullWithinAnHour",
+          f"""predict_linear(vigil_gpu_memory_used_bytes[{p['vram_predict_window']}], 3600)
+          > on (instance, gpu, uuid, gpu_name) vigil_gpu_memory_total_bytes
+          and on (instance, gpu, uuid, gpu_name)
+          vigil_gpu_memory_used_bytes / vigil_gpu_memory_total_bytes > 0.5""",
+          "10m", "warning", "vram",
+          "GPU {{ $labels.gpu }} memory will overflow within the hour on {{ $labels.instance }}",
+          "At the trend of the last " + p["vram_predict_window"] + ", GPU {{ $labels.gpu }} "
+          "({{ $labels.gpu_name }}) reaches {{ $value | humanize1024 }}B in an hour, more than "
+          "it has."),
+        a("InferenceOutOfMemory",
+          f"sum by (instance, model, stage) (increase(inference_out_of_memory_errors_total[{p['oom_window']}])) > 0",
+          "0s", "warning", "oom",
+          "Out-of-memory errors in {{ $labels.model }} ({{ $labels.stage }})",
+          "{{ $value | humanize }} out-of-memory error(s) during {{ $labels.stage }} on "
+          f"{{{{ $labels.instance }}}} in {p['oom_window']}; batches were split or requests "
+          "answered 503 out_of_memory."),
+        a("InferenceAdmissionRefusalsRising",
+          f"sum by (instance, model, reason) (increase(inference_admission_refusals_total[{p['refusals_window']}])) > {p['refusals_max']}",
+          "0s", "warning", "vram",
+          "Requests refused for lack of GPU memory on {{ $labels.model }}",
+          "{{ $value | humanize }} requests refused ({{ $labels.reason }}) on "
+          f"{{{{ $labels.instance }}}} in {p['refusals_window']}: their KV cache would not fit."),
+    ]
+    serving = [
+        a("InferenceQueueBacklog",
+          f"max by (instance, model, pid) (inference_queue_depth) > {p['queue_depth_max']}",
+          p["backlog_for"], "warning", "backlog",
+          "Queue backlog on {{ $labels.model }}",
+          "{{ $value }} requests wait in the queue of process {{ $labels.pid }} on "
+          "{{ $labels.instance }}."),
+        a("InferenceQueueWaitLong",
+          f"""(time() - max by (instance, model, pid) (inference_queue_oldest_enqueue_timestamp_seconds)) > {p['queue_wait_max']}
+          and on (instance, model, pid)
+          max by (instance, model, pid) (inference_queue_oldest_enqueue_timestamp_seconds) > 0""",
+          p["backlog_for"], "warning", "backlog",
+          "Requests wait long in the queue of {{ $labels.model }}",
+          "The oldest queued request of process {{ $labels.pid }} on {{ $labels.instance }} "
+          "has waited {{ $value | humanizeDuration }}."),
+        a("InferenceTimeToFirstTokenHigh",
+          f"""histogram_quantile(0.95, sum by (instance, model, le) (rate(gen_ai_server_time_to_first_token_seconds_bucket[5m])))
+          > {p['ttft_p95_max']}""",
+          p["latency_for"], "warning", "latency",
+          "Time to first token over its objective on {{ $labels.model }}",
+          "p95 time to first token on {{ $labels.instance }} is {{ $value | humanizeDuration }} "
+          f"(objective {p['ttft_p95_max']} s)."),
+        a("InferenceLatencyHigh",
+          f"""histogram_quantile(0.95, sum by (instance, model, le) (rate(gen_ai_server_request_duration_seconds_bucket[5m])))
+          > {p['latency_p95_max']}""",
+          p["latency_for"], "warning", "latency",
+          "Request duration over its objective on {{ $labels.model }}",
+          "p95 request duration on {{ $labels.instance }} is {{ $value | humanizeDuration }} "
+          f"(objective {p['latency_p95_max']} s)."),
+        a("InferenceErrorRateHigh",
+          _error_ratio(p["error_ratio_warning"]), p["error_for"], "warning", "errors",
+          "Many requests fail on {{ $labels.model }}",
+          "{{ $value | humanizePercentage }} of the requests to {{ $labels.model }} on "
+          "{{ $labels.instance }} ended with a 5xx."),
+        a("InferenceErrorRateCritical",
+          _error_ratio(p["error_ratio_critical"]), p["error_for"], "critical", "errors",
+          "Most requests fail on {{ $labels.model }}",
+          "{{ $value | humanizePercentage }} of the requests to {{ $labels.model }} on "
+          "{{ $labels.instance }} ended with a 5xx."),
+        a("InferenceEmptyOutputs",
+          f"sum by (instance, model, reason) (increase(inference_empty_outputs_total[10m])) > {p['empty_outputs_max']}",
+          "0s", "warning", "empty",
+          "Completions come back empty on {{ $labels.model }}",
+          "{{ $value | humanize }} successful completions without text ({{ $labels.reason }}) "
+          "on {{ $labels.instance }} in 10 minutes."),
+        a("InferenceCanaryEmpty",
+          "max by (instance, target) (vigil_probe_canary_empty) == 1",
+          "5m", "warning", "empty",
+          "The canary completion of {{ $labels.target }} comes back empty",
+          "The exporter on {{ $labels.instance }} gets completions without text from "
+          "{{ $labels.target }}."),
+    ]
+    gpus = [
+        a("GpuXidError",
+          f"""(
+          sum by (instance, gpu, uuid, gpu_name, xid) (increase(vigil_gpu_xid_errors_total{{xid=~"{p['xid_critical_codes']}"}}[10m])) > 0
+          )
+          or
+          (
+          max by (instance, gpu, uuid, gpu_name, xid) (vigil_gpu_xid_errors_total{{xid=~"{p['xid_critical_codes']}"}})
+          unless max by (instance, gpu, uuid, gpu_name, xid) (vigil_gpu_xid_errors_total offset 10m)
+          )""",
+          "0s", "critical", "gpu",
+          "XID {{ $labels.xid }} on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
+          "The driver reported XID {{ $labels.xid }} on GPU {{ $labels.gpu }} "
+          "({{ $labels.gpu_name }}, {{ $labels.uuid }}); this code needs a person (reset, "
+          "drain, or replacement)."),
+        a("GpuThermalThrottling",
+          'max by (instance, gpu, uuid, gpu_name) (vigil_gpu_clock_event_reason{reason=~"hw_thermal_slowdown|sw_thermal_slowdown"}) == 1',
+          p["throttle_for"], "warning", "throttle",
+          "GPU {{ $labels.gpu }} of {{ $labels.instance }} slows down for heat",
+          "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}) holds its clocks down for temperature."),
+        a("GpuPowerBrake",
+          'max by (instance, gpu, uuid, gpu_name) (vigil_gpu_clock_event_reason{reason=~"hw_slowdown|hw_power_brake_slowdown"}) == 1',
+          p["throttle_for"], "warning", "throttle",
+          "GPU {{ $labels.gpu }} of {{ $labels.instance }} under hardware slowdown",
+          "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}) is slowed by hardware (power brake "
+          "or an external signal): check the power supply and cooling."),
+        a("GpuPowerCapped",
+          'max by (instance, gpu, uuid, gpu_name) (vigil_gpu_clock_event_reason{reason="sw_power_cap"}) == 1',
+          "15m", "info", "throttle",
+          "GPU {{ $labels.gpu }} of {{ $labels.instance }} runs at its power limit",
+          "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}) is held at its power limit; normal "
+          "under full load, worth knowing when throughput drops."),
+        a("GpuEccUncorrectable",
+          'sum by (instance, gpu, uuid, gpu_name) (increase(vigil_gpu_ecc_errors_total{type="uncorrected"}[10m])) > 0',
+          "0s", "critical", "gpu",
+          "Uncorrectable ECC errors on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
+          "{{ $value | humanize }} uncorrectable ECC error(s) on GPU {{ $labels.gpu }} "
+          "({{ $labels.uuid }}) in 10 minutes."),
+        a("GpuRowRemapFailure",
+          "max by (instance, gpu, uuid, gpu_name) (vigil_gpu_remapped_rows_failure) == 1",
+          "0s", "critical", "gpu",
+          "Row remapping failed on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
+          "GPU {{ $labels.gpu }} ({{ $labels.uuid }}) could not remap a failing memory row: it "
+          "needs service."),
+        a("GpuRowRemapPending",
+          "max by (instance, gpu, uuid, gpu_name) (vigil_gpu_remapped_rows_pending) == 1",
+          "0s", "warning", "gpu",
+          "GPU {{ $labels.gpu }} of {{ $labels.instance }} needs a reset for a row remap",
+          "A memory row remapping of GPU {{ $labels.gpu }} ({{ $labels.uuid }}) waits for a "
+          "GPU reset."),
+        a("GpuLost",
+          "max by (instance, gpu, uuid, gpu_name) (vigil_gpu_up) == 0",
+          p["gpu_lost_for"], "critical", "gpu_lost",
+          "GPU {{ $labels.gpu }} of {{ $labels.instance }} is lost or unreadable",
+          "The exporter cannot read GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}, "
+          "{{ $labels.uuid }}): fallen off the bus, or its readings are stale."),
+        a("GpuReadingsStale",
+          f"(time() - max by (instance, gpu, uuid, gpu_name) (vigil_gpu_last_read_timestamp_seconds)) > {p['gpu_stale_seconds']}",
+          "0s", "warning", "gpu_lost",
+          "GPU {{ $labels.gpu }} readings of {{ $labels.instance }} are stale",
+          "The last successful read of GPU {{ $labels.gpu }} is {{ $value | humanizeDuration }} "
+          "old: a driver call may be wedged."),
+        a("NvmlDown",
+          "max by (instance) (vigil_nvml_up) == 0 and max by (instance) (max_over_time(vigil_nvml_up[6h])) == 1",
+          "5m", "critical", "gpu_lost",
+          "NVML stopped answering on {{ $labels.instance }}",
+          "The exporter on {{ $labels.instance }} read GPUs before and NVML fails now (driver "
+          "unloaded or wedged)."),
+        a("GpuUtilizationImbalance",
+          f"""(
+          max by (instance, model) (vigil_gpu_utilization_ratio * on (instance, gpu) group_left (model) (max by (instance, gpu, model) (vigil_gpu_process_memory_used_bytes{{model!=""}}) > bool 0))
+          - min by (instance, model) (vigil_gpu_utilization_ratio * on (instance, gpu) group_left (model) (max by (instance, gpu, model) (vigil_gpu_process_memory_used_bytes{{model!=""}}) > bool 0))
+          ) > {p['imbalance_ratio']}
+          and on (instance, model)
+          count by (instance, model) (vigil_gpu_process_memory_used_bytes{{model!=""}}) > 1""",
+          p["imbalance_for"], "warning", "imbalance",
+          "GPUs of {{ $labels.model }} on {{ $labels.instance }} are unevenly used",
+          "Utilization differs by {{ $value | humanizePercentage }} between the GPUs serving "
+          "{{ $labels.model }}: one rank may be stuck or starved."),
+    ]
+    meta = [
+        a("VigilExporterDown",
+          f'up{{job="{p["exporter_job"]}"}} == 0 or absent(up{{job="{p["exporter_job"]}"}})',
+          p["exporter_down_for"], "critical", "exporter",
+          "The vigil exporter cannot be scraped",
+          "Prometheus cannot scrape the exporter {{ $labels.instance }} (or no exporter job "
+          "exists): GPU, process and probe metrics are blind."),
+        a("VigilExporterCollectorFailing",
+          "max by (instance, collector) (vigil_exporter_collector_success) == 0",
+          "5m", "warning", "exporter",
+          "Collector {{ $labels.collector }} of the exporter fails",
+          "The {{ $labels.collector }} collector of {{ $labels.instance }} fails; its metrics "
+          "are left out. The exporter's log says why."),
+        a("Watchdog", "vector(1)", "0s", "info", "watchdog",
+          "Alerting pipeline heartbeat",
+          "Always firing: proves that rules are evaluated and notifications are delivered. "
+          "Route it to a dead man's switch; its absence is the alert."),
+    ]
+    return {"hangs": [{"name": "vigil-hangs", "rules": hangs}],
+            "vram": [{"name": "vigil-vram", "rules": vram}],
+            "serving": [{"name": "vigil-serving", "rules": serving}],
+            "gpus": [{"name": "vigil-gpus", "rules": gpus}],
+            "meta": [{"name": "vigil-meta", "rules": meta}]}
+
+
+def _error_ratio(threshold: str) -> str:
+    return f"""sum by (instance, model) (rate(inference_requests_total{{status=~"5.."}}[5m]))
+    / sum by (instance, model) (rate(inference_requests_total[5m])) > {threshold}"""
+
+
+def render(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """File name -> YAML text of every rule file."""
+    values = {name: param.default for name, param in PARAMETERS.items()}
+    unknown = set(overrides or {}) - set(values)
+    if unknown:
+        raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    values.update(overrides or {})
+    header = ("# Generated by `python -m alerts.rules` from alerts/rules.py; edit that file (or\n"
+              "# pass --set NAME=VALUE) and regenerate. Thresholds: see alerts/README.md.\n")
+    return {f"{stem}.rules.yml": header + yaml.safe_dump({"groups": body}, sort_keys=False,
+                                                         width=100, allow_unicode=True)
+            for stem, body in groups(values).items()}
+
+
+def alert_names() -> list[str]:
+    values = {name: param.default for name, param in PARAMETERS.items()}
+    return [rule["alert"] for body in groups(values).values() for group in body
+            for rule in group["rules"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m alerts.rules", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a parameter other than its default (repeatable)")
+    parser.add_argument("--out", default=str(ALERTS_DIR), help="directory to write into")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        overrides[name] = value
+    try:
+        files = render(overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
