@@ -114,7 +114,7 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
           "for {{ $value | humanizeDuration }} while requests wait (seen from the exporter: "
           "the process may be frozen, or its watchdog is off)."),
         a("InferenceBusyWithoutProgress",
-          f"""rate(vigil_process_cpu_seconds_total[2m]) > {p['busy_cpu_ratio']}
+          f"""max by (instance, model, pid) (rate(vigil_process_cpu_seconds_total[2m])) > {p['busy_cpu_ratio']}
           and on (instance, model, pid)
           max by (instance, model, pid) (vigil_process_heartbeat_age_seconds) > {p['heartbeat_max_age']}
           and on (instance, model, pid)
