@@ -266,3 +266,95 @@ def start_prometheus(tmp_path: Path, config_text: str, *extra: str) -> Prometheu
         time.sleep(0.2)
     prometheus.stop()
     raise AssertionError("prometheus never became ready:\n" + log_path.read_text()[-3000:])
+
+
+class WebhookReceiver:
+    """Collects Alertmanager's webhook notifications (JSON bodies) on a loopback port."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.notifications: list[dict[str, Any]] = []  # each with "path" and "received_at"
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                payload = json.loads(body)
+                payload["path"], payload["received_at"] = self.path, time.time()
+                with receiver._lock:
+                    receiver.notifications.append(payload)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def alerts(self, name: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        """Every alert of every notification so far, with the notification's arrival time."""
+        with self._lock:
+            found = []
+            for note in self.notifications:
+                for alert in note["alerts"]:
+                    if name not in (None, alert["labels"].get("alertname")):
+                        continue
+                    if status not in (None, alert["status"]):
+                        continue
+                    found.append({**alert, "received_at": note["received_at"]})
+            return found
+
+    def wait_for(self, name: str, status: str = "firing", timeout: float = 90.0,
+                 after: float = 0.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [a for a in self.alerts(name, status) if a["received_at"] >= after]
+            if found:
+                return found[0]
+            time.sleep(0.2)
+        raise AssertionError(f"no {status} notification of {name} within {timeout} s; got: "
+                             f"{[(a['labels']['alertname'], a['status']) for a in self.alerts()]}")
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def start_alertmanager(tmp_path: Path, config_text: str) -> Prometheus:
+    """A real Alertmanager (Debian package prometheus-alertmanager) on loopback, clustering off."""
+    import shutil
+
+    binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    if binary is None:
+        pytest.skip("alertmanager is not installed (Debian package prometheus-alertmanager)")
+    directory = tmp_path / "alertmanager"
+    (directory / "templates").mkdir(parents=True, exist_ok=True)
+    for template in (REPO / "alerts" / "templates").glob("*.tmpl"):
+        (directory / "templates" / template.name).write_text(template.read_text())
+    config = directory / "alertmanager.yml"
+    config.write_text(config_text)
+    port = free_port()
+    log_path = directory / "alertmanager.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.path={directory / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+            stdout=log, stderr=subprocess.STDOUT)
+    manager = Prometheus(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError("alertmanager exited:\n" + log_path.read_text()[-3000:])
+        try:
+            if requests.get(manager.base_url + "/-/ready", timeout=2).status_code == 200:
+                return manager
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    manager.stop()
+    raise AssertionError("alertmanager never became ready:\n" + log_path.read_text()[-3000:])
