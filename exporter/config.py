@@ -19,6 +19,10 @@ def _url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("must have a port from 0 to 65535") from None
     return text.rstrip("/")
 
 

@@ -23,6 +23,7 @@ def make_server(host: str, port: int, registry) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         server_version = f"llm-vigil-exporter/{__version__}"
         protocol_version = "HTTP/1.1"  # keep-alive: Prometheus reuses its connection
+        timeout = 60  # an idle or stalled client's connection (and thread) is closed
 
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             path = self.path.split("?", 1)[0]

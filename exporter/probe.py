@@ -22,6 +22,7 @@ from loguru import logger
 CHECKS = ("health", "ready", "canary")
 USER_AGENT = "llm-vigil-exporter/0.1 (probe)"
 CANARY_PROMPT = "Say hello."
+MAX_BODY_BYTES = 1 << 20
 
 
 def target_label(url: str) -> str:
@@ -117,19 +118,42 @@ class TargetProber:
     def _get(self, path: str) -> CheckResult:
         start = time.monotonic()
         try:
-            response = self.session.get(self.url + path, timeout=self.timeout)
-            response.close()
-        except requests.RequestException as exc:
+            with self.session.get(self.url + path, timeout=self.timeout, stream=True) as response:
+                for _chunk in self._within_deadline(response, start):
+                    pass  # read (and drop) the body, but never past the deadline
+        except (requests.RequestException, ProbeTimeout) as exc:
             return CheckResult(False, 0, time.monotonic() - start, self.clock(), _short(exc))
         return CheckResult(response.status_code == 200, response.status_code,
                            time.monotonic() - start, self.clock(),
                            "" if response.status_code == 200 else f"HTTP {response.status_code}")
 
+    def _within_deadline(self, response: requests.Response, start: float):
+        """The body's chunks as they arrive; ProbeTimeout once the whole check has taken longer
+        than the timeout (requests' own timeout bounds each read, not the whole answer: a
+        server that drips a byte at a time would hold the probe for ever) or the body is huge."""
+        size = 0
+        raw = response.raw
+        while True:
+            # read1 returns whatever has arrived (urllib3 2), decoded (gzip) as requests would.
+            chunk = raw.read1(65536, decode_content=True)
+            if not chunk:
+                return
+            size += len(chunk)
+            if time.monotonic() - start > self.timeout:
+                raise ProbeTimeout(f"the answer took longer than {self.timeout:g} s")
+            if size > MAX_BODY_BYTES:
+                raise ProbeTimeout(f"the answer is larger than {MAX_BODY_BYTES} bytes")
+            yield chunk
+
     def _discover_model(self) -> str:
-        response = self.session.get(self.url + "/v1/models", timeout=self.timeout)
-        response.raise_for_status()
-        models = response.json().get("data") or []
-        if not models:
+        start = time.monotonic()
+        with self.session.get(self.url + "/v1/models", timeout=self.timeout,
+                              stream=True) as response:
+            body = b"".join(self._within_deadline(response, start))
+            response.raise_for_status()
+        listing = json.loads(body)
+        models = listing.get("data") if isinstance(listing, dict) else None
+        if not models or not isinstance(models[0], dict) or "id" not in models[0]:
             raise ValueError("GET /v1/models lists no model")
         return str(models[0]["id"])
 
@@ -142,44 +166,56 @@ class TargetProber:
         try:
             if self._model is None:
                 self._model = self._discover_model()
-        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+        except (requests.RequestException, ProbeTimeout, ValueError) as exc:
             return failed(0, f"no model for the canary: {_short(exc)}")
         self._canaries += 1
         body = {"model": self._model, "prompt": CANARY_PROMPT, "max_tokens":
                 self.canary_max_tokens, "temperature": 0, "stream": True}
         headers = {"X-Request-Id": f"vigil-canary-{self._canaries}"}
-        text, first_token, done = [], None, False
+        status = 0
         try:
             with self.session.post(self.url + "/v1/completions", json=body, headers=headers,
                                    timeout=self.timeout, stream=True) as response:
-                if response.status_code != 200:
-                    if response.status_code == 404 and self.canary_model is None:
+                status = response.status_code
+                chunks = self._within_deadline(response, start)
+                if status != 200:
+                    if status == 404 and self.canary_model is None:
                         self._model = None  # the served model may have changed
-                    return failed(response.status_code, f"HTTP {response.status_code}: "
-                                  f"{response.text[:200]}")
-                for line in response.iter_lines():
-                    if time.monotonic() - start > self.timeout:
-                        return failed(200, f"the stream took longer than {self.timeout} s")
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        done = True
-                        break
-                    chunk = json.loads(payload)
-                    if "error" in chunk:
-                        return failed(200, f"error event: {str(chunk['error'])[:200]}")
-                    piece = "".join(c.get("text") or "" for c in chunk.get("choices") or [])
-                    if first_token is None and chunk.get("choices"):
-                        first_token = time.monotonic() - start
-                    text.append(piece)
-        except (requests.RequestException, ValueError) as exc:
-            return failed(0, _short(exc))
-        if not done:
-            return failed(200, "the stream ended without [DONE]")
-        empty = not "".join(text)
-        return CheckResult(True, 200, time.monotonic() - start, self.clock(),
-                           ttft_s=first_token, empty=empty)
+                    text = b"".join(chunks)[:200].decode("utf-8", "replace")
+                    return failed(status, f"HTTP {status}: {text}")
+                return self._read_stream(chunks, start, failed)
+        except (requests.RequestException, ProbeTimeout) as exc:
+            return failed(status, _short(exc))
+
+    def _read_stream(self, chunks, start: float, failed) -> CheckResult:
+        """Server-sent events of an OpenAI streaming completion, up to ``data: [DONE]``."""
+        buffer, text, first_token = b"", [], None
+        for chunk in chunks:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    return CheckResult(True, 200, time.monotonic() - start, self.clock(),
+                                       ttft_s=first_token, empty=not "".join(text))
+                try:
+                    event = json.loads(payload)
+                    if "error" in event:
+                        return failed(200, f"error event: {str(event['error'])[:200]}")
+                    piece = "".join(str(c.get("text") or "") for c in event["choices"])
+                except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                    return failed(200, f"malformed stream event: {_short(exc)}")
+                if piece and first_token is None:
+                    first_token = time.monotonic() - start
+                text.append(piece)
+        return failed(200, "the stream ended without data: [DONE]")
+
+
+class ProbeTimeout(Exception):
+    """A check ran past its deadline."""
 
 
 def _short(exc: BaseException) -> str:

@@ -41,13 +41,25 @@ class Identity:
     fields: dict[str, Any]
 
 
+class ProcUnreadable(Exception):
+    """/proc could not be read for a reason other than the process being gone (out of file
+    descriptors, a permission): the process's state is unknown, not dead."""
+
+
 def read_stat(pid: int, proc: Path = Path("/proc")) -> ProcStat | None:
+    """The process's figures; None when it does not exist; ProcUnreadable when unknown."""
     try:
-        text = (proc / str(pid) / "stat").read_text()
-    except (OSError, ValueError):
+        raw = (proc / str(pid) / "stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
         return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    rest = text[text.rindex(")") + 2:].split()
+    except OSError as exc:
+        raise ProcUnreadable(f"/proc/{pid}/stat: {exc}") from None
+    # The command name (field 2) may hold spaces, parentheses and any bytes: split after the
+    # last ')'.
+    rest = raw[raw.rindex(b")") + 2:].decode("ascii", "replace").split()
+    if not rest:
+        return None  # a process being torn down
+
     return ProcStat(pid=pid, state=STATES.get(rest[0], "unknown"),
                     cpu_seconds=(int(rest[11]) + int(rest[12])) / CLOCK_TICKS,
                     threads=int(rest[17]), start_ticks=int(rest[19]),
@@ -64,8 +76,8 @@ def boot_time(proc: Path = Path("/proc")) -> float:
 def innermost_pid(pid: int, proc: Path = Path("/proc")) -> int | None:
     """The process's pid in its own (innermost) pid namespace, from the NSpid line."""
     try:
-        for line in (proc / str(pid) / "status").read_text().splitlines():
-            if line.startswith("NSpid:"):
+        for line in (proc / str(pid) / "status").read_bytes().splitlines():
+            if line.startswith(b"NSpid:"):
                 return int(line.split()[-1])
     except (OSError, ValueError):
         return None
@@ -124,7 +136,10 @@ class ProcessLocator:
         for entry in entries:
             if not entry.isdigit():
                 continue
-            stat = read_stat(int(entry), self.proc)
+            try:
+                stat = read_stat(int(entry), self.proc)
+            except ProcUnreadable:
+                continue
             if (stat is not None and stat.start_ticks == identity.start_ticks
                     and innermost_pid(stat.pid, self.proc) == identity.pid):
                 return stat

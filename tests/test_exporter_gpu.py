@@ -98,17 +98,17 @@ def test_a_wedged_gpu_call_never_holds_the_scrape():
     now = [NOW]
     fleet = FakeFleet(spec)
     poller = GpuPoller(fleet, interval=0.01, max_age=5.0, clock=lambda: now[0])
+    # The poller's second round blocks inside GPU 1's read, for ever.
+    wedged = threading.Event()
+    original_read = fleet.read
+
+    def read(index):
+        if index == 1 and fleet._reads[1] >= 1:
+            wedged.set()
+        return original_read(index)
+    fleet.read = read
     poller.start()
     try:
-        # The poller's second round blocks inside GPU 1's read, for ever.
-        wedged = threading.Event()
-        original_read = fleet.read
-
-        def read(index):
-            if index == 1 and fleet._reads[1] >= 1:
-                wedged.set()
-            return original_read(index)
-        fleet.read = read
         assert wedged.wait(10), "the fake never wedged"
         collector = GpuCollector(poller, dict, clock=lambda: now[0])
         result: list[str] = []

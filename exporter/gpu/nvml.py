@@ -15,8 +15,11 @@ from typing import Any, Callable
 from . import units
 from .backend import BackendUnavailable, GpuLost, GpuProcess, GpuReading, SystemInfo, XidEvent
 
-_LOST_ERRORS = ("NVML_ERROR_GPU_IS_LOST", "NVML_ERROR_UNKNOWN", "NVML_ERROR_UNINITIALIZED",
-                "NVML_ERROR_DRIVER_NOT_LOADED")
+# Errors that mean this GPU is gone or unusable (its series go, its up goes to 0) ...
+_LOST_ERRORS = ("NVML_ERROR_GPU_IS_LOST", "NVML_ERROR_GPU_NOT_FOUND", "NVML_ERROR_RESET_REQUIRED")
+# ... and errors of the whole library (the backend is re-initialised).
+_LIBRARY_ERRORS = ("NVML_ERROR_UNINITIALIZED", "NVML_ERROR_DRIVER_NOT_LOADED",
+                   "NVML_ERROR_LIB_RM_VERSION_MISMATCH", "NVML_ERROR_LIBRARY_NOT_FOUND")
 
 
 class NvmlBackend:
@@ -33,18 +36,33 @@ class NvmlBackend:
             import pynvml
         except ImportError as exc:
             raise BackendUnavailable(f"nvidia-ml-py is not installed ({exc})") from None
-        try:
-            pynvml.nvmlInit()
-        except pynvml.NVMLError as exc:
-            raise BackendUnavailable(f"NVML failed to initialise: {exc}") from None
         with self._lock:
+            if self._nvml is not None:  # a re-initialisation: start from a clean library
+                self._free_events()
+                try:
+                    pynvml.nvmlShutdown()
+                except pynvml.NVMLError:
+                    pass
+                self._nvml = None
+            try:
+                pynvml.nvmlInit()
+            except pynvml.NVMLError as exc:
+                raise BackendUnavailable(f"NVML failed to initialise: {exc}") from None
             self._nvml = pynvml
             self._handles = {}
 
-    def _lost_code(self, exc: Exception) -> bool:
+    def _code_in(self, exc: Exception, names: tuple[str, ...]) -> bool:
         nvml = self._nvml
-        codes = {getattr(nvml, name, None) for name in _LOST_ERRORS} - {None}
+        codes = {getattr(nvml, name, None) for name in names} - {None}
         return getattr(exc, "value", None) in codes
+
+    def _free_events(self) -> None:
+        if self._events is not None:
+            try:
+                self._nvml.nvmlEventSetFree(self._events)
+            except Exception:  # noqa: BLE001 - freeing is best effort
+                pass
+            self._events, self._event_handles = None, {}
 
     def system_info(self) -> SystemInfo:
         nvml = self._require()
@@ -84,10 +102,13 @@ class NvmlBackend:
         try:
             return call()
         except nvml.NVMLError as exc:
-            if self._lost_code(exc):
+            if self._code_in(exc, _LOST_ERRORS):
                 raise GpuLost(str(exc)) from None
-            return None
-        except (AttributeError, NotImplementedError):  # a function the bindings or driver lack
+            if self._code_in(exc, _LIBRARY_ERRORS):
+                raise BackendUnavailable(str(exc)) from None
+            return None  # NOT_SUPPORTED, NO_PERMISSION, UNKNOWN on one field: leave it out
+        except Exception:  # noqa: BLE001 - a function the bindings or the driver lack
+            # (AttributeError, NotImplementedError, pynvml's NVMLLibraryMismatchError)
             return None
 
     # ---- one GPU --------------------------------------------------------------------------------
@@ -166,7 +187,7 @@ class NvmlBackend:
         except nvml.NVMLError as exc:
             if getattr(exc, "value", None) == nvml.NVML_ERROR_TIMEOUT:
                 return []
-            self._events = None  # build the set again next time (after a re-init, say)
+            self._free_events()  # build the set again next time (after a re-init, say)
             raise BackendUnavailable(f"waiting for XID events failed: {exc}") from None
         if not data.eventType & nvml.nvmlEventTypeXidCriticalError:
             return []
@@ -181,7 +202,12 @@ class NvmlBackend:
         except nvml.NVMLError as exc:
             raise BackendUnavailable(f"no NVML event set: {exc}") from None
         registered = {}
-        for index in range(self.device_count()):
+        try:
+            count = self.device_count()
+        except BackendUnavailable:
+            nvml.nvmlEventSetFree(events)
+            raise
+        for index in range(count):
             try:
                 handle = self._handle(index)
                 nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, events)

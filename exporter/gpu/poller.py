@@ -88,7 +88,11 @@ class GpuPoller:
                 count = None
             if count is not None:
                 for index in range(count):
-                    self._read(index)
+                    try:
+                        self._read(index)
+                    except BackendUnavailable as exc:  # the library failed mid-round
+                        self._went_down(str(exc), now)
+                        break
                 for index in set(self._states) - set(range(count)):  # gone from the bus
                     self._states[index] = replace(self._states[index], lost=True, reading=None,
                                                   error="no longer enumerated")
@@ -116,7 +120,9 @@ class GpuPoller:
         state = self._states.get(index) or GpuState(index=index)
         try:
             reading = self.backend.read(index)
-        except GpuLost as exc:
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - GpuLost, or a surprise: only this GPU fails
             if not state.lost:
                 logger.error("GPU {} ({}) lost: {}", index, state.identity[0] or "unknown uuid",
                              exc)
