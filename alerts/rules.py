@@ -43,7 +43,9 @@ PARAMETERS: dict[str, Parameter] = {
     "probe_for": Parameter("1m", "How long a failing probe must fail."),
     "busy_cpu_ratio": Parameter("0.9", "CPU cores' share a process must use to count as busy."),
     "disk_sleep_for": Parameter("2m", "How long a process may sit in uninterruptible wait."),
-    "load_max_seconds": Parameter("900", "Seconds a model load may take."),
+    "load_max_seconds": Parameter("600", "Seconds a model load may take before a warning; keep "
+                                  "it below the server's --load-timeout (900), after which the "
+                                  "watchdog reports a stall in stage load."),
     "crash_loop_exits": Parameter("3", "Unclean exits within crash_loop_window that make a "
                                   "crash loop."),
     "crash_loop_window": Parameter("15m", "Window of crash_loop_exits."),
@@ -112,18 +114,19 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
           "No engine progress on {{ $labels.model }} with requests in flight",
           "Process {{ $labels.pid }} on {{ $labels.instance }} made no prefill or decode step "
           "for {{ $value | humanizeDuration }} while requests wait (seen from the exporter: "
-          "the process may be frozen, or its watchdog is off)."),
+          "the process may be frozen, its GIL held, or its --stall-timeout longer than this "
+          "threshold)."),
         a("InferenceBusyWithoutProgress",
           f"""max by (instance, model, pid) (rate(vigil_process_cpu_seconds_total[2m])) > {p['busy_cpu_ratio']}
           and on (instance, model, pid)
           max by (instance, model, pid) (vigil_process_heartbeat_age_seconds) > {p['heartbeat_max_age']}
           and on (instance, model, pid)
           max by (instance, model, pid) (inference_requests_in_flight) > 0""",
-          p["hang_for"], "warning", "hang",
+          p["hang_for"], "warning", "busy",
           "Inference process busy at full CPU without progress on {{ $labels.model }}",
           "Process {{ $labels.pid }} on {{ $labels.instance }} uses {{ $value | humanize }} "
-          "CPU cores but its engine has not stepped: a busy loop outside the engine (tokenizer, "
-          "a stuck thread). Take its stacks (py-spy dump)."),
+          "CPU cores but its engine has not stepped: a busy loop (tokenizer, a stuck thread, "
+          "a CUDA call spin-waiting on a kernel that never ends). Take its stacks (py-spy dump)."),
         a("InferenceProcessInDriverWait",
           'max by (instance, model, pid) (vigil_process_state{state="disk_sleep"}) == 1',
           p["disk_sleep_for"], "warning", "hang",
@@ -134,11 +137,14 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
         a("InferenceProbeFailing",
           f"""max by (instance, target) (vigil_probe_success{{check="canary"}}) == 0
           and on (instance, target)
-          max by (instance, target) (vigil_probe_success{{check="health"}}) == 1""",
+          max by (instance, target) (vigil_probe_success{{check="health"}}) == 1
+          and on (instance, target)
+          max by (instance, target) (vigil_probe_success{{check="ready"}}) == 1""",
           p["probe_for"], "critical", "hang",
-          "Canary completions fail on {{ $labels.target }} while it answers /health",
+          "Canary completions fail on {{ $labels.target }} while it says it is ready",
           "The exporter on {{ $labels.instance }} gets no completion from {{ $labels.target }} "
-          "although its /health answers 200: it looks alive and does not serve."),
+          "although its /health and /ready answer 200: it looks alive and does not serve (or "
+          "its queue is so full that the canary times out)."),
         a("InferenceTargetDown",
           'max by (instance, target) (vigil_probe_success{check="health"}) == 0',
           p["probe_for"], "critical", "down",
@@ -345,7 +351,7 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
           p["imbalance_for"], "warning", "imbalance",
           "GPUs of {{ $labels.model }} on {{ $labels.instance }} are unevenly used",
           "Utilization differs by {{ $value | humanizePercentage }} between the GPUs serving "
-          "{{ $labels.model }}: one rank may be stuck or starved."),
+          "{{ $labels.model }}: one replica may be stuck, or the load balancer starves it."),
     ]
     meta = [
         a("VigilExporterDown",
@@ -421,3 +427,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def parameters_table() -> str:
+    """The Markdown table of parameters in alerts/README.md (a test checks it is current)."""
+    rows = ["| Parameter | Default | Meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{name}` | `{p.default}` | {p.doc} |" for name, p in PARAMETERS.items()]
+    return "\n".join(rows) + "\n"

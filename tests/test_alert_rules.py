@@ -59,6 +59,7 @@ CASES: dict[str, tuple[dict, dict]] = {
         case({f'vigil_process_state{{{P},state="disk_sleep"}}': "0x10"}, "10m")),
     "InferenceProbeFailing": (
         case({f'vigil_probe_success{{{TARGET},check="canary"}}': "0x10",
+              f'vigil_probe_success{{{TARGET},check="ready"}}': "1x10",
               f'vigil_probe_success{{{TARGET},check="health"}}': "1x10"}, "10m", [AT_T]),
         case({f'vigil_probe_success{{{TARGET},check="canary"}}': "0x10",
               f'vigil_probe_success{{{TARGET},check="health"}}': "0x10"}, "10m")),
@@ -379,3 +380,10 @@ def test_every_alert_has_a_runbook_with_its_sections():
         text = path.read_text()
         for section in ("## Meaning", "## Impact", "## Diagnosis", "## Mitigation"):
             assert section in text, (name, section)
+
+
+def test_parameters_table_in_the_alerts_readme_is_current():
+    from alerts.rules import parameters_table
+
+    assert parameters_table() in (ALERTS_DIR / "README.md").read_text(), \
+        "paste python -c 'from alerts.rules import parameters_table as t; print(t())' there"
