@@ -24,14 +24,20 @@ ensure_venv() {
   fi
 }
 
-# promtool (Debian package prometheus) checks the exposition; installed where apt-get can.
+# promtool and prometheus (Debian package prometheus), alertmanager and amtool (Debian package
+# prometheus-alertmanager): the tests run the real programs; installed where apt-get can.
 ensure_promtool() {
-  command -v promtool >/dev/null 2>&1 && return 0
+  local missing=()
+  command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 \
+    || missing+=(prometheus)
+  command -v amtool >/dev/null 2>&1 && command -v prometheus-alertmanager >/dev/null 2>&1 \
+    || missing+=(prometheus-alertmanager)
+  [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
-      >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
   else
-    echo "note: promtool is missing and cannot be installed here; its checks will be skipped" >&2
+    echo "note: ${missing[*]} missing and not installable here; their tests will be skipped" >&2
   fi
 }
