@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,10 +96,13 @@ def serve(config: ExporterConfig) -> int:
     logger.info("listening on http://{}:{}/metrics", config.host, exporter.port,
                 state_dir=config.state_dir, targets=list(config.target),
                 gpu_backend=config.gpu_backend)
-    stop = threading.Event()
+    # The handler only sets a flag: taking a lock in a signal handler (Event.set) deadlocks when
+    # a second signal arrives while the first handler holds it.
+    stopping: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(signum, lambda signum, _frame: stopping.append(signum))
+    while not stopping:
+        time.sleep(0.2)
     logger.info("stopping")
     exporter.stop()
     return 0
