@@ -41,3 +41,17 @@ ensure_promtool() {
     echo "note: ${missing[*]} missing and not installable here; their tests will be skipped" >&2
   fi
 }
+
+# Grafana's LogQL grammar (npm @grafana/lezer-logql) checks the dashboards' LogQL; installed
+# into .cache/npm where node and npm are available.
+ensure_logql_parser() {
+  [ -d .cache/npm/node_modules/@grafana/lezer-logql ] && return 0
+  if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+    mkdir -p .cache/npm
+    npm install --silent --no-save --no-audit --no-fund --prefix .cache/npm \
+      @grafana/lezer-logql@0.4.2 >/dev/null 2>&1 \
+      || echo "note: npm could not install @grafana/lezer-logql; LogQL checks will be skipped" >&2
+  else
+    echo "note: node/npm missing; the dashboards' LogQL checks will be skipped" >&2
+  fi
+}
