@@ -179,6 +179,7 @@ class Watchdog:
 
     def _exit_later(self) -> None:
         time.sleep(EXIT_GRACE_S)
+        _flush_traces()  # the failed requests' spans say where they stopped: send them first
         self._exit(STALL_EXIT_CODE)
 
     def _recovered(self, now_ns: int) -> None:
@@ -189,3 +190,15 @@ class Watchdog:
             self.service.metrics.stall_ended()
         logger.warning("the engine moves again after a stall in {} of {:.1f} s", stall.stage,
                        stall.stalled_for_s(now_ns), stage=stall.stage)
+
+
+def _flush_traces(timeout_ms: int = 2000) -> None:
+    """Export the finished spans still batched in memory (os._exit skips every shutdown hook)."""
+    try:
+        from opentelemetry import trace
+
+        flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+        if flush is not None:
+            flush(timeout_ms)
+    except Exception:  # noqa: BLE001 - exiting matters more than the last spans
+        pass
