@@ -261,12 +261,12 @@ def hang_forensics() -> Board:
 
 def logs() -> tuple[Board, list[dict]]:
     b = Board("vigil-logs", "llm-vigil / Logs", "Every log line of the stack, searchable by "
-              "service, level, request id and trace id.", loki=True)
+              "service, level (as Alloy labels it: lower case), request id and trace id.", loki=True)
     extra = [
         {"type": "custom", "name": "service", "label": "service", "query": "inference,exporter",
          "includeAll": True, "multi": True, "allValue": ".+", "current": {}, "hide": 0},
         {"type": "custom", "name": "level", "label": "level",
-         "query": "TRACE,DEBUG,INFO,SUCCESS,WARNING,ERROR,CRITICAL", "includeAll": True,
+         "query": "trace,debug,info,success,warning,error,critical", "includeAll": True,
          "multi": True, "allValue": ".+", "current": {}, "hide": 0},
         {"type": "textbox", "name": "request_id", "label": "request id", "query": "",
          "current": {"text": "", "value": ""}, "hide": 0},

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLEET = Path(__file__).parent / "data" / "fake_fleet.json"
 LEZER = REPO / ".cache" / "npm" / "node_modules" / "@grafana" / "lezer-logql"
 PROM_VARS = {"$instance": ".*", "$model": ".*", "$gpu": ".*", "$__rate_interval": "1m"}
-LOKI_VARS = {"$service": "inference", "$level": "ERROR", "$request_id": "", "$trace_id": "",
+LOKI_VARS = {"$service": "inference", "$level": "error", "$request_id": "", "$trace_id": "",
              "$__rate_interval": "1m"}
 
 

