@@ -1,4 +1,5 @@
-"""``python -m inference``: start the instrumented inference server."""
+"""``python -m inference``: start the instrumented inference server;
+``python -m inference doctor``: check the environment it would start in."""
 
 from __future__ import annotations
 
@@ -65,6 +66,11 @@ def serve(config: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["doctor"]:
+        from .doctor.cli import main as doctor_main
+
+        return doctor_main(argv[1:])
     try:
         config = load_config(argv)
     except ConfigError as exc:

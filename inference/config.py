@@ -144,7 +144,9 @@ class Config:
 
 
 _OPTION_SET = OptionSet(ENV_PREFIX, OPTIONS, Config, prog="python -m inference",
-                        description="Instrumented OpenAI-compatible inference server.")
+                        description="Instrumented OpenAI-compatible inference server. "
+                           "`python -m inference doctor [OPTIONS]` checks the environment it "
+                           "would start in.")
 OPTIONS = _OPTION_SET.options
 
 

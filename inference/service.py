@@ -17,6 +17,7 @@ from loguru import logger
 
 from . import __version__
 from .config import Config
+from .doctor.startup import StartupCheckFailed, run_startup_checks
 from .engine.engine import Engine
 from .engine.faults import FaultInjector
 from .engine.memory import CudaMemory, kv_cache_shape
@@ -103,6 +104,7 @@ class InferenceService:
         logger.info("loading model {!r} on device {}", self.config.model, self.config.device,
                     model=self.model_name)
         try:
+            run_startup_checks(self.config)
             loaded = load_model(self.config)
             engine_view = copy.copy(loaded)
             # The engine decodes while the API thread tokenizes: each gets its own tokenizer,
@@ -120,7 +122,9 @@ class InferenceService:
             self.load_error = str(exc)
             if self.metrics is not None:
                 self.metrics.load_finished(self.load_duration_s, ok=False)
-            logger.opt(exception=exc).error(
+            # A failed start-up check is already explained (verdict and fix): no traceback.
+            explained = isinstance(exc, StartupCheckFailed)
+            logger.opt(exception=None if explained else exc).error(
                 "model load failed after {:.1f} s: {}", self.load_duration_s, exc,
                 model=self.model_name, load_duration_s=round(self.load_duration_s, 3))
             self._write_identity()

@@ -70,7 +70,8 @@ def resolve_dtype(requested: str, device, checkpoint_dtype):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _context_length(model_config, tokenizer, override: int | None) -> int:
+def context_length(model_config, tokenizer, override: int | None) -> int:
+    """Tokens of one full context: the override, else the config's, else the tokenizer's."""
     if override:
         return override
     for attr in ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length"):
@@ -139,7 +140,7 @@ def load_model(config: Config) -> LoadedModel:
         source=source,
         device=device,
         dtype=next(model.parameters()).dtype,
-        context_length=_context_length(model.config, tokenizer, config.max_model_len),
+        context_length=context_length(model.config, tokenizer, config.max_model_len),
         eos_token_ids=_eos_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         vocab_size=min(len(tokenizer), model.get_input_embeddings().num_embeddings),

@@ -1,0 +1,194 @@
+"""Checks of the host around the server: its port, its state directory, the OTLP endpoint its
+traces go to, and the memory a process may use here (RAM, within the cgroup's limit: the limit a
+container or a Slurm job sets)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from .report import Verdict, failed, human_bytes, ok, skipped, warning
+
+MIB = 1024 * 1024
+LOW_DISK_BYTES = 256 * MIB
+
+
+def port_verdict(host: str, port: int) -> Verdict:
+    name = "port"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # The server binds with SO_REUSEADDR; so does the check, so that a port in TIME_WAIT (free
+    # for the server) is not reported as taken.
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            holder = listener_of(port)
+            who = f" by {holder}" if holder else ""
+            if exc.errno in (98, 48):  # EADDRINUSE on Linux, macOS
+                return failed(name, f"{host}:{port} is in use{who}",
+                              "stop what holds it, or choose another port with --port",
+                              host=host, port=port, holder=holder)
+            return failed(name, f"cannot listen on {host}:{port}: {exc.strerror}",
+                          "use an address of this machine with --host (127.0.0.1 or 0.0.0.0)",
+                          host=host, port=port)
+    return ok(name, f"{host}:{port} is free", host=host, port=port)
+
+
+def listener_of(port: int) -> str | None:
+    """'pid N (command line)' of the process listening on a TCP port, when /proc tells."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    if not inodes:
+        return None
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in targets for fd in fds):
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                return f"pid {pid} ({command.decode(errors='replace').strip()[:120]})"
+        except OSError:
+            continue
+    return "another process (not readable from here)"
+
+
+def state_dir_verdict(path: str) -> Verdict:
+    name = "state-dir"
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".doctor-") as probe:
+            probe.write(b"ok")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        return failed(name, f"{path} is not writable: {exc.strerror or exc}",
+                      "give a writable directory with --state-dir (the exporter must read the "
+                      "same one), or fix its owner and permissions", path=path)
+    free = shutil.disk_usage(directory).free
+    if free < LOW_DISK_BYTES:
+        return warning(name, f"{path} is writable but its filesystem has {human_bytes(free)} "
+                       "free: the metrics files may not fit", "free disk space or move "
+                       "--state-dir", path=path, free_bytes=free)
+    return ok(name, f"{path} is writable ({human_bytes(free)} free)", path=path,
+              free_bytes=free)
+
+
+def otlp_verdict(environ: dict[str, str] | None = None, timeout: float = 5.0) -> Verdict:
+    """POST an empty export request: a receiver answers 2xx to it."""
+    import requests
+
+    from ..telemetry.tracing import otlp_endpoint
+
+    name = "otlp"
+    environ = dict(os.environ if environ is None else environ)
+    endpoint = otlp_endpoint(environ)
+    if endpoint is None:
+        return skipped(name, "no OTLP endpoint configured (OTEL_EXPORTER_OTLP_ENDPOINT): traces "
+                       "stay in the process, log lines still carry trace ids")
+    protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
+    if protocol != "http/protobuf":
+        return warning(name, f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}, but the server exports "
+                       "OTLP over HTTP (http/protobuf) only",
+                       "point the endpoint at the receiver's HTTP port (4318) and unset the "
+                       "protocol", endpoint=endpoint)
+    url = endpoint
+    if not environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+        url = endpoint.rstrip("/") + "/v1/traces"
+    try:
+        answer = requests.post(url, data=b"", timeout=timeout,
+                               headers={"Content-Type": "application/x-protobuf"})
+    except requests.RequestException as exc:
+        return warning(name, f"{url} does not answer ({type(exc).__name__}): traces will be "
+                       "dropped", "start the trace receiver (Tempo, an OpenTelemetry Collector) "
+                       "or fix OTEL_EXPORTER_OTLP_ENDPOINT", url=url)
+    if not 200 <= answer.status_code < 300:
+        return warning(name, f"{url} answered HTTP {answer.status_code} to an empty export: "
+                       "traces will be refused", "check that the URL is the receiver's OTLP/HTTP "
+                       "traces path", url=url, status=answer.status_code)
+    return ok(name, f"{url} accepts OTLP/HTTP (HTTP {answer.status_code})", url=url,
+              status=answer.status_code)
+
+
+# ---- memory -----------------------------------------------------------------------------------
+
+def _meminfo() -> dict[str, int]:
+    values = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key] = int(parts[0]) * 1024
+    return values
+
+
+def _cgroup_room() -> tuple[int, str] | None:
+    """Bytes this process's cgroup may still allocate, and its limit's file, or None.
+
+    cgroup v2 (memory.max) or v1 (memory.limit_in_bytes), also in hybrid layouts; inside a
+    container the cgroup's own directory is often the mount's root, so that is tried too."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            roots, limit_name, usage_name = (("/sys/fs/cgroup", "/sys/fs/cgroup/unified"),
+                                             "memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            roots, limit_name, usage_name = (("/sys/fs/cgroup/memory",),
+                                             "memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        for root in roots:
+            for base in (Path(root) / path.lstrip("/"), Path(root)):
+                room = _room_in(base, limit_name, usage_name)
+                if room is not None:
+                    return room
+    return None
+
+
+def _room_in(base: Path, limit_name: str, usage_name: str) -> tuple[int, str] | None:
+    try:
+        limit_text = (base / limit_name).read_text().strip()
+        usage = int((base / usage_name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if limit_text == "max" or int(limit_text) >= 1 << 60:
+        return None
+    # Inactive file pages are reclaimed before the limit bites (the kubelet's "working set").
+    usage -= _stat(base / "memory.stat").get("inactive_file", 0) or \
+        _stat(base / "memory.stat").get("total_inactive_file", 0)
+    return max(0, int(limit_text) - max(0, usage)), str(base / limit_name)
+
+
+def _stat(path: Path) -> dict[str, int]:
+    try:
+        pairs = (line.split() for line in path.read_text().splitlines())
+        return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].isdigit()}
+    except OSError:
+        return {}
+
+
+def available_ram() -> tuple[int, str]:
+    """Bytes of RAM a new allocation may take here, and where the figure comes from."""
+    available = _meminfo().get("MemAvailable", 0)
+    source = "MemAvailable"
+    room = _cgroup_room()
+    if room is not None and room[0] < available:
+        available, source = room[0], f"the cgroup limit ({room[1]})"
+    return available, source

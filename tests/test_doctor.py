@@ -1,0 +1,574 @@
+"""The environment doctor: `python -m inference doctor` run for real on broken and sound setups,
+the server's start-up checks, and the GPU rules on the facts NVML and torch report."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import REPO
+from inference.doctor import gpu
+from inference.doctor.report import Status
+
+NO_GPU = not __import__("torch").cuda.is_available()
+
+
+def doctor(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+           timeout: float = 300) -> subprocess.CompletedProcess:
+    child_env = {k: v for k, v in os.environ.items()
+                 if not k.startswith(("VIGIL_INFERENCE_", "OTEL_"))}
+    child_env.update(env or {})
+    return subprocess.run([*prefix, sys.executable, "-m", "inference", "doctor", *args],
+                          capture_output=True, text=True, cwd=REPO, env=child_env,
+                          timeout=timeout)
+
+
+def verdicts(result: subprocess.CompletedProcess) -> dict[str, dict]:
+    document = json.loads(result.stdout)
+    return {check["check"]: check for check in document["checks"]}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---- checkpoints with faults ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharded_model(tmp_path_factory, demo_dir) -> Path:
+    """The demo model saved in eight safetensors shards with an index, as hub checkpoints are."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inference.model.demo import ensure_demo_model
+
+    source = ensure_demo_model(demo_dir)
+    target = tmp_path_factory.mktemp("sharded")
+    AutoModelForCausalLM.from_pretrained(source).save_pretrained(target, max_shard_size="2MB")
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    assert len(list(target.glob("model-*-of-*.safetensors"))) > 2
+    return target
+
+
+def copy_of(model: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(model, target)
+    return target
+
+
+def write_sparse_safetensors(path: Path, elements: int, dtype: str = "BF16") -> None:
+    """A valid safetensors file holding one tensor of ``elements`` values, written sparse: the
+    disk holds only the header however large the tensor."""
+    itemsize = {"BF16": 2, "F32": 4}[dtype]
+    header = json.dumps({"model.embed_tokens.weight": {
+        "dtype": dtype, "shape": [elements // 1024, 1024],
+        "data_offsets": [0, elements // 1024 * 1024 * itemsize]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+    os.truncate(path, 8 + len(header) + elements // 1024 * 1024 * itemsize)
+
+
+def mem_total() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemTotal")
+
+
+@pytest.fixture(scope="module")
+def oversized_model(tmp_path_factory, demo_dir) -> Path:
+    """The demo model's config and tokenizer with weights of twice this machine's RAM in
+    bfloat16 (four times once loaded in float32 on the CPU)."""
+    from inference.model.demo import ensure_demo_model
+
+    target = tmp_path_factory.mktemp("oversized") / "model"
+    shutil.copytree(ensure_demo_model(demo_dir), target)
+    config = json.loads((target / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (target / "config.json").write_text(json.dumps(config))
+    write_sparse_safetensors(target / "model.safetensors", mem_total())
+    return target
+
+
+# ---- the doctor on a sound machine ---------------------------------------------------------
+
+def test_a_sound_cpu_setup_passes_every_check(tmp_path, demo_dir):
+    port = free_port()
+    result = doctor("--json", "--demo-dir", demo_dir, "--port", str(port),
+                    "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads(result.stdout)
+    assert document["ok"] is True and document["counts"]["failed"] == 0
+    found = verdicts(result)
+    assert list(found) == ["python", "packages", "pip-check", "pynvml", "cuda-driver",
+                           "gpu-visibility", "compute-capability", "gpu-kernel", "model-source",
+                           "remote-code", "model-config", "tokenizer", "model-weights", "memory",
+                           "port", "state-dir", "otlp"]
+    for name in ("python", "packages", "pip-check", "pynvml", "model-source", "remote-code",
+                 "model-config", "tokenizer", "model-weights", "memory", "port", "state-dir"):
+        assert found[name]["status"] == "ok", found[name]
+    import torch
+    import transformers
+
+    assert found["packages"]["values"]["versions"]["torch"] == torch.__version__
+    assert found["packages"]["values"]["versions"]["transformers"] == transformers.__version__
+    memory = found["memory"]["values"]
+    assert memory["device"] == ("cpu" if NO_GPU else "cuda:0")
+    assert 0 < memory["weights_bytes"] < memory["available_bytes"]
+    assert memory["context_tokens"] == 2048
+    assert memory["kv_cache_bytes"] == 2048 * 2 * 4 * 4 * 32 * 4  # layers, KV heads, dim, fp32
+    assert found["port"]["values"]["port"] == port
+    assert (tmp_path / "state").is_dir()
+    assert found["otlp"]["status"] == "skipped"
+    if NO_GPU:
+        for name in ("cuda-driver", "gpu-visibility", "compute-capability", "gpu-kernel"):
+            assert found[name]["status"] == "skipped", found[name]
+    for check in found.values():
+        assert (check["fix"] is None) == (check["status"] in ("ok", "skipped")), check
+
+
+def test_the_text_report_has_a_line_per_check_and_a_tally(tmp_path, demo_dir):
+    result = doctor("--demo-dir", demo_dir, "--port", str(free_port()),
+                    "--state-dir", str(tmp_path / "state"), "--check", "model-weights",
+                    "--check", "port")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("python -m inference doctor: model 'demo'")
+    assert [line.split()[:2] for line in lines[1:4]] == [
+        ["ok", "model-source"], ["ok", "model-weights"], ["ok", "port"]]
+    assert "all present and whole" in lines[2]
+    assert lines[-1] == "3 ok, 0 warning, 0 failed, 0 skipped"
+
+
+def test_bad_options_are_refused_with_status_2():
+    result = doctor("--port", "99999")
+    assert result.returncode == 2
+    assert "--port" in result.stderr and "Traceback" not in result.stderr
+    result = doctor("--check", "no-such-check")
+    assert result.returncode == 2 and "no-such-check" in result.stderr
+
+
+# ---- model files -----------------------------------------------------------------------------
+
+def test_a_missing_shard_fails_and_names_the_file(tmp_path, sharded_model):
+    model = copy_of(sharded_model, tmp_path)
+    (model / "model-00003-of-00008.safetensors").unlink()
+    result = doctor("--json", "--model", str(model), "--check", "memory")
+    assert result.returncode == 1
+    found = verdicts(result)
+    weights = found["model-weights"]
+    assert weights["status"] == "failed"
+    assert weights["summary"] == ("1 of the 8 shards that model.safetensors.index.json names "
+                                  "are missing: model-00003-of-00008.safetensors")
+    assert "download" in weights["fix"]
+    assert found["memory"]["status"] == "skipped"
+    assert found["model-config"]["status"] == "ok"
+
+
+def test_a_truncated_shard_fails(tmp_path, sharded_model):
+    model = copy_of(sharded_model, tmp_path)
+    shard = model / "model-00005-of-00008.safetensors"
+    os.truncate(shard, shard.stat().st_size - 4096)
+    result = doctor("--json", "--model", str(model), "--check", "model-weights")
+    found = verdicts(result)["model-weights"]
+    assert result.returncode == 1 and found["status"] == "failed"
+    assert "model-00005-of-00008.safetensors" in found["summary"]
+    assert "truncated" in found["summary"]
+
+
+def test_a_whole_sharded_checkpoint_passes(sharded_model):
+    result = doctor("--json", "--model", str(sharded_model), "--check", "model-weights")
+    found = verdicts(result)["model-weights"]
+    assert result.returncode == 0 and found["status"] == "ok", found
+    assert found["values"]["files"] == 8
+    from safetensors import safe_open
+
+    parameters = 0
+    for shard in sharded_model.glob("*.safetensors"):
+        with safe_open(shard, "pt") as handle:
+            parameters += sum(_product(handle.get_slice(k).get_shape()) for k in handle.keys())
+    assert found["values"]["parameters"] == parameters
+
+
+def _product(shape) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+def test_a_missing_model_directory_fails(tmp_path):
+    result = doctor("--json", "--model", str(tmp_path / "nowhere"), "--check", "memory")
+    found = verdicts(result)
+    assert result.returncode == 1
+    assert found["model-source"]["status"] == "failed"
+    assert "does not exist" in found["model-source"]["summary"]
+    for name in ("model-config", "model-weights", "memory"):
+        assert found[name]["status"] == "skipped"
+
+
+def test_checkpoint_code_without_trust_remote_code_fails(tmp_path, demo_dir):
+    from inference.model.demo import ensure_demo_model
+
+    model = copy_of(ensure_demo_model(demo_dir), tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="vigil_custom", auto_map={
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (model / "config.json").write_text(json.dumps(config))
+    result = doctor("--json", "--model", str(model), "--check", "remote-code")
+    found = verdicts(result)["remote-code"]
+    assert result.returncode == 1 and found["status"] == "failed"
+    assert "'vigil_custom' needs the checkpoint's own code" in found["summary"]
+    assert "--trust-remote-code" in found["fix"]
+    trusted = verdicts(doctor("--json", "--model", str(model), "--check", "remote-code",
+                              "--trust-remote-code"))["remote-code"]
+    assert trusted["status"] == "ok"
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not NO_GPU, reason="the CPU case; the GPU case is test_gpu_memory_...")
+def test_a_model_too_large_for_the_memory_fails(oversized_model):
+    result = doctor("--json", "--model", str(oversized_model), "--check", "memory")
+    assert result.returncode == 1
+    found = verdicts(result)
+    assert found["model-weights"]["status"] == "ok"  # whole, only too large
+    memory = found["memory"]
+    assert memory["status"] == "failed", memory
+    values = memory["values"]
+    assert values["device"] == "cpu" and values["dtype"] == "float32"
+    assert values["weights_bytes"] == mem_total() // 1024 * 1024 * 4
+    assert values["weights_bytes"] > values["available_bytes"]
+    assert memory["summary"].startswith("the weights need ")
+    assert "in float32 but cpu has" in memory["summary"]
+    assert "smaller (or quantized) checkpoint" in memory["fix"]
+
+
+def test_a_context_too_large_for_the_memory_warns_and_names_a_length_that_fits(tmp_path,
+                                                                                demo_dir):
+    from inference.model.demo import ensure_demo_model
+
+    model = copy_of(ensure_demo_model(demo_dir), tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = 10**12
+    (model / "config.json").write_text(json.dumps(config))
+    result = doctor("--json", "--model", str(model), "--device", "cpu", "--check", "memory")
+    memory = verdicts(result)["memory"]
+    assert result.returncode == 0 and memory["status"] == "warning", memory
+    fits = memory["values"]["fitting_tokens"]
+    assert memory["fix"] == (f"--max-model-len {fits} (90 % of what is free beside the "
+                             "weights)")
+    assert fits > 0 and fits % 256 == 0
+    bytes_per_token = 2 * 4 * 4 * 32 * 4
+    room = memory["values"]["available_bytes"] - memory["values"]["weights_bytes"]
+    assert 0.85 * room <= fits * bytes_per_token <= 0.9 * room
+    following = verdicts(doctor("--json", "--model", str(model), "--device", "cpu", "--check",
+                                "memory", "--max-model-len", str(fits)))["memory"]
+    assert following["status"] == "ok", following
+
+
+# ---- port, state directory, OTLP -------------------------------------------------------------
+
+def test_a_port_in_use_fails_and_names_the_process_holding_it():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = doctor("--json", "--port", str(port), "--check", "port")
+    found = verdicts(result)["port"]
+    assert result.returncode == 1 and found["status"] == "failed"
+    assert found["summary"].startswith(f"127.0.0.1:{port} is in use by pid {os.getpid()} (")
+    assert "--port" in found["fix"]
+
+
+def test_an_unwritable_state_directory_fails():
+    # As root, permission bits do not bind: drop the capability that overrides them.
+    prefix = (("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+              if os.geteuid() == 0 else ())
+    if prefix and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux)")
+    directory = Path(tempfile.mkdtemp(prefix="vigil-readonly-"))
+    try:
+        directory.chmod(0o555)
+        result = doctor("--json", "--state-dir", str(directory), "--check", "state-dir",
+                        prefix=prefix)
+        found = verdicts(result)["state-dir"]
+        assert result.returncode == 1 and found["status"] == "failed", found
+        assert found["summary"] == f"{directory} is not writable: Permission denied"
+        assert "--state-dir" in found["fix"]
+        nested = verdicts(doctor("--json", "--state-dir", str(directory / "state"), "--check",
+                                 "state-dir", prefix=prefix))["state-dir"]
+        assert nested["status"] == "failed"
+    finally:
+        directory.chmod(0o755)
+        shutil.rmtree(directory)
+
+
+class _OtlpReceiver:
+    """An OTLP/HTTP endpoint on loopback that records what it is sent."""
+
+    def __init__(self):
+        self.received: list[tuple[str, str, bytes]] = []
+        received = self.received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append((self.path, self.headers.get("Content-Type"), body))
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_the_otlp_endpoint_is_checked_when_configured():
+    receiver = _OtlpReceiver()
+    try:
+        result = doctor("--json", "--check", "otlp",
+                        env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
+        found = verdicts(result)["otlp"]
+        assert found["status"] == "ok", found
+        assert receiver.received == [("/v1/traces", "application/x-protobuf", b"")]
+        wrong_path = verdicts(doctor("--json", "--check", "otlp", env={
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url + "/wrong"}))["otlp"]
+        assert wrong_path["status"] == "warning" and "HTTP 404" in wrong_path["summary"]
+    finally:
+        receiver.server.shutdown()
+    closed = verdicts(doctor("--json", "--check", "otlp", env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}))["otlp"]
+    assert closed["status"] == "warning" and "does not answer" in closed["summary"]
+
+
+# ---- packages --------------------------------------------------------------------------------
+
+def _install_fake_distribution(site: Path, name: str, version: str,
+                               files: dict[str, bytes]) -> None:
+    """Write a distribution as pip lays it out: the files and a dist-info with their RECORD."""
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    record = []
+    for relative, content in files.items():
+        (site / relative).write_bytes(content)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()
+        record.append(f"{relative},sha256={digest},{len(content)}")
+    record += [f"{info.name}/METADATA,,", f"{info.name}/RECORD,,"]
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+
+
+def test_the_deprecated_pynvml_package_shadowing_nvidia_ml_py_fails(tmp_path):
+    # pynvml 11.x shipped its own pynvml.py; installed after nvidia-ml-py it replaces the module.
+    _install_fake_distribution(tmp_path, "pynvml", "11.5.0",
+                               {"pynvml.py": b"# pynvml 11.5.0\nNVML_FEATURE = 1\n"})
+    result = doctor("--json", "--check", "pynvml", env={"PYTHONPATH": str(tmp_path)})
+    found = verdicts(result)["pynvml"]
+    assert result.returncode == 1 and found["status"] == "failed", found
+    assert found["summary"].startswith("the deprecated pynvml package 11.5.0 installed its own "
+                                       f"pynvml module ({tmp_path / 'pynvml.py'})")
+    assert found["fix"] == ("pip uninstall -y pynvml && pip install --force-reinstall "
+                            "nvidia-ml-py")
+
+
+def test_the_deprecated_pynvml_shim_warns(tmp_path):
+    # pynvml 12 and later ship only pynvml_utils and depend on nvidia-ml-py.
+    _install_fake_distribution(tmp_path, "pynvml", "12.0.0",
+                               {"pynvml_utils.py": b"# utilities\n"})
+    result = doctor("--json", "--check", "pynvml", env={"PYTHONPATH": str(tmp_path)})
+    found = verdicts(result)["pynvml"]
+    assert result.returncode == 0 and found["status"] == "warning", found
+    assert "pip uninstall -y pynvml" in found["fix"]
+
+
+# ---- start-up checks in the server -----------------------------------------------------------
+
+def test_the_server_reports_a_failed_start_up_check_with_its_fix(server_factory, sharded_model):
+    model = copy_of(sharded_model, server_factory.tmp)
+    (model / "model-00002-of-00008.safetensors").unlink()
+    server = server_factory(model=str(model), ready=False)
+    server.wait_for(lambda: requests.get(server.url("/ready"), timeout=5).json()["status"]
+                    == "failed", timeout=120, what="the failed state")
+    error = requests.get(server.url("/ready"), timeout=5).json()["error"]
+    assert error.startswith("start-up check model-weights failed: 1 of the 8 shards")
+    assert "fix: download the checkpoint again" in error
+    logs = server.logs()
+    verdict_lines = [line for line in logs if line.get("check")]
+    assert {line["check"]: line["verdict"] for line in verdict_lines} == {
+        "cuda-driver": "skipped" if NO_GPU else "ok", "gpu-visibility": "skipped" if NO_GPU
+        else "ok", "compute-capability": "skipped" if NO_GPU else "ok", "model-source": "ok",
+        "remote-code": "ok", "model-config": "ok", "model-weights": "failed",
+        "memory": "skipped"}
+    failed_line = next(line for line in verdict_lines if line["verdict"] == "failed")
+    assert failed_line["level"] == "ERROR" and failed_line["fix"].startswith("download")
+    assert not any("exception" in line or "Traceback" in line["message"] for line in logs)
+    assert server.sample("inference_model_load_state", state="failed") == 1
+
+
+@pytest.mark.skipif(not NO_GPU, reason="the CPU case")
+def test_the_server_refuses_to_load_a_model_larger_than_memory(server_factory, oversized_model):
+    server = server_factory(model=str(oversized_model), ready=False)
+    server.wait_for(lambda: requests.get(server.url("/ready"), timeout=5).json()["status"]
+                    == "failed", timeout=120, what="the failed state")
+    error = requests.get(server.url("/ready"), timeout=5).json()["error"]
+    assert error.startswith("start-up check memory failed: the weights need ")
+    assert not any("exception" in line for line in server.logs())
+
+
+def test_a_sound_start_logs_every_start_up_verdict(server):
+    lines = {line["check"]: line for line in server.logs() if line.get("check")}
+    assert set(lines) == {"cuda-driver", "gpu-visibility", "compute-capability", "model-source",
+                          "remote-code", "model-config", "model-weights", "memory"}
+    assert lines["memory"]["verdict"] == "ok" and lines["memory"]["level"] == "INFO"
+    assert "KV cache of one full context (2048 tokens)" in lines["memory"]["message"]
+
+
+# ---- GPU rules, on the facts NVML and torch report -------------------------------------------
+
+H100 = gpu.NvmlGpu(0, "NVIDIA H100 80GB HBM3", "GPU-1111aaaa-0000", (9, 0), 80 << 30, 79 << 30)
+A10 = gpu.NvmlGpu(1, "NVIDIA A10", "GPU-2222bbbb-0000", (8, 6), 24 << 30, 23 << 30)
+DRIVER_12_2 = gpu.DriverFacts(None, "535.183.01", (12, 2), (H100, A10))
+ARCHES = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")
+
+
+def torch_facts(cuda: str | None, gpus=(), arch_list=ARCHES, warning=None) -> gpu.TorchFacts:
+    torch_gpus = tuple(gpu.TorchGpu(i, g.name, g.capability, g.uuid, g.memory_total)
+                       for i, g in enumerate(gpus))
+    return gpu.TorchFacts("2.x", cuda, bool(torch_gpus), warning, arch_list, torch_gpus)
+
+
+def test_a_torch_build_for_a_newer_cuda_major_than_the_driver_fails():
+    verdict = gpu.cuda_build_verdict("auto", DRIVER_12_2, torch_facts(
+        "13.0", warning="The NVIDIA driver on your system is too old (found version 12020)."))
+    assert verdict.status is Status.FAILED
+    assert "driver 535.183.01 supports CUDA up to 12.2" in verdict.summary
+    assert "--index-url https://download.pytorch.org/whl/cu121" in verdict.fix
+
+
+def test_a_newer_cuda_minor_than_the_driver_warns():
+    verdict = gpu.cuda_build_verdict("cuda", DRIVER_12_2, torch_facts("12.8", (H100, A10)))
+    assert verdict.status is Status.WARNING and "minor-version compatibility" in verdict.summary
+    assert gpu.cuda_build_verdict("cuda", DRIVER_12_2, torch_facts("12.1", (H100, A10))
+                                  ).status is Status.OK
+
+
+def test_a_cpu_build_of_torch_on_a_gpu_host_fails():
+    verdict = gpu.cuda_build_verdict("auto", DRIVER_12_2, torch_facts(None))
+    assert verdict.status is Status.FAILED and "CPU build" in verdict.summary
+    assert "cu121" in verdict.fix and "--device cpu" in verdict.fix
+    assert gpu.cuda_build_verdict("cpu", DRIVER_12_2, torch_facts(None)).status is Status.SKIPPED
+
+
+def test_no_driver_with_device_cuda_fails_and_with_auto_is_skipped():
+    none = gpu.DriverFacts(error="NVML: Driver Not Loaded")
+    assert gpu.cuda_build_verdict("cuda", none, torch_facts("12.8")).status is Status.FAILED
+    assert gpu.cuda_build_verdict("auto", none, torch_facts(None)).status is Status.SKIPPED
+
+
+def test_cuda_visible_devices_is_read_as_cuda_reads_it():
+    gpus = DRIVER_12_2.gpus
+    assert gpu.visible_devices(None, gpus) is None
+    assert gpu.visible_devices("1", gpus) == [A10]
+    assert gpu.visible_devices("GPU-2222", gpus) == [A10]
+    assert gpu.visible_devices("1,0", gpus) == [A10, H100]
+    assert gpu.visible_devices("0,7,1", gpus) == [H100]  # CUDA stops at the first bad entry
+    assert gpu.visible_devices("", gpus) == [] and gpu.visible_devices("-1", gpus) == []
+
+
+def test_gpu_visibility_compares_nvml_torch_and_the_variable():
+    both = torch_facts("12.1", (H100, A10))
+    assert gpu.visibility_verdict("auto", DRIVER_12_2, both, None).status is Status.OK
+    one = torch_facts("12.1", (A10,))
+    assert gpu.visibility_verdict("auto", DRIVER_12_2, one, "1").status is Status.OK
+    missing = gpu.visibility_verdict("auto", DRIVER_12_2, one, None)
+    assert missing.status is Status.FAILED and "torch should see 2" in missing.summary
+    typo = gpu.visibility_verdict("auto", DRIVER_12_2, torch_facts("12.1", (H100,)), "0,7")
+    assert typo.status is Status.FAILED and "only the first 1 entry" in typo.summary
+    hidden = gpu.visibility_verdict("auto", DRIVER_12_2, torch_facts("12.1"), "")
+    assert hidden.status is Status.WARNING and "CPU" in hidden.summary
+    assert gpu.visibility_verdict("cuda", DRIVER_12_2, torch_facts("12.1"), ""
+                                  ).status is Status.FAILED
+    beyond = gpu.visibility_verdict("cuda:2", DRIVER_12_2, both, None)
+    assert beyond.status is Status.FAILED and "cuda:0 to cuda:1" in beyond.fix
+
+
+def test_compute_capability_against_the_compiled_architectures():
+    assert gpu.arch_supported((8, 6), ("sm_80",))  # same major, newer minor: runs
+    assert gpu.arch_supported((8, 9), ("sm_80", "sm_86"))
+    assert not gpu.arch_supported((9, 0), ("sm_80", "sm_86"))
+    assert gpu.arch_supported((9, 0), ("sm_80", "compute_80"))  # PTX, compiled at load
+    assert gpu.arch_supported((9, 0), ("sm_90a",)) and not gpu.arch_supported((9, 1), ("sm_90a",))
+    assert gpu.arch_supported((12, 0), ("sm_100", "sm_120"))
+    assert not gpu.arch_supported((12, 0), ("sm_50", "sm_90"))
+    assert not gpu.arch_supported((3, 7), ("sm_50", "sm_90"))  # too old for the build
+    blackwell = gpu.NvmlGpu(0, "NVIDIA RTX PRO 6000", "GPU-3", (12, 0), 96 << 30, 95 << 30)
+    verdict = gpu.capability_verdict("cuda:0", torch_facts("12.6", (blackwell,)))
+    assert verdict.status is Status.FAILED and "cuda:0 (sm_120)" in verdict.summary
+    assert gpu.capability_verdict("cuda:0", torch_facts("12.6", (H100, A10))).status is Status.OK
+
+
+def test_the_torch_wheel_suggested_fits_the_driver():
+    assert gpu.torch_wheel_for((12, 2)).endswith("/cu121")
+    assert gpu.torch_wheel_for((12, 8)).endswith("/cu128")
+    assert gpu.torch_wheel_for((13, 1)).endswith("/cu130")
+    assert gpu.torch_wheel_for((11, 4)) is None
+
+
+# ---- on a real GPU ---------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_gpu_checks_pass_on_a_sound_gpu_machine(tmp_path, demo_dir):
+    result = doctor("--json", "--device", "cuda", "--demo-dir", demo_dir, "--port",
+                    str(free_port()), "--state-dir", str(tmp_path / "state"))
+    found = verdicts(result)
+    print(json.dumps({k: (v["status"], v["summary"]) for k, v in found.items()}, indent=1))
+    assert found["cuda-driver"]["status"] in ("ok", "warning"), found["cuda-driver"]
+    for name in ("gpu-visibility", "compute-capability", "gpu-kernel", "memory"):
+        assert found[name]["status"] == "ok", found[name]
+    assert found["memory"]["values"]["device"] == "cuda:0"
+    assert result.returncode == 0
+
+
+@pytest.mark.gpu
+def test_gpu_visibility_on_a_real_gpu_machine(demo_dir):
+    hidden = verdicts(doctor("--json", "--check", "gpu-visibility",
+                             env={"CUDA_VISIBLE_DEVICES": ""}))["gpu-visibility"]
+    assert hidden["status"] == "warning", hidden
+    typo = verdicts(doctor("--json", "--check", "gpu-visibility",
+                           env={"CUDA_VISIBLE_DEVICES": "0,99"}))["gpu-visibility"]
+    assert typo["status"] == "failed", typo
+
+
+@pytest.mark.gpu
+def test_gpu_memory_too_small_for_the_weights_fails(tmp_path, demo_dir):
+    import torch
+
+    from inference.model.demo import ensure_demo_model
+
+    model = copy_of(ensure_demo_model(demo_dir), tmp_path)
+    _, total = torch.cuda.mem_get_info(0)
+    write_sparse_safetensors(model / "model.safetensors", total, dtype="F32")  # >= 2x the VRAM
+    found = verdicts(doctor("--json", "--device", "cuda", "--model", str(model), "--check",
+                            "memory"))["memory"]
+    assert found["status"] == "failed" and found["values"]["device"] == "cuda:0", found
