@@ -3,8 +3,6 @@ the server's start-up checks, and the GPU rules on the facts NVML and torch repo
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import http.server
 import json
 import os
@@ -242,6 +240,150 @@ def test_checkpoint_code_without_trust_remote_code_fails(tmp_path, demo_dir):
     assert trusted["status"] == "ok"
 
 
+def test_weight_files_are_chosen_in_transformers_order(tmp_path, demo_dir):
+    from inference.model.demo import ensure_demo_model
+
+    model = copy_of(ensure_demo_model(demo_dir), tmp_path)
+    # A stale index of pickles whose shards were never fetched: transformers loads
+    # model.safetensors first and never reads it.
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {"lm_head.weight": "pytorch_model-00001-of-00002.bin"}}))
+    found = verdicts(doctor("--json", "--model", str(model), "--check", "model-weights"))
+    assert found["model-weights"]["status"] == "ok", found
+    assert found["model-weights"]["summary"].startswith("model.safetensors, all present")
+
+
+def test_an_index_naming_tensors_a_shard_lacks_only_warns(tmp_path, sharded_model):
+    model = copy_of(sharded_model, tmp_path)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.rotary_emb.inv_freq"] = "model-00001-of-00008.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    found = verdicts(doctor("--json", "--model", str(model), "--check", "model-weights"))
+    weights = found["model-weights"]
+    assert weights["status"] == "warning", weights
+    assert "model.rotary_emb.inv_freq in model-00001-of-00008.safetensors" in weights["summary"]
+
+
+def _header_only(path: Path, header: dict, data_bytes: int) -> None:
+    encoded = json.dumps(header).encode()
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded + b"\0" * data_bytes)
+
+
+def test_safetensors_headers_of_every_dtype_and_broken_ones(tmp_path):
+    from inference.doctor.weights import WeightsError, read_weights
+
+    _header_only(tmp_path / "model.safetensors", {
+        "a": {"dtype": "F8_E4M3FNUZ", "shape": [4, 4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F4", "shape": [8], "data_offsets": [16, 20]},
+        "c": {"dtype": "X9_FUTURE", "shape": [2], "data_offsets": [20, 24]},
+        "__metadata__": {"format": "pt"}}, 24)
+    weights = read_weights(tmp_path)
+    assert weights.bytes_as(2, 2) == 16 + 4  # FNUZ kept as 1 byte, F4 packed 2 per byte
+    assert weights.notes == ["tensors of dtype X9_FUTURE, which this check cannot size, are "
+                             "left out of the size"]
+    _header_only(tmp_path / "model.safetensors", {
+        "a": {"dtype": "F16", "shape": None, "data_offsets": [0, 8]}}, 8)
+    with pytest.raises(WeightsError, match="tensor 'a' is described wrongly"):
+        read_weights(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x01")
+    with pytest.raises(WeightsError, match="not a safetensors file"):
+        read_weights(tmp_path)
+
+
+def test_a_tied_output_layer_is_counted_once(tmp_path):
+    from inference.doctor.weights import read_weights
+
+    _header_only(tmp_path / "model.safetensors", {
+        "model.embed_tokens.weight": {"dtype": "BF16", "shape": [10, 4], "data_offsets": [0, 80]},
+        "lm_head.weight": {"dtype": "BF16", "shape": [10, 4], "data_offsets": [80, 160]}}, 160)
+    weights = read_weights(tmp_path)
+    assert weights.bytes_as(4, 2) == 320 and weights.bytes_as(4, 2, tied=True) == 160
+
+
+def _hub_cache_with(tmp_path: Path, model: Path, leave_out: str) -> Path:
+    """The hub cache's layout (models--org--name/snapshots/<rev>, refs/main) holding a
+    checkpoint whose download stopped before ``leave_out``."""
+    repo = tmp_path / "hf" / "hub" / "models--example-org--tiny"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(model, snapshot, ignore=shutil.ignore_patterns(leave_out))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return tmp_path / "hf"
+
+
+def test_a_partial_snapshot_in_the_hub_cache_warns_and_does_not_stop_the_server(
+        server_factory, sharded_model):
+    hf_home = _hub_cache_with(server_factory.tmp, sharded_model, "model-00004-of-00008.*")
+    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    found = verdicts(doctor("--json", "--model", "example-org/tiny", "--check", "model-weights",
+                            env=env))
+    assert found["model-source"]["status"] == "ok", found
+    weights = found["model-weights"]
+    assert weights["status"] == "warning", weights
+    assert "cached snapshot of example-org/tiny is incomplete" in weights["summary"]
+    # Offline, transformers cannot complete it either: the load fails, but in transformers,
+    # after the start-up checks let it through.
+    server = server_factory(model="example-org/tiny", ready=False, env=env)
+    server.wait_for(lambda: requests.get(server.url("/ready"), timeout=5).json()["status"]
+                    == "failed", timeout=120, what="the failed state")
+    error = requests.get(server.url("/ready"), timeout=5).json()["error"]
+    assert not error.startswith("start-up check"), error
+    lines = {line["check"]: line for line in server.logs() if line.get("check")}
+    assert lines["model-weights"]["verdict"] == "warning"
+
+
+def test_pickled_weights_too_large_only_warn(tmp_path, demo_dir):
+    from inference.model.demo import ensure_demo_model
+
+    model = copy_of(ensure_demo_model(demo_dir), tmp_path)
+    (model / "model.safetensors").unlink()
+    with (model / "pytorch_model.bin").open("wb") as handle:
+        handle.truncate(2 * mem_total())
+    memory = verdicts(doctor("--json", "--model", str(model), "--device", "cpu", "--check",
+                             "memory"))["memory"]
+    assert memory["status"] == "warning" and "an estimate" in memory["summary"], memory
+
+
+def test_the_memory_limit_of_a_parent_cgroup_counts(tmp_path):
+    from inference.doctor.host import cgroup_room
+
+    def limit(directory: Path, maximum: str, current: int, inactive: int = 0, v1=False) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        names = (("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+                 if v1 else ("memory.max", "memory.current", "inactive_file"))
+        (directory / names[0]).write_text(maximum + "\n")
+        (directory / names[1]).write_text(f"{current}\n")
+        (directory / "memory.stat").write_text(f"anon 1\n{names[2]} {inactive}\n")
+
+    root = tmp_path / "v2"
+    limit(root / "slurm" / "job_7", str(8 << 30), 3 << 30, inactive=1 << 30)  # the job's limit
+    limit(root / "slurm" / "job_7" / "step_0", "max", 2 << 30)
+    room = cgroup_room("0::/slurm/job_7/step_0\n", root)
+    assert room == (6 << 30, str(root / "slurm" / "job_7" / "memory.max"))
+    assert cgroup_room("0::/\n", tmp_path / "nothing") is None
+
+    hybrid = tmp_path / "hybrid"
+    limit(hybrid / "memory", str(4 << 30), 1 << 30, v1=True)  # a container: its root
+    room = cgroup_room("4:memory:/docker/abc\n0::/\n", hybrid)
+    assert room == (3 << 30, str(hybrid / "memory" / "memory.limit_in_bytes"))
+
+
+def test_only_verdicts_that_would_stop_the_server_block_its_start():
+    from inference.config import Config
+    from inference.doctor.report import failed, warning
+    from inference.doctor.startup import blocks_start
+
+    auto, cuda = Config(device="auto"), Config(device="cuda")
+    assert blocks_start(failed("model-weights", "s", "f"), auto)
+    assert not blocks_start(warning("model-weights", "s", "f"), auto)
+    assert not blocks_start(failed("cuda-driver", "s", "f"), auto)  # serves on the CPU
+    assert blocks_start(failed("cuda-driver", "s", "f"), cuda)
+    assert not blocks_start(failed("memory", "the check itself raised OSError", "f",
+                                   raised=True), auto)
+
+
 # ---- memory ----------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not NO_GPU, reason="the CPU case; the GPU case is test_gpu_memory_...")
@@ -364,41 +506,35 @@ def test_the_otlp_endpoint_is_checked_when_configured():
 
 # ---- packages --------------------------------------------------------------------------------
 
-def _install_fake_distribution(site: Path, name: str, version: str,
-                               files: dict[str, bytes]) -> None:
-    """Write a distribution as pip lays it out: the files and a dist-info with their RECORD."""
-    info = site / f"{name}-{version}.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    record = []
-    for relative, content in files.items():
-        (site / relative).write_bytes(content)
-        digest = base64.urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()
-        record.append(f"{relative},sha256={digest},{len(content)}")
-    record += [f"{info.name}/METADATA,,", f"{info.name}/RECORD,,"]
-    (info / "RECORD").write_text("\n".join(record) + "\n")
+def pip_install_target(target: Path, requirement: str) -> None:
+    """Install a real release into a directory of its own, as pip lays it out."""
+    run = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                          "--target", str(target), requirement], capture_output=True, text=True,
+                         timeout=300)
+    if run.returncode != 0:
+        pytest.skip(f"pip could not install {requirement} (no package index?): "
+                    f"{run.stderr.strip()[-300:]}")
 
 
 def test_the_deprecated_pynvml_package_shadowing_nvidia_ml_py_fails(tmp_path):
-    # pynvml 11.x shipped its own pynvml.py; installed after nvidia-ml-py it replaces the module.
-    _install_fake_distribution(tmp_path, "pynvml", "11.5.0",
-                               {"pynvml.py": b"# pynvml 11.5.0\nNVML_FEATURE = 1\n"})
+    # pynvml 11.x ships a pynvml/ package; ahead of nvidia-ml-py's pynvml.py it wins the import.
+    pip_install_target(tmp_path, "pynvml==11.5.0")
     result = doctor("--json", "--check", "pynvml", env={"PYTHONPATH": str(tmp_path)})
     found = verdicts(result)["pynvml"]
     assert result.returncode == 1 and found["status"] == "failed", found
     assert found["summary"].startswith("the deprecated pynvml package 11.5.0 installed its own "
-                                       f"pynvml module ({tmp_path / 'pynvml.py'})")
+                                       f"pynvml module ({tmp_path / 'pynvml' / '__init__.py'})")
     assert found["fix"] == ("pip uninstall -y pynvml && pip install --force-reinstall "
                             "nvidia-ml-py")
 
 
 def test_the_deprecated_pynvml_shim_warns(tmp_path):
     # pynvml 12 and later ship only pynvml_utils and depend on nvidia-ml-py.
-    _install_fake_distribution(tmp_path, "pynvml", "12.0.0",
-                               {"pynvml_utils.py": b"# utilities\n"})
+    pip_install_target(tmp_path, "pynvml==12.0.0")
     result = doctor("--json", "--check", "pynvml", env={"PYTHONPATH": str(tmp_path)})
     found = verdicts(result)["pynvml"]
     assert result.returncode == 0 and found["status"] == "warning", found
+    assert "nvidia-ml-py's" in found["summary"]
     assert "pip uninstall -y pynvml" in found["fix"]
 
 
@@ -480,10 +616,20 @@ def test_a_cpu_build_of_torch_on_a_gpu_host_fails():
     assert gpu.cuda_build_verdict("cpu", DRIVER_12_2, torch_facts(None)).status is Status.SKIPPED
 
 
-def test_no_driver_with_device_cuda_fails_and_with_auto_is_skipped():
+def test_no_driver_fails_only_when_a_gpu_is_asked_for():
     none = gpu.DriverFacts(error="NVML: Driver Not Loaded")
     assert gpu.cuda_build_verdict("cuda", none, torch_facts("12.8")).status is Status.FAILED
     assert gpu.cuda_build_verdict("auto", none, torch_facts(None)).status is Status.SKIPPED
+    # PyPI's default torch is a CUDA build: on a CPU host with auto it serves on the CPU.
+    assert gpu.cuda_build_verdict("auto", none, torch_facts("12.8")).status is Status.SKIPPED
+
+
+def test_no_nvml_while_torch_uses_the_gpus_only_warns():
+    # A container given the compute capability but not NVIDIA's utility libraries.
+    none = gpu.DriverFacts(error="NVML: NVML Shared Library Not Found")
+    works = torch_facts("12.8", (H100,))
+    assert gpu.cuda_build_verdict("cuda", none, works).status is Status.WARNING
+    assert gpu.visibility_verdict("cuda", none, works, None).status is Status.OK
 
 
 def test_cuda_visible_devices_is_read_as_cuda_reads_it():
@@ -491,26 +637,35 @@ def test_cuda_visible_devices_is_read_as_cuda_reads_it():
     assert gpu.visible_devices(None, gpus) is None
     assert gpu.visible_devices("1", gpus) == [A10]
     assert gpu.visible_devices("GPU-2222", gpus) == [A10]
+    assert gpu.visible_devices("GPU-", gpus) == []  # ambiguous prefix names none
     assert gpu.visible_devices("1,0", gpus) == [A10, H100]
+    assert gpu.visible_devices("1gpu", gpus) == [A10]  # strtoul
     assert gpu.visible_devices("0,7,1", gpus) == [H100]  # CUDA stops at the first bad entry
+    assert gpu.visible_devices("0,0", gpus) == []  # a repeated GPU hides them all
     assert gpu.visible_devices("", gpus) == [] and gpu.visible_devices("-1", gpus) == []
+    assert gpu.visible_devices("MIG-5a1c-0000", gpus) is None  # instances: not in NVML's list
 
 
-def test_gpu_visibility_compares_nvml_torch_and_the_variable():
+def test_gpu_visibility_fails_only_without_the_gpu_the_server_uses():
     both = torch_facts("12.1", (H100, A10))
     assert gpu.visibility_verdict("auto", DRIVER_12_2, both, None).status is Status.OK
     one = torch_facts("12.1", (A10,))
     assert gpu.visibility_verdict("auto", DRIVER_12_2, one, "1").status is Status.OK
-    missing = gpu.visibility_verdict("auto", DRIVER_12_2, one, None)
-    assert missing.status is Status.FAILED and "torch should see 2" in missing.summary
-    typo = gpu.visibility_verdict("auto", DRIVER_12_2, torch_facts("12.1", (H100,)), "0,7")
-    assert typo.status is Status.FAILED and "only the first 1 entry" in typo.summary
+    unopened = gpu.visibility_verdict("cuda", DRIVER_12_2, one, None)
+    assert unopened.status is Status.WARNING and "torch sees 1 of 2" in unopened.summary
+    typo = gpu.visibility_verdict("cuda", DRIVER_12_2, torch_facts("12.1", (H100,)), "0,7")
+    assert typo.status is Status.WARNING and "only the first 1 entry names" in typo.summary
+    twice = gpu.visibility_verdict("cuda", DRIVER_12_2, torch_facts("12.1"), "0,0")
+    assert twice.status is Status.FAILED and "names a GPU twice" in twice.summary
     hidden = gpu.visibility_verdict("auto", DRIVER_12_2, torch_facts("12.1"), "")
     assert hidden.status is Status.WARNING and "CPU" in hidden.summary
     assert gpu.visibility_verdict("cuda", DRIVER_12_2, torch_facts("12.1"), ""
                                   ).status is Status.FAILED
     beyond = gpu.visibility_verdict("cuda:2", DRIVER_12_2, both, None)
     assert beyond.status is Status.FAILED and "cuda:0 to cuda:1" in beyond.fix
+    mig = gpu.visibility_verdict("cuda", DRIVER_12_2, torch_facts("12.1", (H100,)),
+                                 "MIG-5a1c-0000")
+    assert mig.status is Status.OK
 
 
 def test_compute_capability_against_the_compiled_architectures():
@@ -519,6 +674,9 @@ def test_compute_capability_against_the_compiled_architectures():
     assert not gpu.arch_supported((9, 0), ("sm_80", "sm_86"))
     assert gpu.arch_supported((9, 0), ("sm_80", "compute_80"))  # PTX, compiled at load
     assert gpu.arch_supported((9, 0), ("sm_90a",)) and not gpu.arch_supported((9, 1), ("sm_90a",))
+    assert not gpu.arch_supported((10, 0), ("compute_90a",))  # arch-specific PTX: 9.0 only
+    assert gpu.arch_supported((10, 3), ("compute_100f",))  # family: same major
+    assert not gpu.arch_supported((12, 0), ("compute_100f",))
     assert gpu.arch_supported((12, 0), ("sm_100", "sm_120"))
     assert not gpu.arch_supported((12, 0), ("sm_50", "sm_90"))
     assert not gpu.arch_supported((3, 7), ("sm_50", "sm_90"))  # too old for the build
@@ -526,6 +684,11 @@ def test_compute_capability_against_the_compiled_architectures():
     verdict = gpu.capability_verdict("cuda:0", torch_facts("12.6", (blackwell,)))
     assert verdict.status is Status.FAILED and "cuda:0 (sm_120)" in verdict.summary
     assert gpu.capability_verdict("cuda:0", torch_facts("12.6", (H100, A10))).status is Status.OK
+    # An old second GPU the server does not use: a warning, not a refusal.
+    old = gpu.NvmlGpu(1, "Quadro K2200", "GPU-4", (5, 0), 4 << 30, 4 << 30)
+    mixed = torch_facts("12.6", (H100, old), arch_list=("sm_80", "sm_90"))
+    assert gpu.capability_verdict("cuda:0", mixed).status is Status.WARNING
+    assert gpu.capability_verdict("cuda:1", mixed).status is Status.FAILED
 
 
 def test_the_torch_wheel_suggested_fits_the_driver():
@@ -557,7 +720,10 @@ def test_gpu_visibility_on_a_real_gpu_machine(demo_dir):
     assert hidden["status"] == "warning", hidden
     typo = verdicts(doctor("--json", "--check", "gpu-visibility",
                            env={"CUDA_VISIBLE_DEVICES": "0,99"}))["gpu-visibility"]
-    assert typo["status"] == "failed", typo
+    assert typo["status"] == "warning" and "only the first 1" in typo["summary"], typo
+    twice = verdicts(doctor("--json", "--device", "cuda", "--check", "gpu-visibility",
+                            env={"CUDA_VISIBLE_DEVICES": "0,0"}))["gpu-visibility"]
+    assert twice["status"] == "failed", twice
 
 
 @pytest.mark.gpu

@@ -24,6 +24,7 @@ class Session:
     offline: bool = False  # the start-up checks: never ask the model hub
     gpus: gpu.GpuFacts = field(default_factory=gpu.GpuFacts)
     model: model.ModelFacts = field(default_factory=model.ModelFacts)
+    wedged: set[str] = field(default_factory=set)  # GPUs whose kernel never finished
 
     def device(self) -> str:
         """The device the server would use: cpu or cuda:N."""
@@ -35,6 +36,10 @@ class Session:
             return "cuda:0" if torch_facts.available and torch_facts.gpus else "cpu"
         return "cuda:0" if requested == "cuda" else requested
 
+    def note_kernel(self, verdict: Verdict) -> Verdict:
+        self.wedged.update(verdict.values.get("wedged", ()))
+        return verdict
+
     def device_memory(self) -> model.DeviceMemory | None:
         device = self.device()
         if device == "cpu":
@@ -42,7 +47,7 @@ class Session:
             return model.DeviceMemory("cpu", available, source)
         torch_facts = self.gpus.torch
         index = int(device.split(":")[1])
-        if not torch_facts.available or index >= len(torch_facts.gpus):
+        if not torch_facts.available or index >= len(torch_facts.gpus) or device in self.wedged:
             return None
         # Only the chosen GPU is asked through torch (a CUDA context on each GPU would hold
         # memory there); the others' free memory comes from NVML, matched by UUID.
@@ -72,7 +77,8 @@ CHECKS: tuple[Check, ...] = (
         s.config.device, s.gpus.driver, s.gpus.torch, gpu.cuda_visible_devices()), startup=True),
     Check("compute-capability", lambda s: gpu.capability_verdict(s.device(), s.gpus.torch),
           startup=True),
-    Check("gpu-kernel", lambda s: gpu.kernel_verdict(s.device(), s.gpus.torch, s.kernel_timeout)),
+    Check("gpu-kernel", lambda s: s.note_kernel(gpu.kernel_verdict(s.config.device, s.gpus.torch,
+                                                                   s.kernel_timeout))),
     Check("model-source", lambda s: model.source_verdict(s.config, s.model, s.offline),
           startup=True),
     Check("remote-code", lambda s: model.remote_code_verdict(s.config, s.model), startup=True,
@@ -83,7 +89,9 @@ CHECKS: tuple[Check, ...] = (
           requires=("model-source",)),
     Check("model-weights", lambda s: model.weights_verdict(s.model), startup=True,
           requires=("model-source",)),
-    Check("memory", lambda s: model.memory_verdict(s.config, s.model, s.device_memory),
+    Check("memory", lambda s: model.memory_verdict(
+        s.config, s.model, s.device_memory,
+        host.available_ram() if s.device() != "cpu" else None),
           startup=True, requires=("model-config", "model-weights")),
     Check("port", lambda s: host.port_verdict(s.config.host, s.config.port)),
     Check("state-dir", lambda s: host.state_dir_verdict(s.config.state_dir)),
@@ -116,7 +124,7 @@ def run_checks(session: Session, checks: Iterable[Check],
             verdict = failed(check.name, f"the check itself raised {type(exc).__name__}: "
                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
                              "run with the same options again; if it persists, report it with "
-                             "the output of --json")
+                             "the output of --json", raised=True)
         verdict.values.setdefault("seconds", round(time.perf_counter() - started, 3))
         verdicts.append(verdict)
         if on_verdict is not None:

@@ -101,16 +101,20 @@ def pip_check_verdict(timeout: float = 120.0) -> Verdict:
 
 
 def _owner_of(path: Path, candidates: list[str]) -> str | None:
-    """The distribution whose RECORD hash matches the file on disk."""
+    """The distribution that installed this very file, by its RECORD: the recorded path is this
+    file and the recorded hash is its content (two packages writing the same file disagree)."""
+    target = path.resolve()
     digest = base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest()).rstrip(b"=")
     for candidate in candidates:
         try:
-            files = metadata.distribution(candidate).files or []
+            distribution = metadata.distribution(candidate)
         except metadata.PackageNotFoundError:
             continue
-        for record in files:
-            if record.name == path.name and record.hash is not None \
-                    and record.hash.mode == "sha256" and record.hash.value == digest.decode():
+        for record in distribution.files or []:
+            if record.hash is None or record.hash.mode != "sha256":
+                continue
+            if record.hash.value == digest.decode() and \
+                    Path(distribution.locate_file(record)).resolve() == target:
                 return candidate
     return None
 

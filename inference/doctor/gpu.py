@@ -77,22 +77,32 @@ def read_driver() -> DriverFacts:
     try:
         version = pynvml.nvmlSystemGetDriverVersion()
         cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-        gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
+        count = pynvml.nvmlDeviceGetCount()
+    except pynvml.NVMLError as exc:
+        _shutdown(pynvml)
+        return DriverFacts(error=f"NVML: {exc}")
+    gpus = []
+    # One GPU this process may not open (NO_PERMISSION under a Slurm device limit, say) must not
+    # hide the others: each is read on its own.
+    for index in range(count):
+        try:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             gpus.append(NvmlGpu(index, _text(pynvml.nvmlDeviceGetName(handle)),
                                 _text(pynvml.nvmlDeviceGetUUID(handle)),
                                 _optional(lambda h=handle: tuple(
                                     pynvml.nvmlDeviceGetCudaComputeCapability(h))),
                                 *_memory(pynvml, handle)))
-        return DriverFacts(None, _text(version), (cuda // 1000, cuda % 1000 // 10), tuple(gpus))
-    except pynvml.NVMLError as exc:
-        return DriverFacts(error=f"NVML: {exc}")
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
+        except pynvml.NVMLError as exc:
+            gpus.append(NvmlGpu(index, f"(unreadable: {exc})", "", None, None, None))
+    _shutdown(pynvml)
+    return DriverFacts(None, _text(version), (cuda // 1000, cuda % 1000 // 10), tuple(gpus))
+
+
+def _shutdown(pynvml) -> None:
+    try:
+        pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        pass
 
 
 def _text(value: Any) -> str:
@@ -154,8 +164,17 @@ def cuda_build_verdict(device: str, driver: DriverFacts, torch_facts: TorchFacts
         return skipped(name, "--device cpu: CUDA is not used")
     build = parse_cuda_version(torch_facts.cuda_build)
     if not driver.available:
-        if device == "auto" and build is None:
-            return skipped(name, f"no NVIDIA driver ({driver.error}) and a CPU build of torch "
+        if torch_facts.gpus:  # no NVML (a container without the utility libraries), CUDA works
+            return warning(name, f"torch {torch_facts.version} (CUDA {torch_facts.cuda_build}) "
+                           f"sees {len(torch_facts.gpus)} GPU(s) but NVML is unavailable "
+                           f"({driver.error}): the driver's CUDA version cannot be compared",
+                           "give the process NVML (NVIDIA_DRIVER_CAPABILITIES=compute,utility "
+                           "in containers); the exporter needs it too",
+                           torch_cuda=torch_facts.cuda_build)
+        if device == "auto":
+            build_text = ("a CPU build of torch" if build is None else
+                          f"torch built for CUDA {torch_facts.cuda_build}")
+            return skipped(name, f"no NVIDIA driver ({driver.error}) and {build_text} "
                            f"{torch_facts.version}: the server runs on the CPU")
         return failed(name, f"--device {device} but no usable NVIDIA driver ({driver.error})",
                       "install or load the NVIDIA driver (nvidia-smi must work), or run with "
@@ -201,62 +220,104 @@ def _dotted(version: tuple[int, int] | None) -> str | None:
     return f"{version[0]}.{version[1]}" if version else None
 
 
+def _leading_int(text: str) -> int:
+    """What strtoul reads at the start of ``text`` (CUDA reads "1gpu" as 1); -1 for nothing."""
+    digits = len(text) - len(text.lstrip("+-0123456789"))
+    try:
+        return int(text[:digits]) if digits else -1
+    except ValueError:
+        return -1
+
+
 def visible_devices(variable: str | None, gpus: tuple[NvmlGpu, ...]) -> list[NvmlGpu] | None:
-    """The GPUs CUDA exposes under CUDA_VISIBLE_DEVICES, as CUDA reads it: indices or UUID
-    prefixes, up to the first entry that names no GPU; None when the variable is unset."""
-    if variable is None:
+    """The GPUs CUDA exposes under CUDA_VISIBLE_DEVICES, read as CUDA (and torch) read it:
+    indices or GPU UUID prefixes up to the first entry that names none, and no GPU at all when
+    one is named twice. None when unset, or when it names MIG instances (NVML lists the parent
+    GPUs, not the instances, so they cannot be matched here)."""
+    if variable is None or variable.strip().startswith("MIG-"):
         return None
     chosen: list[NvmlGpu] = []
     for entry in (e.strip() for e in variable.split(",")):
-        if entry.isdigit():
-            match = next((g for g in gpus if g.index == int(entry)), None)
-        elif entry.startswith(("GPU-", "MIG-")):
-            match = next((g for g in gpus if g.uuid.startswith(entry)), None)
+        if entry.startswith("GPU-"):
+            matches = [g for g in gpus if g.uuid.startswith(entry)]
+            match = matches[0] if len(matches) == 1 else None
         else:
-            match = None
-        if match is None or match in chosen:
+            index = _leading_int(entry)
+            match = next((g for g in gpus if g.index == index), None) if index >= 0 else None
+        if match is None:
             break
+        if match in chosen:
+            return []
         chosen.append(match)
     return chosen
 
 
+def _chosen_index(device: str) -> int | None:
+    """The torch index the server would use; None for auto (the first, if any)."""
+    if device.startswith("cuda:"):
+        return int(device[5:])
+    return 0 if device == "cuda" else None
+
+
 def visibility_verdict(device: str, driver: DriverFacts, torch_facts: TorchFacts,
                        cuda_visible: str | None) -> Verdict:
+    """Fails only when the GPU the server would use is not there; other disagreements (a GPU
+    torch cannot open, an entry of CUDA_VISIBLE_DEVICES that names none) are warnings."""
     name = "gpu-visibility"
     if device == "cpu":
         return skipped(name, "--device cpu: no GPU is used")
     if not driver.available and not torch_facts.available:
         return skipped(name, "no NVIDIA driver and no CUDA in torch: nothing to compare")
+    shown = "(unset)" if cuda_visible is None else repr(cuda_visible)
+    torch_names = ", ".join(f"cuda:{g.index} {g.name}" for g in torch_facts.gpus) or "none"
+    values = dict(nvml=len(driver.gpus) if driver.available else None,
+                  torch=len(torch_facts.gpus), cuda_visible_devices=cuda_visible)
+    if not driver.available:
+        summary = (f"torch sees {len(torch_facts.gpus)} GPU(s) ({torch_names}); NVML is "
+                   f"unavailable ({driver.error}); CUDA_VISIBLE_DEVICES={shown}")
+        return _chosen_device_verdict(name, device, torch_facts, summary, None, values)
     expected = visible_devices(cuda_visible, driver.gpus)
+    values["expected"] = None if expected is None else len(expected)
     nvml_names = ", ".join(f"{g.index}: {g.name}" for g in driver.gpus) or "none"
-    values = dict(nvml=len(driver.gpus), torch=len(torch_facts.gpus),
-                  cuda_visible_devices=cuda_visible,
-                  expected=None if expected is None else len(expected))
     summary = (f"NVML sees {len(driver.gpus)} GPU(s) ({nvml_names}); torch sees "
-               f"{len(torch_facts.gpus)}; CUDA_VISIBLE_DEVICES="
-               f"{'(unset)' if cuda_visible is None else repr(cuda_visible)}")
+               f"{len(torch_facts.gpus)}; CUDA_VISIBLE_DEVICES={shown}")
+    problem = None
+    if expected is not None and cuda_visible and cuda_visible.strip() not in ("", "-1"):
+        entries = [e for e in cuda_visible.split(",") if e.strip()]
+        if expected == [] and len(entries) > 1:
+            problem = "it names a GPU twice, which hides every GPU from CUDA"
+        elif len(expected) < len(entries):
+            problem = (f"only the first {len(expected)} entr"
+                       f"{'y names' if len(expected) == 1 else 'ies name'} a GPU (CUDA ignores "
+                       "every entry after one that names no GPU)")
     wanted = len(driver.gpus) if expected is None else len(expected)
-    if expected is not None and cuda_visible and cuda_visible.strip() not in ("", "-1") \
-            and len(expected) < len([e for e in cuda_visible.split(",") if e.strip()]):
-        return failed(name, summary + f": only the first {len(expected)} entr"
-                      f"{'y' if len(expected) == 1 else 'ies'} name a GPU (CUDA ignores every "
-                      "entry after one that names no GPU)",
-                      "list GPU indices or UUIDs that nvidia-smi -L shows", **values)
-    if len(torch_facts.gpus) != wanted:
-        hint = ("set CUDA_VISIBLE_DEVICES to the GPUs meant for this server"
-                if wanted == 0 else torch_facts.init_warning
-                or "a torch build that cannot use these GPUs, or a container without them")
-        return failed(name, summary + f": torch should see {wanted}", hint, **values)
-    if device.startswith("cuda:") and int(device[5:]) >= len(torch_facts.gpus):
-        return failed(name, summary + f": --device {device} is not among them",
-                      f"use cuda:0 to cuda:{len(torch_facts.gpus) - 1}, or change "
-                      "CUDA_VISIBLE_DEVICES", **values)
-    if not torch_facts.gpus:
+    if problem is None and expected is not None and len(torch_facts.gpus) != wanted:
+        problem = f"torch sees {len(torch_facts.gpus)} where {wanted} are named"
+    elif problem is None and expected is None and cuda_visible is None \
+            and len(torch_facts.gpus) < wanted:
+        problem = (f"torch sees {len(torch_facts.gpus)} of {wanted}: "
+                   f"{torch_facts.init_warning or 'a GPU it cannot open (permissions, a mode)'}")
+    return _chosen_device_verdict(name, device, torch_facts, summary, problem, values)
+
+
+def _chosen_device_verdict(name: str, device: str, torch_facts: TorchFacts, summary: str,
+                           problem: str | None, values: dict) -> Verdict:
+    index = _chosen_index(device)
+    count = len(torch_facts.gpus)
+    if count == 0:
+        reason = f": {problem}" if problem else ""
         if device == "auto":
-            return warning(name, summary + ": the server will run on the CPU",
-                           "unset CUDA_VISIBLE_DEVICES, or pass --device cpu to say so", **values)
-        return failed(name, summary + f": --device {device} needs one",
-                      "unset or fix CUDA_VISIBLE_DEVICES", **values)
+            return warning(name, f"{summary}{reason}; the server will run on the CPU",
+                           "fix CUDA_VISIBLE_DEVICES, or pass --device cpu to say so", **values)
+        return failed(name, f"{summary}{reason}; --device {device} needs a GPU",
+                      "list GPU indices or UUIDs that nvidia-smi -L shows in "
+                      "CUDA_VISIBLE_DEVICES (or unset it)", **values)
+    if index is not None and index >= count:
+        return failed(name, f"{summary}: --device {device} is not among them",
+                      f"use cuda:0 to cuda:{count - 1}, or change CUDA_VISIBLE_DEVICES", **values)
+    if problem:
+        return warning(name, f"{summary}: {problem}", "list the GPUs meant for this server in "
+                       "CUDA_VISIBLE_DEVICES, as nvidia-smi -L names them", **values)
     return ok(name, summary, **values)
 
 
@@ -268,27 +329,34 @@ def _arch(text: str) -> tuple[str, int, int, str] | None:
 def arch_supported(capability: tuple[int, int], arch_list: tuple[str, ...]) -> bool:
     """Whether torch's compiled code runs on a GPU of this compute capability: machine code for
     the same major version and a lower or equal minor one, arch-specific code ('a') for exactly
-    this one, family code ('f') for the same major, or PTX for an older one (compiled at load)."""
+    this one, family code ('f') for the same major and a lower or equal minor, or PTX (compiled
+    at load) for an older one, its 'a' and 'f' variants under the same rules as machine code."""
     major, minor = capability
     for entry in arch_list:
         parsed = _arch(entry)
         if parsed is None:
             continue
         kind, a_major, a_minor, suffix = parsed
-        if kind == "compute" and (a_major, a_minor) <= capability:
-            return True
-        if kind == "sm" and a_major == major and (
-                (suffix == "" and a_minor <= minor) or (suffix == "a" and a_minor == minor)
-                or (suffix == "f" and a_minor <= minor)):
+        if suffix == "a":
+            fits = (a_major, a_minor) == capability
+        elif suffix == "f":
+            fits = a_major == major and a_minor <= minor
+        elif kind == "compute":
+            fits = (a_major, a_minor) <= capability
+        else:
+            fits = a_major == major and a_minor <= minor
+        if fits:
             return True
     return False
 
 
 def capability_verdict(device: str, torch_facts: TorchFacts) -> Verdict:
+    """Fails when the GPU the server uses has no code in this torch; other GPUs only warn."""
     name = "compute-capability"
     if device == "cpu" or not torch_facts.gpus:
         return skipped(name, "no GPU in use")
     built = " ".join(torch_facts.arch_list) or "(none)"
+    index = _chosen_index(device) or 0
     unsupported = [g for g in torch_facts.gpus
                    if not arch_supported(g.capability, torch_facts.arch_list)]
     gpus = ", ".join(f"cuda:{g.index} {g.name} sm_{g.capability[0]}{g.capability[1]}"
@@ -296,14 +364,17 @@ def capability_verdict(device: str, torch_facts: TorchFacts) -> Verdict:
     values = dict(arch_list=list(torch_facts.arch_list),
                   gpus={f"cuda:{g.index}": f"{g.capability[0]}.{g.capability[1]}"
                         for g in torch_facts.gpus})
-    if unsupported:
-        names = ", ".join(f"cuda:{g.index} (sm_{g.capability[0]}{g.capability[1]})"
-                          for g in unsupported)
-        return failed(name, f"torch {torch_facts.version} has no code for {names}; it was built "
-                      f"for {built}",
-                      "install a torch build that includes this architecture (a newer CUDA "
-                      "build for new GPUs, an older one for old GPUs)", **values)
-    return ok(name, f"{gpus}; torch built for {built}", **values)
+    if not unsupported:
+        return ok(name, f"{gpus}; torch built for {built}", **values)
+    names = ", ".join(f"cuda:{g.index} (sm_{g.capability[0]}{g.capability[1]})"
+                      for g in unsupported)
+    summary = f"torch {torch_facts.version} has no code for {names}; it was built for {built}"
+    fix = ("install a torch build that includes this architecture (a newer CUDA build for new "
+           "GPUs, an older one for old GPUs)")
+    if any(g.index == index for g in unsupported):
+        return failed(name, summary, fix, **values)
+    return warning(name, summary + f"; the server uses cuda:{index}, which is supported",
+                   fix + ", or hide those GPUs with CUDA_VISIBLE_DEVICES", **values)
 
 
 def kernel_verdict(device: str, torch_facts: TorchFacts, timeout: float) -> Verdict:
@@ -313,6 +384,9 @@ def kernel_verdict(device: str, torch_facts: TorchFacts, timeout: float) -> Verd
         return skipped(name, "no GPU in use")
     indices = ([int(device[5:])] if device.startswith("cuda:")
                else [g.index for g in torch_facts.gpus])
+    indices = [i for i in indices if i < len(torch_facts.gpus)]
+    if not indices:
+        return skipped(name, f"--device {device} is not among torch's GPUs (see gpu-visibility)")
     results: dict[int, Any] = {}
     threads = {i: threading.Thread(target=_run_kernel, args=(i, results), daemon=True,
                                    name=f"doctor-kernel-{i}") for i in indices}
@@ -321,10 +395,11 @@ def kernel_verdict(device: str, torch_facts: TorchFacts, timeout: float) -> Verd
         thread.start()
     for thread in threads.values():
         thread.join(max(0.0, timeout - (time.monotonic() - started)))
-    problems, timings = [], {}
+    problems, timings, wedged = [], {}, []
     for index in indices:
         result = results.get(index)
         if result is None:
+            wedged.append(f"cuda:{index}")
             problems.append(f"cuda:{index} did not finish within {timeout:g} s (a wedged GPU "
                             "or driver: look for XID errors in dmesg)")
         elif isinstance(result, str):
@@ -333,7 +408,8 @@ def kernel_verdict(device: str, torch_facts: TorchFacts, timeout: float) -> Verd
             timings[f"cuda:{index}"] = round(result * 1000, 1)
     if problems:
         return failed(name, "; ".join(problems), "check nvidia-smi and the kernel log (dmesg) "
-                      "for this GPU; a reset or reboot may be needed", milliseconds=timings)
+                      "for this GPU; a reset or reboot may be needed", milliseconds=timings,
+                      wedged=wedged)
     shown = ", ".join(f"{k} {v} ms" for k, v in timings.items())
     return ok(name, f"a 512x512 matmul matches the CPU on every GPU ({shown})",
               milliseconds=timings)
@@ -352,11 +428,10 @@ def _run_kernel(index: int, results: dict[int, Any]) -> None:
             torch.cuda.synchronize(index)
         elapsed = time.perf_counter() - started
         expected = a @ b
-        error = float((on_gpu - expected).abs().max())
-        if not torch.allclose(on_gpu, expected, rtol=1e-3, atol=1e-2):
-            results[index] = f"wrong result (largest error {error:.3g})"
-        else:
-            results[index] = elapsed
+        # Relative to the whole result: TF32 (NVIDIA_TF32_OVERRIDE, allow_tf32) stays near 1e-3,
+        # a GPU that computes wrongly is far above.
+        error = float((on_gpu - expected).norm() / expected.norm())
+        results[index] = elapsed if error < 1e-2 else f"wrong result (relative error {error:.3g})"
     except Exception as exc:  # noqa: BLE001 - the error is the verdict
         results[index] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
 
@@ -371,21 +446,51 @@ def cuda_visible_devices() -> str | None:
     return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
+def _within(read, deadline: float, what: str):
+    """``read()`` in a daemon thread; TimeoutError when a wedged driver keeps it past the
+    deadline (the thread is left behind: nothing can interrupt a call into the driver)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = read()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True, name=f"doctor-{what}")
+    thread.start()
+    thread.join(deadline)
+    if thread.is_alive():
+        raise TimeoutError(f"{what} did not answer within {deadline:g} s (a wedged driver or GPU?)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 @dataclass
 class GpuFacts:
-    """Both sides, read on first use."""
+    """Both sides, read on first use, each within ``deadline`` seconds."""
 
+    deadline: float = 60.0
     _driver: DriverFacts | None = None
     _torch: TorchFacts | None = None
 
     @property
     def driver(self) -> DriverFacts:
         if self._driver is None:
-            self._driver = read_driver()
+            try:
+                self._driver = _within(read_driver, self.deadline, "NVML")
+            except TimeoutError as exc:
+                self._driver = DriverFacts(error=str(exc))
         return self._driver
 
     @property
     def torch(self) -> TorchFacts:
         if self._torch is None:
-            self._torch = read_torch()
+            try:
+                self._torch = _within(read_torch, self.deadline, "torch.cuda")
+            except TimeoutError as exc:
+                import torch
+
+                self._torch = TorchFacts(torch.__version__, torch.version.cuda, False, str(exc))
         return self._torch

@@ -32,8 +32,11 @@ def port_verdict(host: str, port: int) -> Verdict:
                 return failed(name, f"{host}:{port} is in use{who}",
                               "stop what holds it, or choose another port with --port",
                               host=host, port=port, holder=holder)
-            return failed(name, f"cannot listen on {host}:{port}: {exc.strerror}",
-                          "use an address of this machine with --host (127.0.0.1 or 0.0.0.0)",
+            if exc.errno == 13:  # EACCES: a port below 1024 without the privilege
+                fix = "use a port from 1024 up with --port"
+            else:
+                fix = "use an address of this machine with --host (127.0.0.1 or 0.0.0.0)"
+            return failed(name, f"cannot listen on {host}:{port}: {exc.strerror}", fix,
                           host=host, port=port)
     return ok(name, f"{host}:{port} is free", host=host, port=port)
 
@@ -108,9 +111,14 @@ def otlp_verdict(environ: dict[str, str] | None = None, timeout: float = 5.0) ->
     url = endpoint
     if not environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
         url = endpoint.rstrip("/") + "/v1/traces"
+    # The same headers and certificate as the exporter would use (authenticated receivers).
+    headers = _otlp_headers(environ.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+                            or environ.get("OTEL_EXPORTER_OTLP_HEADERS") or "")
+    headers["Content-Type"] = "application/x-protobuf"
+    verify = (environ.get("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+              or environ.get("OTEL_EXPORTER_OTLP_CERTIFICATE") or True)
     try:
-        answer = requests.post(url, data=b"", timeout=timeout,
-                               headers={"Content-Type": "application/x-protobuf"})
+        answer = requests.post(url, data=b"", timeout=timeout, headers=headers, verify=verify)
     except requests.RequestException as exc:
         return warning(name, f"{url} does not answer ({type(exc).__name__}): traces will be "
                        "dropped", "start the trace receiver (Tempo, an OpenTelemetry Collector) "
@@ -121,6 +129,14 @@ def otlp_verdict(environ: dict[str, str] | None = None, timeout: float = 5.0) ->
                        "traces path", url=url, status=answer.status_code)
     return ok(name, f"{url} accepts OTLP/HTTP (HTTP {answer.status_code})", url=url,
               status=answer.status_code)
+
+
+def _otlp_headers(text: str) -> dict[str, str]:
+    """OTEL_EXPORTER_OTLP_HEADERS: comma-separated key=value pairs, URL-encoded."""
+    from urllib.parse import unquote
+
+    pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
+    return {unquote(k).strip(): unquote(v).strip() for k, v in pairs}
 
 
 # ---- memory -----------------------------------------------------------------------------------
@@ -135,31 +151,41 @@ def _meminfo() -> dict[str, int]:
     return values
 
 
-def _cgroup_room() -> tuple[int, str] | None:
-    """Bytes this process's cgroup may still allocate, and its limit's file, or None.
-
-    cgroup v2 (memory.max) or v1 (memory.limit_in_bytes), also in hybrid layouts; inside a
-    container the cgroup's own directory is often the mount's root, so that is tried too."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
+def cgroup_room(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup")
+                ) -> tuple[int, str] | None:
+    """Bytes the cgroups of this process may still allocate (the least room along the path up
+    to the root: a Slurm job's limit sits on a parent of the step's cgroup), and that limit's
+    file; None when no limit applies. cgroup v2 (memory.max) or v1 (memory.limit_in_bytes),
+    hybrid layouts too; inside a container the cgroup's directory is often the mount's root."""
+    if proc_cgroup is None:
+        try:
+            proc_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            return None
+    rooms: list[tuple[int, str]] = []
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
         if controllers == "":
-            roots, limit_name, usage_name = (("/sys/fs/cgroup", "/sys/fs/cgroup/unified"),
-                                             "memory.max", "memory.current")
+            mounts, limit_name, usage_name = ((root, root / "unified"), "memory.max",
+                                              "memory.current")
         elif "memory" in controllers.split(","):
-            roots, limit_name, usage_name = (("/sys/fs/cgroup/memory",),
-                                             "memory.limit_in_bytes", "memory.usage_in_bytes")
+            mounts, limit_name, usage_name = ((root / "memory",), "memory.limit_in_bytes",
+                                              "memory.usage_in_bytes")
         else:
             continue
-        for root in roots:
-            for base in (Path(root) / path.lstrip("/"), Path(root)):
-                room = _room_in(base, limit_name, usage_name)
+        relative = Path(path.lstrip("/"))
+        for mount in mounts:
+            levels = [mount / relative, *(mount / p for p in relative.parents)]
+            if not levels[0].is_dir():
+                levels = [mount]  # a container: its own cgroup is the mount's root
+            for level in levels:
+                room = _room_in(level, limit_name, usage_name)
                 if room is not None:
-                    return room
-    return None
+                    rooms.append(room)
+    return min(rooms) if rooms else None
 
 
 def _room_in(base: Path, limit_name: str, usage_name: str) -> tuple[int, str] | None:
@@ -168,11 +194,11 @@ def _room_in(base: Path, limit_name: str, usage_name: str) -> tuple[int, str] | 
         usage = int((base / usage_name).read_text().strip())
     except (OSError, ValueError):
         return None
-    if limit_text == "max" or int(limit_text) >= 1 << 60:
+    if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= 1 << 60:
         return None
     # Inactive file pages are reclaimed before the limit bites (the kubelet's "working set").
-    usage -= _stat(base / "memory.stat").get("inactive_file", 0) or \
-        _stat(base / "memory.stat").get("total_inactive_file", 0)
+    stat = _stat(base / "memory.stat")
+    usage -= stat.get("inactive_file", stat.get("total_inactive_file", 0))
     return max(0, int(limit_text) - max(0, usage)), str(base / limit_name)
 
 
@@ -188,7 +214,7 @@ def available_ram() -> tuple[int, str]:
     """Bytes of RAM a new allocation may take here, and where the figure comes from."""
     available = _meminfo().get("MemAvailable", 0)
     source = "MemAvailable"
-    room = _cgroup_room()
+    room = cgroup_room()
     if room is not None and room[0] < available:
         available, source = room[0], f"the cgroup limit ({room[1]})"
     return available, source

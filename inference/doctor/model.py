@@ -24,6 +24,7 @@ class ModelFacts:
 
     directory: Path | None = None
     hub_id: str | None = None  # set when the model will come from the hub at start
+    cached_repo: str | None = None  # set when the directory is a snapshot in the hub's cache
     raw_config: dict[str, Any] | None = None
     model_config: Any = None
     tokenizer: Any = None
@@ -65,6 +66,7 @@ def _hub_verdict(repo_id: str, facts: ModelFacts, offline: bool) -> Verdict:
 
     try:
         facts.directory = Path(snapshot_download(repo_id, local_files_only=True))
+        facts.cached_repo = repo_id
         return ok(name, f"hub id {repo_id}, in the local cache at {facts.directory}",
                   path=str(facts.directory), repo_id=repo_id)
     except Exception:  # noqa: BLE001 - not cached (or not a valid id): ask the hub below
@@ -192,6 +194,12 @@ def weights_verdict(facts: ModelFacts) -> Verdict:
     try:
         weights = facts.weights = read_weights(facts.directory)
     except WeightsError as exc:
+        if facts.cached_repo:
+            # transformers completes a partial snapshot of the hub's cache when it loads.
+            return warning(name, f"the cached snapshot of {facts.cached_repo} is incomplete: "
+                           f"{exc}; the server will download the rest at start",
+                           f"hf download {facts.cached_repo} ahead, so that the start is not a "
+                           "long silent download", path=str(facts.directory))
         return failed(name, str(exc), "download the checkpoint again (hf download resumes "
                       "and completes it)", path=str(facts.directory))
     except OSError as exc:
@@ -201,9 +209,15 @@ def weights_verdict(facts: ModelFacts) -> Verdict:
                  else "PyTorch pickles")
     where = f"{len(weights.files)} shard(s) named by {weights.index}" if weights.index \
         else weights.files[0].name
-    return ok(name, f"{where}, all present and whole: {human_bytes(weights.bytes_on_disk)}, {described}",
-              files=len(weights.files), bytes=weights.bytes_on_disk,
-              parameters=weights.parameters)
+    summary = (f"{where}, all present and whole: {human_bytes(weights.bytes_on_disk)}, "
+               f"{described}")
+    values = dict(files=len(weights.files), bytes=weights.bytes_on_disk,
+                  parameters=weights.parameters)
+    if weights.notes:
+        return warning(name, f"{summary}; but {'; '.join(weights.notes)}",
+                       "check that the shards and the index come from the same download",
+                       **values)
+    return ok(name, summary, **values)
 
 
 @dataclass(frozen=True)
@@ -215,7 +229,9 @@ class DeviceMemory:
 
 
 def memory_verdict(config: Config, facts: ModelFacts,
-                   device_memory: Callable[[], DeviceMemory | None]) -> Verdict:
+                   device_memory: Callable[[], DeviceMemory | None],
+                   ram: tuple[int, str] | None = None) -> Verdict:
+    """``ram`` (bytes free, where from) is checked too when the device is a GPU."""
     name = "memory"
     if facts.weights is None or facts.model_config is None:
         return skipped(name, "needs the weights and the config (see above)")
@@ -236,7 +252,9 @@ def memory_verdict(config: Config, facts: ModelFacts,
         checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
     checkpoint_itemsize = (torch.empty((), dtype=checkpoint_dtype).element_size()
                            if isinstance(checkpoint_dtype, torch.dtype) else None)
-    weights = facts.weights.bytes_as(itemsize, checkpoint_itemsize)
+    text_config = getattr(facts.model_config, "text_config", None) or facts.model_config
+    weights = facts.weights.bytes_as(itemsize, checkpoint_itemsize,
+                                      tied=bool(getattr(text_config, "tie_word_embeddings", False)))
     dtype_name = str(dtype).removeprefix("torch.")
     try:
         context = context_length(facts.model_config, facts.tokenizer, config.max_model_len)
@@ -248,6 +266,11 @@ def memory_verdict(config: Config, facts: ModelFacts,
                   kv_cache_bytes=kv, context_tokens=context, available_bytes=memory.available,
                   available_source=memory.source, other_devices=memory.others)
     where = f"{memory.device} has {human_bytes(memory.available)} free ({memory.source})"
+    if weights > memory.available and not facts.weights.exact:
+        return warning(name, f"the weights may need {human_bytes(weights)} in {dtype_name} but "
+                       f"{where} (PyTorch pickles: sized by their files, an estimate)",
+                       "convert the checkpoint to safetensors for an exact figure, or use a "
+                       "device with more memory", **values)
     if weights > memory.available:
         fixes = ["use a device with more memory, or a smaller (or quantized) checkpoint"]
         if device.type == "cuda":
@@ -260,6 +283,11 @@ def memory_verdict(config: Config, facts: ModelFacts,
         return failed(name, f"the weights need {human_bytes(weights)} in {dtype_name} but {where}",
                       "; or ".join(fixes), **values)
     summary = f"weights {human_bytes(weights)} in {dtype_name}"
+    if ram is not None and weights > ram[0]:
+        # from_pretrained builds the model in host memory before it moves to the GPU.
+        return warning(name, f"{summary} fit {memory.device}, but the load goes through RAM, "
+                       f"which has {human_bytes(ram[0])} free ({ram[1]})",
+                       "free RAM or raise the job's memory limit (--mem under Slurm)", **values)
     if kv is None:
         return ok(name, f"{summary}; {where}; no KV-cache estimate for this attention layout",
                   **values)

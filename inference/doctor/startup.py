@@ -8,6 +8,7 @@ from loguru import logger
 
 from ..config import Config
 from .checks import Session, run_checks, startup_checks
+from .gpu import GpuFacts
 from .report import Status, Verdict
 
 # With --device auto the server falls back to the CPU when torch cannot use the GPUs: these
@@ -22,8 +23,13 @@ class StartupCheckFailed(RuntimeError):
                          f"fix: {verdict.fix}")
 
 
+# Reading the GPUs at start-up may take long on a node whose GPUs are not in persistence mode.
+GPU_DEADLINE_S = 180.0
+
+
 def blocks_start(verdict: Verdict, config: Config) -> bool:
-    if verdict.status is not Status.FAILED:
+    """Only a verdict the check reached; a check that itself broke never stops the server."""
+    if verdict.status is not Status.FAILED or verdict.values.get("raised"):
         return False
     return not (config.device == "auto" and verdict.check in _FALLBACK_CHECKS)
 
@@ -45,7 +51,7 @@ def _log(verdict: Verdict, config: Config) -> None:
 def run_startup_checks(config: Config) -> list[Verdict]:
     """Run and log the start-up checks; raise StartupCheckFailed at the first one that stops the
     start (after logging all of them)."""
-    session = Session(config, offline=True)
+    session = Session(config, offline=True, gpus=GpuFacts(deadline=GPU_DEADLINE_S))
     verdicts = run_checks(session, startup_checks(), on_verdict=lambda v: _log(v, config))
     for verdict in verdicts:
         if blocks_start(verdict, config):

@@ -14,18 +14,20 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-# Bytes per element of the safetensors dtypes.
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-               "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
-               "I64": 8, "U64": 8, "F64": 8}
+# The files transformers looks for, in its order: the first present is what it loads.
+CANDIDATES = (("model.safetensors", False), ("model.safetensors.index.json", True),
+              ("pytorch_model.bin", False), ("pytorch_model.bin.index.json", True))
+# Bits per element of every safetensors dtype (safetensors 0.8; F4 and F6 are packed).
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+              "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+              "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+              "C64": 64, "I64": 64, "U64": 64, "F64": 64}
 # Tensors transformers converts to the dtype it loads the model in; others keep theirs.
 CONVERTED = {"F16", "BF16", "F32", "F64"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
-class WeightsError(ValueError):
+class WeightsError(Exception):
     """A weight file that is missing, truncated or unreadable; the message names it."""
 
 
@@ -47,16 +49,28 @@ class Weights:
     safetensors: TensorGroup  # contents of the safetensors files
     pickle_bytes: int  # bytes of .bin files, contents unknown
     index: str | None  # the index file, when sharded
+    notes: list[str] = field(default_factory=list)  # oddities that do not stop a load
+    lm_head: tuple[int, str] | None = None  # elements and dtype of lm_head.weight, if stored
 
     @property
     def parameters(self) -> int | None:
         return sum(self.safetensors.elements.values()) if not self.pickle_bytes else None
 
-    def bytes_as(self, itemsize: int, checkpoint_itemsize: int | None) -> int:
-        """Bytes the weights take once loaded with floating tensors in ``itemsize`` bytes."""
+    @property
+    def exact(self) -> bool:
+        """Whether bytes_as() knows every tensor's size (not so for pickles)."""
+        return not self.pickle_bytes
+
+    def bytes_as(self, itemsize: int, checkpoint_itemsize: int | None,
+                 tied: bool = False) -> int:
+        """Bytes the weights take once loaded with floating tensors in ``itemsize`` bytes; with
+        ``tied`` a stored output layer is not counted (the model shares the embeddings')."""
+        elements = dict(self.safetensors.elements)
+        if tied and self.lm_head is not None:
+            elements[self.lm_head[1]] -= self.lm_head[0]
         total = 0
-        for dtype, count in self.safetensors.elements.items():
-            total += count * (itemsize if dtype in CONVERTED else DTYPE_BYTES[dtype])
+        for dtype, count in elements.items():
+            total += count * itemsize if dtype in CONVERTED else count * DTYPE_BITS[dtype] // 8
         if self.pickle_bytes:
             scale = itemsize / checkpoint_itemsize if checkpoint_itemsize else 1.0
             total += int(self.pickle_bytes * scale)
@@ -85,12 +99,15 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     end = 0
     for name, info in header.items():
         try:
-            end = max(end, int(info["data_offsets"][1]))
-            if info["dtype"] not in DTYPE_BYTES:
-                raise WeightsError(f"{path.name}: tensor {name} has dtype {info['dtype']}, "
-                                   "which this check does not know")
+            offsets, shape = info["data_offsets"], info["shape"]
+            end = max(end, int(offsets[1]))
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise TypeError
+            if not isinstance(info["dtype"], str):
+                raise TypeError
         except (KeyError, TypeError, IndexError, ValueError):
-            raise WeightsError(f"{path.name}: tensor {name!r} is described wrongly") from None
+            raise WeightsError(f"{path.name}: tensor {name!r} is described wrongly "
+                               "(dtype, shape or data_offsets)") from None
     expected = 8 + length + end
     if size != expected:
         raise WeightsError(f"{path.name} is {size} bytes but its header describes {expected}: "
@@ -106,41 +123,54 @@ def _elements(shape: list[int]) -> int:
 
 
 def read_weights(directory: Path) -> Weights:
-    """Every weight file a checkpoint directory names, checked to be present and whole."""
-    index_name = next((n for n in INDEX_FILES if (directory / n).is_file()), None)
-    if index_name is not None:
+    """Every weight file transformers would load from a checkpoint directory, checked to be
+    present and whole. Disagreements that do not stop a load become ``notes``."""
+    chosen = next(((n, sharded) for n, sharded in CANDIDATES if (directory / n).is_file()), None)
+    if chosen is None:
+        raise WeightsError(f"no weights in {directory}: none of "
+                           f"{', '.join(n for n, _ in CANDIDATES)}")
+    name, sharded = chosen
+    weight_map = None
+    if sharded:
         try:
-            weight_map = json.loads((directory / index_name).read_text())["weight_map"]
+            weight_map = json.loads((directory / name).read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError("a shard name is not a string")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise WeightsError(f"{index_name} is not a valid index ({exc})") from None
+            raise WeightsError(f"{name} is not a valid index ({exc})") from None
         missing = [n for n in names if not (directory / n).is_file()]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more"
                                              if len(missing) > 5 else "")
-            raise WeightsError(f"{len(missing)} of the {len(names)} shards that {index_name} "
+            raise WeightsError(f"{len(missing)} of the {len(names)} shards that {name} "
                                f"names are missing: {shown}")
     else:
-        single = next((n for n in SINGLE_FILES if (directory / n).is_file()), None)
-        if single is None:
-            raise WeightsError(f"no weights in {directory}: neither an index "
-                               f"({' nor '.join(INDEX_FILES)}) nor {' nor '.join(SINGLE_FILES)}")
-        names, weight_map = [single], None
-    weights = Weights([], 0, {}, TensorGroup(), 0, index_name)
-    for name in names:
-        path = directory / name
+        names = [name]
+    weights = Weights([], 0, {}, TensorGroup(), 0, name if sharded else None)
+    unknown: set[str] = set()
+    for file_name in names:
+        path = directory / file_name
         weights.files.append(path)
         weights.bytes_on_disk += path.stat().st_size
-        if name.endswith(".safetensors"):
+        if file_name.endswith(".safetensors"):
             for tensor, info in read_safetensors_header(path).items():
-                weights.tensors[tensor] = name
-                weights.safetensors.add(info["dtype"], _elements(info["shape"]))
+                weights.tensors[tensor] = file_name
+                count = _elements(info["shape"])
+                if info["dtype"] not in DTYPE_BITS:
+                    unknown.add(info["dtype"])
+                    continue
+                weights.safetensors.add(info["dtype"], count)
+                if tensor == "lm_head.weight":
+                    weights.lm_head = (count, info["dtype"])
         else:
             weights.pickle_bytes += path.stat().st_size
-    if weight_map is not None and index_name.endswith(".safetensors.index.json"):
+    if unknown:
+        weights.notes.append(f"tensors of dtype {', '.join(sorted(unknown))}, which this check "
+                             "cannot size, are left out of the size")
+    if weight_map is not None and name.endswith(".safetensors.index.json"):
         absent = [t for t, f in weight_map.items() if weights.tensors.get(t) != f]
         if absent:
-            raise WeightsError(f"{len(absent)} tensor(s) that {index_name} places in a shard are "
-                               f"not in it, e.g. {absent[0]} in {weight_map[absent[0]]}: the "
-                               "shards do not belong to this index")
+            weights.notes.append(f"{len(absent)} tensor(s) that {name} places in a shard are "
+                                 f"not in it, e.g. {absent[0]} in {weight_map[absent[0]]}")
     return weights
