@@ -9,18 +9,13 @@ import sys
 from typing import Sequence
 
 from .config import Config, ConfigError, load_config
+from .listen import bind_tcp
 
 
 def _bind(config: Config) -> socket.socket:
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
-    # without it keep-alive responses wait ~40 ms on the client's delayed ACK (Nagle).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((config.host, config.port))
+        sock = bind_tcp(config.host, config.port)
     except OSError as exc:
-        sock.close()
         raise ConfigError(f"cannot listen on {config.host}:{config.port} ({exc.strerror}); is "
                           "another server using that port? choose another with --port") from None
     sock.listen(2048)

@@ -8,7 +8,6 @@ service not ready for good (it never pretends to serve); the supervisor decides 
 from __future__ import annotations
 
 import copy
-import os
 import threading
 import time
 from typing import Any

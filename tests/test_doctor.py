@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import math
 import os
 import shutil
 import socket
@@ -200,15 +201,9 @@ def test_a_whole_sharded_checkpoint_passes(sharded_model):
     parameters = 0
     for shard in sharded_model.glob("*.safetensors"):
         with safe_open(shard, "pt") as handle:
-            parameters += sum(_product(handle.get_slice(k).get_shape()) for k in handle.keys())
+            parameters += sum(math.prod(handle.get_slice(k).get_shape())
+                              for k in handle.keys())
     assert found["values"]["parameters"] == parameters
-
-
-def _product(shape) -> int:
-    total = 1
-    for dim in shape:
-        total *= dim
-    return total
 
 
 def test_a_missing_model_directory_fails(tmp_path):
@@ -582,14 +577,16 @@ def test_a_sound_start_logs_every_start_up_verdict(server):
 
 # ---- GPU rules, on the facts NVML and torch report -------------------------------------------
 
-H100 = gpu.NvmlGpu(0, "NVIDIA H100 80GB HBM3", "GPU-1111aaaa-0000", (9, 0), 80 << 30, 79 << 30)
-A10 = gpu.NvmlGpu(1, "NVIDIA A10", "GPU-2222bbbb-0000", (8, 6), 24 << 30, 23 << 30)
+H100 = gpu.NvmlGpu(0, "NVIDIA H100 80GB HBM3", "GPU-1111aaaa-0000", 79 << 30)
+A10 = gpu.NvmlGpu(1, "NVIDIA A10", "GPU-2222bbbb-0000", 23 << 30)
+# What torch reports as each GPU's compute capability, by UUID.
+CAPABILITY = {H100.uuid: (9, 0), A10.uuid: (8, 6), "GPU-3": (12, 0), "GPU-4": (5, 0)}
 DRIVER_12_2 = gpu.DriverFacts(None, "535.183.01", (12, 2), (H100, A10))
 ARCHES = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")
 
 
 def torch_facts(cuda: str | None, gpus=(), arch_list=ARCHES, warning=None) -> gpu.TorchFacts:
-    torch_gpus = tuple(gpu.TorchGpu(i, g.name, g.capability, g.uuid, g.memory_total)
+    torch_gpus = tuple(gpu.TorchGpu(i, g.name, CAPABILITY[g.uuid], g.uuid)
                        for i, g in enumerate(gpus))
     return gpu.TorchFacts("2.x", cuda, bool(torch_gpus), warning, arch_list, torch_gpus)
 
@@ -680,12 +677,12 @@ def test_compute_capability_against_the_compiled_architectures():
     assert gpu.arch_supported((12, 0), ("sm_100", "sm_120"))
     assert not gpu.arch_supported((12, 0), ("sm_50", "sm_90"))
     assert not gpu.arch_supported((3, 7), ("sm_50", "sm_90"))  # too old for the build
-    blackwell = gpu.NvmlGpu(0, "NVIDIA RTX PRO 6000", "GPU-3", (12, 0), 96 << 30, 95 << 30)
+    blackwell = gpu.NvmlGpu(0, "NVIDIA RTX PRO 6000", "GPU-3", 95 << 30)
     verdict = gpu.capability_verdict("cuda:0", torch_facts("12.6", (blackwell,)))
     assert verdict.status is Status.FAILED and "cuda:0 (sm_120)" in verdict.summary
     assert gpu.capability_verdict("cuda:0", torch_facts("12.6", (H100, A10))).status is Status.OK
     # An old second GPU the server does not use: a warning, not a refusal.
-    old = gpu.NvmlGpu(1, "Quadro K2200", "GPU-4", (5, 0), 4 << 30, 4 << 30)
+    old = gpu.NvmlGpu(1, "Quadro K2200", "GPU-4", 4 << 30)
     mixed = torch_facts("12.6", (H100, old), arch_list=("sm_80", "sm_90"))
     assert gpu.capability_verdict("cuda:0", mixed).status is Status.WARNING
     assert gpu.capability_verdict("cuda:1", mixed).status is Status.FAILED

@@ -17,7 +17,7 @@ from typing import Callable
 
 from loguru import logger
 
-from .backend import BackendUnavailable, GpuBackend, GpuLost, GpuState, SystemInfo
+from .backend import BackendUnavailable, GpuBackend, GpuState, SystemInfo
 
 XID_RETRY_S = 60.0
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 from ..config import Config
 from . import environment, gpu, host, model
-from .report import Verdict, failed
+from .report import Verdict, failed, first_line
 
 
 @dataclass
@@ -122,7 +122,7 @@ def run_checks(session: Session, checks: Iterable[Check],
             verdict = check.run(session)
         except Exception as exc:  # noqa: BLE001 - a broken check is a finding, not a crash
             verdict = failed(check.name, f"the check itself raised {type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                             f"{first_line(exc)}",
                              "run with the same options again; if it persists, report it with "
                              "the output of --json", raised=True)
         verdict.values.setdefault("seconds", round(time.perf_counter() - started, 3))

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 from .report import Verdict, failed, ok, skipped, warning
 
 DISTRIBUTION = "llm-vigil"
@@ -21,10 +23,6 @@ SHOWN = ("torch", "transformers", "tokenizers", "safetensors", "nvidia-ml-py")
 CRITICAL = {"torch", "transformers", "tokenizers", "safetensors", "huggingface-hub",
             "accelerate", "nvidia-ml-py", "numpy"}
 MINIMUM_PYTHON = (3, 11)
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def python_verdict() -> Verdict:
@@ -50,7 +48,7 @@ def _requirements() -> list:
 
 def packages_verdict() -> Verdict:
     name = "packages"
-    requirements = {_canonical(r.name): r for r in _requirements()}
+    requirements = {canonicalize_name(r.name): r for r in _requirements()}
     versions: dict[str, str | None] = {}
     problems = []
     for package in dict.fromkeys([*SHOWN, *requirements]):
@@ -89,7 +87,7 @@ def pip_check_verdict(timeout: float = 120.0) -> Verdict:
     if run.returncode == 0:
         return ok(name, "pip check: no broken requirements")
     conflicts = [line for line in run.stdout.splitlines() if line.strip()]
-    involved = {_canonical(word) for line in conflicts
+    involved = {canonicalize_name(word) for line in conflicts
                 for word in re.findall(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)}
     critical = sorted(involved & CRITICAL)
     summary = f"pip check found {len(conflicts)} conflict(s): {'; '.join(conflicts[:3])}"

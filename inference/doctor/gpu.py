@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from .report import Verdict, failed, ok, skipped, warning
+from .report import Verdict, failed, first_line, ok, skipped, warning
 
 # Wheel indexes PyTorch publishes CUDA builds under (download.pytorch.org/whl/<tag>), oldest
 # first; the fix names the newest one the driver supports.
@@ -27,9 +27,7 @@ class NvmlGpu:
     index: int
     name: str
     uuid: str
-    capability: tuple[int, int] | None
-    memory_total: int | None
-    memory_free: int | None
+    memory_free: int | None  # the memory check reports the other GPUs' room from it
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,6 @@ class TorchGpu:
     name: str
     capability: tuple[int, int]
     uuid: str | None
-    memory_total: int
 
 
 @dataclass(frozen=True)
@@ -87,13 +84,12 @@ def read_driver() -> DriverFacts:
     for index in range(count):
         try:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            memory = _optional(lambda h=handle: pynvml.nvmlDeviceGetMemoryInfo(h))
             gpus.append(NvmlGpu(index, _text(pynvml.nvmlDeviceGetName(handle)),
                                 _text(pynvml.nvmlDeviceGetUUID(handle)),
-                                _optional(lambda h=handle: tuple(
-                                    pynvml.nvmlDeviceGetCudaComputeCapability(h))),
-                                *_memory(pynvml, handle)))
+                                memory.free if memory is not None else None))
         except pynvml.NVMLError as exc:
-            gpus.append(NvmlGpu(index, f"(unreadable: {exc})", "", None, None, None))
+            gpus.append(NvmlGpu(index, f"(unreadable: {exc})", "", None))
     _shutdown(pynvml)
     return DriverFacts(None, _text(version), (cuda // 1000, cuda % 1000 // 10), tuple(gpus))
 
@@ -116,11 +112,6 @@ def _optional(read):
         return None
 
 
-def _memory(pynvml, handle) -> tuple[int | None, int | None]:
-    info = _optional(lambda: pynvml.nvmlDeviceGetMemoryInfo(handle))
-    return (info.total, info.free) if info is not None else (None, None)
-
-
 def read_torch() -> TorchFacts:
     import torch
 
@@ -136,8 +127,7 @@ def read_torch() -> TorchFacts:
             props = torch.cuda.get_device_properties(index)
             uuid = getattr(props, "uuid", None)
             gpus.append(TorchGpu(index, props.name, (props.major, props.minor),
-                                 f"GPU-{uuid}" if uuid is not None else None,
-                                 props.total_memory))
+                                 f"GPU-{uuid}" if uuid is not None else None))
     return TorchFacts(torch.__version__, torch.version.cuda, available,
                       " ".join(said) or None, arch_list, tuple(gpus))
 
@@ -433,7 +423,7 @@ def _run_kernel(index: int, results: dict[int, Any]) -> None:
         error = float((on_gpu - expected).norm() / expected.norm())
         results[index] = elapsed if error < 1e-2 else f"wrong result (relative error {error:.3g})"
     except Exception as exc:  # noqa: BLE001 - the error is the verdict
-        results[index] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+        results[index] = f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def free_device_memory(index: int) -> tuple[int, int]:

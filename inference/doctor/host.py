@@ -4,12 +4,13 @@ container or a Slurm job sets)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
+from ..listen import bind_tcp
 from .report import Verdict, failed, human_bytes, ok, skipped, warning
 
 MIB = 1024 * 1024
@@ -18,26 +19,21 @@ LOW_DISK_BYTES = 256 * MIB
 
 def port_verdict(host: str, port: int) -> Verdict:
     name = "port"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # The server binds with SO_REUSEADDR; so does the check, so that a port in TIME_WAIT (free
-    # for the server) is not reported as taken.
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
+    try:
+        bind_tcp(host, port).close()  # bound the way the server binds it
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
             holder = listener_of(port)
             who = f" by {holder}" if holder else ""
-            if exc.errno in (98, 48):  # EADDRINUSE on Linux, macOS
-                return failed(name, f"{host}:{port} is in use{who}",
-                              "stop what holds it, or choose another port with --port",
-                              host=host, port=port, holder=holder)
-            if exc.errno == 13:  # EACCES: a port below 1024 without the privilege
-                fix = "use a port from 1024 up with --port"
-            else:
-                fix = "use an address of this machine with --host (127.0.0.1 or 0.0.0.0)"
-            return failed(name, f"cannot listen on {host}:{port}: {exc.strerror}", fix,
-                          host=host, port=port)
+            return failed(name, f"{host}:{port} is in use{who}",
+                          "stop what holds it, or choose another port with --port",
+                          host=host, port=port, holder=holder)
+        if exc.errno == errno.EACCES:  # a port below 1024 without the privilege
+            fix = "use a port from 1024 up with --port"
+        else:
+            fix = "use an address of this machine with --host (127.0.0.1 or 0.0.0.0)"
+        return failed(name, f"cannot listen on {host}:{port}: {exc.strerror}", fix,
+                      host=host, port=port)
     return ok(name, f"{host}:{port} is free", host=host, port=port)
 
 

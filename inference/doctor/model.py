@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import Config
-from .report import Verdict, failed, human_bytes, human_count, ok, skipped, warning
+from .report import (Verdict, failed, first_line, human_bytes, human_count, ok, skipped,
+                     warning)
 from .weights import Weights, WeightsError, read_weights
-
-
 
 ROOM_SHARE = 0.9  # of the memory left beside the weights, for a suggested --max-model-len
 
@@ -29,7 +28,6 @@ class ModelFacts:
     model_config: Any = None
     tokenizer: Any = None
     weights: Weights | None = None
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -153,10 +151,12 @@ def config_verdict(config: Config, facts: ModelFacts) -> Verdict:
             str(facts.directory), trust_remote_code=config.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - every kind means the same: it does not load
         return failed(name, f"the config does not load: {type(exc).__name__}: "
-                      f"{_first_line(exc)}", "check config.json, transformers' version and "
+                      f"{first_line(exc)}", "check config.json, transformers' version and "
                       "--trust-remote-code")
+    from ..model.loader import checkpoint_dtype
+
     model_config = facts.model_config
-    dtype = getattr(model_config, "dtype", None) or vars(model_config).get("torch_dtype")
+    dtype = checkpoint_dtype(model_config)
     return ok(name, f"{type(model_config).__name__} ({', '.join(model_config.architectures or [])}"
               f"), checkpoint dtype {str(dtype).removeprefix('torch.')}",
               config_class=type(model_config).__name__, dtype=str(dtype))
@@ -173,7 +173,7 @@ def tokenizer_verdict(config: Config, facts: ModelFacts) -> Verdict:
             str(facts.directory), trust_remote_code=config.trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         return failed(name, f"the tokenizer does not load: {type(exc).__name__}: "
-                      f"{_first_line(exc)}", "check tokenizer.json / tokenizer_config.json, "
+                      f"{first_line(exc)}", "check tokenizer.json / tokenizer_config.json, "
                       "the tokenizers version and --trust-remote-code")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     summary = (f"{type(tokenizer).__name__}, {len(tokenizer)} tokens, "
@@ -238,20 +238,18 @@ def memory_verdict(config: Config, facts: ModelFacts,
     import torch
 
     from ..engine.memory import kv_cache_shape
-    from ..model.loader import ModelLoadError, context_length, resolve_dtype
+    from ..model.loader import ModelLoadError, checkpoint_dtype, context_length, resolve_dtype
 
     memory = device_memory()
     if memory is None:
         return skipped(name, f"--device {config.device} is not usable here (see the GPU checks)")
     device = torch.device(memory.device)
-    checkpoint_dtype = (getattr(facts.model_config, "dtype", None)
-                        or vars(facts.model_config).get("torch_dtype"))
-    dtype = resolve_dtype(config.dtype, device, checkpoint_dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if isinstance(checkpoint_dtype, str):
-        checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
-    checkpoint_itemsize = (torch.empty((), dtype=checkpoint_dtype).element_size()
-                           if isinstance(checkpoint_dtype, torch.dtype) else None)
+    stored = checkpoint_dtype(facts.model_config)
+    dtype = resolve_dtype(config.dtype, device, stored)
+    itemsize = dtype.itemsize
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    checkpoint_itemsize = stored.itemsize if isinstance(stored, torch.dtype) else None
     text_config = getattr(facts.model_config, "text_config", None) or facts.model_config
     weights = facts.weights.bytes_as(itemsize, checkpoint_itemsize,
                                       tied=bool(getattr(text_config, "tie_word_embeddings", False)))
@@ -302,8 +300,3 @@ def memory_verdict(config: Config, facts: ModelFacts,
                        if fits > 0 else "a device with more memory", fitting_tokens=fits,
                        **values)
     return ok(name, f"{summary}; {where}", **values)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else "(no message)"

@@ -79,6 +79,12 @@ def render_json(verdicts: list[Verdict]) -> str:
                        "checks": [v.to_dict() for v in verdicts]}, indent=2, default=str)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of message, for a one-line summary."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
 def human_bytes(value: int | float) -> str:
     for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if abs(value) >= size:

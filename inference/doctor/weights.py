@@ -10,6 +10,7 @@ contents.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,13 +116,6 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     return header
 
 
-def _elements(shape: list[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= int(dim)
-    return count
-
-
 def read_weights(directory: Path) -> Weights:
     """Every weight file transformers would load from a checkpoint directory, checked to be
     present and whole. Disagreements that do not stop a load become ``notes``."""
@@ -156,7 +150,7 @@ def read_weights(directory: Path) -> Weights:
         if file_name.endswith(".safetensors"):
             for tensor, info in read_safetensors_header(path).items():
                 weights.tensors[tensor] = file_name
-                count = _elements(info["shape"])
+                count = math.prod(info["shape"])
                 if info["dtype"] not in DTYPE_BITS:
                     unknown.add(info["dtype"])
                     continue

@@ -97,6 +97,12 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+def checkpoint_dtype(model_config) -> Any:
+    """The dtype the checkpoint's config names (a torch.dtype, a string, or None)."""
+    # Newer configs call it dtype; reading the old torch_dtype attribute warns.
+    return getattr(model_config, "dtype", None) or vars(model_config).get("torch_dtype")
+
+
 def model_source(config: Config) -> str:
     """The path or hub id to load: the demo model is built first if needed."""
     if config.model == "demo":
@@ -105,7 +111,6 @@ def model_source(config: Config) -> str:
 
 
 def load_model(config: Config) -> LoadedModel:
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(config.device)
@@ -118,10 +123,7 @@ def load_model(config: Config) -> LoadedModel:
         where = "directory" if local else "hub id (is the hub reachable from here?)"
         raise ModelLoadError(f"cannot load the config or tokenizer of {source!r} as a {where}: "
                              f"{type(exc).__name__}: {exc}") from exc
-    # Newer configs call it dtype; reading the old torch_dtype attribute warns.
-    checkpoint_dtype = (getattr(model_config, "dtype", None)
-                        or vars(model_config).get("torch_dtype"))
-    dtype = resolve_dtype(config.dtype, device, checkpoint_dtype)
+    dtype = resolve_dtype(config.dtype, device, checkpoint_dtype(model_config))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, trust_remote_code=config.trust_remote_code)
