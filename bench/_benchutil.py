@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable
 
+from vigil import procfs
+
 
 def _machine_ticks() -> tuple[int, int]:
     """(busy, total) clock ticks of the whole machine since boot."""
@@ -28,11 +30,10 @@ def _machine_ticks() -> tuple[int, int]:
 def _process_ticks(pid: int) -> int:
     """utime + stime of a process (all its threads), in clock ticks; 0 once it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            rest = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
+        stat = procfs.read_stat(pid)
+    except procfs.ProcUnreadable:
         return 0
-    return int(rest[11]) + int(rest[12])  # fields 14 and 15 of proc(5)
+    return round(stat.cpu_seconds * procfs.CLOCK_TICKS) if stat is not None else 0
 
 
 class CpuMeter:

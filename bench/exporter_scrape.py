@@ -52,10 +52,9 @@ def fleet(count: int) -> dict:
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    import os
+    from vigil.procfs import read_stat
 
-    rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+    return read_stat(pid).cpu_seconds
 
 
 def proc_memory(pid: int) -> dict[str, int]:

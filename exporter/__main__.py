@@ -14,7 +14,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"python -m exporter: error: {exc}", file=sys.stderr)
         return 2
-    from inference.telemetry.logs import setup_logging
+    from vigil.logs import setup_logging
 
     from .app import serve
 

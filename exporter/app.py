@@ -11,13 +11,14 @@ from typing import Any
 from loguru import logger
 from prometheus_client import CollectorRegistry
 
+from vigil.gpu.fake import FakeFleet
+from vigil.gpu.nvml import NvmlBackend
+
 from .collectors.gpu import GpuCollector
 from .collectors.inference import InferenceCollector
 from .collectors.probe import ProbeCollector
 from .collectors.processes import ProcessCollector
 from .config import ExporterConfig
-from .gpu.fake import FakeFleet
-from .gpu.nvml import NvmlBackend
 from .gpu.poller import GpuPoller
 from .http import make_server, serve_in_thread
 from .inference_dir import InferenceDirectory

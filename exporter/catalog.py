@@ -1,7 +1,7 @@
 """Every metric the exporter itself publishes: name, type, unit, labels and meaning.
 
 The collectors build their families from this table (``family()``), and the metrics reference
-(docs/metrics.md, ``python -m exporter.reference``) is generated from it together with the
+(docs/metrics.md, ``scripts/generate``) is generated from it together with the
 inference process's catalog, whose metrics the exporter passes on from the state directory.
 Names are in base units; GPUs carry ``gpu`` (NVML index), ``uuid`` and ``gpu_name`` on every
 series; processes carry ``model`` and ``pid`` (as the inference process sees its own pid).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from inference.telemetry.catalog import MetricSpec
+from vigil.metricspec import MetricSpec
 
 GPU = ("gpu", "uuid", "gpu_name")
 PROCESS = ("model", "pid")

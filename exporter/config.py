@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
-from inference.config import _default_state_dir
 from vigil.options import (ConfigError, Option, OptionSet, optional_str, port, positive_float,
                            positive_int)
+from vigil.paths import default_state_dir
 
 ENV_PREFIX = "VIGIL_EXPORTER_"
 __all__ = ["ExporterConfig", "ConfigError", "OPTIONS", "load_config"]
@@ -77,7 +77,7 @@ OPTIONS: tuple[Option, ...] = (
 class ExporterConfig:
     host: str = "127.0.0.1"
     port: int = 9400
-    state_dir: str = _default_state_dir()
+    state_dir: str = default_state_dir()
     target: tuple[str, ...] = ()
     target_api_key: str | None = None
     probe_interval: float = 15.0

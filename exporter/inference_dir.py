@@ -11,8 +11,6 @@ as prometheus_client's multiprocess mode intends.
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -23,17 +21,18 @@ from loguru import logger
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import mark_process_dead
 
-from .procview import Identity, ProcessLocator, ProcStat, ProcUnreadable, read_identities
+from vigil import statedir
+from vigil.statedir import Identity, read_identities
 
-HEARTBEAT = "inference_progress_heartbeat_timestamp_seconds"
+from .procview import ProcessLocator, ProcStat, ProcUnreadable
+
 # Files of a pid with no identity file (the process exited cleanly, or its identity is not
 # written yet) are dropped only once they have not changed for this long.
 ORPHAN_GRACE_S = 60.0
 # Lookups in a row that must find the process gone before it counts as dead: one odd /proc read
 # must not bury a live process (and delete its gauges).
 MISSES_FOR_DEAD = 2
-_HEARTBEAT_KEY = f'["{HEARTBEAT}"'
-_PID_IN_NAME = re.compile(r"_(\d+)\.db$")
+_HEARTBEAT_KEY = f'["{statedir.HEARTBEAT_METRIC}"'
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ class InferenceDirectory:
     def __init__(self, state_dir: str | Path, retention: float = 600.0,
                  locator: ProcessLocator | None = None, clock: Callable[[], float] = time.time):
         self.state_dir = Path(state_dir)
-        self.metrics_dir = self.state_dir / "metrics"
+        self.metrics_dir = statedir.metrics_dir(self.state_dir)
         self.retention = retention
         self.locator = locator or ProcessLocator()
         self.clock = clock
@@ -134,21 +133,20 @@ class InferenceDirectory:
         restarted container's pid 1) has replaced it meanwhile."""
         self._dead.pop(key, None)
         try:
-            current = json.loads(identity.path.read_text())
-        except (OSError, ValueError):
+            current = statedir.parse_identity(identity.path, identity.path.read_text())
+        except (OSError, ValueError, KeyError, TypeError):
             return
-        if current.get("proc_start_ticks") == identity.start_ticks:
+        if current.start_ticks == identity.start_ticks:
             identity.path.unlink(missing_ok=True)
 
     def _drop_dead_gauges(self, views: list[ProcessView]) -> None:
         alive = {v.identity.pid for v in views if v.stat is not None}
         died = {v.identity.pid: v.dead_since for v in views if v.dead_since is not None}
         newest: dict[int, float] = {}
-        for path in self.metrics_dir.glob("gauge_live*_*.db"):
-            match = _PID_IN_NAME.search(path.name)
-            if match is None:
+        for path in self.metrics_dir.glob(statedir.LIVE_GAUGE_GLOB):
+            pid = statedir.pid_of_file(path)
+            if pid is None:
                 continue
-            pid = int(match.group(1))
             try:
                 newest[pid] = max(newest.get(pid, 0.0), path.stat().st_mtime)
             except OSError:
@@ -176,7 +174,7 @@ class InferenceDirectory:
 
     def heartbeat(self, pid: int) -> float | None:
         """The process's last published progress heartbeat (Unix time), from its gauge file."""
-        path = self.metrics_dir / f"gauge_liveall_{pid}.db"
+        path = statedir.live_gauge_file(self.state_dir, pid)
         try:
             for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(str(path)):
                 if key.startswith(_HEARTBEAT_KEY):

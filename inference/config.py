@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from vigil.paths import default_demo_dir, default_state_dir
 from vigil.options import (ConfigError, Option, OptionSet, boolean, optional_int,
                            optional_positive_int, optional_str, port, positive_float,
                            positive_int)
@@ -29,15 +30,6 @@ def _device(text: str) -> str:
     if text.startswith("cuda:") and text[5:].isdigit():
         return text
     raise ValueError("must be auto, cpu, cuda or cuda:N")
-
-
-def _default_state_dir() -> str:
-    return str(Path(tempfile.gettempdir()) / "vigil-state")
-
-
-def _default_demo_dir() -> str:
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(cache) / "llm-vigil")
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -115,10 +107,10 @@ class Config:
     dtype: str = "auto"
     trust_remote_code: bool = False
     max_model_len: int | None = None
-    demo_dir: str = field(default_factory=_default_demo_dir)
+    demo_dir: str = field(default_factory=default_demo_dir)
     host: str = "127.0.0.1"
     port: int = 8000
-    state_dir: str = field(default_factory=_default_state_dir)
+    state_dir: str = field(default_factory=default_state_dir)
     api_key: str | None = None
     max_batch_size: int = 8
     max_queue: int = 64

@@ -22,7 +22,7 @@ from .engine.faults import FaultInjector
 from .engine.memory import CudaMemory, kv_cache_shape
 from .engine.queue import RequestQueue
 from .model.loader import LoadedModel, load_model
-from .telemetry.identity import remove_identity, write_identity
+from vigil.statedir import remove_identity, write_identity
 from .telemetry.metrics import InferenceMetrics
 from .watchdog import Watchdog
 
@@ -90,8 +90,8 @@ class InferenceService:
         return self.ready
 
     def _write_identity(self) -> None:
-        write_identity(self.config.state_dir, role="inference", version=__version__,
-                       model=self.model_name, host=self.config.host, port=self.config.port,
+        write_identity(self.config.state_dir, self.model_name, role="inference",
+                       version=__version__, host=self.config.host, port=self.config.port,
                        state=self.state, started_at=time.time() if self.load_started_at is None
                        else self.load_started_at)
 

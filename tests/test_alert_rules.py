@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from alerts.rules import ALERTS_DIR, PARAMETERS, alert_names, render
-from exporter.reference import all_metric_names
+from tools.metrics_reference import all_metric_names
 
 PROMTOOL = shutil.which("promtool")
 AMTOOL = shutil.which("amtool")

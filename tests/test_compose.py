@@ -656,7 +656,7 @@ def datasources() -> dict[str, dict[str, Any]]:
 
 def _log_line(trace_id: str) -> str:
     """A log line exactly as the inference process writes it."""
-    from inference.telemetry.logs import format_record
+    from vigil.logs import format_record
 
     record = {"time": datetime(2026, 1, 1, tzinfo=timezone.utc),
               "level": SimpleNamespace(name="INFO"), "message": "request finished",

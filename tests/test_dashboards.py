@@ -16,7 +16,7 @@ import requests
 
 from conftest import start_exporter, start_prometheus, start_server
 from dashboards.generate import DIR, render
-from exporter.reference import all_metric_names
+from tools.metrics_reference import all_metric_names
 
 REPO = Path(__file__).resolve().parents[1]
 FLEET = Path(__file__).parent / "data" / "fake_fleet.json"

@@ -15,7 +15,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_exporter, start_prometheus, start_server
-from exporter.reference import all_metric_names
+from tools.metrics_reference import all_metric_names
 
 FLEET = Path(__file__).parent / "data" / "fake_fleet.json"
 

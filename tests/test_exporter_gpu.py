@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.collectors.gpu import GpuCollector
-from exporter.gpu.fake import FakeFleet
-from exporter.gpu.nvml import NvmlBackend
+from vigil.gpu.fake import FakeFleet
+from vigil.gpu.nvml import NvmlBackend
 from exporter.gpu.poller import GpuPoller
 from exporter.registry import GuardedCollectors
 

@@ -9,7 +9,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_exporter, start_server
-from exporter.gpu.nvml import NvmlBackend
+from vigil.gpu.nvml import NvmlBackend
 from exporter.gpu.poller import GpuPoller
 
 pytestmark = pytest.mark.gpu

@@ -9,9 +9,11 @@ import pytest
 
 from exporter.catalog import CLOCK_EVENT_REASONS
 from exporter.config import ConfigError, ExporterConfig, load_config
-from exporter.gpu import units
+from vigil.gpu import units
 from exporter.probe import target_label
-from exporter.procview import Identity, ProcessLocator, innermost_pid, read_stat
+from exporter.procview import ProcessLocator
+from vigil.procfs import innermost_pid, read_stat
+from vigil.statedir import Identity
 
 
 def test_unit_conversions():

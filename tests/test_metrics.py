@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, chat_body
 from inference.telemetry.catalog import METRICS
-from exporter.reference import render
+from tools.metrics_reference import render
 
 CUDA_ONLY = {"inference_torch_cuda_memory_allocated_bytes",
              "inference_torch_cuda_memory_reserved_bytes",
@@ -23,7 +23,7 @@ CUDA_ONLY = {"inference_torch_cuda_memory_allocated_bytes",
 
 def test_metrics_reference_is_current():
     committed = (REPO / "docs" / "metrics.md").read_text()
-    assert committed == render(), "regenerate: python -m exporter.reference > docs/metrics.md"
+    assert committed == render(), "regenerate: scripts/generate"
 
 
 def test_metrics_count_real_traffic(server_factory):

@@ -6,9 +6,10 @@ import time
 from typing import Callable, Iterator
 
 from ..catalog import CLOCK_EVENT_REASONS, family
-from ..gpu.backend import GpuReading
+from vigil.gpu.backend import GpuReading
+from vigil.gpu.units import reasons_from_mask
+
 from ..gpu.poller import GpuPoller
-from ..gpu.units import reasons_from_mask
 
 # Reading field -> metric, for the plain one-value-per-GPU gauges and counters.
 _SIMPLE = (

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 from ..catalog import family
 from ..inference_dir import InferenceDirectory
-from ..procview import CLOCK_TICKS, STATES, boot_time
+from vigil.procfs import CLOCK_TICKS, STATES, boot_time
 
 
 class ProcessCollector:

@@ -1,1 +1,1 @@
-"""GPUs behind a narrow seam: a backend (NVML, or a fake fleet) read by a poller thread."""
+"""The exporter's view of the GPUs: a poller thread over a backend of ``vigil.gpu``."""

@@ -17,9 +17,21 @@ from typing import Callable
 
 from loguru import logger
 
-from .backend import BackendUnavailable, GpuBackend, GpuState, SystemInfo
+from vigil.gpu.backend import BackendUnavailable, GpuBackend, GpuReading, SystemInfo
 
 XID_RETRY_S = 60.0
+
+
+@dataclass
+class GpuState:
+    """What the poller last learnt of one GPU."""
+
+    index: int
+    reading: GpuReading | None = None
+    last_ok: float = 0.0  # Unix time of the last successful read
+    lost: bool = False
+    error: str = ""
+    identity: tuple[str, str] = field(default=("", ""))  # uuid, name: kept after a loss
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Every metric the inference process records: name, type, unit, labels and meaning.
 
 This table is the single source: the metrics are created from it, and the metrics reference
-(docs/metrics.md) is generated from it (``python -m exporter.reference``; a test
+(docs/metrics.md) is generated from it (``scripts/generate``; a test
 checks that the committed file is current). Names are in base units; where OpenTelemetry's GenAI
 semantic conventions define a metric, its name and bucket boundaries are used (the dots become
 underscores and the unit a suffix, as the OpenTelemetry-to-Prometheus mapping does).
@@ -13,7 +13,8 @@ is visible and an alert can pair a process's heartbeat with its own pending work
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from vigil.metricspec import MetricSpec
+from vigil.statedir import HEARTBEAT_METRIC
 
 # OpenTelemetry GenAI semantic conventions, ExplicitBucketBoundaries.
 REQUEST_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
@@ -26,20 +27,6 @@ TIME_PER_OUTPUT_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 
 QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                       60.0, 120.0, 300.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str  # as exposed, without the _total/_bucket suffixes prometheus_client adds
-    kind: str  # counter, gauge, histogram
-    unit: str
-    labels: tuple[str, ...]
-    help: str
-    buckets: tuple[float, ...] = ()
-
-    @property
-    def exposed_name(self) -> str:
-        return self.name + "_total" if self.kind == "counter" else self.name
 
 
 M = MetricSpec
@@ -89,7 +76,7 @@ METRICS: tuple[MetricSpec, ...] = (
     M("inference_prefill_batch_size", "histogram", "requests", ("model",),
       "Requests prefilled together when they join the running batch.", BATCH_SIZE_BUCKETS),
     # ---- engine progress --------------------------------------------------------------------
-    M("inference_progress_heartbeat_timestamp_seconds", "gauge", "seconds", ("model",),
+    M(HEARTBEAT_METRIC, "gauge", "seconds", ("model",),
       "Unix time of the engine's last prefill or decode step (published at most every 0.25 s "
       "while it steps, when it goes idle, and when it starts). With work pending, a growing age "
       "means the engine is stuck."),

@@ -15,6 +15,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from vigil import statedir
+
 from ..engine.request import to_epoch_ns
 from .catalog import METRICS, MetricSpec
 
@@ -26,12 +28,12 @@ HEARTBEAT_PUBLISH_S = 0.25
 
 def prepare_multiprocess_dir(state_dir: str | os.PathLike) -> Path:
     """Point prometheus_client at ``<state_dir>/metrics``; call before any metric is created."""
-    metrics_dir = Path(state_dir) / "metrics"
+    metrics_dir = statedir.metrics_dir(state_dir)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     # Gauges left by an earlier process with this pid (a restarted container is pid 1 again)
     # would otherwise show its state as ours. Its counters are kept: totals stay monotonic.
-    for stale in metrics_dir.glob(f"gauge_*_{os.getpid()}.db"):
+    for stale in statedir.gauge_files_of(state_dir, os.getpid()):
         stale.unlink(missing_ok=True)
     values.ValueClass = values.MultiProcessValue()
     return metrics_dir
@@ -58,7 +60,7 @@ class InferenceMetrics:
         self.queue_oldest = f["inference_queue_oldest_enqueue_timestamp_seconds"].labels(model=model)
         self.running = f["inference_requests_running"].labels(model=model)
         self.in_flight = f["inference_requests_in_flight"].labels(model=model)
-        self.heartbeat = f["inference_progress_heartbeat_timestamp_seconds"].labels(model=model)
+        self.heartbeat = f[statedir.HEARTBEAT_METRIC].labels(model=model)
         self.steps = {stage: f["inference_engine_steps"].labels(model=model, stage=stage)
                       for stage in ("prefill", "decode")}
         self.prefill_batch = f["inference_prefill_batch_size"].labels(model=model)

@@ -7,7 +7,7 @@ does not support is ``None`` (the metric is then absent, never zero). A lost GPU
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -84,15 +84,3 @@ class GpuBackend(Protocol):
     def wait_xid(self, timeout_s: float) -> list[XidEvent]:
         """XID events that arrive within timeout_s (blocks at most that long); raises
         BackendUnavailable when events are unsupported."""
-
-
-@dataclass
-class GpuState:
-    """What the poller last learnt of one GPU."""
-
-    index: int
-    reading: GpuReading | None = None
-    last_ok: float = 0.0  # Unix time of the last successful read
-    lost: bool = False
-    error: str = ""
-    identity: tuple[str, str] = field(default=("", ""))  # uuid, name: kept after a loss
