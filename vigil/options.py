@@ -25,13 +25,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be zero or a positive integer")
-    return value
-
-
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
