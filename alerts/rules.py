@@ -3,11 +3,12 @@
     python -m alerts.rules                       # writes alerts/*.rules.yml with the defaults
     python -m alerts.rules --set hang_for=10s --out DIR   # other thresholds (tests, your site)
 
-The committed ``alerts/*.rules.yml`` are this module's output with the defaults (a test checks
-that they are current), so they can be read and loaded as they are; README's table of
-parameters comes from ``PARAMETERS``. Every alert carries ``severity`` (critical, warning,
-info), ``cause`` (what Alertmanager inhibits on), a summary, a description naming the instance,
-model or GPU and the value, and a ``runbook_url``.
+The committed ``alerts/*.rules.yml`` are this module's output with the defaults, so they can be
+read and loaded as they are; the table of parameters in alerts/README.md comes from
+``PARAMETERS``. ``scripts/generate`` (tools/generate.py) writes both with every other generated
+file, and a test fails when a committed one is stale. Every alert carries ``severity``
+(critical, warning, info), ``cause`` (what Alertmanager inhibits on), a summary, a description
+naming the instance, model or GPU and the value, and a ``runbook_url``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 import yaml
 
 ALERTS_DIR = Path(__file__).resolve().parent
+README = ALERTS_DIR / "README.md"
+PARAMETERS_TABLE_HEADER = "| Parameter | Default | Meaning |"
 
 
 @dataclass(frozen=True)
@@ -78,12 +81,25 @@ PARAMETERS: dict[str, Parameter] = {
 }
 
 
-def _alert(name: str, expr: str, for_: str, severity: str, cause: str, summary: str,
-           description: str, p: dict[str, str]) -> dict:
-    return {"alert": name, "expr": _dedent(expr), "for": for_,
-            "labels": {"severity": severity, "cause": cause},
-            "annotations": {"summary": summary, "description": description,
-                            "runbook_url": f"{p['runbook_base']}/{name}.md"}}
+@dataclass(frozen=True, kw_only=True)
+class Alert:
+    """One alerting rule, declared with keywords only: summary and description (and the other
+    strings) cannot be swapped unnoticed."""
+
+    name: str
+    expr: str  # PromQL; each line's indentation is dropped
+    for_: str  # how long expr must hold before the alert fires (the rule's ``for``)
+    severity: str  # critical, warning or info
+    cause: str  # what Alertmanager groups and inhibits on
+    summary: str
+    description: str
+
+    def rule(self, runbook_base: str) -> dict:
+        """The rule as Prometheus reads it."""
+        return {"alert": self.name, "expr": _dedent(self.expr), "for": self.for_,
+                "labels": {"severity": self.severity, "cause": self.cause},
+                "annotations": {"summary": self.summary, "description": self.description,
+                                "runbook_url": f"{runbook_base}/{self.name}.md"}}
 
 
 def _dedent(expr: str) -> str:
@@ -93,289 +109,349 @@ def _dedent(expr: str) -> str:
 
 def groups(p: dict[str, str]) -> dict[str, list[dict]]:
     """File stem -> its rule groups."""
-    a = lambda *args: _alert(*args, p)  # noqa: E731
     hangs = [
-        a("InferenceEngineStalled",
-          f"""(max by (instance, model) (inference_engine_stalled) > 0)
-          or
-          (sum by (instance, model) (increase(inference_engine_stalls_total[{p['stall_window']}])) > 0)""",
-          p["stall_for"], "critical", "hang",
-          "Inference engine stalled on {{ $labels.model }}",
-          "The watchdog of {{ $labels.model }} on {{ $labels.instance }} found work pending and "
-          "no engine progress for longer than its stall timeout (now, or within the last "
-          f"{p['stall_window']}: with --on-stall exit the process restarted right after); the "
-          "waiting requests were answered 503 engine_stalled. The stall report in the log holds "
-          "every thread's stack and the requests' trace ids."),
-        a("InferenceHeartbeatStale",
-          f"""max by (instance, model, pid) (vigil_process_heartbeat_age_seconds) > {p['heartbeat_max_age']}
-          and on (instance, model, pid)
-          max by (instance, model, pid) (inference_requests_in_flight) > 0""",
-          p["hang_for"], "critical", "hang",
-          "No engine progress on {{ $labels.model }} with requests in flight",
-          "Process {{ $labels.pid }} on {{ $labels.instance }} made no prefill or decode step "
-          "for {{ $value | humanizeDuration }} while requests wait (seen from the exporter: "
-          "the process may be frozen, its GIL held, or its --stall-timeout longer than this "
-          "threshold)."),
-        a("InferenceBusyWithoutProgress",
-          f"""max by (instance, model, pid) (rate(vigil_process_cpu_seconds_total[2m])) > {p['busy_cpu_ratio']}
-          and on (instance, model, pid)
-          max by (instance, model, pid) (vigil_process_heartbeat_age_seconds) > {p['heartbeat_max_age']}
-          and on (instance, model, pid)
-          max by (instance, model, pid) (inference_requests_in_flight) > 0""",
-          p["hang_for"], "warning", "busy",
-          "Inference process busy at full CPU without progress on {{ $labels.model }}",
-          "Process {{ $labels.pid }} on {{ $labels.instance }} uses {{ $value | humanize }} "
-          "CPU cores but its engine has not stepped: a busy loop (tokenizer, a stuck thread, "
-          "a CUDA call spin-waiting on a kernel that never ends). Take its stacks (py-spy dump)."),
-        a("InferenceProcessInDriverWait",
-          'max by (instance, model, pid) (vigil_process_state{state="disk_sleep"}) == 1',
-          p["disk_sleep_for"], "warning", "hang",
-          "Inference process stuck in uninterruptible wait on {{ $labels.model }}",
-          "Process {{ $labels.pid }} on {{ $labels.instance }} has been in uninterruptible "
-          f"wait (state D) for over {p['disk_sleep_for']}: usually inside the GPU driver or "
-          "on a hung file system. It cannot be killed until the call returns."),
-        a("InferenceProbeFailing",
-          f"""max by (instance, target) (vigil_probe_success{{check="canary"}}) == 0
-          and on (instance, target)
-          max by (instance, target) (vigil_probe_success{{check="health"}}) == 1
-          and on (instance, target)
-          max by (instance, target) (vigil_probe_success{{check="ready"}}) == 1""",
-          p["probe_for"], "critical", "hang",
-          "Canary completions fail on {{ $labels.target }} while it says it is ready",
-          "The exporter on {{ $labels.instance }} gets no completion from {{ $labels.target }} "
-          "although its /health and /ready answer 200: it looks alive and does not serve (or "
-          "its queue is so full that the canary times out)."),
-        a("InferenceTargetDown",
-          'max by (instance, target) (vigil_probe_success{check="health"}) == 0',
-          p["probe_for"], "critical", "down",
-          "Inference server {{ $labels.target }} does not answer /health",
-          "The exporter on {{ $labels.instance }} gets no 200 from {{ $labels.target }}/health "
-          "(refused, timed out, or 503 while stalled or its engine died)."),
-        a("InferenceProbeAbsent",
-          f'absent(vigil_probe_success{{check="health",job="{p["exporter_job"]}"}})',
-          "5m", "warning", "down",
-          "No probe results from the exporter",
-          "Prometheus has no vigil_probe_success series: the exporter runs without --target, "
-          "or it is not scraped."),
-        a("InferenceNoLiveProcess",
-          f'absent(vigil_process_alive{{job="{p["exporter_job"]}"}} == 1)',
-          p["probe_for"], "critical", "down",
-          "No live inference process",
-          "No exporter reports a live inference process in its state directory."),
-        a("InferenceProcessDied",
-          "max by (instance, model, pid) (vigil_process_alive) == 0",
-          "0s", "warning", "crash",
-          "Inference process {{ $labels.pid }} of {{ $labels.model }} died",
-          "Process {{ $labels.pid }} on {{ $labels.instance }} disappeared without a clean exit "
-          "(crash, kill, OOM killer or the watchdog's exit 75)."),
-        a("InferenceCrashLoop",
-          f"sum by (instance, model) (increase(vigil_process_unclean_exits_total[{p['crash_loop_window']}])) >= {p['crash_loop_exits']}",
-          "0s", "critical", "crash",
-          "Inference server of {{ $labels.model }} is crash-looping",
-          "{{ $value | humanize }} unclean exits of {{ $labels.model }} on "
-          f"{{{{ $labels.instance }}}} in {p['crash_loop_window']}."),
-        a("InferenceModelLoadSlow",
-          f"""(time() - max by (instance, model, pid) (inference_model_load_started_timestamp_seconds)) > {p['load_max_seconds']}
-          and on (instance, model, pid)
-          max by (instance, model, pid) (inference_model_load_state{{state="loading"}}) == 1""",
-          "0s", "warning", "load",
-          "Model load of {{ $labels.model }} takes too long",
-          "Process {{ $labels.pid }} on {{ $labels.instance }} has been loading for "
-          "{{ $value | humanizeDuration }}."),
-        a("InferenceModelLoadFailed",
-          'max by (instance, model, pid) (inference_model_load_state{state="failed"}) == 1',
-          "0s", "critical", "load",
-          "Model load of {{ $labels.model }} failed",
-          "Process {{ $labels.pid }} on {{ $labels.instance }} could not load its model; "
-          "/ready gives the error."),
+        Alert(
+            name="InferenceEngineStalled", for_=p["stall_for"], severity="critical", cause="hang",
+            expr=f"""(max by (instance, model) (inference_engine_stalled) > 0)
+            or
+            (sum by (instance, model) (increase(inference_engine_stalls_total[{p['stall_window']}])) > 0)""",
+            summary="Inference engine stalled on {{ $labels.model }}",
+            description=(
+                "The watchdog of {{ $labels.model }} on {{ $labels.instance }} found work "
+                "pending and no engine progress for longer than its stall timeout (now, or "
+                f"within the last {p['stall_window']}: with --on-stall exit the process "
+                "restarted right after); the waiting requests were answered 503 engine_stalled. "
+                "The stall report in the log holds every thread's stack and the requests' trace "
+                "ids.")),
+        Alert(
+            name="InferenceHeartbeatStale", for_=p["hang_for"], severity="critical", cause="hang",
+            expr=f"""max by (instance, model, pid) (vigil_process_heartbeat_age_seconds) > {p['heartbeat_max_age']}
+            and on (instance, model, pid)
+            max by (instance, model, pid) (inference_requests_in_flight) > 0""",
+            summary="No engine progress on {{ $labels.model }} with requests in flight",
+            description=(
+                "Process {{ $labels.pid }} on {{ $labels.instance }} made no prefill or decode "
+                "step for {{ $value | humanizeDuration }} while requests wait (seen from the "
+                "exporter: the process may be frozen, its GIL held, or its --stall-timeout "
+                "longer than this threshold).")),
+        Alert(
+            name="InferenceBusyWithoutProgress",
+            for_=p["hang_for"], severity="warning", cause="busy",
+            expr=f"""max by (instance, model, pid) (rate(vigil_process_cpu_seconds_total[2m])) > {p['busy_cpu_ratio']}
+            and on (instance, model, pid)
+            max by (instance, model, pid) (vigil_process_heartbeat_age_seconds) > {p['heartbeat_max_age']}
+            and on (instance, model, pid)
+            max by (instance, model, pid) (inference_requests_in_flight) > 0""",
+            summary="Inference process busy at full CPU without progress on {{ $labels.model }}",
+            description=(
+                "Process {{ $labels.pid }} on {{ $labels.instance }} uses "
+                "{{ $value | humanize }} CPU cores but its engine has not stepped: a busy loop "
+                "(tokenizer, a stuck thread, a CUDA call spin-waiting on a kernel that never "
+                "ends). Take its stacks (py-spy dump).")),
+        Alert(
+            name="InferenceProcessInDriverWait",
+            for_=p["disk_sleep_for"], severity="warning", cause="hang",
+            expr='max by (instance, model, pid) (vigil_process_state{state="disk_sleep"}) == 1',
+            summary="Inference process stuck in uninterruptible wait on {{ $labels.model }}",
+            description=(
+                "Process {{ $labels.pid }} on {{ $labels.instance }} has been in uninterruptible "
+                f"wait (state D) for over {p['disk_sleep_for']}: usually inside the GPU driver "
+                "or on a hung file system. It cannot be killed until the call returns.")),
+        Alert(
+            name="InferenceProbeFailing", for_=p["probe_for"], severity="critical", cause="hang",
+            expr="""max by (instance, target) (vigil_probe_success{check="canary"}) == 0
+            and on (instance, target)
+            max by (instance, target) (vigil_probe_success{check="health"}) == 1
+            and on (instance, target)
+            max by (instance, target) (vigil_probe_success{check="ready"}) == 1""",
+            summary="Canary completions fail on {{ $labels.target }} while it says it is ready",
+            description=(
+                "The exporter on {{ $labels.instance }} gets no completion from "
+                "{{ $labels.target }} although its /health and /ready answer 200: it looks "
+                "alive and does not serve (or its queue is so full that the canary times out).")),
+        Alert(
+            name="InferenceTargetDown", for_=p["probe_for"], severity="critical", cause="down",
+            expr='max by (instance, target) (vigil_probe_success{check="health"}) == 0',
+            summary="Inference server {{ $labels.target }} does not answer /health",
+            description=(
+                "The exporter on {{ $labels.instance }} gets no 200 from "
+                "{{ $labels.target }}/health (refused, timed out, or 503 while stalled or its "
+                "engine died).")),
+        Alert(
+            name="InferenceProbeAbsent", for_="5m", severity="warning", cause="down",
+            expr=f'absent(vigil_probe_success{{check="health",job="{p["exporter_job"]}"}})',
+            summary="No probe results from the exporter",
+            description=(
+                "Prometheus has no vigil_probe_success series: the exporter runs without "
+                "--target, or it is not scraped.")),
+        Alert(
+            name="InferenceNoLiveProcess", for_=p["probe_for"], severity="critical", cause="down",
+            expr=f'absent(vigil_process_alive{{job="{p["exporter_job"]}"}} == 1)',
+            summary="No live inference process",
+            description="No exporter reports a live inference process in its state directory."),
+        Alert(
+            name="InferenceProcessDied", for_="0s", severity="warning", cause="crash",
+            expr="max by (instance, model, pid) (vigil_process_alive) == 0",
+            summary="Inference process {{ $labels.pid }} of {{ $labels.model }} died",
+            description=(
+                "Process {{ $labels.pid }} on {{ $labels.instance }} disappeared without a "
+                "clean exit (crash, kill, OOM killer or the watchdog's exit 75).")),
+        Alert(
+            name="InferenceCrashLoop", for_="0s", severity="critical", cause="crash",
+            expr=f"sum by (instance, model) (increase(vigil_process_unclean_exits_total[{p['crash_loop_window']}])) >= {p['crash_loop_exits']}",
+            summary="Inference server of {{ $labels.model }} is crash-looping",
+            description=(
+                "{{ $value | humanize }} unclean exits of {{ $labels.model }} on "
+                f"{{{{ $labels.instance }}}} in {p['crash_loop_window']}.")),
+        Alert(
+            name="InferenceModelLoadSlow", for_="0s", severity="warning", cause="load",
+            expr=f"""(time() - max by (instance, model, pid) (inference_model_load_started_timestamp_seconds)) > {p['load_max_seconds']}
+            and on (instance, model, pid)
+            max by (instance, model, pid) (inference_model_load_state{{state="loading"}}) == 1""",
+            summary="Model load of {{ $labels.model }} takes too long",
+            description=(
+                "Process {{ $labels.pid }} on {{ $labels.instance }} has been loading for "
+                "{{ $value | humanizeDuration }}.")),
+        Alert(
+            name="InferenceModelLoadFailed", for_="0s", severity="critical", cause="load",
+            expr='max by (instance, model, pid) (inference_model_load_state{state="failed"}) == 1',
+            summary="Model load of {{ $labels.model }} failed",
+            description=(
+                "Process {{ $labels.pid }} on {{ $labels.instance }} could not load its model; "
+                "/ready gives the error.")),
     ]
     vram = [
-        a("GpuMemoryNearlyFull",
-          f"""max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_used_bytes)
-          / max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_total_bytes) > {p['vram_full_ratio']}""",
-          p["vram_full_for"], "warning", "vram",
-          "GPU {{ $labels.gpu }} memory nearly full on {{ $labels.instance }}",
-          "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}, {{ $labels.uuid }}) has "
-          "{{ $value | humanizePercentage }} of its memory in use."),
-        a("GpuMemoryFullWithinAnHour",
-          f"""predict_linear(vigil_gpu_memory_used_bytes[{p['vram_predict_window']}], 3600)
-          > on (instance, gpu, uuid, gpu_name) vigil_gpu_memory_total_bytes
-          and on (instance, gpu, uuid, gpu_name)
-          vigil_gpu_memory_used_bytes / vigil_gpu_memory_total_bytes > 0.5""",
-          "10m", "warning", "vram",
-          "GPU {{ $labels.gpu }} memory will overflow within the hour on {{ $labels.instance }}",
-          "At the trend of the last " + p["vram_predict_window"] + ", GPU {{ $labels.gpu }} "
-          "({{ $labels.gpu_name }}) reaches {{ $value | humanize1024 }}B in an hour, more than "
-          "it has."),
-        a("InferenceOutOfMemory",
-          f"sum by (instance, model, stage) (increase(inference_out_of_memory_errors_total[{p['oom_window']}])) > 0",
-          "0s", "warning", "oom",
-          "Out-of-memory errors in {{ $labels.model }} ({{ $labels.stage }})",
-          "{{ $value | humanize }} out-of-memory error(s) during {{ $labels.stage }} on "
-          f"{{{{ $labels.instance }}}} in {p['oom_window']}; batches were split or requests "
-          "answered 503 out_of_memory."),
-        a("InferenceAdmissionRefusalsRising",
-          f"sum by (instance, model, reason) (increase(inference_admission_refusals_total[{p['refusals_window']}])) > {p['refusals_max']}",
-          "0s", "warning", "vram",
-          "Requests refused for lack of GPU memory on {{ $labels.model }}",
-          "{{ $value | humanize }} requests refused ({{ $labels.reason }}) on "
-          f"{{{{ $labels.instance }}}} in {p['refusals_window']}: their KV cache would not fit."),
+        Alert(
+            name="GpuMemoryNearlyFull", for_=p["vram_full_for"], severity="warning", cause="vram",
+            expr=f"""max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_used_bytes)
+            / max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_total_bytes) > {p['vram_full_ratio']}""",
+            summary="GPU {{ $labels.gpu }} memory nearly full on {{ $labels.instance }}",
+            description=(
+                "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}, {{ $labels.uuid }}) has "
+                "{{ $value | humanizePercentage }} of its memory in use.")),
+        Alert(
+            name="GpuMemoryFullWithinAnHour", for_="10m", severity="warning", cause="vram",
+            expr=f"""predict_linear(vigil_gpu_memory_used_bytes[{p['vram_predict_window']}], 3600)
+            > on (instance, gpu, uuid, gpu_name) vigil_gpu_memory_total_bytes
+            and on (instance, gpu, uuid, gpu_name)
+            vigil_gpu_memory_used_bytes / vigil_gpu_memory_total_bytes > 0.5""",
+            summary=(
+                "GPU {{ $labels.gpu }} memory will overflow within the hour on "
+                "{{ $labels.instance }}"),
+            description=(
+                "At the trend of the last " + p["vram_predict_window"] + ", GPU {{ $labels.gpu }} "
+                "({{ $labels.gpu_name }}) reaches {{ $value | humanize1024 }}B in an hour, more "
+                "than it has.")),
+        Alert(
+            name="InferenceOutOfMemory", for_="0s", severity="warning", cause="oom",
+            expr=f"sum by (instance, model, stage) (increase(inference_out_of_memory_errors_total[{p['oom_window']}])) > 0",
+            summary="Out-of-memory errors in {{ $labels.model }} ({{ $labels.stage }})",
+            description=(
+                "{{ $value | humanize }} out-of-memory error(s) during {{ $labels.stage }} on "
+                f"{{{{ $labels.instance }}}} in {p['oom_window']}; batches were split or "
+                "requests answered 503 out_of_memory.")),
+        Alert(
+            name="InferenceAdmissionRefusalsRising", for_="0s", severity="warning", cause="vram",
+            expr=f"sum by (instance, model, reason) (increase(inference_admission_refusals_total[{p['refusals_window']}])) > {p['refusals_max']}",
+            summary="Requests refused for lack of GPU memory on {{ $labels.model }}",
+            description=(
+                "{{ $value | humanize }} requests refused ({{ $labels.reason }}) on "
+                f"{{{{ $labels.instance }}}} in {p['refusals_window']}: their KV cache would "
+                "not fit.")),
     ]
     serving = [
-        a("InferenceQueueBacklog",
-          f"max by (instance, model, pid) (inference_queue_depth) > {p['queue_depth_max']}",
-          p["backlog_for"], "warning", "backlog",
-          "Queue backlog on {{ $labels.model }}",
-          "{{ $value }} requests wait in the queue of process {{ $labels.pid }} on "
-          "{{ $labels.instance }}."),
-        a("InferenceQueueWaitLong",
-          f"""(time() - max by (instance, model, pid) (inference_queue_oldest_enqueue_timestamp_seconds)) > {p['queue_wait_max']}
-          and on (instance, model, pid)
-          max by (instance, model, pid) (inference_queue_oldest_enqueue_timestamp_seconds) > 0""",
-          p["backlog_for"], "warning", "backlog",
-          "Requests wait long in the queue of {{ $labels.model }}",
-          "The oldest queued request of process {{ $labels.pid }} on {{ $labels.instance }} "
-          "has waited {{ $value | humanizeDuration }}."),
-        a("InferenceTimeToFirstTokenHigh",
-          f"""histogram_quantile(0.95, sum by (instance, model, le) (rate(gen_ai_server_time_to_first_token_seconds_bucket[5m])))
-          > {p['ttft_p95_max']}""",
-          p["latency_for"], "warning", "latency",
-          "Time to first token over its objective on {{ $labels.model }}",
-          "p95 time to first token on {{ $labels.instance }} is {{ $value | humanizeDuration }} "
-          f"(objective {p['ttft_p95_max']} s)."),
-        a("InferenceLatencyHigh",
-          f"""histogram_quantile(0.95, sum by (instance, model, le) (rate(gen_ai_server_request_duration_seconds_bucket[5m])))
-          > {p['latency_p95_max']}""",
-          p["latency_for"], "warning", "latency",
-          "Request duration over its objective on {{ $labels.model }}",
-          "p95 request duration on {{ $labels.instance }} is {{ $value | humanizeDuration }} "
-          f"(objective {p['latency_p95_max']} s)."),
-        a("InferenceErrorRateHigh",
-          _error_ratio(p["error_ratio_warning"]), p["error_for"], "warning", "errors",
-          "Many requests fail on {{ $labels.model }}",
-          "{{ $value | humanizePercentage }} of the requests to {{ $labels.model }} on "
-          "{{ $labels.instance }} ended with a 5xx."),
-        a("InferenceErrorRateCritical",
-          _error_ratio(p["error_ratio_critical"]), p["error_for"], "critical", "errors",
-          "Most requests fail on {{ $labels.model }}",
-          "{{ $value | humanizePercentage }} of the requests to {{ $labels.model }} on "
-          "{{ $labels.instance }} ended with a 5xx."),
-        a("InferenceEmptyOutputs",
-          f"sum by (instance, model, reason) (increase(inference_empty_outputs_total[10m])) > {p['empty_outputs_max']}",
-          "0s", "warning", "empty",
-          "Completions come back empty on {{ $labels.model }}",
-          "{{ $value | humanize }} successful completions without text ({{ $labels.reason }}) "
-          "on {{ $labels.instance }} in 10 minutes."),
-        a("InferenceCanaryEmpty",
-          "max by (instance, target) (vigil_probe_canary_empty) == 1",
-          "5m", "warning", "empty",
-          "The canary completion of {{ $labels.target }} comes back empty",
-          "The exporter on {{ $labels.instance }} gets completions without text from "
-          "{{ $labels.target }}."),
+        Alert(
+            name="InferenceQueueBacklog",
+            for_=p["backlog_for"], severity="warning", cause="backlog",
+            expr=f"max by (instance, model, pid) (inference_queue_depth) > {p['queue_depth_max']}",
+            summary="Queue backlog on {{ $labels.model }}",
+            description=(
+                "{{ $value }} requests wait in the queue of process {{ $labels.pid }} on "
+                "{{ $labels.instance }}.")),
+        Alert(
+            name="InferenceQueueWaitLong",
+            for_=p["backlog_for"], severity="warning", cause="backlog",
+            expr=f"""(time() - max by (instance, model, pid) (inference_queue_oldest_enqueue_timestamp_seconds)) > {p['queue_wait_max']}
+            and on (instance, model, pid)
+            max by (instance, model, pid) (inference_queue_oldest_enqueue_timestamp_seconds) > 0""",
+            summary="Requests wait long in the queue of {{ $labels.model }}",
+            description=(
+                "The oldest queued request of process {{ $labels.pid }} on "
+                "{{ $labels.instance }} has waited {{ $value | humanizeDuration }}.")),
+        Alert(
+            name="InferenceTimeToFirstTokenHigh",
+            for_=p["latency_for"], severity="warning", cause="latency",
+            expr=f"""histogram_quantile(0.95, sum by (instance, model, le) (rate(gen_ai_server_time_to_first_token_seconds_bucket[5m])))
+            > {p['ttft_p95_max']}""",
+            summary="Time to first token over its objective on {{ $labels.model }}",
+            description=(
+                "p95 time to first token on {{ $labels.instance }} is "
+                "{{ $value | humanizeDuration }} "
+                f"(objective {p['ttft_p95_max']} s).")),
+        Alert(
+            name="InferenceLatencyHigh",
+            for_=p["latency_for"], severity="warning", cause="latency",
+            expr=f"""histogram_quantile(0.95, sum by (instance, model, le) (rate(gen_ai_server_request_duration_seconds_bucket[5m])))
+            > {p['latency_p95_max']}""",
+            summary="Request duration over its objective on {{ $labels.model }}",
+            description=(
+                "p95 request duration on {{ $labels.instance }} is "
+                "{{ $value | humanizeDuration }} "
+                f"(objective {p['latency_p95_max']} s).")),
+        Alert(
+            name="InferenceErrorRateHigh", for_=p["error_for"], severity="warning", cause="errors",
+            expr=_error_ratio(p["error_ratio_warning"]),
+            summary="Many requests fail on {{ $labels.model }}",
+            description=(
+                "{{ $value | humanizePercentage }} of the requests to {{ $labels.model }} on "
+                "{{ $labels.instance }} ended with a 5xx.")),
+        Alert(
+            name="InferenceErrorRateCritical",
+            for_=p["error_for"], severity="critical", cause="errors",
+            expr=_error_ratio(p["error_ratio_critical"]),
+            summary="Most requests fail on {{ $labels.model }}",
+            description=(
+                "{{ $value | humanizePercentage }} of the requests to {{ $labels.model }} on "
+                "{{ $labels.instance }} ended with a 5xx.")),
+        Alert(
+            name="InferenceEmptyOutputs", for_="0s", severity="warning", cause="empty",
+            expr=f"sum by (instance, model, reason) (increase(inference_empty_outputs_total[10m])) > {p['empty_outputs_max']}",
+            summary="Completions come back empty on {{ $labels.model }}",
+            description=(
+                "{{ $value | humanize }} successful completions without text "
+                "({{ $labels.reason }}) on {{ $labels.instance }} in 10 minutes.")),
+        Alert(
+            name="InferenceCanaryEmpty", for_="5m", severity="warning", cause="empty",
+            expr="max by (instance, target) (vigil_probe_canary_empty) == 1",
+            summary="The canary completion of {{ $labels.target }} comes back empty",
+            description=(
+                "The exporter on {{ $labels.instance }} gets completions without text from "
+                "{{ $labels.target }}.")),
     ]
     gpus = [
-        a("GpuXidError",
-          f"""(
-          sum by (instance, gpu, uuid, gpu_name, xid) (increase(vigil_gpu_xid_errors_total{{xid=~"{p['xid_critical_codes']}"}}[10m])) > 0
-          )
-          or
-          (
-          max by (instance, gpu, uuid, gpu_name, xid) (vigil_gpu_xid_errors_total{{xid=~"{p['xid_critical_codes']}"}})
-          unless max by (instance, gpu, uuid, gpu_name, xid) (vigil_gpu_xid_errors_total offset 10m)
-          )""",
-          "0s", "critical", "gpu",
-          "XID {{ $labels.xid }} on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
-          "The driver reported XID {{ $labels.xid }} on GPU {{ $labels.gpu }} "
-          "({{ $labels.gpu_name }}, {{ $labels.uuid }}); this code needs a person (reset, "
-          "drain, or replacement)."),
-        a("GpuThermalThrottling",
-          'max by (instance, gpu, uuid, gpu_name) (vigil_gpu_clock_event_reason{reason=~"hw_thermal_slowdown|sw_thermal_slowdown"}) == 1',
-          p["throttle_for"], "warning", "throttle",
-          "GPU {{ $labels.gpu }} of {{ $labels.instance }} slows down for heat",
-          "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}) holds its clocks down for temperature."),
-        a("GpuPowerBrake",
-          'max by (instance, gpu, uuid, gpu_name) (vigil_gpu_clock_event_reason{reason=~"hw_slowdown|hw_power_brake_slowdown"}) == 1',
-          p["throttle_for"], "warning", "throttle",
-          "GPU {{ $labels.gpu }} of {{ $labels.instance }} under hardware slowdown",
-          "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}) is slowed by hardware (power brake "
-          "or an external signal): check the power supply and cooling."),
-        a("GpuPowerCapped",
-          'max by (instance, gpu, uuid, gpu_name) (vigil_gpu_clock_event_reason{reason="sw_power_cap"}) == 1',
-          "15m", "info", "throttle",
-          "GPU {{ $labels.gpu }} of {{ $labels.instance }} runs at its power limit",
-          "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}) is held at its power limit; normal "
-          "under full load, worth knowing when throughput drops."),
-        a("GpuEccUncorrectable",
-          'sum by (instance, gpu, uuid, gpu_name) (increase(vigil_gpu_ecc_errors_total{type="uncorrected"}[10m])) > 0',
-          "0s", "critical", "gpu",
-          "Uncorrectable ECC errors on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
-          "{{ $value | humanize }} uncorrectable ECC error(s) on GPU {{ $labels.gpu }} "
-          "({{ $labels.uuid }}) in 10 minutes."),
-        a("GpuRowRemapFailure",
-          "max by (instance, gpu, uuid, gpu_name) (vigil_gpu_remapped_rows_failure) == 1",
-          "0s", "critical", "gpu",
-          "Row remapping failed on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
-          "GPU {{ $labels.gpu }} ({{ $labels.uuid }}) could not remap a failing memory row: it "
-          "needs service."),
-        a("GpuRowRemapPending",
-          "max by (instance, gpu, uuid, gpu_name) (vigil_gpu_remapped_rows_pending) == 1",
-          "0s", "warning", "gpu",
-          "GPU {{ $labels.gpu }} of {{ $labels.instance }} needs a reset for a row remap",
-          "A memory row remapping of GPU {{ $labels.gpu }} ({{ $labels.uuid }}) waits for a "
-          "GPU reset."),
-        a("GpuLost",
-          "max by (instance, gpu, uuid, gpu_name) (vigil_gpu_up) == 0",
-          p["gpu_lost_for"], "critical", "gpu_lost",
-          "GPU {{ $labels.gpu }} of {{ $labels.instance }} is lost or unreadable",
-          "The exporter cannot read GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}, "
-          "{{ $labels.uuid }}): fallen off the bus, or its readings are stale."),
-        a("GpuReadingsStale",
-          f"(time() - max by (instance, gpu, uuid, gpu_name) (vigil_gpu_last_read_timestamp_seconds)) > {p['gpu_stale_seconds']}",
-          "0s", "warning", "gpu_lost",
-          "GPU {{ $labels.gpu }} readings of {{ $labels.instance }} are stale",
-          "The last successful read of GPU {{ $labels.gpu }} is {{ $value | humanizeDuration }} "
-          "old: a driver call may be wedged."),
-        a("NvmlDown",
-          "max by (instance) (vigil_nvml_up) == 0 and max by (instance) (max_over_time(vigil_nvml_up[6h])) == 1",
-          "5m", "critical", "gpu_lost",
-          "NVML stopped answering on {{ $labels.instance }}",
-          "The exporter on {{ $labels.instance }} read GPUs before and NVML fails now (driver "
-          "unloaded or wedged)."),
-        a("GpuUtilizationImbalance",
-          f"""(
-          max by (instance, model) (vigil_gpu_utilization_ratio * on (instance, gpu) group_left (model) (max by (instance, gpu, model) (vigil_gpu_process_memory_used_bytes{{model!=""}}) > bool 0))
-          - min by (instance, model) (vigil_gpu_utilization_ratio * on (instance, gpu) group_left (model) (max by (instance, gpu, model) (vigil_gpu_process_memory_used_bytes{{model!=""}}) > bool 0))
-          ) > {p['imbalance_ratio']}
-          and on (instance, model)
-          count by (instance, model) (vigil_gpu_process_memory_used_bytes{{model!=""}}) > 1""",
-          p["imbalance_for"], "warning", "imbalance",
-          "GPUs of {{ $labels.model }} on {{ $labels.instance }} are unevenly used",
-          "Utilization differs by {{ $value | humanizePercentage }} between the GPUs serving "
-          "{{ $labels.model }}: one replica may be stuck, or the load balancer starves it."),
+        Alert(
+            name="GpuXidError", for_="0s", severity="critical", cause="gpu",
+            expr=f"""(
+            sum by (instance, gpu, uuid, gpu_name, xid) (increase(vigil_gpu_xid_errors_total{{xid=~"{p['xid_critical_codes']}"}}[10m])) > 0
+            )
+            or
+            (
+            max by (instance, gpu, uuid, gpu_name, xid) (vigil_gpu_xid_errors_total{{xid=~"{p['xid_critical_codes']}"}})
+            unless max by (instance, gpu, uuid, gpu_name, xid) (vigil_gpu_xid_errors_total offset 10m)
+            )""",
+            summary="XID {{ $labels.xid }} on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
+            description=(
+                "The driver reported XID {{ $labels.xid }} on GPU {{ $labels.gpu }} "
+                "({{ $labels.gpu_name }}, {{ $labels.uuid }}); this code needs a person (reset, "
+                "drain, or replacement).")),
+        Alert(
+            name="GpuThermalThrottling",
+            for_=p["throttle_for"], severity="warning", cause="throttle",
+            expr='max by (instance, gpu, uuid, gpu_name) (vigil_gpu_clock_event_reason{reason=~"hw_thermal_slowdown|sw_thermal_slowdown"}) == 1',
+            summary="GPU {{ $labels.gpu }} of {{ $labels.instance }} slows down for heat",
+            description=(
+                "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}) holds its clocks down for "
+                "temperature.")),
+        Alert(
+            name="GpuPowerBrake", for_=p["throttle_for"], severity="warning", cause="throttle",
+            expr='max by (instance, gpu, uuid, gpu_name) (vigil_gpu_clock_event_reason{reason=~"hw_slowdown|hw_power_brake_slowdown"}) == 1',
+            summary="GPU {{ $labels.gpu }} of {{ $labels.instance }} under hardware slowdown",
+            description=(
+                "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}) is slowed by hardware (power "
+                "brake or an external signal): check the power supply and cooling.")),
+        Alert(
+            name="GpuPowerCapped", for_="15m", severity="info", cause="throttle",
+            expr='max by (instance, gpu, uuid, gpu_name) (vigil_gpu_clock_event_reason{reason="sw_power_cap"}) == 1',
+            summary="GPU {{ $labels.gpu }} of {{ $labels.instance }} runs at its power limit",
+            description=(
+                "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}) is held at its power limit; "
+                "normal under full load, worth knowing when throughput drops.")),
+        Alert(
+            name="GpuEccUncorrectable", for_="0s", severity="critical", cause="gpu",
+            expr='sum by (instance, gpu, uuid, gpu_name) (increase(vigil_gpu_ecc_errors_total{type="uncorrected"}[10m])) > 0',
+            summary="Uncorrectable ECC errors on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
+            description=(
+                "{{ $value | humanize }} uncorrectable ECC error(s) on GPU {{ $labels.gpu }} "
+                "({{ $labels.uuid }}) in 10 minutes.")),
+        Alert(
+            name="GpuRowRemapFailure", for_="0s", severity="critical", cause="gpu",
+            expr="max by (instance, gpu, uuid, gpu_name) (vigil_gpu_remapped_rows_failure) == 1",
+            summary="Row remapping failed on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
+            description=(
+                "GPU {{ $labels.gpu }} ({{ $labels.uuid }}) could not remap a failing memory "
+                "row: it needs service.")),
+        Alert(
+            name="GpuRowRemapPending", for_="0s", severity="warning", cause="gpu",
+            expr="max by (instance, gpu, uuid, gpu_name) (vigil_gpu_remapped_rows_pending) == 1",
+            summary=(
+                "GPU {{ $labels.gpu }} of {{ $labels.instance }} needs a reset for a row remap"),
+            description=(
+                "A memory row remapping of GPU {{ $labels.gpu }} ({{ $labels.uuid }}) waits for "
+                "a GPU reset.")),
+        Alert(
+            name="GpuLost", for_=p["gpu_lost_for"], severity="critical", cause="gpu_lost",
+            expr="max by (instance, gpu, uuid, gpu_name) (vigil_gpu_up) == 0",
+            summary="GPU {{ $labels.gpu }} of {{ $labels.instance }} is lost or unreadable",
+            description=(
+                "The exporter cannot read GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}, "
+                "{{ $labels.uuid }}): fallen off the bus, or its readings are stale.")),
+        Alert(
+            name="GpuReadingsStale", for_="0s", severity="warning", cause="gpu_lost",
+            expr=f"(time() - max by (instance, gpu, uuid, gpu_name) (vigil_gpu_last_read_timestamp_seconds)) > {p['gpu_stale_seconds']}",
+            summary="GPU {{ $labels.gpu }} readings of {{ $labels.instance }} are stale",
+            description=(
+                "The last successful read of GPU {{ $labels.gpu }} is "
+                "{{ $value | humanizeDuration }} old: a driver call may be wedged.")),
+        Alert(
+            name="NvmlDown", for_="5m", severity="critical", cause="gpu_lost",
+            expr="max by (instance) (vigil_nvml_up) == 0 and max by (instance) (max_over_time(vigil_nvml_up[6h])) == 1",
+            summary="NVML stopped answering on {{ $labels.instance }}",
+            description=(
+                "The exporter on {{ $labels.instance }} read GPUs before and NVML fails now "
+                "(driver unloaded or wedged).")),
+        Alert(
+            name="GpuUtilizationImbalance",
+            for_=p["imbalance_for"], severity="warning", cause="imbalance",
+            expr=f"""(
+            max by (instance, model) (vigil_gpu_utilization_ratio * on (instance, gpu) group_left (model) (max by (instance, gpu, model) (vigil_gpu_process_memory_used_bytes{{model!=""}}) > bool 0))
+            - min by (instance, model) (vigil_gpu_utilization_ratio * on (instance, gpu) group_left (model) (max by (instance, gpu, model) (vigil_gpu_process_memory_used_bytes{{model!=""}}) > bool 0))
+            ) > {p['imbalance_ratio']}
+            and on (instance, model)
+            count by (instance, model) (vigil_gpu_process_memory_used_bytes{{model!=""}}) > 1""",
+            summary="GPUs of {{ $labels.model }} on {{ $labels.instance }} are unevenly used",
+            description=(
+                "Utilization differs by {{ $value | humanizePercentage }} between the GPUs "
+                "serving {{ $labels.model }}: one replica may be stuck, or the load balancer "
+                "starves it.")),
     ]
     meta = [
-        a("VigilExporterDown",
-          f'up{{job="{p["exporter_job"]}"}} == 0 or absent(up{{job="{p["exporter_job"]}"}})',
-          p["exporter_down_for"], "critical", "exporter",
-          "The vigil exporter cannot be scraped",
-          "Prometheus cannot scrape the exporter {{ $labels.instance }} (or no exporter job "
-          "exists): GPU, process and probe metrics are blind."),
-        a("VigilExporterCollectorFailing",
-          "max by (instance, collector) (vigil_exporter_collector_success) == 0",
-          "5m", "warning", "exporter",
-          "Collector {{ $labels.collector }} of the exporter fails",
-          "The {{ $labels.collector }} collector of {{ $labels.instance }} fails; its metrics "
-          "are left out. The exporter's log says why."),
-        a("Watchdog", "vector(1)", "0s", "info", "watchdog",
-          "Alerting pipeline heartbeat",
-          "Always firing: proves that rules are evaluated and notifications are delivered. "
-          "Route it to a dead man's switch; its absence is the alert."),
+        Alert(
+            name="VigilExporterDown",
+            for_=p["exporter_down_for"], severity="critical", cause="exporter",
+            expr=f'up{{job="{p["exporter_job"]}"}} == 0 or absent(up{{job="{p["exporter_job"]}"}})',
+            summary="The vigil exporter cannot be scraped",
+            description=(
+                "Prometheus cannot scrape the exporter {{ $labels.instance }} (or no exporter "
+                "job exists): GPU, process and probe metrics are blind.")),
+        Alert(
+            name="VigilExporterCollectorFailing", for_="5m", severity="warning", cause="exporter",
+            expr="max by (instance, collector) (vigil_exporter_collector_success) == 0",
+            summary="Collector {{ $labels.collector }} of the exporter fails",
+            description=(
+                "The {{ $labels.collector }} collector of {{ $labels.instance }} fails; its "
+                "metrics are left out. The exporter's log says why.")),
+        Alert(
+            name="Watchdog", for_="0s", severity="info", cause="watchdog",
+            expr="vector(1)",
+            summary="Alerting pipeline heartbeat",
+            description=(
+                "Always firing: proves that rules are evaluated and notifications are "
+                "delivered. Route it to a dead man's switch; its absence is the alert.")),
     ]
-    return {"hangs": [{"name": "vigil-hangs", "rules": hangs}],
-            "vram": [{"name": "vigil-vram", "rules": vram}],
-            "serving": [{"name": "vigil-serving", "rules": serving}],
-            "gpus": [{"name": "vigil-gpus", "rules": gpus}],
-            "meta": [{"name": "vigil-meta", "rules": meta}]}
+    alerts_by_file = {"hangs": hangs, "vram": vram, "serving": serving, "gpus": gpus, "meta": meta}
+    return {stem: [{"name": f"vigil-{stem}", "rules": [alert.rule(p["runbook_base"])
+                                                       for alert in alerts]}]
+            for stem, alerts in alerts_by_file.items()}
 
 
 def _error_ratio(threshold: str) -> str:
@@ -383,9 +459,14 @@ def _error_ratio(threshold: str) -> str:
     / sum by (instance, model) (rate(inference_requests_total[5m])) > {threshold}"""
 
 
+def defaults() -> dict[str, str]:
+    """Every parameter at its default."""
+    return {name: param.default for name, param in PARAMETERS.items()}
+
+
 def render(overrides: dict[str, str] | None = None) -> dict[str, str]:
     """File name -> YAML text of every rule file."""
-    values = {name: param.default for name, param in PARAMETERS.items()}
+    values = defaults()
     unknown = set(overrides or {}) - set(values)
     if unknown:
         raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
@@ -398,9 +479,28 @@ def render(overrides: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def alert_names() -> list[str]:
-    values = {name: param.default for name, param in PARAMETERS.items()}
-    return [rule["alert"] for body in groups(values).values() for group in body
+    return [rule["alert"] for body in groups(defaults()).values() for group in body
             for rule in group["rules"]]
+
+
+def parameters_table() -> str:
+    """The Markdown table of parameters in alerts/README.md."""
+    rows = [PARAMETERS_TABLE_HEADER, "| --- | --- | --- |"]
+    rows += [f"| `{name}` | `{param.default}` | {param.doc} |"
+             for name, param in PARAMETERS.items()]
+    return "\n".join(rows) + "\n"
+
+
+def with_parameters_table(readme: str) -> str:
+    """``readme`` (the text of alerts/README.md) with its parameters table, from the header row
+    to the first line that is not a table row, replaced by the current ``parameters_table()``."""
+    start = readme.find("\n" + PARAMETERS_TABLE_HEADER + "\n") + 1
+    if start == 0:
+        raise ValueError(f"{README} has no parameters table (no line {PARAMETERS_TABLE_HEADER!r})")
+    end = start
+    while readme.startswith("|", end):
+        end = readme.find("\n", end) + 1 or len(readme)
+    return readme[:start] + parameters_table() + readme[end:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,10 +527,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def parameters_table() -> str:
-    """The Markdown table of parameters in alerts/README.md (a test checks it is current)."""
-    rows = ["| Parameter | Default | Meaning |", "| --- | --- | --- |"]
-    rows += [f"| `{name}` | `{p.default}` | {p.doc} |" for name, p in PARAMETERS.items()]
-    return "\n".join(rows) + "\n"
