@@ -483,10 +483,15 @@ def alert_names() -> list[str]:
             for rule in group["rules"]]
 
 
+def _table_cell(text: str) -> str:
+    """A | inside a Markdown table cell ends the cell, even within backticks: escape it."""
+    return text.replace("|", r"\|")
+
+
 def parameters_table() -> str:
     """The Markdown table of parameters in alerts/README.md."""
     rows = [PARAMETERS_TABLE_HEADER, "| --- | --- | --- |"]
-    rows += [f"| `{name}` | `{param.default}` | {param.doc} |"
+    rows += [f"| `{name}` | `{_table_cell(str(param.default))}` | {param.doc} |"
              for name, param in PARAMETERS.items()]
     return "\n".join(rows) + "\n"
 
