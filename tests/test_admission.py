@@ -68,9 +68,6 @@ class _DeviceMemory:
         return self.capacity - sum(self.kv.bytes_for(r.prompt_tokens + r.completion_tokens)
                                    for r in held)
 
-    def figures(self) -> dict[str, int]:
-        return {}
-
 
 class _Observer:
     def __init__(self):

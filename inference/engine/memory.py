@@ -86,7 +86,6 @@ class MemoryProbe(Protocol):
     """The hardware seam for admission control: bytes a new request may still take."""
 
     def available_bytes(self) -> int: ...
-    def figures(self) -> dict[str, int]: ...
 
 
 class CudaMemory:
@@ -101,9 +100,6 @@ class CudaMemory:
         free, _ = torch.cuda.mem_get_info(self.device)
         slack = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return free + slack
-
-    def figures(self) -> dict[str, int]:
-        return cuda_figures(self.device)
 
 
 def cuda_figures(device: Any) -> dict[str, int]:
