@@ -14,6 +14,8 @@ from typing import Any
 
 from loguru import logger
 
+from vigil.statedir import remove_identity, write_identity
+
 from . import __version__
 from .config import Config
 from .doctor.startup import StartupCheckFailed, run_startup_checks
@@ -22,7 +24,6 @@ from .engine.faults import FaultInjector
 from .engine.memory import CudaMemory, kv_cache_shape
 from .engine.queue import RequestQueue
 from .model.loader import LoadedModel, load_model
-from vigil.statedir import remove_identity, write_identity
 from .telemetry.metrics import InferenceMetrics
 from .watchdog import Watchdog
 

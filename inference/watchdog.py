@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from .engine.request import EngineError, Failed, GenerationRequest
+from .engine.errors import stalled_error
+from .engine.request import GenerationRequest
 
 STALL_EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure; restarting is the cure
 EXIT_GRACE_S = 1.0  # time for the 503s to reach the clients before the process exits
@@ -44,13 +45,6 @@ class Stall:
 
     def stalled_for_s(self, now_ns: int | None = None) -> float:
         return ((now_ns or time.perf_counter_ns()) - self.since_ns) / 1e9
-
-
-def stalled_error(stage: str, seconds: float, threshold: float) -> EngineError:
-    return EngineError(503, "server_unavailable",
-                       f"the engine stalled in {stage}: no progress for {seconds:.1f} s (the "
-                       f"stall timeout is {threshold:g} s); the request was abandoned, retry "
-                       "later", code="engine_stalled")
 
 
 def thread_stacks() -> list[dict[str, Any]]:
@@ -171,11 +165,9 @@ class Watchdog:
                             "answering 503 until it moves again")
         error = stalled_error(stall.stage, seconds, threshold)
         for request in self.service.queue.drain() + pending:
-            if request.finished_ns is None:
-                request.cancelled = True  # the engine drops it if it ever moves again
-                request.error = error
-                request.finished_ns = time.perf_counter_ns()
-                request.emit(Failed(error))
+            if not request.ended:
+                request.cancel()  # the engine drops it if it ever moves again
+                request.fail(error)  # a no-op if the engine ended it meanwhile
 
     def _exit_later(self) -> None:
         time.sleep(EXIT_GRACE_S)

@@ -12,7 +12,8 @@ from inference.config import Config
 from inference.engine.detokenizer import IncrementalDetokenizer, decode_output
 from inference.engine.engine import Engine
 from inference.engine.queue import QueueFull, RequestQueue
-from inference.engine.request import Failed, Finished, GenerationRequest, SamplingParams, TextDelta
+from inference.engine.request import (EngineError, Failed, Finished, GenerationRequest,
+                                      SamplingParams, TextDelta)
 from inference.engine.sampling import BatchSampler, _top_p_filter
 from inference.model.loader import load_model
 
@@ -104,7 +105,7 @@ def test_queue_is_bounded_and_gives_back_dead_requests(loaded):
     queue.put(second)
     with pytest.raises(QueueFull):
         queue.put(_request(loaded, "c"))
-    second.cancelled = True
+    second.cancel()
     live, dead = queue.take(8)
     assert live == [first] and dead == [second]
 
@@ -151,3 +152,99 @@ def test_stopping_the_engine_answers_everything_waiting(loaded):
     assert len(ended) == 1
     if isinstance(ended[0], Failed):
         assert ended[0].error.status == 503
+
+
+def _bare_request(events: list) -> GenerationRequest:
+    return GenerationRequest(request_id="r", prompt_ids=[1, 2], params=SamplingParams(max_tokens=4),
+                             stream=False, deadline_ns=time.perf_counter_ns() + 60 * 10**9,
+                             emit=events.append)
+
+
+def test_a_request_ends_once_and_the_first_end_wins_across_threads():
+    """The engine, the watchdog and the API may end a request at the same moment: exactly one
+    end takes effect (its outcome, its one event); the others change nothing."""
+    winners = set()
+    stalled = EngineError(503, "server_unavailable", "stalled", code="engine_stalled")
+    for attempt in range(300):
+        events: list = []
+        request = _bare_request(events)
+        ends = {"fail": lambda request=request: request.fail(stalled),
+                "finish": lambda request=request: request.finish("stop", "the text")}
+        barrier = threading.Barrier(len(ends))
+        won: dict[str, bool] = {}
+
+        def end(name, ends=ends, barrier=barrier, won=won):
+            barrier.wait()
+            won[name] = ends[name]()
+
+        names = list(ends) if attempt % 2 else list(reversed(ends))  # either may arrive last
+        threads = [threading.Thread(target=end, args=(name,)) for name in names]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(won.values()) == [False, True], won
+        winners.update(name for name, first in won.items() if first)
+        assert request.ended and len(events) == 1
+        if won["fail"]:
+            assert events == [Failed(stalled)]
+            assert request.error is stalled and request.finish_reason is None
+            assert request.text == ""
+        else:
+            assert events == [Finished("stop")]
+            assert request.error is None and request.finish_reason == "stop"
+            assert request.text == "the text"
+        finished_ns = request.finished_ns
+        assert not request.fail(EngineError(500, "server_error", "late"))
+        assert not request.finish("length", "other")
+        assert not request.end_cancelled()
+        assert len(events) == 1 and request.finished_ns == finished_ns
+    assert winners == {"fail", "finish"}  # the race went both ways
+
+
+def test_a_cancelled_request_ends_without_an_event():
+    events: list = []
+    request = _bare_request(events)
+    request.cancel()
+    assert request.cancelled and not request.ended  # cancelling asks; the holder ends it
+    assert request.end_cancelled() and request.ended
+    assert not request.fail(EngineError(504, "timeout", "late"))
+    assert events == [] and request.error is None
+
+
+def test_the_engine_leaves_alone_a_request_another_thread_ended(loaded):
+    """A request failed from outside while it decodes (as the watchdog does on a stall) gets no
+    second end from the engine, which drops it at its next step and goes on serving."""
+    queue = RequestQueue(16)
+    engine = Engine(loaded, queue, max_batch_size=4)
+    real_forward = engine._forward
+    decoding = threading.Event()
+
+    def slow_forward(*args, **kwargs):
+        if not kwargs.get("prefill"):
+            decoding.set()
+            time.sleep(0.02)
+        return real_forward(*args, **kwargs)
+
+    engine._forward = slow_forward
+    request = _request(loaded, "failed from outside", max_tokens=200, ignore_eos=True)
+    events: list = []
+    request.emit = events.append
+    stalled = EngineError(503, "server_unavailable", "stalled", code="engine_stalled")
+    engine.start()
+    try:
+        queue.put(request)
+        assert decoding.wait(30)
+        request.cancel()
+        assert request.fail(stalled)
+        deadline = time.monotonic() + 30
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.running == 0 and engine.held_requests() == []
+        ended = [e for e in events if isinstance(e, (Finished, Failed))]
+        assert ended == [Failed(stalled)]
+        assert request.error is stalled and request.finish_reason is None
+        (after,) = _run(queue, [_request(loaded, "next", max_tokens=3)])
+        assert isinstance(after[-1], Finished)
+    finally:
+        engine.stop()

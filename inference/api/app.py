@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from opentelemetry import propagate, trace
 from pydantic import ValidationError
@@ -26,16 +26,19 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..engine.engine import timeout_error
+from ..engine.errors import timeout_error
 from ..engine.faults import Fault
 from ..engine.queue import QueueFull
 from ..engine.request import Event, Failed, Finished, GenerationRequest, TextDelta
-from ..service import InferenceService
+from ..model.loader import LoadedModel
 from ..telemetry.recorder import CompletedRequest, RequestRecorder
 from .errors import ApiError, from_validation_error
 from .prompts import chat_prompt_ids, completion_prompt_ids, sampling_params
 from .responses import ChunkWriter, completion_body
 from .schemas import ChatCompletionRequest, CompletionRequest, FaultRequest
+
+if TYPE_CHECKING:  # only a type here: the service module builds the engine, which needs torch
+    from ..service import InferenceService
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
@@ -104,7 +107,6 @@ class _Call:
     endpoint: str
     request_id: str
     arrival_ns: int
-    span: Any
     record: CompletedRequest
     generation: GenerationRequest | None = None
     events: asyncio.Queue | None = None
@@ -210,7 +212,7 @@ class InferenceApi:
         record = CompletedRequest(request_id=request_id, endpoint=endpoint,
                                   model=self.service.model_name, status=200,
                                   arrival_ns=arrival_ns, span=span)
-        call = _Call(endpoint, request_id, arrival_ns, span, record)
+        call = _Call(endpoint, request_id, arrival_ns, record)
         context = span.get_span_context()
         headers = {"X-Request-Id": request_id, "X-Trace-Id": format(context.trace_id, "032x")}
         with trace.use_span(span, end_on_exit=False):
@@ -234,8 +236,18 @@ class InferenceApi:
 
     async def _admit_and_run(self, request: Request, call: _Call,
                              headers: dict[str, str]) -> Response:
+        """Parse the request, check that it can be served, enqueue it, and answer."""
         self._authorize(request)
         timeout_s = self._timeout(request)
+        parsed = await self._parse(request, call, timeout_s)
+        loaded = self._check_serving(parsed)
+        await self._enqueue(call, parsed, loaded, call.arrival_ns + int(timeout_s * 1e9),
+                            headers["X-Trace-Id"])
+        return await self._respond(request, call, parsed, headers)
+
+    async def _parse(self, request: Request, call: _Call,
+                     timeout_s: float) -> ChatCompletionRequest | CompletionRequest:
+        """Read the body within the deadline and validate it against the endpoint's schema."""
         try:
             raw = await asyncio.wait_for(_read_body(request, self.config.max_body_bytes),
                                          timeout_s)
@@ -258,6 +270,11 @@ class InferenceApi:
             "max_tokens": parsed.requested_max_tokens, "temperature": parsed.temperature,
             "top_p": parsed.top_p, "frequency_penalty": parsed.frequency_penalty,
             "presence_penalty": parsed.presence_penalty}
+        return parsed
+
+    def _check_serving(self, parsed: ChatCompletionRequest | CompletionRequest) -> LoadedModel:
+        """The loaded model, if the request names it and the server can serve now; else the
+        404 or 503 that says why not."""
         if parsed.model != self.service.model_name:
             raise ApiError(404, f"The model '{parsed.model}' does not exist; this server serves "
                            f"'{self.service.model_name}'", param="model",
@@ -279,6 +296,12 @@ class InferenceApi:
                            f"{stall.stalled_for_s():.1f} s); retry later",
                            error_type="server_unavailable", code="engine_stalled",
                            headers={"Retry-After": "5"})
+        return loaded
+
+    async def _enqueue(self, call: _Call, parsed: ChatCompletionRequest | CompletionRequest,
+                       loaded: LoadedModel, deadline_ns: int, trace_id: str) -> None:
+        """Tokenize the prompt and put the generation request on the engine's queue (a 429 when
+        it is full); its events arrive on ``call.events``."""
         # Tokenizing a long prompt takes a while: off the event loop, one at a time (a fast
         # tokenizer is not safe to share between threads; the engine has its own).
         build = chat_prompt_ids if call.endpoint == "chat" else completion_prompt_ids
@@ -290,7 +313,6 @@ class InferenceApi:
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        deadline_ns = call.arrival_ns + int(timeout_s * 1e9)
 
         def emit(event: Event) -> None:
             try:
@@ -301,8 +323,7 @@ class InferenceApi:
         generation = GenerationRequest(request_id=call.request_id, prompt_ids=prompt_ids,
                                        params=params, stream=parsed.stream,
                                        deadline_ns=deadline_ns, emit=emit,
-                                       arrival_ns=call.arrival_ns,
-                                       trace_id=headers["X-Trace-Id"])
+                                       arrival_ns=call.arrival_ns, trace_id=trace_id)
         try:
             self.service.queue.put(generation)
         except QueueFull as exc:
@@ -314,6 +335,12 @@ class InferenceApi:
         if self.service.metrics is not None:
             self.service.metrics.in_flight.inc()
 
+    async def _respond(self, request: Request, call: _Call,
+                       parsed: ChatCompletionRequest | CompletionRequest,
+                       headers: dict[str, str]) -> Response:
+        """Wait for the engine's first event, then answer: one JSON body once the request
+        finishes, or a stream of its events. An engine error before the stream starts is an
+        HTTP error."""
         watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
         try:
             first = await self._next_event(call, watcher)
@@ -324,16 +351,7 @@ class InferenceApi:
             watcher.cancel()
             raise self._engine_error(first)
         if not parsed.stream:
-            while not isinstance(first, Finished):
-                first = await self._next_event(call, watcher)
-                if isinstance(first, Failed):
-                    watcher.cancel()
-                    raise self._engine_error(first)
-            watcher.cancel()
-            self._end(call, 200)
-            return JSONResponse(completion_body(call.endpoint, call.request_id,
-                                                self.service.model_name, int(time.time()),
-                                                generation), headers=headers)
+            return await self._respond_whole(call, first, watcher, headers)
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         writer = ChunkWriter(call.endpoint, call.request_id, self.service.model_name,
                              include_usage)
@@ -342,6 +360,21 @@ class InferenceApi:
                               media_type="text/event-stream",
                               headers={**headers, "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
+
+    async def _respond_whole(self, call: _Call, event: Event, watcher: asyncio.Future,
+                             headers: dict[str, str]) -> Response:
+        """The non-streamed answer: wait for the end, then one completion body."""
+        try:
+            while not isinstance(event, Finished):
+                event = await self._next_event(call, watcher)
+                if isinstance(event, Failed):
+                    raise self._engine_error(event)
+        finally:
+            watcher.cancel()
+        self._end(call, 200)
+        return JSONResponse(completion_body(call.endpoint, call.request_id,
+                                            self.service.model_name, int(time.time()),
+                                            call.generation), headers=headers)
 
     async def _stream(self, call: _Call, writer: ChunkWriter, first: Event,
                       watcher: asyncio.Future) -> AsyncIterator[bytes]:
@@ -429,9 +462,9 @@ class InferenceApi:
     def _cancel(self, generation: GenerationRequest) -> None:
         """Stop work on a request nobody will read: out of the queue now, out of the batch at the
         engine's next step."""
-        generation.cancelled = True
+        generation.cancel()
         if self.service.queue.remove(generation):
-            generation.finished_ns = time.perf_counter_ns()
+            generation.end_cancelled()
 
     @staticmethod
     def _engine_error(event: Failed) -> ApiError:
@@ -452,7 +485,7 @@ class InferenceApi:
         if call.ended:
             return
         call.ended = True
-        if call.generation is not None and call.generation.finished_ns is None:
+        if call.generation is not None and not call.generation.ended:
             self._cancel(call.generation)  # answered without its result: nobody will read it
         record = call.record
         record.status, record.error_type, record.error_message = status, error_type, message

@@ -22,19 +22,20 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import torch
 from loguru import logger
 
 from ..model.loader import LoadedModel
+from .batch import Batch, Row, left_padded
 from .detokenizer import IncrementalDetokenizer, decode_output
+from .errors import (engine_dead_error, insufficient_memory_error, out_of_memory_error,
+                     shutdown_error, step_failed_error, timeout_error)
 from .faults import Fault, FaultInjector, middle_layer
-from .memory import (KvCacheShape, MemoryProbe, cuda_figures, describe_figures,
-                     is_out_of_memory)
+from .memory import KvCacheShape, MemoryProbe, cuda_figures, describe_figures, is_out_of_memory
 from .queue import RequestQueue
-from .request import EngineError, Failed, Finished, GenerationRequest, TextDelta
+from .request import EngineError, GenerationRequest, TextDelta
 from .sampling import BatchSampler
 
 
@@ -69,86 +70,6 @@ class NullObserver:
         pass
 
 
-def timeout_error(request: GenerationRequest) -> EngineError:
-    timeout_s = (request.deadline_ns - request.arrival_ns) / 1e9
-    where = "in the queue" if request.scheduled_ns is None else (
-        f"after {request.completion_tokens} generated tokens")
-    return EngineError(504, "timeout", f"the request's deadline of {timeout_s:g} s passed {where}; "
-                       "try a smaller max_tokens or retry later", code="deadline_exceeded")
-
-
-def shutdown_error() -> EngineError:
-    return EngineError(503, "server_unavailable", "the server is shutting down; retry",
-                       code="shutting_down")
-
-
-def out_of_memory_error(stage: str, exc: BaseException, figures: str) -> EngineError:
-    what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return EngineError(503, "server_unavailable",
-                       f"out of memory during {stage} ({what})"
-                       + (f"; {figures}" if figures else "")
-                       + "; retry later, or send a shorter prompt or a smaller max_tokens",
-                       code="out_of_memory")
-
-
-def insufficient_memory_error(request: GenerationRequest, kv: KvCacheShape, need: int,
-                              available: int, device: Any) -> EngineError:
-    tokens = request.prompt_tokens + request.params.max_tokens
-    return EngineError(
-        503, "server_unavailable",
-        f"not enough GPU memory for this request: its KV cache needs an estimated "
-        f"{need / 2**20:.1f} MiB ({tokens} tokens of prompt plus max_tokens x "
-        f"{kv.bytes_per_token} bytes per token), and {available / 2**20:.1f} MiB are free on "
-        f"{device}; send a shorter prompt or a smaller max_tokens", code="insufficient_memory")
-
-
-@dataclass
-class _Row:
-    request: GenerationRequest
-    detokenizer: IncrementalDetokenizer | None
-    done: bool = False
-    preempted: bool = False  # out of the batch after an OOM, to be prefilled again
-
-
-@dataclass
-class _Batch:
-    rows: list[_Row]
-    cache: Any  # a transformers Cache, or a legacy tuple of (key, value) per layer
-    attention_mask: torch.Tensor  # [B, L]
-    positions: torch.Tensor  # [B] position id of each row's next token
-    last_tokens: torch.Tensor  # [B]
-    sampler: BatchSampler
-    suppress_eos: torch.Tensor | None = field(default=None)  # indices of rows that may not end yet
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-def _mergeable(cache: Any) -> bool:
-    """True for a DynamicCache made only of plain full-attention layers."""
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-    except ImportError:
-        return False
-    return (type(cache) is DynamicCache and bool(getattr(cache, "layers", None))
-            and all(type(layer) is DynamicLayer for layer in cache.layers))
-
-
-def _left_pad(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
-    if amount == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = amount
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _select_cache(cache: Any, keep: torch.Tensor) -> Any:
-    if isinstance(cache, tuple):
-        return tuple(tuple(t.index_select(0, keep) for t in layer) for layer in cache)
-    cache.batch_select_indices(keep)
-    return cache
-
-
 class Engine:
     def __init__(self, loaded: LoadedModel, queue: RequestQueue, *, max_batch_size: int,
                  observer: EngineObserver | None = None,
@@ -163,7 +84,7 @@ class Engine:
         self._force_eos = False  # an injected empty output, for the prefill under way
         self.kv_cache = kv_cache
         self.memory = memory  # admission control runs only with both an estimate and a probe
-        self._preempted: list[_Row] = []  # rows pushed out of the batch by an OOM
+        self._preempted: list[Row] = []  # rows pushed out of the batch by an OOM
         self._oom_cap: int | None = None  # batch size limit after an OOM, until the batch drains
         self._generator = torch.Generator(device=loaded.device)
         if seed is None:
@@ -171,7 +92,7 @@ class Engine:
         else:
             self._generator.manual_seed(seed)
         self._vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
-        self._batch: _Batch | None = None
+        self._batch: Batch | None = None
         self._admitting: list[GenerationRequest] = []  # taken from the queue, not yet in the batch
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -216,7 +137,7 @@ class Engine:
         rows = list(batch.rows) if batch is not None else []
         held = [row.request for row in rows + list(self._preempted) if not row.done]
         held += [r for r in list(self._admitting) if r not in held]
-        return [r for r in held if r.finished_ns is None]
+        return [r for r in held if not r.ended]
 
     def _run(self) -> None:
         final_error = shutdown_error()
@@ -236,8 +157,7 @@ class Engine:
                     except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
                         self._fail_held(exc)
         except BaseException as exc:
-            final_error = EngineError(500, "server_error", f"the engine thread died: "
-                                      f"{type(exc).__name__}: {exc}", code="engine_dead")
+            final_error = engine_dead_error(exc)
             logger.opt(exception=exc).critical("the engine thread died: {}", exc)
             raise
         finally:
@@ -259,46 +179,35 @@ class Engine:
         logger.opt(exception=exc).error(
             "{} step failed for {} request(s): {}: {}", self.stage, len(requests),
             type(exc).__name__, exc, request_ids=[r.request_id for r in requests])
-        error = EngineError(500, "server_error", f"generation failed in {self.stage}: "
-                            f"{type(exc).__name__}: {exc}", code="generation_failed")
+        error = step_failed_error(self.stage, exc)
         for request in requests:
-            self._fail(request, error)
+            request.fail(error)
 
     # ---- finishing requests ----------------------------------------------------------------
 
-    def _finish(self, row: _Row, reason: str) -> None:
+    def _finish(self, row: Row, reason: str) -> None:
         request = row.request
         row.done = True
         if row.detokenizer is not None:
             rest = row.detokenizer.flush()
             if rest and request.stream:
                 request.emit(TextDelta(rest))
-            request.text = row.detokenizer.text
+            text = row.detokenizer.text
         else:
-            request.text = decode_output(self.loaded.tokenizer, request.prompt_ids,
-                                         request.output_ids)
-        request.finish_reason = reason
-        request.finished_ns = time.perf_counter_ns()
-        if request.scheduled_ns is not None:
+            text = decode_output(self.loaded.tokenizer, request.prompt_ids, request.output_ids)
+        if request.finish(reason, text) and request.scheduled_ns is not None:
             seconds = (request.finished_ns - request.scheduled_ns) / 1e9
             self.mean_request_seconds += 0.1 * (seconds - self.mean_request_seconds)
-        request.emit(Finished(reason))
-
-    @staticmethod
-    def _fail(request: GenerationRequest, error: EngineError) -> None:
-        request.error = error
-        request.finished_ns = time.perf_counter_ns()
-        request.emit(Failed(error))
 
     def _fail_everything(self, error: EngineError) -> None:
         for request in self.held_requests():
-            self._fail(request, error)
+            request.fail(error)
         if self._batch is not None:
             self._batch = None
             self.observer.running_changed(0)
         self._preempted = []
         for request in self.queue.drain():
-            self._fail(request, error)
+            request.fail(error)
 
     def _out_of_memory(self, exc: BaseException, failed: Sequence[GenerationRequest]) -> None:
         """Count an OOM, give the allocator's cache back, and fail ``failed`` with the figures."""
@@ -314,15 +223,15 @@ class Engine:
                      request_ids=[r.request_id for r in failed], memory=figures)
         error = out_of_memory_error(self.stage, exc, text)
         for request in failed:
-            self._fail(request, error)
+            request.fail(error)
 
     def _fail_dead(self, requests: Sequence[GenerationRequest]) -> None:
         """Requests found cancelled or out of time: say why (a cancelled one has no listener)."""
         for request in requests:
             if request.cancelled:
-                request.finished_ns = time.perf_counter_ns()
+                request.end_cancelled()
             else:
-                self._fail(request, timeout_error(request))
+                request.fail(timeout_error(request))
 
     # ---- admission and prefill -------------------------------------------------------------
 
@@ -335,15 +244,15 @@ class Engine:
         room = limit - running
         if room <= 0 or not (self._preempted or len(self.queue)):
             return
-        if batch is not None and not _mergeable(batch.cache):
+        if batch is not None and not batch.mergeable:
             return
         rows = self._take_preempted(room)
         if len(rows) < room:
             live, dead = self.queue.take(room - len(rows))
             self._fail_dead(dead)
-            rows += [_Row(r, IncrementalDetokenizer(self.loaded.tokenizer, r.prompt_ids,
-                                                    r.params.stop)
-                          if r.needs_incremental_text else None) for r in live]
+            rows += [Row(r, IncrementalDetokenizer(self.loaded.tokenizer, r.prompt_ids,
+                                                   r.params.stop)
+                         if r.needs_incremental_text else None) for r in live]
         if self.memory is not None and self.kv_cache is not None:
             rows = self._admit_by_memory(rows)
         if not rows:
@@ -380,7 +289,7 @@ class Engine:
         if not self._drop_done_rows():
             self.observer.running_changed(len(self._batch))
 
-    def _take_preempted(self, room: int) -> list[_Row]:
+    def _take_preempted(self, room: int) -> list[Row]:
         now = time.perf_counter_ns()
         dead = [row for row in self._preempted
                 if row.request.cancelled or now >= row.request.deadline_ns]
@@ -392,7 +301,7 @@ class Engine:
             row.preempted = False
         return rows
 
-    def _admit_by_memory(self, rows: list[_Row]) -> list[_Row]:
+    def _admit_by_memory(self, rows: list[Row]) -> list[Row]:
         """Keep the rows whose KV cache fits in the free memory; the others wait for running
         requests to finish, or are refused when none runs (the memory will not come)."""
         assert self.memory is not None and self.kv_cache is not None
@@ -403,7 +312,7 @@ class Engine:
             available -= sum(kv.bytes_for(row.request.params.max_tokens
                                           - row.request.completion_tokens)
                              for row in batch.rows if not row.done)
-        admitted: list[_Row] = []
+        admitted: list[Row] = []
         for i, row in enumerate(rows):
             request = row.request
             need = kv.bytes_for(request.prompt_tokens + request.params.max_tokens)
@@ -420,7 +329,7 @@ class Engine:
             logger.warning("request refused before it ran: {}", error.message,
                            request_id=request.request_id, trace_id=request.trace_id,
                            kv_cache_bytes=need, available_bytes=available)
-            self._fail(request, error)
+            request.fail(error)
         return admitted
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -452,7 +361,7 @@ class Engine:
         finally:
             handle.remove()
 
-    def _prefill(self, rows: list[_Row]) -> _Batch:
+    def _prefill(self, rows: list[Row]) -> Batch:
         """Prefill a group of rows: new requests, or preempted ones (prompt plus their tokens so
         far, recomputed)."""
         now = time.perf_counter_ns()
@@ -461,24 +370,16 @@ class Engine:
             request = row.request
             if request.scheduled_ns is None:
                 request.scheduled_ns = now
-                request.prefill_start_ns = now
                 request.batch_size_at_prefill = running + len(rows)
         self.stage = "prefill"
         device = self.loaded.device
-        inputs = [row.request.prompt_ids + row.request.output_ids for row in rows]
-        width = max(len(ids) for ids in inputs)
-        pad = self.loaded.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, tokens in enumerate(inputs):
-            n = len(tokens)
-            ids[i, width - n:] = torch.tensor(tokens, dtype=torch.long)
-            mask[i, width - n:] = 1
+        ids, mask = left_padded([row.request.prompt_ids + row.request.output_ids for row in rows],
+                                self.loaded.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         self._force_eos = False
         output = self._forward(ids, mask, position_ids, None, prefill=True)
-        batch = _Batch(
+        batch = Batch(
             rows=rows, cache=output.past_key_values, attention_mask=mask,
             positions=mask.sum(-1), last_tokens=torch.zeros(len(rows), dtype=torch.long,
                                                             device=device),
@@ -486,30 +387,18 @@ class Engine:
         self._choose_and_accept(batch, output.logits[:, -1, :], "prefill")
         return batch
 
-    def _sampler_for(self, rows: Sequence[_Row]) -> BatchSampler:
+    def _sampler_for(self, rows: Sequence[Row]) -> BatchSampler:
         return BatchSampler.build(
             [row.request.params for row in rows], [row.request.output_ids for row in rows],
             self._vocab_size, self.loaded.eos_token_ids, self.loaded.device, self._generator)
 
-    def _merge(self, new: _Batch) -> None:
+    def _merge(self, new: Batch) -> None:
         """Append the rows of a freshly prefilled batch to the running one."""
         old = self._batch
         assert old is not None
-        width = max(old.attention_mask.shape[1], new.attention_mask.shape[1])
-        pad_old = width - old.attention_mask.shape[1]
-        pad_new = width - new.attention_mask.shape[1]
-        for old_layer, new_layer in zip(old.cache.layers, new.cache.layers):
-            old_layer.keys = torch.cat([_left_pad(old_layer.keys, pad_old, -2),
-                                        _left_pad(new_layer.keys, pad_new, -2)], dim=0)
-            old_layer.values = torch.cat([_left_pad(old_layer.values, pad_old, -2),
-                                          _left_pad(new_layer.values, pad_new, -2)], dim=0)
-        old.attention_mask = torch.cat([_left_pad(old.attention_mask, pad_old, 1),
-                                        _left_pad(new.attention_mask, pad_new, 1)], dim=0)
-        old.positions = torch.cat([old.positions, new.positions])
-        old.last_tokens = torch.cat([old.last_tokens, new.last_tokens])
-        old.rows.extend(new.rows)
+        old.append(new)
         old.sampler = self._sampler_for(old.rows)
-        self._update_eos_suppression(old)
+        old.update_eos_suppression()
 
     # ---- decoding --------------------------------------------------------------------------
 
@@ -521,10 +410,10 @@ class Engine:
             request = row.request
             if request.cancelled:
                 row.done = True
-                request.finished_ns = now
+                request.end_cancelled()
             elif now >= request.deadline_ns:
                 row.done = True
-                self._fail(request, timeout_error(request))
+                request.fail(timeout_error(request))
         if self._drop_done_rows():
             return
         self.stage = "decode"
@@ -539,25 +428,15 @@ class Engine:
             self._choose_and_accept(batch, output.logits[:, -1, :], "decode")
         except Exception as exc:
             if (not is_out_of_memory(exc, self.loaded.device) or len(batch) == 1
-                    or not _mergeable(batch.cache)):
+                    or not batch.mergeable):
                 raise  # not memory, nothing to split, or a cache that cannot be cut back
-            self._undo_decode_step(batch, mask_before, positions_before)
+            batch.rewind(mask_before, positions_before)
             self._out_of_memory(exc, [])
             self._preempt_newer_half(batch)
             return
         self._drop_done_rows()
 
-    @staticmethod
-    def _undo_decode_step(batch: _Batch, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """Put the batch back as it was before a failed step: the layers that ran before the
-        failure had already appended this step's keys and values."""
-        length = mask.shape[1]
-        batch.attention_mask, batch.positions = mask, positions
-        for layer in batch.cache.layers:
-            layer.keys = layer.keys[:, :, :length, :]
-            layer.values = layer.values[:, :, :length, :]
-
-    def _preempt_newer_half(self, batch: _Batch) -> None:
+    def _preempt_newer_half(self, batch: Batch) -> None:
         keep = len(batch) // 2
         preempted = batch.rows[keep:]
         for row in preempted:
@@ -569,16 +448,9 @@ class Engine:
                        request_ids=[row.request.request_id for row in preempted])
         self._drop_done_rows()
 
-    def _update_eos_suppression(self, batch: _Batch) -> None:
-        rows = [i for i, row in enumerate(batch.rows)
-                if row.request.params.ignore_eos
-                or len(row.request.output_ids) < row.request.params.min_tokens]
-        batch.suppress_eos = (torch.tensor(rows, dtype=torch.long, device=self.loaded.device)
-                              if rows else None)
-
-    def _choose_and_accept(self, batch: _Batch, logits: torch.Tensor, stage: str) -> None:
+    def _choose_and_accept(self, batch: Batch, logits: torch.Tensor, stage: str) -> None:
         if batch.suppress_eos is None and stage == "prefill":
-            self._update_eos_suppression(batch)
+            batch.update_eos_suppression()
         tokens = batch.sampler.select(logits, batch.suppress_eos)
         if self._force_eos and stage == "prefill":  # an injected empty output
             tokens = torch.full_like(tokens, min(self.loaded.eos_token_ids))
@@ -616,7 +488,7 @@ class Engine:
             if generated >= params.max_tokens:
                 self._finish(row, "length")
         if suppression_changed:
-            self._update_eos_suppression(batch)
+            batch.update_eos_suppression()
 
     def _drop_done_rows(self) -> bool:
         """Remove finished rows from the batch; True when the batch is now empty."""
@@ -630,28 +502,9 @@ class Engine:
             self._batch = None
             self.observer.running_changed(0)
             return True
-        index = torch.tensor(keep, dtype=torch.long, device=self.loaded.device)
-        batch.cache = _select_cache(batch.cache, index)
-        batch.rows = [batch.rows[i] for i in keep]
-        batch.attention_mask = batch.attention_mask.index_select(0, index)
-        batch.positions = batch.positions.index_select(0, index)
-        batch.last_tokens = batch.last_tokens.index_select(0, index)
+        batch.keep(keep)
         batch.sampler = self._sampler_for(batch.rows)
-        self._update_eos_suppression(batch)
-        self._trim_padding(batch)
+        batch.update_eos_suppression()
+        batch.trim_padding()
         self.observer.running_changed(len(batch))
         return False
-
-    @staticmethod
-    def _trim_padding(batch: _Batch) -> None:
-        """Drop cache columns that are padding in every remaining row."""
-        if not _mergeable(batch.cache):
-            return
-        used = batch.attention_mask.any(dim=0).nonzero()
-        first = int(used[0]) if used.numel() else 0
-        if first == 0:
-            return
-        batch.attention_mask = batch.attention_mask[:, first:]
-        for layer in batch.cache.layers:
-            layer.keys = layer.keys[:, :, first:, :]
-            layer.values = layer.values[:, :, first:, :]

@@ -2,12 +2,15 @@
 
 The API layer builds a GenerationRequest, the engine thread fills in its tokens, text and
 timestamps, and events go back to the API layer through ``emit`` (which must be thread-safe).
+A request ends once, through ``finish``, ``fail`` or ``end_cancelled``: the engine, the watchdog
+and the API's cancel may race to end it, and the first to do so wins (the others are no-ops).
 Timestamps are ``time.perf_counter_ns()`` integers: cheap to take in the hot path, turned into
 wall-clock times only when the request is recorded.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -76,21 +79,23 @@ class GenerationRequest:
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
     trace_id: str = ""  # for the watchdog's stall report and the engine's log lines
 
-    # Set by the API layer, read by the engine between steps.
+    # Set by ``cancel`` (the API layer, the watchdog), read by the engine between steps.
     cancelled: bool = False
 
-    # Filled in by the engine thread.
+    # Filled in by the engine thread; the outcome (text, finish_reason or error, finished_ns) is
+    # written once, by the first end.
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     stop_string_matched: bool = False
     error: EngineError | None = None
     scheduled_ns: int | None = None  # left the queue
-    prefill_start_ns: int | None = None
     first_token_ns: int | None = None
     last_token_ns: int | None = None  # the last token kept in output_ids (EOS is not kept)
     finished_ns: int | None = None
     batch_size_at_prefill: int = 0
+
+    _end_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def prompt_tokens(self) -> int:
@@ -103,3 +108,41 @@ class GenerationRequest:
     @property
     def needs_incremental_text(self) -> bool:
         return self.stream or bool(self.params.stop)
+
+    @property
+    def ended(self) -> bool:
+        return self.finished_ns is not None
+
+    def cancel(self) -> None:
+        """Nobody will read the answer: the engine drops the request at its next step (safe from
+        any thread; it does not end the request, which the queue or the engine still holds)."""
+        self.cancelled = True
+
+    def finish(self, reason: str, text: str) -> bool:
+        """End with a result (``reason`` is "stop" or "length") and send ``Finished``; False, and
+        nothing changed, if the request had already ended."""
+        if not self._end(reason, text):
+            return False
+        self.emit(Finished(reason))
+        return True
+
+    def fail(self, error: EngineError) -> bool:
+        """End with ``error`` and send ``Failed``; False, and nothing changed, if the request had
+        already ended. Safe from any thread: the first end wins."""
+        if not self._end(error=error):
+            return False
+        self.emit(Failed(error))
+        return True
+
+    def end_cancelled(self) -> bool:
+        """End a cancelled request: no event, as nobody listens; False if it had already ended."""
+        return self._end()
+
+    def _end(self, reason: str | None = None, text: str = "",
+             error: EngineError | None = None) -> bool:
+        with self._end_lock:
+            if self.finished_ns is not None:
+                return False
+            self.finish_reason, self.text, self.error = reason, text, error
+            self.finished_ns = time.perf_counter_ns()
+            return True
