@@ -1,5 +1,6 @@
-"""The environment doctor: `python -m inference doctor` run for real on broken and sound setups,
-the server's start-up checks, and the GPU rules on the facts NVML and torch report."""
+"""The environment doctor: `python -m inference doctor` run for real on broken and sound setups
+(its GPU checks on a fake fleet, its host checks on a light install), the server's start-up
+checks, and the GPU rules on the facts NVML and torch report."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 from pathlib import Path
 
@@ -20,18 +22,22 @@ import pytest
 import requests
 
 from conftest import REPO
-from inference.doctor import gpu
+from inference.doctor import gpu, gpu_facts
 from inference.doctor.report import Status
+from vigil.gpu.backend import BackendUnavailable, GpuLost
+from vigil.gpu.fake import FakeFleet
+from vigil.gpu.nvml import NvmlBackend
 
 NO_GPU = not __import__("torch").cuda.is_available()
 
 
 def doctor(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
-           timeout: float = 300) -> subprocess.CompletedProcess:
+           timeout: float = 300, launcher: tuple[str, ...] = ("-m", "inference")
+           ) -> subprocess.CompletedProcess:
     child_env = {k: v for k, v in os.environ.items()
                  if not k.startswith(("VIGIL_INFERENCE_", "OTEL_"))}
     child_env.update(env or {})
-    return subprocess.run([*prefix, sys.executable, "-m", "inference", "doctor", *args],
+    return subprocess.run([*prefix, sys.executable, *launcher, "doctor", *args],
                           capture_output=True, text=True, cwd=REPO, env=child_env,
                           timeout=timeout)
 
@@ -161,6 +167,9 @@ def test_bad_options_are_refused_with_status_2():
     assert "--port" in result.stderr and "Traceback" not in result.stderr
     result = doctor("--check", "no-such-check")
     assert result.returncode == 2 and "no-such-check" in result.stderr
+    result = doctor("--fake-gpu-fleet", "/nonexistent/fleet.json")
+    assert result.returncode == 2 and "/nonexistent/fleet.json" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # ---- model files -----------------------------------------------------------------------------
@@ -577,18 +586,19 @@ def test_a_sound_start_logs_every_start_up_verdict(server):
 
 # ---- GPU rules, on the facts NVML and torch report -------------------------------------------
 
-H100 = gpu.NvmlGpu(0, "NVIDIA H100 80GB HBM3", "GPU-1111aaaa-0000", 79 << 30)
-A10 = gpu.NvmlGpu(1, "NVIDIA A10", "GPU-2222bbbb-0000", 23 << 30)
+H100 = gpu_facts.NvmlGpu(0, "NVIDIA H100 80GB HBM3", "GPU-1111aaaa-0000", 79 << 30)
+A10 = gpu_facts.NvmlGpu(1, "NVIDIA A10", "GPU-2222bbbb-0000", 23 << 30)
 # What torch reports as each GPU's compute capability, by UUID.
 CAPABILITY = {H100.uuid: (9, 0), A10.uuid: (8, 6), "GPU-3": (12, 0), "GPU-4": (5, 0)}
-DRIVER_12_2 = gpu.DriverFacts(None, "535.183.01", (12, 2), (H100, A10))
+DRIVER_12_2 = gpu_facts.DriverFacts(None, "535.183.01", (12, 2), (H100, A10))
 ARCHES = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")
 
 
-def torch_facts(cuda: str | None, gpus=(), arch_list=ARCHES, warning=None) -> gpu.TorchFacts:
-    torch_gpus = tuple(gpu.TorchGpu(i, g.name, CAPABILITY[g.uuid], g.uuid)
+def torch_facts(cuda: str | None, gpus=(), arch_list=ARCHES,
+                warning=None) -> gpu_facts.TorchFacts:
+    torch_gpus = tuple(gpu_facts.TorchGpu(i, g.name, CAPABILITY[g.uuid], g.uuid)
                        for i, g in enumerate(gpus))
-    return gpu.TorchFacts("2.x", cuda, bool(torch_gpus), warning, arch_list, torch_gpus)
+    return gpu_facts.TorchFacts("2.x", cuda, bool(torch_gpus), warning, arch_list, torch_gpus)
 
 
 def test_a_torch_build_for_a_newer_cuda_major_than_the_driver_fails():
@@ -614,7 +624,7 @@ def test_a_cpu_build_of_torch_on_a_gpu_host_fails():
 
 
 def test_no_driver_fails_only_when_a_gpu_is_asked_for():
-    none = gpu.DriverFacts(error="NVML: Driver Not Loaded")
+    none = gpu_facts.DriverFacts(error="NVML: Driver Not Loaded")
     assert gpu.cuda_build_verdict("cuda", none, torch_facts("12.8")).status is Status.FAILED
     assert gpu.cuda_build_verdict("auto", none, torch_facts(None)).status is Status.SKIPPED
     # PyPI's default torch is a CUDA build: on a CPU host with auto it serves on the CPU.
@@ -623,7 +633,7 @@ def test_no_driver_fails_only_when_a_gpu_is_asked_for():
 
 def test_no_nvml_while_torch_uses_the_gpus_only_warns():
     # A container given the compute capability but not NVIDIA's utility libraries.
-    none = gpu.DriverFacts(error="NVML: NVML Shared Library Not Found")
+    none = gpu_facts.DriverFacts(error="NVML: NVML Shared Library Not Found")
     works = torch_facts("12.8", (H100,))
     assert gpu.cuda_build_verdict("cuda", none, works).status is Status.WARNING
     assert gpu.visibility_verdict("cuda", none, works, None).status is Status.OK
@@ -677,12 +687,12 @@ def test_compute_capability_against_the_compiled_architectures():
     assert gpu.arch_supported((12, 0), ("sm_100", "sm_120"))
     assert not gpu.arch_supported((12, 0), ("sm_50", "sm_90"))
     assert not gpu.arch_supported((3, 7), ("sm_50", "sm_90"))  # too old for the build
-    blackwell = gpu.NvmlGpu(0, "NVIDIA RTX PRO 6000", "GPU-3", 95 << 30)
+    blackwell = gpu_facts.NvmlGpu(0, "NVIDIA RTX PRO 6000", "GPU-3", 95 << 30)
     verdict = gpu.capability_verdict("cuda:0", torch_facts("12.6", (blackwell,)))
     assert verdict.status is Status.FAILED and "cuda:0 (sm_120)" in verdict.summary
     assert gpu.capability_verdict("cuda:0", torch_facts("12.6", (H100, A10))).status is Status.OK
     # An old second GPU the server does not use: a warning, not a refusal.
-    old = gpu.NvmlGpu(1, "Quadro K2200", "GPU-4", 4 << 30)
+    old = gpu_facts.NvmlGpu(1, "Quadro K2200", "GPU-4", 4 << 30)
     mixed = torch_facts("12.6", (H100, old), arch_list=("sm_80", "sm_90"))
     assert gpu.capability_verdict("cuda:0", mixed).status is Status.WARNING
     assert gpu.capability_verdict("cuda:1", mixed).status is Status.FAILED
@@ -693,6 +703,231 @@ def test_the_torch_wheel_suggested_fits_the_driver():
     assert gpu.torch_wheel_for((12, 8)).endswith("/cu128")
     assert gpu.torch_wheel_for((13, 1)).endswith("/cu130")
     assert gpu.torch_wheel_for((11, 4)) is None
+
+
+def test_the_kernel_runs_on_the_gpus_the_server_may_use_and_names_wrong_and_wedged_ones():
+    two = torch_facts("12.1", (H100, A10))
+    assert gpu.kernel_indices("auto", two) == [0, 1] and gpu.kernel_indices("cuda:1", two) == [1]
+    assert gpu.kernel_indices("cpu", two) == [] and gpu.kernel_indices("cuda:5", two) == []
+    sound = gpu.kernel_verdict("auto", two, {0: 0.0021, 1: 0.0034}, 30)
+    assert sound.status is Status.OK and "(cuda:0 2.1 ms, cuda:1 3.4 ms)" in sound.summary
+    broken = gpu.kernel_verdict("auto", two, {0: "wrong result (relative error 0.9)"}, 30)
+    assert broken.status is Status.FAILED and broken.values["wedged"] == ["cuda:1"]
+    assert broken.summary == ("cuda:0: wrong result (relative error 0.9); cuda:1 did not finish "
+                              "within 30 s (a wedged GPU or driver: look for XID errors in dmesg)")
+    beyond = gpu.kernel_verdict("cuda:5", two, {}, 30)
+    assert beyond.status is Status.SKIPPED and "not among torch's GPUs" in beyond.summary
+
+
+def test_without_torch_the_driver_verdict_fails_only_for_a_gpu_without_a_driver():
+    none = gpu_facts.DriverFacts(error="NVML: Driver Not Loaded")
+    assert gpu.driver_verdict_without_torch("cuda", none, "torch").status is Status.FAILED
+    auto = gpu.driver_verdict_without_torch("auto", none, "torch")
+    assert auto.status is Status.SKIPPED and "pip install 'llm-vigil[serve]'" in auto.summary
+    assert gpu.driver_verdict_without_torch("cpu", DRIVER_12_2, "torch"
+                                            ).status is Status.SKIPPED
+
+
+# ---- the GPU checks on a fake fleet ------------------------------------------------------------
+# The driver's facts come through vigil.gpu, as the exporter's do; a fake fleet stands in for
+# NVML there. torch is this machine's own.
+
+FLEET = {"driver_version": "550.54.15", "cuda_version": "12.4", "nvml_version": "12.550.54.15",
+         "gpus": [{"uuid": "GPU-11111111-2222-3333-4444-555555555555",
+                   "name": "NVIDIA H100 80GB HBM3", "memory_free_bytes": 4_000_000_000},
+                  {"uuid": "GPU-66666666-7777-8888-9999-000000000000",
+                   "name": "NVIDIA GeForce RTX 4090", "memory_free_bytes": 24_557_220_864}]}
+FLEET_NAMES = "0: NVIDIA H100 80GB HBM3, 1: NVIDIA GeForce RTX 4090"
+CPU_TORCH = pytest.mark.skipif(__import__("torch").version.cuda is not None or not NO_GPU,
+                               reason="needs a CPU build of torch (the GPUs are the fleet's)")
+
+
+def fleet_file(tmp_path: Path, fleet: dict) -> str:
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps(fleet))
+    return str(path)
+
+
+def with_gpu(index: int, **changes) -> dict:
+    """FLEET with one GPU changed."""
+    gpus = [dict(g) for g in FLEET["gpus"]]
+    gpus[index].update(changes)
+    return {**FLEET, "gpus": gpus}
+
+
+def test_driver_facts_are_read_through_the_gpu_backend_which_is_closed_after():
+    spec = with_gpu(0, hang_after_reads=1)
+    spec["gpus"][1]["missing"] = ["memory_free_bytes"]
+    fleet = FakeFleet(spec)
+    facts = gpu_facts.read_driver(fleet)
+    assert facts == gpu_facts.DriverFacts(None, "550.54.15", (12, 4), (
+        gpu_facts.NvmlGpu(0, "NVIDIA H100 80GB HBM3", FLEET["gpus"][0]["uuid"], 4_000_000_000),
+        gpu_facts.NvmlGpu(1, "NVIDIA GeForce RTX 4090", FLEET["gpus"][1]["uuid"], None)))
+    # Closed: the read that would now wedge returns at once.
+    with pytest.raises(GpuLost, match="closed"):
+        gpu_facts._within(lambda: fleet.read(0), 10, "a read after the doctor's")
+    assert gpu_facts.read_driver(FakeFleet({"gpus": []})) == gpu_facts.DriverFacts()
+
+
+def test_a_wedged_driver_read_ends_at_the_deadline_as_no_driver():
+    fleet = FakeFleet(with_gpu(1, hang_after_reads=0))
+    try:
+        facts = gpu_facts.GpuFacts(deadline=0.5, backend=fleet).driver
+    finally:
+        fleet.close()  # lets the reading thread go
+    assert facts.error == "NVML did not answer within 0.5 s (a wedged driver or GPU?)"
+
+
+@CPU_TORCH
+def test_a_cpu_build_of_torch_under_a_gpu_fleet_fails_and_names_the_wheel_for_its_cuda(
+        tmp_path):
+    import torch
+
+    fleet = fleet_file(tmp_path, FLEET)
+    result = doctor("--device", "cuda", "--fake-gpu-fleet", fleet, "--check", "cuda-driver",
+                    "--check", "gpu-visibility")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith(f", GPUs from the fake fleet {fleet}")
+    assert lines[1].split(None, 2) == [
+        "failed", "cuda-driver", (f"torch {torch.__version__} is a CPU build, but the driver "
+                                  "550.54.15 runs 2 GPU(s): the server would not use them")]
+    assert lines[2].strip() == ("fix: install a torch build the driver supports: pip install "
+                                "torch --index-url https://download.pytorch.org/whl/cu124 (or "
+                                "pass --device cpu to serve on the CPU on purpose)")
+    assert lines[3].split(None, 2) == [
+        "failed", "gpu-visibility", (f"NVML sees 2 GPU(s) ({FLEET_NAMES}); torch sees 0; "
+                                     "CUDA_VISIBLE_DEVICES=(unset): torch sees 0 of 2: it is a "
+                                     "CPU build (see cuda-driver); --device cuda needs a GPU")]
+    assert lines[4].strip() == "fix: install a CUDA build of torch (see cuda-driver)"
+    assert lines[-1] == "0 ok, 0 warning, 2 failed, 0 skipped"
+    # With --device auto the server would fall back to the CPU: the build still fails the check.
+    found = verdicts(doctor("--json", "--fake-gpu-fleet", fleet, "--check", "cuda-driver",
+                            "--check", "gpu-visibility"))
+    assert found["cuda-driver"]["status"] == "failed"
+    assert found["cuda-driver"]["values"] | {"seconds": 0} == {
+        "driver_version": "550.54.15", "driver_cuda": "12.4", "torch": torch.__version__,
+        "torch_cuda": None, "gpus": 2, "seconds": 0}
+    assert found["gpu-visibility"]["status"] == "warning"
+    assert found["gpu-visibility"]["summary"].endswith("; the server will run on the CPU")
+
+
+def test_a_gpu_lost_from_the_fleet_is_unreadable_and_the_others_still_seen(tmp_path):
+    fleet = fleet_file(tmp_path, with_gpu(0, lost_after_reads=0))
+    found = verdicts(doctor("--json", "--fake-gpu-fleet", fleet, "--check", "cuda-driver",
+                            "--check", "gpu-visibility"))
+    visibility = found["gpu-visibility"]
+    assert visibility["summary"].startswith(
+        "NVML sees 2 GPU(s) (0: (unreadable: fake GPU 0 fell off the bus), "
+        "1: NVIDIA GeForce RTX 4090); "), visibility
+    assert visibility["values"]["nvml"] == 2
+    assert found["cuda-driver"]["values"]["gpus"] == 2
+
+
+@CPU_TORCH
+def test_a_fleet_whose_nvml_fails_to_start_gives_the_no_driver_verdicts(tmp_path):
+    import torch
+
+    fleet = fleet_file(tmp_path, {**FLEET, "fail_init": True})
+    cuda = verdicts(doctor("--json", "--device", "cuda", "--fake-gpu-fleet", fleet, "--check",
+                           "cuda-driver", "--check", "gpu-visibility"))
+    assert cuda["cuda-driver"]["status"] == "failed"
+    assert cuda["cuda-driver"]["summary"] == ("--device cuda but no usable NVIDIA driver (fake "
+                                              "fleet set to fail its initialisation)")
+    assert "install or load the NVIDIA driver" in cuda["cuda-driver"]["fix"]
+    assert cuda["gpu-visibility"]["status"] == "skipped"
+    assert cuda["gpu-visibility"]["summary"] == ("no NVIDIA driver and no CUDA in torch: "
+                                                 "nothing to compare")
+    auto = verdicts(doctor("--json", "--fake-gpu-fleet", fleet, "--check", "cuda-driver"))
+    assert auto["cuda-driver"]["status"] == "skipped"
+    assert auto["cuda-driver"]["summary"] == (
+        "no NVIDIA driver (fake fleet set to fail its initialisation) and a CPU build of torch "
+        f"{torch.__version__}: the server runs on the CPU")
+
+
+@CPU_TORCH
+def test_gpu_visibility_reads_cuda_visible_devices_against_the_fleets_gpus(tmp_path):
+    fleet = fleet_file(tmp_path, FLEET)
+
+    def visibility(value: str, device: str = "auto") -> dict:
+        return verdicts(doctor("--json", "--device", device, "--fake-gpu-fleet", fleet,
+                               "--check", "gpu-visibility",
+                               env={"CUDA_VISIBLE_DEVICES": value}))["gpu-visibility"]
+
+    typo = visibility("GPU-66666666,GPU-99")
+    assert typo["status"] == "warning" and typo["values"]["expected"] == 1, typo
+    assert typo["summary"] == (
+        f"NVML sees 2 GPU(s) ({FLEET_NAMES}); torch sees 0; "
+        "CUDA_VISIBLE_DEVICES='GPU-66666666,GPU-99': only the first 1 entry names a GPU (CUDA "
+        "ignores every entry after one that names no GPU); the server will run on the CPU")
+    twice = visibility("1,GPU-6666", device="cuda")
+    assert twice["status"] == "failed" and twice["values"]["expected"] == 0, twice
+    assert twice["summary"].endswith("'1,GPU-6666': it names a GPU twice, which hides every GPU "
+                                     "from CUDA; --device cuda needs a GPU")
+
+
+# ---- a light install: no torch, transformers or OpenTelemetry ----------------------------------
+
+# python -m inference in an interpreter where the serve extra's packages are absent, as after
+# `pip install llm-vigil`: they cannot be imported, and importlib.metadata does not list them.
+SERVE_ONLY = ("torch", "transformers", "tokenizers", "safetensors", "opentelemetry", "starlette",
+              "uvicorn")
+LIGHT_INSTALL = textwrap.dedent(f"""
+    import importlib.abc, importlib.machinery, runpy, sys
+
+    ABSENT = {SERVE_ONLY!r}
+
+    class Absent(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ABSENT:
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+            return None
+
+    def installed(distribution):
+        name = distribution.metadata["Name"].lower().replace("_", "-")
+        return name.split("-")[0] not in ABSENT
+
+    find = importlib.machinery.PathFinder.find_distributions
+    importlib.machinery.PathFinder.find_distributions = staticmethod(
+        lambda *args, **kwargs: filter(installed, find(*args, **kwargs)))
+    sys.meta_path.insert(0, Absent())
+    sys.argv = ["inference", *sys.argv[1:]]
+    runpy.run_module("inference", run_name="__main__", alter_sys=True)
+""")
+
+
+def test_a_light_install_runs_the_host_checks_and_names_the_serve_extra(tmp_path):
+    receiver_port = free_port()  # nothing listens there: the OTLP check runs and warns
+    result = doctor("--json", "--fake-gpu-fleet", fleet_file(tmp_path, FLEET), "--demo-dir",
+                    str(tmp_path / "demo"), "--state-dir", str(tmp_path / "state"), "--port",
+                    str(free_port()), launcher=("-c", LIGHT_INSTALL),
+                    env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    found = verdicts(result)
+    from inference.doctor.checks import NAMES
+
+    assert list(found) == list(NAMES)
+    assert not [name for name, v in found.items() if v["values"].get("raised")], found
+    for name in ("python", "pip-check", "pynvml", "port", "state-dir"):
+        assert found[name]["status"] == "ok", found[name]
+    assert found["otlp"]["status"] == "warning" and "does not answer" in found["otlp"]["summary"]
+    packages = found["packages"]
+    assert packages["status"] == "failed" and "torch is not installed" in packages["summary"]
+    assert packages["fix"].startswith("pip install 'llm-vigil[serve]'")
+    # NVML's side of the GPU checks works without torch, and says which torch fits the driver.
+    assert found["cuda-driver"]["status"] == "skipped"
+    assert found["cuda-driver"]["summary"] == (
+        f"driver 550.54.15 supports CUDA up to 12.4 with 2 GPU(s) ({FLEET_NAMES}), but torch is "
+        "not installed, so there is no CUDA build to compare: install a torch build the driver "
+        "supports: pip install torch --index-url https://download.pytorch.org/whl/cu124, then "
+        "pip install 'llm-vigil[serve]'")
+    for name in ("gpu-visibility", "compute-capability", "gpu-kernel", "memory"):
+        assert found[name]["status"] == "skipped", found[name]
+        assert found[name]["summary"] == ("needs torch, which is not installed: pip install "
+                                          "'llm-vigil[serve]' adds what the server runs on")
+    source = found["model-source"]  # building the demo model needs the serve extra
+    assert source["status"] == "skipped" and source["values"]["missing"] in SERVE_ONLY
+    assert "pip install 'llm-vigil[serve]'" in source["summary"]
 
 
 # ---- on a real GPU ---------------------------------------------------------------------------
@@ -708,6 +943,21 @@ def test_gpu_checks_pass_on_a_sound_gpu_machine(tmp_path, demo_dir):
         assert found[name]["status"] == "ok", found[name]
     assert found["memory"]["values"]["device"] == "cuda:0"
     assert result.returncode == 0
+
+
+@pytest.mark.gpu
+def test_the_driver_facts_come_from_nvml_which_is_shut_down_after():
+    backend = NvmlBackend()
+    facts = gpu_facts.read_driver(backend)
+    assert facts.available and facts.cuda_version and facts.gpus, facts
+    assert all(g.uuid.startswith("GPU-") and g.memory_free for g in facts.gpus), facts
+    with pytest.raises(BackendUnavailable):
+        backend.device_count()  # closed
+    backend.init()  # and started again
+    try:
+        assert backend.device_count() == len(facts.gpus)
+    finally:
+        backend.close()
 
 
 @pytest.mark.gpu

@@ -1,8 +1,9 @@
 """The list of checks, in the order they run, and the session they share.
 
-A check that raises is itself reported as failed with the exception, never as a traceback; a
-check selected with ``--check`` brings the checks it needs along (the memory check needs the
-weights and the config, for instance).
+A check that raises is itself reported as failed with the exception, never as a traceback; one
+that needs a package a light install lacks (torch, transformers: the serve extra) is skipped and
+says so. A check selected with ``--check`` brings the checks it needs along (the memory check
+needs the weights and the config, for instance).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from ..config import Config
-from . import environment, gpu, host, model
-from .report import Verdict, failed, first_line
+from . import environment, gpu, gpu_facts, host, model
+from .report import Verdict, failed, first_line, skipped
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Session:
     config: Config
     kernel_timeout: float = 30.0
     offline: bool = False  # the start-up checks: never ask the model hub
-    gpus: gpu.GpuFacts = field(default_factory=gpu.GpuFacts)
+    gpus: gpu_facts.GpuFacts = field(default_factory=gpu_facts.GpuFacts)
     model: model.ModelFacts = field(default_factory=model.ModelFacts)
     wedged: set[str] = field(default_factory=set)  # GPUs whose kernel never finished
 
@@ -54,8 +55,25 @@ class Session:
         nvml_free = {g.uuid: g.memory_free for g in self.gpus.driver.gpus}
         others = {f"cuda:{g.index}": nvml_free[g.uuid] for g in torch_facts.gpus
                   if g.index != index and nvml_free.get(g.uuid) is not None}
-        return model.DeviceMemory(device, gpu.free_device_memory(index)[0],
+        return model.DeviceMemory(device, gpu_facts.free_device_memory(index)[0],
                                   "torch.cuda.mem_get_info", others)
+
+
+def _cuda_driver(session: Session) -> Verdict:
+    device, driver = session.config.device, session.gpus.driver
+    try:
+        torch_facts = session.gpus.torch
+    except ModuleNotFoundError as exc:  # a light install: still say what the driver offers
+        return gpu.driver_verdict_without_torch(device, driver, _top_level(exc))
+    return gpu.cuda_build_verdict(device, driver, torch_facts)
+
+
+def _gpu_kernel(session: Session) -> Verdict:
+    device, torch_facts = session.config.device, session.gpus.torch
+    results = gpu_facts.run_kernels(gpu.kernel_indices(device, torch_facts),
+                                    session.kernel_timeout)
+    return session.note_kernel(gpu.kernel_verdict(device, torch_facts, results,
+                                                  session.kernel_timeout))
 
 
 @dataclass(frozen=True)
@@ -71,14 +89,13 @@ CHECKS: tuple[Check, ...] = (
     Check("packages", lambda s: environment.packages_verdict()),
     Check("pip-check", lambda s: environment.pip_check_verdict()),
     Check("pynvml", lambda s: environment.pynvml_verdict()),
-    Check("cuda-driver", lambda s: gpu.cuda_build_verdict(s.config.device, s.gpus.driver,
-                                                          s.gpus.torch), startup=True),
+    Check("cuda-driver", _cuda_driver, startup=True),
     Check("gpu-visibility", lambda s: gpu.visibility_verdict(
-        s.config.device, s.gpus.driver, s.gpus.torch, gpu.cuda_visible_devices()), startup=True),
+        s.config.device, s.gpus.driver, s.gpus.torch, gpu_facts.cuda_visible_devices()),
+          startup=True),
     Check("compute-capability", lambda s: gpu.capability_verdict(s.device(), s.gpus.torch),
           startup=True),
-    Check("gpu-kernel", lambda s: s.note_kernel(gpu.kernel_verdict(s.config.device, s.gpus.torch,
-                                                                   s.kernel_timeout))),
+    Check("gpu-kernel", _gpu_kernel),
     Check("model-source", lambda s: model.source_verdict(s.config, s.model, s.offline),
           startup=True),
     Check("remote-code", lambda s: model.remote_code_verdict(s.config, s.model), startup=True,
@@ -120,16 +137,33 @@ def run_checks(session: Session, checks: Iterable[Check],
         started = time.perf_counter()
         try:
             verdict = check.run(session)
+        except ModuleNotFoundError as exc:
+            verdict = _not_installed(check.name, exc)
         except Exception as exc:  # noqa: BLE001 - a broken check is a finding, not a crash
-            verdict = failed(check.name, f"the check itself raised {type(exc).__name__}: "
-                             f"{first_line(exc)}",
-                             "run with the same options again; if it persists, report it with "
-                             "the output of --json", raised=True)
+            verdict = _raised(check.name, exc)
         verdict.values.setdefault("seconds", round(time.perf_counter() - started, 3))
         verdicts.append(verdict)
         if on_verdict is not None:
             on_verdict(verdict)
     return verdicts
+
+
+def _top_level(exc: ModuleNotFoundError) -> str:
+    return (exc.name or "").split(".")[0]
+
+
+def _not_installed(name: str, exc: ModuleNotFoundError) -> Verdict:
+    missing = _top_level(exc)
+    if missing not in environment.SERVE_MODULES:  # not a light install: a broken one
+        return _raised(name, exc)
+    return skipped(name, f"needs {missing}, which is not installed: "
+                   f"{environment.SERVE_INSTALL} adds what the server runs on", missing=missing)
+
+
+def _raised(name: str, exc: Exception) -> Verdict:
+    return failed(name, f"the check itself raised {type(exc).__name__}: {first_line(exc)}",
+                  "run with the same options again; if it persists, report it with the output "
+                  "of --json", raised=True)
 
 
 def startup_checks() -> list[Check]:

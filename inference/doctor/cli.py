@@ -3,7 +3,8 @@
 Takes the server's own model, device, port and state-dir options (flags and VIGIL_INFERENCE_*
 variables alike), so that the doctor examines exactly what the server would start with. Prints a
 line per check as it finishes (or one JSON document with --json); exits 1 when a check failed,
-0 otherwise, 2 on bad options.
+0 otherwise, 2 on bad options. ``--fake-gpu-fleet FILE`` reads the driver's GPUs from a fake
+fleet (the exporter's format) instead of NVML: for tests and demos on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import argparse
 import sys
 from typing import Sequence
 
+from vigil.gpu.fake import FakeFleet
+
 from ..config import ConfigError, build_parser, load_config
 from .checks import CHECKS, NAMES, Session, run_checks, selection
+from .gpu_facts import GpuFacts
 from .report import Status, render_json, render_tally, render_verdict
 
 USAGE = "python -m inference doctor"
@@ -31,13 +35,18 @@ def _doctor_parser() -> argparse.ArgumentParser:
                         f"{', '.join(NAMES)}")
     parser.add_argument("--kernel-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="how long the GPU kernel check waits for each GPU (default 30)")
+    parser.add_argument("--fake-gpu-fleet", metavar="FILE",
+                        help="for tests and demos: take the driver's GPUs from this fake fleet "
+                        "(JSON, as the exporter's --fake-gpu-fleet) instead of NVML; torch "
+                        "still reports this machine")
     parser.add_argument("-h", "--help", action="store_true")
     return parser
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The doctor; ``argv`` defaults to the command line (the vigil-doctor script)."""
     parser = _doctor_parser()
-    own, server_argv = parser.parse_known_args(list(argv))
+    own, server_argv = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     if own.help:
         parser.print_help()
         server_help = build_parser().format_help()
@@ -52,14 +61,23 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"{USAGE}: error: {exc}", file=sys.stderr)
         return 2
-    session = Session(config, kernel_timeout=own.kernel_timeout)
+    fleet = None
+    if own.fake_gpu_fleet:
+        try:
+            fleet = FakeFleet.from_file(own.fake_gpu_fleet)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:  # not a fleet's JSON
+            print(f"{USAGE}: error: --fake-gpu-fleet {own.fake_gpu_fleet}: {exc}",
+                  file=sys.stderr)
+            return 2
+    session = Session(config, kernel_timeout=own.kernel_timeout, gpus=GpuFacts(backend=fleet))
     checks = selection(own.check) if own.check else list(CHECKS)
     if own.json:
         verdicts = run_checks(session, checks)
         print(render_json(verdicts))
     else:
+        gpus_from = f", GPUs from the fake fleet {own.fake_gpu_fleet}" if fleet is not None else ""
         print(f"{USAGE}: model {config.model!r}, device {config.device}, "
-              f"{config.host}:{config.port}, state dir {config.state_dir}", flush=True)
+              f"{config.host}:{config.port}, state dir {config.state_dir}{gpus_from}", flush=True)
         width = max(len(check.name) for check in checks)
         verdicts = run_checks(session, checks,
                               on_verdict=lambda v: print(render_verdict(v, width), flush=True))

@@ -23,6 +23,13 @@ SHOWN = ("torch", "transformers", "tokenizers", "safetensors", "nvidia-ml-py")
 CRITICAL = {"torch", "transformers", "tokenizers", "safetensors", "huggingface-hub",
             "accelerate", "nvidia-ml-py", "numpy"}
 MINIMUM_PYTHON = (3, 11)
+# A light install (pip install llm-vigil: the exporter, the doctor's host checks) lacks what the
+# server runs on; this adds it.
+SERVE_INSTALL = "pip install 'llm-vigil[serve]'"
+# The modules that extra brings (and their own dependencies): a check needing one of them is
+# skipped on a light install, not failed.
+SERVE_MODULES = frozenset({"torch", "transformers", "tokenizers", "safetensors",
+                           "huggingface_hub", "opentelemetry", "starlette", "uvicorn"})
 
 
 def python_verdict() -> Verdict:
@@ -43,7 +50,8 @@ def _requirements() -> list:
     except metadata.PackageNotFoundError:
         return []
     parsed = [Requirement(text) for text in requires]
-    return [r for r in parsed if r.marker is None or r.marker.evaluate({"extra": ""})]
+    # The server's requirements: the base ones and the serve extra's.
+    return [r for r in parsed if r.marker is None or r.marker.evaluate({"extra": "serve"})]
 
 
 def packages_verdict() -> Verdict:
@@ -67,7 +75,8 @@ def packages_verdict() -> Verdict:
     shown = ", ".join(f"{p} {versions[p] or 'missing'}" for p in SHOWN)
     if problems:
         return failed(name, f"{shown}: {'; '.join(problems)}",
-                      "pip install -e . (or pip install llm-vigil) in this environment",
+                      f"{SERVE_INSTALL} (pip install -e '.[serve]' in a clone) in this "
+                      "environment",
                       versions=versions)
     suffix = "" if requirements else f" ({DISTRIBUTION} is not installed: requirements unchecked)"
     return ok(name, shown + suffix, versions=versions)

@@ -1,142 +1,22 @@
-"""GPU checks: the driver (through NVML) against the PyTorch build, which GPUs each of them sees,
-each GPU's architecture against the architectures torch was compiled for, and a real kernel.
+"""GPU verdicts: the driver against the PyTorch build, which GPUs each of them sees, each GPU's
+architecture against the architectures torch was compiled for, and a real kernel's result.
 
-The facts are gathered once (``DriverFacts``, ``TorchFacts``); the verdicts are pure functions of
-them, so that the rules are tested on any machine and the facts on a GPU machine.
+The seam: the facts come from ``vigil.gpu`` (the driver, through NVML or a fake fleet) and from
+torch, gathered in ``gpu_facts``; the verdicts here are pure functions of them, so that the rules
+are tested on any machine and the facts on a GPU machine (or on a fake fleet).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import threading
-import time
-import warnings
-from dataclasses import dataclass
-from typing import Any
 
-from .report import Verdict, failed, first_line, ok, skipped, warning
+from .environment import SERVE_INSTALL
+from .gpu_facts import DriverFacts, NvmlGpu, TorchFacts, parse_cuda_version
+from .report import Verdict, failed, ok, skipped, warning
 
 # Wheel indexes PyTorch publishes CUDA builds under (download.pytorch.org/whl/<tag>), oldest
 # first; the fix names the newest one the driver supports.
 TORCH_CUDA_TAGS = ((11, 8), (12, 1), (12, 4), (12, 6), (12, 8), (12, 9), (13, 0))
-
-
-@dataclass(frozen=True)
-class NvmlGpu:
-    index: int
-    name: str
-    uuid: str
-    memory_free: int | None  # the memory check reports the other GPUs' room from it
-
-
-@dataclass(frozen=True)
-class DriverFacts:
-    """What NVML says: ``error`` is set when there is no usable driver."""
-
-    error: str | None = None
-    driver_version: str | None = None
-    cuda_version: tuple[int, int] | None = None  # the newest CUDA the driver supports
-    gpus: tuple[NvmlGpu, ...] = ()
-
-    @property
-    def available(self) -> bool:
-        return self.error is None
-
-
-@dataclass(frozen=True)
-class TorchGpu:
-    index: int
-    name: str
-    capability: tuple[int, int]
-    uuid: str | None
-
-
-@dataclass(frozen=True)
-class TorchFacts:
-    version: str
-    cuda_build: str | None  # torch.version.cuda; None for a CPU build
-    available: bool
-    init_warning: str | None  # what torch said when CUDA would not initialise
-    arch_list: tuple[str, ...] = ()
-    gpus: tuple[TorchGpu, ...] = ()
-
-
-def read_driver() -> DriverFacts:
-    try:
-        import pynvml
-    except ImportError as exc:
-        return DriverFacts(error=f"nvidia-ml-py is not installed ({exc})")
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return DriverFacts(error=f"NVML: {exc}")
-    try:
-        version = pynvml.nvmlSystemGetDriverVersion()
-        cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-        count = pynvml.nvmlDeviceGetCount()
-    except pynvml.NVMLError as exc:
-        _shutdown(pynvml)
-        return DriverFacts(error=f"NVML: {exc}")
-    gpus = []
-    # One GPU this process may not open (NO_PERMISSION under a Slurm device limit, say) must not
-    # hide the others: each is read on its own.
-    for index in range(count):
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = _optional(lambda h=handle: pynvml.nvmlDeviceGetMemoryInfo(h))
-            gpus.append(NvmlGpu(index, _text(pynvml.nvmlDeviceGetName(handle)),
-                                _text(pynvml.nvmlDeviceGetUUID(handle)),
-                                memory.free if memory is not None else None))
-        except pynvml.NVMLError as exc:
-            gpus.append(NvmlGpu(index, f"(unreadable: {exc})", "", None))
-    _shutdown(pynvml)
-    return DriverFacts(None, _text(version), (cuda // 1000, cuda % 1000 // 10), tuple(gpus))
-
-
-def _shutdown(pynvml) -> None:
-    try:
-        pynvml.nvmlShutdown()
-    except pynvml.NVMLError:
-        pass
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _optional(read):
-    try:
-        return read()
-    except Exception:  # noqa: BLE001 - an unsupported field is only missing
-        return None
-
-
-def read_torch() -> TorchFacts:
-    import torch
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        available = torch.cuda.is_available()
-    said = [str(w.message) for w in caught if "CUDA" in str(w.message)]
-    gpus: list[TorchGpu] = []
-    arch_list: tuple[str, ...] = ()
-    if available:
-        arch_list = tuple(torch.cuda.get_arch_list())
-        for index in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(index)
-            uuid = getattr(props, "uuid", None)
-            gpus.append(TorchGpu(index, props.name, (props.major, props.minor),
-                                 f"GPU-{uuid}" if uuid is not None else None))
-    return TorchFacts(torch.__version__, torch.version.cuda, available,
-                      " ".join(said) or None, arch_list, tuple(gpus))
-
-
-# ---- rules ------------------------------------------------------------------------------------
-
-def parse_cuda_version(text: str | None) -> tuple[int, int] | None:
-    match = re.match(r"(\d+)\.(\d+)", text or "")
-    return (int(match[1]), int(match[2])) if match else None
 
 
 def torch_wheel_for(driver_cuda: tuple[int, int]) -> str | None:
@@ -197,6 +77,28 @@ def cuda_build_verdict(device: str, driver: DriverFacts, torch_facts: TorchFacts
                       f"{torch_facts.init_warning}", "read torch's message above; "
                       "nvidia-smi must list the GPUs", **values)
     return ok(name, summary, **values)
+
+
+def driver_verdict_without_torch(device: str, driver: DriverFacts, missing: str) -> Verdict:
+    """cuda-driver on a light install (no torch): what the driver offers, and which torch fits
+    it; the build cannot be compared until the serve extra is installed."""
+    name = "cuda-driver"
+    if device == "cpu":
+        return skipped(name, "--device cpu: CUDA is not used")
+    if not driver.available:
+        if device == "auto":
+            return skipped(name, f"no NVIDIA driver ({driver.error}) and {missing} is not "
+                           f"installed ({SERVE_INSTALL} to serve, on the CPU here)")
+        return failed(name, f"--device {device} but no usable NVIDIA driver ({driver.error})",
+                      "install or load the NVIDIA driver (nvidia-smi must work), or run with "
+                      "--device cpu", missing=missing)
+    gpus = ", ".join(f"{g.index}: {g.name}" for g in driver.gpus) or "none"
+    return skipped(name, f"driver {driver.driver_version} supports CUDA up to "
+                   f"{_dotted(driver.cuda_version)} with {len(driver.gpus)} GPU(s) ({gpus}), but "
+                   f"{missing} is not installed, so there is no CUDA build to compare: "
+                   f"{_install_hint(driver.cuda_version)}, then {SERVE_INSTALL}",
+                   driver_version=driver.driver_version, driver_cuda=_dotted(driver.cuda_version),
+                   gpus=len(driver.gpus), missing=missing)
 
 
 def _install_hint(driver_cuda: tuple[int, int] | None) -> str:
@@ -285,8 +187,10 @@ def visibility_verdict(device: str, driver: DriverFacts, torch_facts: TorchFacts
         problem = f"torch sees {len(torch_facts.gpus)} where {wanted} are named"
     elif problem is None and expected is None and cuda_visible is None \
             and len(torch_facts.gpus) < wanted:
-        problem = (f"torch sees {len(torch_facts.gpus)} of {wanted}: "
-                   f"{torch_facts.init_warning or 'a GPU it cannot open (permissions, a mode)'}")
+        why = torch_facts.init_warning or ("it is a CPU build (see cuda-driver)"
+                                           if torch_facts.cuda_build is None
+                                           else "a GPU it cannot open (permissions, a mode)")
+        problem = f"torch sees {len(torch_facts.gpus)} of {wanted}: {why}"
     return _chosen_device_verdict(name, device, torch_facts, summary, problem, values)
 
 
@@ -296,10 +200,14 @@ def _chosen_device_verdict(name: str, device: str, torch_facts: TorchFacts, summ
     count = len(torch_facts.gpus)
     if count == 0:
         reason = f": {problem}" if problem else ""
+        cpu_build = torch_facts.cuda_build is None
         if device == "auto":
             return warning(name, f"{summary}{reason}; the server will run on the CPU",
-                           "fix CUDA_VISIBLE_DEVICES, or pass --device cpu to say so", **values)
+                           ("install a CUDA build of torch (see cuda-driver)" if cpu_build else
+                            "fix CUDA_VISIBLE_DEVICES") + ", or pass --device cpu to say so",
+                           **values)
         return failed(name, f"{summary}{reason}; --device {device} needs a GPU",
+                      "install a CUDA build of torch (see cuda-driver)" if cpu_build else
                       "list GPU indices or UUIDs that nvidia-smi -L shows in "
                       "CUDA_VISIBLE_DEVICES (or unset it)", **values)
     if index is not None and index >= count:
@@ -367,24 +275,25 @@ def capability_verdict(device: str, torch_facts: TorchFacts) -> Verdict:
                    fix + ", or hide those GPUs with CUDA_VISIBLE_DEVICES", **values)
 
 
-def kernel_verdict(device: str, torch_facts: TorchFacts, timeout: float) -> Verdict:
-    """Multiply two matrices on every GPU the server may use and compare with the CPU."""
+def kernel_indices(device: str, torch_facts: TorchFacts) -> list[int]:
+    """The torch indices of the GPUs the server may use, to run the kernel on."""
+    if device == "cpu":
+        return []
+    indices = ([int(device[5:])] if device.startswith("cuda:")
+               else [g.index for g in torch_facts.gpus])
+    return [i for i in indices if i < len(torch_facts.gpus)]
+
+
+def kernel_verdict(device: str, torch_facts: TorchFacts, results: dict[int, float | str],
+                   timeout: float) -> Verdict:
+    """Judge the matmul run on each of ``kernel_indices``: its seconds, what went wrong, or
+    (absent from ``results``) not finished within ``timeout``."""
     name = "gpu-kernel"
     if device == "cpu" or not torch_facts.gpus:
         return skipped(name, "no GPU in use")
-    indices = ([int(device[5:])] if device.startswith("cuda:")
-               else [g.index for g in torch_facts.gpus])
-    indices = [i for i in indices if i < len(torch_facts.gpus)]
+    indices = kernel_indices(device, torch_facts)
     if not indices:
         return skipped(name, f"--device {device} is not among torch's GPUs (see gpu-visibility)")
-    results: dict[int, Any] = {}
-    threads = {i: threading.Thread(target=_run_kernel, args=(i, results), daemon=True,
-                                   name=f"doctor-kernel-{i}") for i in indices}
-    started = time.monotonic()
-    for thread in threads.values():
-        thread.start()
-    for thread in threads.values():
-        thread.join(max(0.0, timeout - (time.monotonic() - started)))
     problems, timings, wedged = [], {}, []
     for index in indices:
         result = results.get(index)
@@ -403,84 +312,3 @@ def kernel_verdict(device: str, torch_facts: TorchFacts, timeout: float) -> Verd
     shown = ", ".join(f"{k} {v} ms" for k, v in timings.items())
     return ok(name, f"a 512x512 matmul matches the CPU on every GPU ({shown})",
               milliseconds=timings)
-
-
-def _run_kernel(index: int, results: dict[int, Any]) -> None:
-    import torch
-
-    try:
-        generator = torch.Generator().manual_seed(index)
-        a = torch.randn(512, 512, generator=generator, dtype=torch.float64)
-        b = torch.randn(512, 512, generator=generator, dtype=torch.float64)
-        started = time.perf_counter()
-        with torch.cuda.device(index):
-            on_gpu = (a.float().cuda(index) @ b.float().cuda(index)).double().cpu()
-            torch.cuda.synchronize(index)
-        elapsed = time.perf_counter() - started
-        expected = a @ b
-        # Relative to the whole result: TF32 (NVIDIA_TF32_OVERRIDE, allow_tf32) stays near 1e-3,
-        # a GPU that computes wrongly is far above.
-        error = float((on_gpu - expected).norm() / expected.norm())
-        results[index] = elapsed if error < 1e-2 else f"wrong result (relative error {error:.3g})"
-    except Exception as exc:  # noqa: BLE001 - the error is the verdict
-        results[index] = f"{type(exc).__name__}: {first_line(exc)}"
-
-
-def free_device_memory(index: int) -> tuple[int, int]:
-    import torch
-
-    return torch.cuda.mem_get_info(index)
-
-
-def cuda_visible_devices() -> str | None:
-    return os.environ.get("CUDA_VISIBLE_DEVICES")
-
-
-def _within(read, deadline: float, what: str):
-    """``read()`` in a daemon thread; TimeoutError when a wedged driver keeps it past the
-    deadline (the thread is left behind: nothing can interrupt a call into the driver)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = read()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True, name=f"doctor-{what}")
-    thread.start()
-    thread.join(deadline)
-    if thread.is_alive():
-        raise TimeoutError(f"{what} did not answer within {deadline:g} s (a wedged driver or GPU?)")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-@dataclass
-class GpuFacts:
-    """Both sides, read on first use, each within ``deadline`` seconds."""
-
-    deadline: float = 60.0
-    _driver: DriverFacts | None = None
-    _torch: TorchFacts | None = None
-
-    @property
-    def driver(self) -> DriverFacts:
-        if self._driver is None:
-            try:
-                self._driver = _within(read_driver, self.deadline, "NVML")
-            except TimeoutError as exc:
-                self._driver = DriverFacts(error=str(exc))
-        return self._driver
-
-    @property
-    def torch(self) -> TorchFacts:
-        if self._torch is None:
-            try:
-                self._torch = _within(read_torch, self.deadline, "torch.cuda")
-            except TimeoutError as exc:
-                import torch
-
-                self._torch = TorchFacts(torch.__version__, torch.version.cuda, False, str(exc))
-        return self._torch

@@ -89,7 +89,7 @@ def otlp_verdict(environ: dict[str, str] | None = None, timeout: float = 5.0) ->
     """POST an empty export request: a receiver answers 2xx to it."""
     import requests
 
-    from ..telemetry.tracing import otlp_endpoint
+    from ..telemetry.otlp import otlp_endpoint
 
     name = "otlp"
     environ = dict(os.environ if environ is None else environ)

@@ -8,7 +8,7 @@ from loguru import logger
 
 from ..config import Config
 from .checks import Session, run_checks, startup_checks
-from .gpu import GpuFacts
+from .gpu_facts import GpuFacts
 from .report import Status, Verdict
 
 # With --device auto the server falls back to the CPU when torch cannot use the GPUs: these

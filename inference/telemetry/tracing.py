@@ -10,25 +10,15 @@ OTEL_SDK_DISABLED=true turns tracing off.
 from __future__ import annotations
 
 import os
-from typing import Mapping
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from .otlp import otlp_endpoint
+
 DEFAULT_SERVICE_NAME = "vigil-inference"
-_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-
-
-def otlp_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
-    environ = os.environ if environ is None else environ
-    if environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
-        return None
-    for name in _ENDPOINT_VARIABLES:
-        if environ.get(name, "").strip():
-            return environ[name].strip()
-    return None
 
 
 def build_tracer_provider(extra_processor: SpanProcessor | None = None) -> trace.TracerProvider:

@@ -84,3 +84,7 @@ class GpuBackend(Protocol):
     def wait_xid(self, timeout_s: float) -> list[XidEvent]:
         """XID events that arrive within timeout_s (blocks at most that long); raises
         BackendUnavailable when events are unsupported."""
+
+    def close(self) -> None:
+        """Release what init() took (NVML is shut down) and end blocked waits and wedged reads
+        (the fake fleet's); the poller calls it when it stops, the doctor once it has read."""

@@ -20,13 +20,17 @@ _LOST_ERRORS = ("NVML_ERROR_GPU_IS_LOST", "NVML_ERROR_GPU_NOT_FOUND", "NVML_ERRO
 # ... and errors of the whole library (the backend is re-initialised).
 _LIBRARY_ERRORS = ("NVML_ERROR_UNINITIALIZED", "NVML_ERROR_DRIVER_NOT_LOADED",
                    "NVML_ERROR_LIB_RM_VERSION_MISMATCH", "NVML_ERROR_LIBRARY_NOT_FOUND")
+# How long close() waits for an XID wait in progress (waits last a second; a wedged one longer).
+_CLOSE_WAIT_S = 5.0
 
 
 class NvmlBackend:
     def __init__(self) -> None:
-        self._nvml: Any = None
+        self._nvml: Any = None  # pynvml while initialised, else None
+        self._bindings: Any = None  # pynvml once imported: recognises errors of calls in flight
         self._handles: dict[int, Any] = {}
         self._lock = threading.Lock()
+        self._wait_lock = threading.Lock()  # held by an XID wait: close() frees its event set
         self._events: Any = None  # the XID event set, created on first wait
         self._event_handles: dict[int, int] = {}  # handle address -> index
 
@@ -48,11 +52,29 @@ class NvmlBackend:
                 pynvml.nvmlInit()
             except pynvml.NVMLError as exc:
                 raise BackendUnavailable(f"NVML failed to initialise: {exc}") from None
-            self._nvml = pynvml
+            self._nvml = self._bindings = pynvml
             self._handles = {}
 
+    def close(self) -> None:
+        """Shut NVML down (init() starts it again). Not during an XID wait, whose event set it
+        frees; a wait that stays wedged leaves NVML as it is."""
+        if not self._wait_lock.acquire(timeout=_CLOSE_WAIT_S):
+            return
+        try:
+            with self._lock:
+                if self._nvml is None:
+                    return
+                self._free_events()
+                try:
+                    self._nvml.nvmlShutdown()
+                except self._nvml.NVMLError:
+                    pass
+                self._nvml, self._handles = None, {}
+        finally:
+            self._wait_lock.release()
+
     def _code_in(self, exc: Exception, names: tuple[str, ...]) -> bool:
-        nvml = self._nvml
+        nvml = self._bindings
         codes = {getattr(nvml, name, None) for name in names} - {None}
         return getattr(exc, "value", None) in codes
 
@@ -98,7 +120,7 @@ class NvmlBackend:
 
     def _optional(self, call: Callable[[], Any]) -> Any:
         """The value, or None where unsupported; a lost GPU propagates as GpuLost."""
-        nvml = self._nvml
+        nvml = self._bindings
         try:
             return call()
         except nvml.NVMLError as exc:
@@ -179,16 +201,17 @@ class NvmlBackend:
 
     # ---- XID events -------------------------------------------------------------------------------
     def wait_xid(self, timeout_s: float) -> list[XidEvent]:
-        nvml = self._require()
-        if self._events is None:
-            self._register_events(nvml)
-        try:
-            data = nvml.nvmlEventSetWait_v2(self._events, int(timeout_s * 1000))
-        except nvml.NVMLError as exc:
-            if getattr(exc, "value", None) == nvml.NVML_ERROR_TIMEOUT:
-                return []
-            self._free_events()  # build the set again next time (after a re-init, say)
-            raise BackendUnavailable(f"waiting for XID events failed: {exc}") from None
+        with self._wait_lock:
+            nvml = self._require()
+            if self._events is None:
+                self._register_events(nvml)
+            try:
+                data = nvml.nvmlEventSetWait_v2(self._events, int(timeout_s * 1000))
+            except nvml.NVMLError as exc:
+                if getattr(exc, "value", None) == nvml.NVML_ERROR_TIMEOUT:
+                    return []
+                self._free_events()  # build the set again next time (after a re-init, say)
+                raise BackendUnavailable(f"waiting for XID events failed: {exc}") from None
         if not data.eventType & nvml.nvmlEventTypeXidCriticalError:
             return []
         index = self._event_handles.get(_address(data.device))
