@@ -19,7 +19,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .app import serve
 
     setup_logging(config.log_level)
-    return serve(config)
+    try:
+        return serve(config)
+    except ConfigError as exc:  # the address cannot be had (a busy port, say)
+        from loguru import logger
+
+        logger.error("cannot start: {}", exc)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,9 @@ from .collectors.gpu import GpuCollector
 from .collectors.inference import InferenceCollector
 from .collectors.probe import ProbeCollector
 from .collectors.processes import ProcessCollector
-from .config import ExporterConfig
+from .config import ConfigError, ExporterConfig
 from .gpu.poller import GpuPoller
-from .http import make_server, serve_in_thread
+from .http import start_server
 from .inference_dir import InferenceDirectory
 from .probe import TargetProber
 from .registry import build_registry
@@ -35,17 +36,20 @@ class Exporter:
     registry: CollectorRegistry
     server: Any = None
     port: int = 0
-    _threads: list = field(default_factory=list)
 
     def start(self) -> None:
+        """Start the background work and serve; ConfigError when the address cannot be had."""
         self.directory.start()
         if self.poller is not None:
             self.poller.start()
         for prober in self.probers:
             prober.start()
-        self.server = make_server(self.config.host, self.config.port, self.registry)
+        try:
+            self.server = start_server(self.config.host, self.config.port, self.registry)
+        except OSError as exc:
+            self.stop()
+            raise ConfigError(_listen_error(self.config.host, self.config.port, exc)) from None
         self.port = self.server.server_port
-        serve_in_thread(self.server)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -56,6 +60,18 @@ class Exporter:
         if self.poller is not None:
             self.poller.stop()
         self.directory.stop()
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {_address(host, port)} ({reason}); is another exporter using "
+                f"port {port}? choose another with --port")
+    return f"cannot listen on {_address(host, port)} ({reason}); check --host and --port"
 
 
 def _backend(config: ExporterConfig):
@@ -94,7 +110,7 @@ def build_exporter(config: ExporterConfig) -> Exporter:
 def serve(config: ExporterConfig) -> int:
     exporter = build_exporter(config)
     exporter.start()
-    logger.info("listening on http://{}:{}/metrics", config.host, exporter.port,
+    logger.info("listening on http://{}/metrics", _address(config.host, exporter.port),
                 state_dir=config.state_dir, targets=list(config.target),
                 gpu_backend=config.gpu_backend)
     # The handler only sets a flag: taking a lock in a signal handler (Event.set) deadlocks when

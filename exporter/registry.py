@@ -54,7 +54,9 @@ class GuardedCollectors:
 
 
 def build_registry(collectors: Sequence[tuple[str, Collector]]) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
+    # Without names, so that /metrics?name[]=... filters its families too (prometheus_client
+    # looks them up by the names a collector describes).
+    registry = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
     registry.register(GuardedCollectors(collectors))
     OwnProcessCollector(registry=registry)  # the exporter's own process_* (CPU, memory)
     return registry
