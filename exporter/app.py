@@ -12,6 +12,7 @@ from typing import Any
 from loguru import logger
 from prometheus_client import CollectorRegistry
 
+from vigil import statedir
 from vigil.gpu.fake import FakeFleet
 from vigil.gpu.nvml import NvmlBackend
 
@@ -84,7 +85,11 @@ def _backend(config: ExporterConfig):
 
 def build_exporter(config: ExporterConfig) -> Exporter:
     state_dir = Path(config.state_dir)
-    (state_dir / "metrics").mkdir(parents=True, exist_ok=True)
+    try:
+        statedir.metrics_dir(state_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot use the state directory {state_dir} "
+                          f"({exc.strerror or exc}); check --state-dir") from None
     directory = InferenceDirectory(state_dir, retention=config.dead_process_retention)
     probers = [TargetProber(url, interval=config.probe_interval, timeout=config.probe_timeout,
                             canary_interval=config.canary_interval,

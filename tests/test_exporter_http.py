@@ -166,3 +166,17 @@ def test_a_busy_port_ends_it_with_one_line_and_status_2(tmp_path):
     naming = [line for line in output.splitlines() if str(port) in line]
     assert len(naming) == 1, output
     assert f"127.0.0.1:{port}" in naming[0] and "--port" in naming[0]
+
+
+def test_an_unusable_state_directory_ends_it_with_one_line_and_status_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "--port", "0", "--gpu-backend", "none",
+         "--state-dir", str(blocker / "state")],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    assert f"cannot use the state directory {blocker / 'state'}" in output
+    assert "--state-dir" in output
