@@ -3,7 +3,12 @@
 - Both compose files validate against the Compose specification's JSON schema
   (check-jsonschema's vendored copy), and a Compose v2 CLI, where one is installed, renders
   them: GPU reservations by default, none with the CPU override, the Grafana password required.
-- Every host path a service mounts or builds from exists; the image build copies every package.
+- Every host path a service mounts or builds from exists; the image builds copy every package.
+- Each process has its own image (compose/exporter.Dockerfile: the light install, no torch;
+  compose/inference.Dockerfile: the [serve] extra), each Dockerfile read by a small instruction
+  parser: the base pinned by version tag and digest, a builder stage whose venv alone reaches
+  the final stage, an unprivileged user, a health check where compose runs it, and a
+  .dockerignore that keeps the virtual environments, .git and caches out of the context.
 - Prometheus and Alertmanager are checked by promtool and amtool in the layout the containers
   see (their mounts copied into a scratch tree), with every rules file and template reachable.
 - Images are pinned; configuration mounts are read-only; every listening address is loopback,
@@ -25,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -303,13 +308,15 @@ def test_compose_reserves_the_gpu_by_default_and_the_cpu_override_removes_it(tmp
     assert [d.get("count") for d in _gpu_devices(gpu["services"]["inference"])] == [1]
     assert gpu["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == \
         "test-password"
-    assert gpu["services"]["inference"]["command"][3:5] == ["--model", "demo"]
+    assert gpu["services"]["inference"]["command"][1:3] == ["--model", "demo"]
 
     cpu = _rendered(tmp_path, [BASE, CPU])
     for name in ("inference", "exporter"):
         assert not _gpu_devices(cpu["services"][name]), f"{name} still reserves a GPU"
-        assert cpu["services"][name]["image"] != gpu["services"][name]["image"], \
-            "the CPU build would overwrite the GPU image's tag"
+    assert cpu["services"]["inference"]["image"] != gpu["services"]["inference"]["image"], \
+        "the CPU build would overwrite the GPU image's tag"
+    # The exporter's image has no torch: one build serves both.
+    assert cpu["services"]["exporter"]["image"] == gpu["services"]["exporter"]["image"]
     # Everything but the GPU is the same stack.
     assert set(cpu["services"]) == set(gpu["services"])
     assert cpu["services"]["inference"]["command"] == gpu["services"]["inference"]["command"]
@@ -347,35 +354,6 @@ def test_every_mounted_or_built_host_path_exists(path: Path):
                 if not p.exists():
                     missing.append(f"{name}: build {p}")
     assert not missing, "missing host paths:\n" + "\n".join(missing)
-
-
-def test_the_image_build_copies_every_package(base):
-    """Every COPY source exists in the build context and passes the .dockerignore, and every
-    package that pyproject.toml installs is copied (else `pip install .` leaves it out)."""
-    build = base["services"]["inference"]["build"]
-    context = host_path(build["context"])
-    dockerfile = context / build["dockerfile"]
-    ignore_file = dockerfile.with_name(dockerfile.name + ".dockerignore")
-    reincluded = {line.strip()[1:].rstrip("/") for line in
-                  ignore_file.read_text(encoding="utf-8").splitlines()
-                  if line.strip().startswith("!")}
-    copied = []
-    for line in dockerfile.read_text(encoding="utf-8").splitlines():
-        words = line.split()
-        if words and words[0] == "COPY" and not any(w.startswith("--from") for w in words):
-            sources = [w for w in words[1:-1] if not w.startswith("--")]
-            for source in sources:
-                assert (context / source).exists(), f"COPY {source}: not in the build context"
-                assert source.rstrip("/") in reincluded, \
-                    f"COPY {source}: excluded by {ignore_file.name}"
-                copied.append(source.rstrip("/"))
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
-    for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
-        package = pattern.rstrip("*")
-        assert package in copied, f"package {package} is not copied into the image"
-    readme = pyproject["project"].get("readme")
-    if readme:
-        assert readme in copied, f"{readme} (the project's readme) is not copied"
 
 
 # --- (c) promtool and amtool on what the containers see ------------------------------------
@@ -452,8 +430,9 @@ def _split_image(image: str) -> tuple[str, str | None]:
 def test_every_image_is_pinned(path: Path):
     for name, service in services(load_compose(path)).items():
         image = service.get("image")
-        if image is None:
-            assert service.get("build"), f"{name} has neither image nor build"
+        if image is None:  # an override's service keeps the base file's image
+            overrides_base = path != BASE and name in services(load_compose(BASE))
+            assert service.get("build") or overrides_base, f"{name} has neither image nor build"
             continue
         _, tag = _split_image(str(image))
         assert tag, f"{name}: {image} has no tag"
@@ -463,16 +442,351 @@ def test_every_image_is_pinned(path: Path):
             assert _VERSION_TAG.match(tag), f"{name}: {image} is not an exact version"
 
 
-def test_the_dockerfile_base_image_is_pinned(base):
-    build = base["services"]["inference"]["build"]
-    dockerfile = host_path(build["context"]) / build["dockerfile"]
-    froms = [line.split()[1] for line in dockerfile.read_text(encoding="utf-8").splitlines()
-             if line.upper().startswith("FROM ")]
-    assert froms
-    for image in froms:
-        _, tag = _split_image(image)
-        assert tag and tag != "latest" and re.match(r"^\d+\.\d+\.\d+", tag), \
-            f"FROM {image} is not pinned to an exact version"
+# --- (d2) the images: one per process ------------------------------------------------------
+
+DOCKERFILES = {"exporter": COMPOSE_DIR / "exporter.Dockerfile",
+               "inference": COMPOSE_DIR / "inference.Dockerfile"}
+# What the inference process needs on top of the light install (pyproject's [serve] extra);
+# none of it may be a dependency of the light install the exporter's image gets.
+SERVE_ONLY = {"torch", "transformers", "tokenizers", "safetensors", "starlette", "uvicorn",
+              "pydantic", "opentelemetry-api", "opentelemetry-sdk",
+              "opentelemetry-exporter-otlp-proto-http"}
+CONSOLE_SCRIPTS = {"vigil-inference", "vigil-exporter", "vigil-doctor", "vigil-stack"}
+_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    line: int  # where it starts (1-based)
+    keyword: str  # upper case
+    args: str  # the rest, continuation lines joined
+
+    def words(self) -> list[str]:
+        return self.args.split()
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def of(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions as the Dockerfile frontend reads them: comments and parser directives
+    dropped, lines ending in a backslash joined to the next (comment lines in between
+    skipped). No heredocs: the Dockerfiles here have none, and a test below says so."""
+    instructions: list[Instruction] = []
+    pending: list[str] = []
+    start = 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if pending and (stripped.startswith("#") or not stripped):
+            continue
+        if not pending:
+            start = number
+        if stripped.endswith("\\"):
+            pending.append(stripped[:-1].strip())
+            continue
+        pending.append(stripped)
+        joined = " ".join(p for p in pending if p)
+        keyword, _, args = joined.partition(" ")
+        instructions.append(Instruction(start, keyword.upper(), args.strip()))
+        pending = []
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return instructions
+
+
+def stages_of(path: Path) -> list[Stage]:
+    stages: list[Stage] = []
+    for instruction in parse_dockerfile(path.read_text(encoding="utf-8")):
+        if instruction.keyword == "FROM":
+            words = [w for w in instruction.words() if not w.startswith("--")]
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(words[0], name))
+        else:
+            assert stages or instruction.keyword == "ARG", \
+                f"{path.name}:{instruction.line}: {instruction.keyword} before FROM"
+            if stages:
+                stages[-1].instructions.append(instruction)
+    return stages
+
+
+def _env(stage: Stage) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instruction in stage.of("ENV"):
+        for word in shlex.split(instruction.args):
+            key, _, value = word.partition("=")
+            env[key] = value
+    return env
+
+
+def _copies(stage: Stage) -> list[tuple[str | None, list[str], str]]:
+    """(--from stage or None, sources, destination) of each COPY/ADD of a stage."""
+    found = []
+    for instruction in stage.of("COPY") + stage.of("ADD"):
+        words = instruction.words()
+        origin = next((w.split("=", 1)[1] for w in words if w.startswith("--from=")), None)
+        paths = [w for w in words if not w.startswith("--")]
+        found.append((origin, paths[:-1], paths[-1]))
+    return found
+
+
+def _pip_installs(stage: Stage) -> list[list[str]]:
+    """The arguments of every `pip install` a stage runs (the words after `install`)."""
+    found = []
+    for instruction in stage.of("RUN"):
+        for command in re.split(r"&&|;|\|\|", instruction.args):
+            words = shlex.split(command)
+            for i, word in enumerate(words[:-1]):
+                if word.endswith("pip") and words[i + 1] == "install":
+                    found.append(words[i + 2:])
+    return found
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    return {canonicalize_name(Requirement(r).name) for r in requirements}
+
+
+def test_each_process_builds_its_own_image(base):
+    built = {name: s for name, s in services(base).items() if s.get("build")}
+    assert set(built) == set(DOCKERFILES), f"services built here: {sorted(built)}"
+    for name, service in built.items():
+        build = service["build"]
+        dockerfile = host_path(build["context"]) / build["dockerfile"]
+        assert dockerfile == DOCKERFILES[name], f"{name} builds {dockerfile}"
+        assert host_path(build["context"]) == REPO
+    assert built["inference"]["image"] != built["exporter"]["image"]
+    assert not (COMPOSE_DIR / "Dockerfile").exists(), "compose/Dockerfile is no longer built"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_base_image_is_pinned_by_version_and_digest(name: str):
+    stages = stages_of(DOCKERFILES[name])
+    names = {s.name for s in stages if s.name}
+    bases = {s.base for s in stages if s.base not in names}
+    assert len(bases) == 1, \
+        f"{name}: one base for every stage (the venv built in one runs in the other): {bases}"
+    (image,) = bases
+    _, tag = _split_image(image)
+    assert tag and _VERSION_TAG.match(tag.split("-", 1)[0]), \
+        f"{name}: FROM {image} is not pinned to an exact version tag"
+    assert _DIGEST.search(image), f"{name}: FROM {image} has no sha256 digest"
+    assert "$" not in image, f"{name}: FROM {image} depends on a build argument"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_venv_is_built_in_a_builder_stage_and_copied_alone(name: str):
+    stages = stages_of(DOCKERFILES[name])
+    assert len(stages) >= 2, f"{name}: not a multi-stage build"
+    *builders, final = stages
+    builder_names = {s.name for s in builders}
+    (venv,) = {d for s in builders for i in s.of("RUN")
+               for d in re.findall(r"python3? -m venv (\S+)", i.args)}
+    assert any(_pip_installs(s) for s in builders), f"{name}: the builder installs nothing"
+    for stage in builders:
+        env = _env(stage)
+        for args in _pip_installs(stage):
+            assert env.get("PIP_NO_CACHE_DIR") == "1" or "--no-cache-dir" in args, \
+                f"{name}: pip install {' '.join(args)} keeps its cache"
+    # The final stage: the venv from a builder, nothing built or installed, no build context.
+    copies = _copies(final)
+    assert len(copies) == 1 and copies[0][0] in builder_names and \
+        copies[0][1:] == ([venv], venv), \
+        f"{name}: the final stage must copy the builder's venv and nothing else: {copies}"
+    for instruction in final.of("RUN"):
+        assert not re.search(r"\bpip3? install|apt-get install|apk add|\bgcc\b|build-essential"
+                             r"|\bmake\b", instruction.args), \
+            f"{name}:{instruction.line}: the final stage builds or installs: {instruction.args}"
+    assert _env(final)["PATH"].startswith(f"{venv}/bin:"), \
+        f"{name}: the venv's bin is not first on PATH"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_image_runs_as_an_unprivileged_user(name: str, base):
+    final = stages_of(DOCKERFILES[name])[-1]
+    users = final.of("USER")
+    assert users, f"{name}: no USER: the image runs as root"
+    user = users[-1].args.split(":")[0]
+    assert user not in ("root", "0"), f"{name}: runs as {user}"
+    # The user is made in the image, with the uid both images share (the state volume).
+    uids = {m for i in final.of("RUN")
+            for m in re.findall(rf"useradd\b[^&;]*--uid (\d+)[^&;]*\b{re.escape(user)}\b",
+                                i.args)}
+    assert uids == {"10001"}, f"{name}: user {user} not made with uid 10001: {uids}"
+    assert str(base["services"][name].get("user", user)) not in ("root", "0", "0:0")
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_image_has_a_health_check_where_it_runs(name: str, base):
+    final = stages_of(DOCKERFILES[name])[-1]
+    healthchecks = [i for i in final.of("HEALTHCHECK") if i.args.upper() != "NONE"]
+    if healthchecks:
+        return
+    service = base["services"][name]
+    test = (service.get("healthcheck") or {}).get("test")
+    assert test, f"{name}: neither the Dockerfile nor compose has a health check"
+    urls = re.findall(r"https?://([^/'\"\s]+)", " ".join(test))
+    assert urls and set(urls) <= set(http_endpoints(service)), \
+        f"{name}: the health check asks {urls}, the service listens on {http_endpoints(service)}"
+
+
+def test_the_exporter_image_gets_the_light_install(pyproject):
+    """`pip install .` without extras in the exporter's image: no torch, transformers or
+    OpenTelemetry (the light install); the inference image adds [serve]."""
+    light = _requirement_names(pyproject["project"]["dependencies"])
+    serve = _requirement_names(pyproject["project"]["optional-dependencies"]["serve"])
+    assert not light & SERVE_ONLY, f"the light install requires {sorted(light & SERVE_ONLY)}"
+    assert SERVE_ONLY <= serve, f"[serve] lacks {sorted(SERVE_ONLY - serve)}"
+    assert "test" in pyproject["project"]["optional-dependencies"]
+
+    def targets(name: str) -> list[str]:
+        installs = [a for s in stages_of(DOCKERFILES[name]) for a in _pip_installs(s)]
+        return [w for args in installs for w in args if not w.startswith("-")]
+    exporter = targets("exporter")
+    assert exporter == ["."], f"the exporter image installs {exporter}"
+    inference = targets("inference")
+    assert ".[serve]" in inference, f"the inference image installs {inference}"
+
+
+def test_console_scripts_start_each_process(pyproject, base):
+    scripts = pyproject["project"]["scripts"]
+    assert set(scripts) == CONSOLE_SCRIPTS
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        source = REPO / (module.replace(".", "/") + ".py")
+        assert source.is_file(), f"{name}: no {source}"
+        assert re.search(rf"^def {function}\(", source.read_text(encoding="utf-8"), re.MULTILINE), \
+            f"{name}: {module} defines no {function}()"
+    # compose starts the processes with them (the images put the venv's bin on PATH).
+    for service in DOCKERFILES:
+        assert command_list(base["services"][service])[0] in scripts
+
+
+@pytest.mark.parametrize("name", sorted(CONSOLE_SCRIPTS))
+def test_console_scripts_take_no_arguments(name: str, pyproject):
+    """A console script calls its function with no arguments: each must read sys.argv itself."""
+    import ast
+
+    module, _, function = pyproject["project"]["scripts"][name].partition(":")
+    tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text(encoding="utf-8"))
+    (node,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
+    positional = node.args.posonlyargs + node.args.args
+    required = positional[:len(positional) - len(node.args.defaults)] + \
+        [a for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is None]
+    assert not required, f"{name}: {function}() requires {[a.arg for a in required]}"
+
+
+def _dockerignore_of(dockerfile: Path, context: Path) -> Path:
+    """BuildKit reads <Dockerfile>.dockerignore beside the Dockerfile, else the context's."""
+    beside = dockerfile.with_name(dockerfile.name + ".dockerignore")
+    return beside if beside.exists() else context / ".dockerignore"
+
+
+def _ignore_regex(pattern: str) -> re.Pattern:
+    """A .dockerignore pattern as moby's patternmatcher compiles it (** any directories)."""
+    out, i = "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern.startswith("/", i):
+                out += "(.*/)?"
+                i += 1
+            else:
+                out += ".*"
+            continue
+        out += {"*": "[^/]*", "?": "[^/]"}.get(c, re.escape(c))
+        i += 1
+    return re.compile(f"^{out}$")
+
+
+def dockerignored(ignore_file: Path, path: str) -> bool:
+    """Whether the build context leaves out ``path`` (relative to the context): moby's rule
+    (the last pattern matching the path or its leading directories wins), applied to the path
+    and to each of its parent directories, as the context walk does."""
+    patterns = []
+    for line in ignore_file.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        cleaned = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
+        patterns.append((negated, cleaned, _ignore_regex(cleaned)))
+
+    def excluded(candidate: str) -> bool:
+        parts = candidate.split("/")
+        result = False
+        for negated, cleaned, regex in patterns:
+            depth = len(cleaned.split("/"))
+            if regex.match(candidate) or (depth < len(parts) and
+                                           regex.match("/".join(parts[:depth]))):
+                result = not negated
+        return result
+
+    parts = path.strip("/").split("/")
+    return any(excluded("/".join(parts[:n])) for n in range(1, len(parts) + 1))
+
+
+def test_the_ignore_rules_behave_as_docker_reads_them(tmp_path: Path):
+    """The matcher above is not vacuous."""
+    ignore = tmp_path / ".dockerignore"
+    ignore.write_text("*\n!src/\n**/__pycache__\n!keep.txt\n", encoding="utf-8")
+    assert dockerignored(ignore, ".venv/bin/python")
+    assert dockerignored(ignore, "other.txt")
+    assert not dockerignored(ignore, "src/a/b.py")
+    assert dockerignored(ignore, "src/a/__pycache__/b.pyc")
+    assert not dockerignored(ignore, "keep.txt")
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_build_copies_every_package_and_leaves_the_rest_out(name: str, base, pyproject):
+    """Every COPY source exists in the build context and passes the .dockerignore; every
+    package that pyproject.toml installs is copied (else `pip install .` leaves it out); the
+    virtual environments, .git, caches and build outputs never reach the context."""
+    build = base["services"][name]["build"]
+    context = host_path(build["context"])
+    dockerfile = context / build["dockerfile"]
+    ignore_file = _dockerignore_of(dockerfile, context)
+    assert ignore_file.is_file(), f"{name}: no .dockerignore: the whole tree (.venv, .git) " \
+                                  "would be sent"
+    assert "<<" not in dockerfile.read_text(encoding="utf-8"), "heredocs: parser needs them"
+    copied = []
+    for stage in stages_of(dockerfile):
+        for origin, sources, _ in _copies(stage):
+            if origin is not None:
+                continue
+            for source in sources:
+                assert (context / source).exists(), f"COPY {source}: not in the build context"
+                assert not dockerignored(ignore_file, source.rstrip("/") + "/x.py"
+                                         if (context / source).is_dir() else source), \
+                    f"COPY {source}: excluded by {ignore_file.name}"
+                copied.append(source.rstrip("/"))
+    for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
+        package = pattern.rstrip("*")
+        assert package in copied, f"package {package} is not copied into the {name} image"
+    readme = pyproject["project"].get("readme")
+    if readme:
+        assert readme in copied, f"{readme} (the project's readme) is not copied"
+    for kept_out in (".venv/bin/python", ".venv-light/bin/python", ".git/HEAD",
+                     ".cache/npm/x", ".pytest_cache/v/x", "inference/__pycache__/x.pyc",
+                     "exporter/gpu/__pycache__/x.pyc", "build/lib/x.py",
+                     "llm_vigil.egg-info/PKG-INFO", "compose/.env", "tests/conftest.py",
+                     "tools/metrics_reference.py"):
+        assert dockerignored(ignore_file, kept_out), f"{kept_out} is sent to the build"
 
 
 # --- (e) read-only configuration, loopback only --------------------------------------------

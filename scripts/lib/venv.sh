@@ -1,27 +1,75 @@
-# Sourced by scripts/*: make .venv with the project and its test tools installed.
-# Re-installs only when pyproject.toml changes (a stamp in .venv records its hash).
-ensure_venv() {
+# Sourced by scripts/*: the virtual environments the scripts run in.
+#   .venv        the project with everything: `pip install -e .[serve,test]` (torch pinned first)
+#   .venv-light  the light install, as `pip install llm-vigil` gives it (the exporter, the
+#                doctor's host checks, the generators; no torch), plus the test tools
+# Each is re-installed only when pyproject.toml changes (a stamp in it records the file's hash).
+# VIGIL_VENV and VIGIL_LIGHT_VENV put them elsewhere; PYTHON picks the interpreter.
+VENV="${VIGIL_VENV:-.venv}"
+LIGHT_VENV="${VIGIL_LIGHT_VENV:-.venv-light}"
+
+_python() {
   local python="${PYTHON:-}"
   if [ -z "$python" ]; then
     for candidate in python3.11 python3; do
       if command -v "$candidate" >/dev/null 2>&1; then python="$candidate"; break; fi
     done
   fi
-  if [ ! -x .venv/bin/python ]; then
-    echo "creating .venv with $($python --version 2>&1)" >&2
-    "$python" -m venv .venv
-  fi
-  local stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+  echo "$python"
+}
+
+# _stamp DIR: the file that says DIR was installed from this very pyproject.toml.
+_stamp() {
+  echo "$1/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+}
+
+# _create_venv DIR: a venv in DIR unless there is one.
+_create_venv() {
+  [ -x "$1/bin/python" ] && return 0
+  local python
+  python="$(_python)"
+  echo "creating $1 with $($python --version 2>&1)" >&2
+  "$python" -m venv "$1"
+}
+
+ensure_venv() {
+  local stamp
+  stamp="$(_stamp "$VENV")"
+  _create_venv "$VENV"
   if [ ! -f "$stamp" ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
     # The CPU build of torch 2.13.0 lies on these machines' disk; an unpinned torch would
     # download a multi-GB CUDA build. On a GPU machine, install the CUDA torch you need first.
-    if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-      .venv/bin/python -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
+    if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+      "$VENV/bin/python" -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
     fi
-    .venv/bin/python -m pip install --quiet -e ".[test]"
-    rm -f .venv/.installed-* && touch "$stamp"
+    "$VENV/bin/python" -m pip install --quiet -e ".[serve,test]"
+    rm -f "$VENV"/.installed-* && touch "$stamp"
   fi
+}
+
+# The light install, not editable (the wheel pip builds, as users get it), made afresh whenever
+# pyproject.toml changes, so that nothing an earlier version pulled in lingers. The tests run
+# from the repository root and import the working tree's packages; what this venv decides is
+# which third-party packages exist: the light dependencies and the test tools, never torch.
+ensure_light_venv() {
+  local stamp
+  stamp="$(_stamp "$LIGHT_VENV")"
+  if [ ! -f "$stamp" ]; then
+    # Each step checked: callers may run this where `set -e` does not apply (in an `if`).
+    rm -rf -- "${LIGHT_VENV:?}" \
+      && _create_venv "$LIGHT_VENV" \
+      && "$LIGHT_VENV/bin/python" -m pip install --quiet --upgrade pip \
+      && "$LIGHT_VENV/bin/python" -m pip install --quiet ".[test]" \
+      && touch "$stamp" || return 1
+  fi
+  local heavy
+  for heavy in torch transformers opentelemetry; do
+    if "$LIGHT_VENV/bin/python" -c "import $heavy" >/dev/null 2>&1; then
+      echo "error: $heavy is importable in $LIGHT_VENV, the light install (which of its" \
+        "requirements pulls it in? $LIGHT_VENV/bin/pip show $heavy)" >&2
+      return 1
+    fi
+  done
 }
 
 # promtool and prometheus (Debian package prometheus), alertmanager and amtool (Debian package
