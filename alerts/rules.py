@@ -35,25 +35,38 @@ PARAMETERS: dict[str, Parameter] = {
     "exporter_job": Parameter("vigil-exporter", "Prometheus job name of the exporter."),
     "runbook_base": Parameter(
         "https://github.com/llm-vigil/llm-vigil/blob/main/alerts/runbooks",
-        "Where the runbooks are published; each alert links <runbook_base>/<Alert>.md."),
-    "stall_for": Parameter("0s", "How long the engine's own stall flag must hold (the watchdog "
-                           "already waited --stall-timeout)."),
-    "stall_window": Parameter("5m", "Window in which a recorded stall (counter) keeps the "
-                              "alert firing, also when the process exited right after it."),
-    "heartbeat_max_age": Parameter("60", "Seconds without engine progress while requests are in "
-                                   "flight that count as a hang."),
+        "Where the runbooks are published; each alert links <runbook_base>/<Alert>.md.",
+    ),
+    "stall_for": Parameter(
+        "0s",
+        "How long the engine's own stall flag must hold (the watchdog "
+        "already waited --stall-timeout).",
+    ),
+    "stall_window": Parameter(
+        "5m",
+        "Window in which a recorded stall (counter) keeps the "
+        "alert firing, also when the process exited right after it.",
+    ),
+    "heartbeat_max_age": Parameter(
+        "60", "Seconds without engine progress while requests are in flight that count as a hang."
+    ),
     "hang_for": Parameter("30s", "How long a heartbeat-based hang must last."),
     "probe_for": Parameter("1m", "How long a failing probe must fail."),
     "busy_cpu_ratio": Parameter("0.9", "CPU cores' share a process must use to count as busy."),
     "disk_sleep_for": Parameter("2m", "How long a process may sit in uninterruptible wait."),
-    "load_max_seconds": Parameter("600", "Seconds a model load may take before a warning; keep "
-                                  "it below the server's --load-timeout (900), after which the "
-                                  "watchdog reports a stall in stage load."),
-    "crash_loop_exits": Parameter("3", "Unclean exits within crash_loop_window that make a "
-                                  "crash loop."),
+    "load_max_seconds": Parameter(
+        "600",
+        "Seconds a model load may take before a warning; keep "
+        "it below the server's --load-timeout (900), after which the "
+        "watchdog reports a stall in stage load.",
+    ),
+    "crash_loop_exits": Parameter(
+        "3", "Unclean exits within crash_loop_window that make a crash loop."
+    ),
     "crash_loop_window": Parameter("15m", "Window of crash_loop_exits."),
-    "vram_full_ratio": Parameter("0.95", "Used share of a GPU's memory that counts as nearly "
-                                 "full."),
+    "vram_full_ratio": Parameter(
+        "0.95", "Used share of a GPU's memory that counts as nearly full."
+    ),
     "vram_full_for": Parameter("5m", "How long memory must stay nearly full."),
     "vram_predict_window": Parameter("30m", "History predict_linear extrapolates from."),
     "oom_window": Parameter("5m", "Window in which out-of-memory errors alert."),
@@ -63,15 +76,16 @@ PARAMETERS: dict[str, Parameter] = {
     "queue_wait_max": Parameter("30", "Seconds the oldest queued request may wait."),
     "backlog_for": Parameter("2m", "How long a backlog must last."),
     "ttft_p95_max": Parameter("2", "Objective for time to first token, p95, seconds."),
-    "latency_p95_max": Parameter("60", "Objective for end-to-end request duration, p95, "
-                                 "seconds."),
+    "latency_p95_max": Parameter("60", "Objective for end-to-end request duration, p95, seconds."),
     "latency_for": Parameter("10m", "How long latency must exceed its objective."),
     "error_ratio_warning": Parameter("0.05", "Share of 5xx answers that warns."),
     "error_ratio_critical": Parameter("0.25", "Share of 5xx answers that is critical."),
     "error_for": Parameter("5m", "How long the error share must hold."),
     "empty_outputs_max": Parameter("3", "Empty completions within 10 minutes that alert."),
-    "xid_critical_codes": Parameter("48|61|62|63|64|74|79|92|94|95|119|120",
-                                    "XID codes that need a person (regular expression)."),
+    "xid_critical_codes": Parameter(
+        "48|61|62|63|64|74|79|92|94|95|119|120",
+        "XID codes that need a person (regular expression).",
+    ),
     "throttle_for": Parameter("5m", "How long a thermal or power slowdown must last."),
     "gpu_stale_seconds": Parameter("120", "Seconds after which GPU readings count as stale."),
     "gpu_lost_for": Parameter("1m", "How long a GPU must stay down."),
@@ -96,10 +110,17 @@ class Alert:
 
     def rule(self, runbook_base: str) -> dict:
         """The rule as Prometheus reads it."""
-        return {"alert": self.name, "expr": _dedent(self.expr), "for": self.for_,
-                "labels": {"severity": self.severity, "cause": self.cause},
-                "annotations": {"summary": self.summary, "description": self.description,
-                                "runbook_url": f"{runbook_base}/{self.name}.md"}}
+        return {
+            "alert": self.name,
+            "expr": _dedent(self.expr),
+            "for": self.for_,
+            "labels": {"severity": self.severity, "cause": self.cause},
+            "annotations": {
+                "summary": self.summary,
+                "description": self.description,
+                "runbook_url": f"{runbook_base}/{self.name}.md",
+            },
+        }
 
 
 def _dedent(expr: str) -> str:
@@ -111,10 +132,13 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
     """File stem -> its rule groups."""
     hangs = [
         Alert(
-            name="InferenceEngineStalled", for_=p["stall_for"], severity="critical", cause="hang",
+            name="InferenceEngineStalled",
+            for_=p["stall_for"],
+            severity="critical",
+            cause="hang",
             expr=f"""(max by (instance, model) (inference_engine_stalled) > 0)
             or
-            (sum by (instance, model) (increase(inference_engine_stalls_total[{p['stall_window']}])) > 0)""",
+            (sum by (instance, model) (increase(inference_engine_stalls_total[{p["stall_window"]}])) > 0)""",
             summary="Inference engine stalled on {{ $labels.model }}",
             description=(
                 "The watchdog of {{ $labels.model }} on {{ $labels.instance }} found work "
@@ -122,10 +146,15 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
                 f"within the last {p['stall_window']}: with --on-stall exit the process "
                 "restarted right after); the waiting requests were answered 503 engine_stalled. "
                 "The stall report in the log holds every thread's stack and the requests' trace "
-                "ids.")),
+                "ids."
+            ),
+        ),
         Alert(
-            name="InferenceHeartbeatStale", for_=p["hang_for"], severity="critical", cause="hang",
-            expr=f"""max by (instance, model, pid) (vigil_process_heartbeat_age_seconds) > {p['heartbeat_max_age']}
+            name="InferenceHeartbeatStale",
+            for_=p["hang_for"],
+            severity="critical",
+            cause="hang",
+            expr=f"""max by (instance, model, pid) (vigil_process_heartbeat_age_seconds) > {p["heartbeat_max_age"]}
             and on (instance, model, pid)
             max by (instance, model, pid) (inference_requests_in_flight) > 0""",
             summary="No engine progress on {{ $labels.model }} with requests in flight",
@@ -133,13 +162,17 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
                 "Process {{ $labels.pid }} on {{ $labels.instance }} made no prefill or decode "
                 "step for {{ $value | humanizeDuration }} while requests wait (seen from the "
                 "exporter: the process may be frozen, its GIL held, or its --stall-timeout "
-                "longer than this threshold).")),
+                "longer than this threshold)."
+            ),
+        ),
         Alert(
             name="InferenceBusyWithoutProgress",
-            for_=p["hang_for"], severity="warning", cause="busy",
-            expr=f"""max by (instance, model, pid) (rate(vigil_process_cpu_seconds_total[2m])) > {p['busy_cpu_ratio']}
+            for_=p["hang_for"],
+            severity="warning",
+            cause="busy",
+            expr=f"""max by (instance, model, pid) (rate(vigil_process_cpu_seconds_total[2m])) > {p["busy_cpu_ratio"]}
             and on (instance, model, pid)
-            max by (instance, model, pid) (vigil_process_heartbeat_age_seconds) > {p['heartbeat_max_age']}
+            max by (instance, model, pid) (vigil_process_heartbeat_age_seconds) > {p["heartbeat_max_age"]}
             and on (instance, model, pid)
             max by (instance, model, pid) (inference_requests_in_flight) > 0""",
             summary="Inference process busy at full CPU without progress on {{ $labels.model }}",
@@ -147,18 +180,27 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
                 "Process {{ $labels.pid }} on {{ $labels.instance }} uses "
                 "{{ $value | humanize }} CPU cores but its engine has not stepped: a busy loop "
                 "(tokenizer, a stuck thread, a CUDA call spin-waiting on a kernel that never "
-                "ends). Take its stacks (py-spy dump).")),
+                "ends). Take its stacks (py-spy dump)."
+            ),
+        ),
         Alert(
             name="InferenceProcessInDriverWait",
-            for_=p["disk_sleep_for"], severity="warning", cause="hang",
+            for_=p["disk_sleep_for"],
+            severity="warning",
+            cause="hang",
             expr='max by (instance, model, pid) (vigil_process_state{state="disk_sleep"}) == 1',
             summary="Inference process stuck in uninterruptible wait on {{ $labels.model }}",
             description=(
                 "Process {{ $labels.pid }} on {{ $labels.instance }} has been in uninterruptible "
                 f"wait (state D) for over {p['disk_sleep_for']}: usually inside the GPU driver "
-                "or on a hung file system. It cannot be killed until the call returns.")),
+                "or on a hung file system. It cannot be killed until the call returns."
+            ),
+        ),
         Alert(
-            name="InferenceProbeFailing", for_=p["probe_for"], severity="critical", cause="hang",
+            name="InferenceProbeFailing",
+            for_=p["probe_for"],
+            severity="critical",
+            cause="hang",
             expr="""max by (instance, target) (vigil_probe_success{check="canary"}) == 0
             and on (instance, target)
             max by (instance, target) (vigil_probe_success{check="health"}) == 1
@@ -168,290 +210,453 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             description=(
                 "The exporter on {{ $labels.instance }} gets no completion from "
                 "{{ $labels.target }} although its /health and /ready answer 200: it looks "
-                "alive and does not serve (or its queue is so full that the canary times out).")),
+                "alive and does not serve (or its queue is so full that the canary times out)."
+            ),
+        ),
         Alert(
-            name="InferenceTargetDown", for_=p["probe_for"], severity="critical", cause="down",
+            name="InferenceTargetDown",
+            for_=p["probe_for"],
+            severity="critical",
+            cause="down",
             expr='max by (instance, target) (vigil_probe_success{check="health"}) == 0',
             summary="Inference server {{ $labels.target }} does not answer /health",
             description=(
                 "The exporter on {{ $labels.instance }} gets no 200 from "
                 "{{ $labels.target }}/health (refused, timed out, or 503 while stalled or its "
-                "engine died).")),
+                "engine died)."
+            ),
+        ),
         Alert(
-            name="InferenceProbeAbsent", for_="5m", severity="warning", cause="down",
+            name="InferenceProbeAbsent",
+            for_="5m",
+            severity="warning",
+            cause="down",
             expr=f'absent(vigil_probe_success{{check="health",job="{p["exporter_job"]}"}})',
             summary="No probe results from the exporter",
             description=(
                 "Prometheus has no vigil_probe_success series: the exporter runs without "
-                "--target, or it is not scraped.")),
+                "--target, or it is not scraped."
+            ),
+        ),
         Alert(
-            name="InferenceNoLiveProcess", for_=p["probe_for"], severity="critical", cause="down",
+            name="InferenceNoLiveProcess",
+            for_=p["probe_for"],
+            severity="critical",
+            cause="down",
             expr=f'absent(vigil_process_alive{{job="{p["exporter_job"]}"}} == 1)',
             summary="No live inference process",
-            description="No exporter reports a live inference process in its state directory."),
+            description="No exporter reports a live inference process in its state directory.",
+        ),
         Alert(
-            name="InferenceProcessDied", for_="0s", severity="warning", cause="crash",
+            name="InferenceProcessDied",
+            for_="0s",
+            severity="warning",
+            cause="crash",
             expr="max by (instance, model, pid) (vigil_process_alive) == 0",
             summary="Inference process {{ $labels.pid }} of {{ $labels.model }} died",
             description=(
                 "Process {{ $labels.pid }} on {{ $labels.instance }} disappeared without a "
-                "clean exit (crash, kill, OOM killer or the watchdog's exit 75).")),
+                "clean exit (crash, kill, OOM killer or the watchdog's exit 75)."
+            ),
+        ),
         Alert(
-            name="InferenceCrashLoop", for_="0s", severity="critical", cause="crash",
+            name="InferenceCrashLoop",
+            for_="0s",
+            severity="critical",
+            cause="crash",
             expr=f"sum by (instance, model) (increase(vigil_process_unclean_exits_total[{p['crash_loop_window']}])) >= {p['crash_loop_exits']}",
             summary="Inference server of {{ $labels.model }} is crash-looping",
             description=(
                 "{{ $value | humanize }} unclean exits of {{ $labels.model }} on "
-                f"{{{{ $labels.instance }}}} in {p['crash_loop_window']}.")),
+                f"{{{{ $labels.instance }}}} in {p['crash_loop_window']}."
+            ),
+        ),
         Alert(
-            name="InferenceModelLoadSlow", for_="0s", severity="warning", cause="load",
-            expr=f"""(time() - max by (instance, model, pid) (inference_model_load_started_timestamp_seconds)) > {p['load_max_seconds']}
+            name="InferenceModelLoadSlow",
+            for_="0s",
+            severity="warning",
+            cause="load",
+            expr=f"""(time() - max by (instance, model, pid) (inference_model_load_started_timestamp_seconds)) > {p["load_max_seconds"]}
             and on (instance, model, pid)
             max by (instance, model, pid) (inference_model_load_state{{state="loading"}}) == 1""",
             summary="Model load of {{ $labels.model }} takes too long",
             description=(
                 "Process {{ $labels.pid }} on {{ $labels.instance }} has been loading for "
-                "{{ $value | humanizeDuration }}.")),
+                "{{ $value | humanizeDuration }}."
+            ),
+        ),
         Alert(
-            name="InferenceModelLoadFailed", for_="0s", severity="critical", cause="load",
+            name="InferenceModelLoadFailed",
+            for_="0s",
+            severity="critical",
+            cause="load",
             expr='max by (instance, model, pid) (inference_model_load_state{state="failed"}) == 1',
             summary="Model load of {{ $labels.model }} failed",
             description=(
                 "Process {{ $labels.pid }} on {{ $labels.instance }} could not load its model; "
-                "/ready gives the error.")),
+                "/ready gives the error."
+            ),
+        ),
     ]
     vram = [
         Alert(
-            name="GpuMemoryNearlyFull", for_=p["vram_full_for"], severity="warning", cause="vram",
+            name="GpuMemoryNearlyFull",
+            for_=p["vram_full_for"],
+            severity="warning",
+            cause="vram",
             expr=f"""max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_used_bytes)
-            / max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_total_bytes) > {p['vram_full_ratio']}""",
+            / max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_total_bytes) > {p["vram_full_ratio"]}""",
             summary="GPU {{ $labels.gpu }} memory nearly full on {{ $labels.instance }}",
             description=(
                 "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}, {{ $labels.uuid }}) has "
-                "{{ $value | humanizePercentage }} of its memory in use.")),
+                "{{ $value | humanizePercentage }} of its memory in use."
+            ),
+        ),
         Alert(
-            name="GpuMemoryFullWithinAnHour", for_="10m", severity="warning", cause="vram",
-            expr=f"""predict_linear(vigil_gpu_memory_used_bytes[{p['vram_predict_window']}], 3600)
+            name="GpuMemoryFullWithinAnHour",
+            for_="10m",
+            severity="warning",
+            cause="vram",
+            expr=f"""predict_linear(vigil_gpu_memory_used_bytes[{p["vram_predict_window"]}], 3600)
             > on (instance, gpu, uuid, gpu_name) vigil_gpu_memory_total_bytes
             and on (instance, gpu, uuid, gpu_name)
             vigil_gpu_memory_used_bytes / vigil_gpu_memory_total_bytes > 0.5""",
             summary=(
                 "GPU {{ $labels.gpu }} memory will overflow within the hour on "
-                "{{ $labels.instance }}"),
+                "{{ $labels.instance }}"
+            ),
             description=(
                 "At the trend of the last " + p["vram_predict_window"] + ", GPU {{ $labels.gpu }} "
                 "({{ $labels.gpu_name }}) reaches {{ $value | humanize1024 }}B in an hour, more "
-                "than it has.")),
+                "than it has."
+            ),
+        ),
         Alert(
-            name="InferenceOutOfMemory", for_="0s", severity="warning", cause="oom",
+            name="InferenceOutOfMemory",
+            for_="0s",
+            severity="warning",
+            cause="oom",
             expr=f"sum by (instance, model, stage) (increase(inference_out_of_memory_errors_total[{p['oom_window']}])) > 0",
             summary="Out-of-memory errors in {{ $labels.model }} ({{ $labels.stage }})",
             description=(
                 "{{ $value | humanize }} out-of-memory error(s) during {{ $labels.stage }} on "
                 f"{{{{ $labels.instance }}}} in {p['oom_window']}; batches were split or "
-                "requests answered 503 out_of_memory.")),
+                "requests answered 503 out_of_memory."
+            ),
+        ),
         Alert(
-            name="InferenceAdmissionRefusalsRising", for_="0s", severity="warning", cause="vram",
+            name="InferenceAdmissionRefusalsRising",
+            for_="0s",
+            severity="warning",
+            cause="vram",
             expr=f"sum by (instance, model, reason) (increase(inference_admission_refusals_total[{p['refusals_window']}])) > {p['refusals_max']}",
             summary="Requests refused for lack of GPU memory on {{ $labels.model }}",
             description=(
                 "{{ $value | humanize }} requests refused ({{ $labels.reason }}) on "
                 f"{{{{ $labels.instance }}}} in {p['refusals_window']}: their KV cache would "
-                "not fit.")),
+                "not fit."
+            ),
+        ),
     ]
     serving = [
         Alert(
             name="InferenceQueueBacklog",
-            for_=p["backlog_for"], severity="warning", cause="backlog",
+            for_=p["backlog_for"],
+            severity="warning",
+            cause="backlog",
             expr=f"max by (instance, model, pid) (inference_queue_depth) > {p['queue_depth_max']}",
             summary="Queue backlog on {{ $labels.model }}",
             description=(
                 "{{ $value }} requests wait in the queue of process {{ $labels.pid }} on "
-                "{{ $labels.instance }}.")),
+                "{{ $labels.instance }}."
+            ),
+        ),
         Alert(
             name="InferenceQueueWaitLong",
-            for_=p["backlog_for"], severity="warning", cause="backlog",
-            expr=f"""(time() - max by (instance, model, pid) (inference_queue_oldest_enqueue_timestamp_seconds)) > {p['queue_wait_max']}
+            for_=p["backlog_for"],
+            severity="warning",
+            cause="backlog",
+            expr=f"""(time() - max by (instance, model, pid) (inference_queue_oldest_enqueue_timestamp_seconds)) > {p["queue_wait_max"]}
             and on (instance, model, pid)
             max by (instance, model, pid) (inference_queue_oldest_enqueue_timestamp_seconds) > 0""",
             summary="Requests wait long in the queue of {{ $labels.model }}",
             description=(
                 "The oldest queued request of process {{ $labels.pid }} on "
-                "{{ $labels.instance }} has waited {{ $value | humanizeDuration }}.")),
+                "{{ $labels.instance }} has waited {{ $value | humanizeDuration }}."
+            ),
+        ),
         Alert(
             name="InferenceTimeToFirstTokenHigh",
-            for_=p["latency_for"], severity="warning", cause="latency",
+            for_=p["latency_for"],
+            severity="warning",
+            cause="latency",
             expr=f"""histogram_quantile(0.95, sum by (instance, model, le) (rate(gen_ai_server_time_to_first_token_seconds_bucket[5m])))
-            > {p['ttft_p95_max']}""",
+            > {p["ttft_p95_max"]}""",
             summary="Time to first token over its objective on {{ $labels.model }}",
             description=(
                 "p95 time to first token on {{ $labels.instance }} is "
                 "{{ $value | humanizeDuration }} "
-                f"(objective {p['ttft_p95_max']} s).")),
+                f"(objective {p['ttft_p95_max']} s)."
+            ),
+        ),
         Alert(
             name="InferenceLatencyHigh",
-            for_=p["latency_for"], severity="warning", cause="latency",
+            for_=p["latency_for"],
+            severity="warning",
+            cause="latency",
             expr=f"""histogram_quantile(0.95, sum by (instance, model, le) (rate(gen_ai_server_request_duration_seconds_bucket[5m])))
-            > {p['latency_p95_max']}""",
+            > {p["latency_p95_max"]}""",
             summary="Request duration over its objective on {{ $labels.model }}",
             description=(
                 "p95 request duration on {{ $labels.instance }} is "
                 "{{ $value | humanizeDuration }} "
-                f"(objective {p['latency_p95_max']} s).")),
+                f"(objective {p['latency_p95_max']} s)."
+            ),
+        ),
         Alert(
-            name="InferenceErrorRateHigh", for_=p["error_for"], severity="warning", cause="errors",
+            name="InferenceErrorRateHigh",
+            for_=p["error_for"],
+            severity="warning",
+            cause="errors",
             expr=_error_ratio(p["error_ratio_warning"]),
             summary="Many requests fail on {{ $labels.model }}",
             description=(
                 "{{ $value | humanizePercentage }} of the requests to {{ $labels.model }} on "
-                "{{ $labels.instance }} ended with a 5xx.")),
+                "{{ $labels.instance }} ended with a 5xx."
+            ),
+        ),
         Alert(
             name="InferenceErrorRateCritical",
-            for_=p["error_for"], severity="critical", cause="errors",
+            for_=p["error_for"],
+            severity="critical",
+            cause="errors",
             expr=_error_ratio(p["error_ratio_critical"]),
             summary="Most requests fail on {{ $labels.model }}",
             description=(
                 "{{ $value | humanizePercentage }} of the requests to {{ $labels.model }} on "
-                "{{ $labels.instance }} ended with a 5xx.")),
+                "{{ $labels.instance }} ended with a 5xx."
+            ),
+        ),
         Alert(
-            name="InferenceEmptyOutputs", for_="0s", severity="warning", cause="empty",
+            name="InferenceEmptyOutputs",
+            for_="0s",
+            severity="warning",
+            cause="empty",
             expr=f"sum by (instance, model, reason) (increase(inference_empty_outputs_total[10m])) > {p['empty_outputs_max']}",
             summary="Completions come back empty on {{ $labels.model }}",
             description=(
                 "{{ $value | humanize }} successful completions without text "
-                "({{ $labels.reason }}) on {{ $labels.instance }} in 10 minutes.")),
+                "({{ $labels.reason }}) on {{ $labels.instance }} in 10 minutes."
+            ),
+        ),
         Alert(
-            name="InferenceCanaryEmpty", for_="5m", severity="warning", cause="empty",
+            name="InferenceCanaryEmpty",
+            for_="5m",
+            severity="warning",
+            cause="empty",
             expr="max by (instance, target) (vigil_probe_canary_empty) == 1",
             summary="The canary completion of {{ $labels.target }} comes back empty",
             description=(
                 "The exporter on {{ $labels.instance }} gets completions without text from "
-                "{{ $labels.target }}.")),
+                "{{ $labels.target }}."
+            ),
+        ),
     ]
     gpus = [
         Alert(
-            name="GpuXidError", for_="0s", severity="critical", cause="gpu",
+            name="GpuXidError",
+            for_="0s",
+            severity="critical",
+            cause="gpu",
             expr=f"""(
-            sum by (instance, gpu, uuid, gpu_name, xid) (increase(vigil_gpu_xid_errors_total{{xid=~"{p['xid_critical_codes']}"}}[10m])) > 0
+            sum by (instance, gpu, uuid, gpu_name, xid) (increase(vigil_gpu_xid_errors_total{{xid=~"{p["xid_critical_codes"]}"}}[10m])) > 0
             )
             or
             (
-            max by (instance, gpu, uuid, gpu_name, xid) (vigil_gpu_xid_errors_total{{xid=~"{p['xid_critical_codes']}"}})
+            max by (instance, gpu, uuid, gpu_name, xid) (vigil_gpu_xid_errors_total{{xid=~"{p["xid_critical_codes"]}"}})
             unless max by (instance, gpu, uuid, gpu_name, xid) (vigil_gpu_xid_errors_total offset 10m)
             )""",
             summary="XID {{ $labels.xid }} on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
             description=(
                 "The driver reported XID {{ $labels.xid }} on GPU {{ $labels.gpu }} "
                 "({{ $labels.gpu_name }}, {{ $labels.uuid }}); this code needs a person (reset, "
-                "drain, or replacement).")),
+                "drain, or replacement)."
+            ),
+        ),
         Alert(
             name="GpuThermalThrottling",
-            for_=p["throttle_for"], severity="warning", cause="throttle",
+            for_=p["throttle_for"],
+            severity="warning",
+            cause="throttle",
             expr='max by (instance, gpu, uuid, gpu_name) (vigil_gpu_clock_event_reason{reason=~"hw_thermal_slowdown|sw_thermal_slowdown"}) == 1',
             summary="GPU {{ $labels.gpu }} of {{ $labels.instance }} slows down for heat",
             description=(
                 "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}) holds its clocks down for "
-                "temperature.")),
+                "temperature."
+            ),
+        ),
         Alert(
-            name="GpuPowerBrake", for_=p["throttle_for"], severity="warning", cause="throttle",
+            name="GpuPowerBrake",
+            for_=p["throttle_for"],
+            severity="warning",
+            cause="throttle",
             expr='max by (instance, gpu, uuid, gpu_name) (vigil_gpu_clock_event_reason{reason=~"hw_slowdown|hw_power_brake_slowdown"}) == 1',
             summary="GPU {{ $labels.gpu }} of {{ $labels.instance }} under hardware slowdown",
             description=(
                 "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}) is slowed by hardware (power "
-                "brake or an external signal): check the power supply and cooling.")),
+                "brake or an external signal): check the power supply and cooling."
+            ),
+        ),
         Alert(
-            name="GpuPowerCapped", for_="15m", severity="info", cause="throttle",
+            name="GpuPowerCapped",
+            for_="15m",
+            severity="info",
+            cause="throttle",
             expr='max by (instance, gpu, uuid, gpu_name) (vigil_gpu_clock_event_reason{reason="sw_power_cap"}) == 1',
             summary="GPU {{ $labels.gpu }} of {{ $labels.instance }} runs at its power limit",
             description=(
                 "GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}) is held at its power limit; "
-                "normal under full load, worth knowing when throughput drops.")),
+                "normal under full load, worth knowing when throughput drops."
+            ),
+        ),
         Alert(
-            name="GpuEccUncorrectable", for_="0s", severity="critical", cause="gpu",
+            name="GpuEccUncorrectable",
+            for_="0s",
+            severity="critical",
+            cause="gpu",
             expr='sum by (instance, gpu, uuid, gpu_name) (increase(vigil_gpu_ecc_errors_total{type="uncorrected"}[10m])) > 0',
             summary="Uncorrectable ECC errors on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
             description=(
                 "{{ $value | humanize }} uncorrectable ECC error(s) on GPU {{ $labels.gpu }} "
-                "({{ $labels.uuid }}) in 10 minutes.")),
+                "({{ $labels.uuid }}) in 10 minutes."
+            ),
+        ),
         Alert(
-            name="GpuRowRemapFailure", for_="0s", severity="critical", cause="gpu",
+            name="GpuRowRemapFailure",
+            for_="0s",
+            severity="critical",
+            cause="gpu",
             expr="max by (instance, gpu, uuid, gpu_name) (vigil_gpu_remapped_rows_failure) == 1",
             summary="Row remapping failed on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
             description=(
                 "GPU {{ $labels.gpu }} ({{ $labels.uuid }}) could not remap a failing memory "
-                "row: it needs service.")),
+                "row: it needs service."
+            ),
+        ),
         Alert(
-            name="GpuRowRemapPending", for_="0s", severity="warning", cause="gpu",
+            name="GpuRowRemapPending",
+            for_="0s",
+            severity="warning",
+            cause="gpu",
             expr="max by (instance, gpu, uuid, gpu_name) (vigil_gpu_remapped_rows_pending) == 1",
             summary=(
-                "GPU {{ $labels.gpu }} of {{ $labels.instance }} needs a reset for a row remap"),
+                "GPU {{ $labels.gpu }} of {{ $labels.instance }} needs a reset for a row remap"
+            ),
             description=(
                 "A memory row remapping of GPU {{ $labels.gpu }} ({{ $labels.uuid }}) waits for "
-                "a GPU reset.")),
+                "a GPU reset."
+            ),
+        ),
         Alert(
-            name="GpuLost", for_=p["gpu_lost_for"], severity="critical", cause="gpu_lost",
+            name="GpuLost",
+            for_=p["gpu_lost_for"],
+            severity="critical",
+            cause="gpu_lost",
             expr="max by (instance, gpu, uuid, gpu_name) (vigil_gpu_up) == 0",
             summary="GPU {{ $labels.gpu }} of {{ $labels.instance }} is lost or unreadable",
             description=(
                 "The exporter cannot read GPU {{ $labels.gpu }} ({{ $labels.gpu_name }}, "
-                "{{ $labels.uuid }}): fallen off the bus, or its readings are stale.")),
+                "{{ $labels.uuid }}): fallen off the bus, or its readings are stale."
+            ),
+        ),
         Alert(
-            name="GpuReadingsStale", for_="0s", severity="warning", cause="gpu_lost",
+            name="GpuReadingsStale",
+            for_="0s",
+            severity="warning",
+            cause="gpu_lost",
             expr=f"(time() - max by (instance, gpu, uuid, gpu_name) (vigil_gpu_last_read_timestamp_seconds)) > {p['gpu_stale_seconds']}",
             summary="GPU {{ $labels.gpu }} readings of {{ $labels.instance }} are stale",
             description=(
                 "The last successful read of GPU {{ $labels.gpu }} is "
-                "{{ $value | humanizeDuration }} old: a driver call may be wedged.")),
+                "{{ $value | humanizeDuration }} old: a driver call may be wedged."
+            ),
+        ),
         Alert(
-            name="NvmlDown", for_="5m", severity="critical", cause="gpu_lost",
+            name="NvmlDown",
+            for_="5m",
+            severity="critical",
+            cause="gpu_lost",
             expr="max by (instance) (vigil_nvml_up) == 0 and max by (instance) (max_over_time(vigil_nvml_up[6h])) == 1",
             summary="NVML stopped answering on {{ $labels.instance }}",
             description=(
                 "The exporter on {{ $labels.instance }} read GPUs before and NVML fails now "
-                "(driver unloaded or wedged).")),
+                "(driver unloaded or wedged)."
+            ),
+        ),
         Alert(
             name="GpuUtilizationImbalance",
-            for_=p["imbalance_for"], severity="warning", cause="imbalance",
+            for_=p["imbalance_for"],
+            severity="warning",
+            cause="imbalance",
             expr=f"""(
             max by (instance, model) (vigil_gpu_utilization_ratio * on (instance, gpu) group_left (model) (max by (instance, gpu, model) (vigil_gpu_process_memory_used_bytes{{model!=""}}) > bool 0))
             - min by (instance, model) (vigil_gpu_utilization_ratio * on (instance, gpu) group_left (model) (max by (instance, gpu, model) (vigil_gpu_process_memory_used_bytes{{model!=""}}) > bool 0))
-            ) > {p['imbalance_ratio']}
+            ) > {p["imbalance_ratio"]}
             and on (instance, model)
             count by (instance, model) (vigil_gpu_process_memory_used_bytes{{model!=""}}) > 1""",
             summary="GPUs of {{ $labels.model }} on {{ $labels.instance }} are unevenly used",
             description=(
                 "Utilization differs by {{ $value | humanizePercentage }} between the GPUs "
                 "serving {{ $labels.model }}: one replica may be stuck, or the load balancer "
-                "starves it.")),
+                "starves it."
+            ),
+        ),
     ]
     meta = [
         Alert(
             name="VigilExporterDown",
-            for_=p["exporter_down_for"], severity="critical", cause="exporter",
+            for_=p["exporter_down_for"],
+            severity="critical",
+            cause="exporter",
             expr=f'up{{job="{p["exporter_job"]}"}} == 0 or absent(up{{job="{p["exporter_job"]}"}})',
             summary="The vigil exporter cannot be scraped",
             description=(
                 "Prometheus cannot scrape the exporter {{ $labels.instance }} (or no exporter "
-                "job exists): GPU, process and probe metrics are blind.")),
+                "job exists): GPU, process and probe metrics are blind."
+            ),
+        ),
         Alert(
-            name="VigilExporterCollectorFailing", for_="5m", severity="warning", cause="exporter",
+            name="VigilExporterCollectorFailing",
+            for_="5m",
+            severity="warning",
+            cause="exporter",
             expr="max by (instance, collector) (vigil_exporter_collector_success) == 0",
             summary="Collector {{ $labels.collector }} of the exporter fails",
             description=(
                 "The {{ $labels.collector }} collector of {{ $labels.instance }} fails; its "
-                "metrics are left out. The exporter's log says why.")),
+                "metrics are left out. The exporter's log says why."
+            ),
+        ),
         Alert(
-            name="Watchdog", for_="0s", severity="info", cause="watchdog",
+            name="Watchdog",
+            for_="0s",
+            severity="info",
+            cause="watchdog",
             expr="vector(1)",
             summary="Alerting pipeline heartbeat",
             description=(
                 "Always firing: proves that rules are evaluated and notifications are "
-                "delivered. Route it to a dead man's switch; its absence is the alert.")),
+                "delivered. Route it to a dead man's switch; its absence is the alert."
+            ),
+        ),
     ]
     alerts_by_file = {"hangs": hangs, "vram": vram, "serving": serving, "gpus": gpus, "meta": meta}
-    return {stem: [{"name": f"vigil-{stem}", "rules": [alert.rule(p["runbook_base"])
-                                                       for alert in alerts]}]
-            for stem, alerts in alerts_by_file.items()}
+    return {
+        stem: [
+            {"name": f"vigil-{stem}", "rules": [alert.rule(p["runbook_base"]) for alert in alerts]}
+        ]
+        for stem, alerts in alerts_by_file.items()
+    }
 
 
 def _error_ratio(threshold: str) -> str:
@@ -471,16 +676,24 @@ def render(overrides: dict[str, str] | None = None) -> dict[str, str]:
     if unknown:
         raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
     values.update(overrides or {})
-    header = ("# Generated by `python -m alerts.rules` from alerts/rules.py; edit that file (or\n"
-              "# pass --set NAME=VALUE) and regenerate. Thresholds: see alerts/README.md.\n")
-    return {f"{stem}.rules.yml": header + yaml.safe_dump({"groups": body}, sort_keys=False,
-                                                         width=100, allow_unicode=True)
-            for stem, body in groups(values).items()}
+    header = (
+        "# Generated by `python -m alerts.rules` from alerts/rules.py; edit that file (or\n"
+        "# pass --set NAME=VALUE) and regenerate. Thresholds: see alerts/README.md.\n"
+    )
+    return {
+        f"{stem}.rules.yml": header
+        + yaml.safe_dump({"groups": body}, sort_keys=False, width=100, allow_unicode=True)
+        for stem, body in groups(values).items()
+    }
 
 
 def alert_names() -> list[str]:
-    return [rule["alert"] for body in groups(defaults()).values() for group in body
-            for rule in group["rules"]]
+    return [
+        rule["alert"]
+        for body in groups(defaults()).values()
+        for group in body
+        for rule in group["rules"]
+    ]
 
 
 def _table_cell(text: str) -> str:
@@ -491,8 +704,10 @@ def _table_cell(text: str) -> str:
 def parameters_table() -> str:
     """The Markdown table of parameters in alerts/README.md."""
     rows = [PARAMETERS_TABLE_HEADER, "| --- | --- | --- |"]
-    rows += [f"| `{name}` | `{_table_cell(str(param.default))}` | {param.doc} |"
-             for name, param in PARAMETERS.items()]
+    rows += [
+        f"| `{name}` | `{_table_cell(str(param.default))}` | {param.doc} |"
+        for name, param in PARAMETERS.items()
+    ]
     return "\n".join(rows) + "\n"
 
 
@@ -509,10 +724,16 @@ def with_parameters_table(readme: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alerts.rules", description=__doc__.split(
-        "\n\n")[0])
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="a parameter other than its default (repeatable)")
+    parser = argparse.ArgumentParser(
+        prog="python -m alerts.rules", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter other than its default (repeatable)",
+    )
     parser.add_argument("--out", default=str(ALERTS_DIR), help="directory to write into")
     args = parser.parse_args(argv)
     overrides = {}

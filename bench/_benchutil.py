@@ -13,7 +13,7 @@ CPU time of the processes being measured, in cores.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from vigil import procfs
 
@@ -62,8 +62,9 @@ class CpuMeter:
         return max(0.0, foreign / elapsed * self._cpus)
 
 
-def median_ci(values: list[float], level: float = 0.95, resamples: int = 2000,
-              seed: int = 0) -> tuple[float, float]:
+def median_ci(
+    values: list[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """A bootstrap confidence interval of the median (percentile method, fixed seed)."""
     import random
     import statistics
@@ -72,8 +73,9 @@ def median_ci(values: list[float], level: float = 0.95, resamples: int = 2000,
         value = values[0] if values else float("nan")
         return value, value
     rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values)))
-                     for _ in range(resamples))
+    medians = sorted(
+        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
+    )
     cut = int((1 - level) / 2 * resamples)
     return medians[cut], medians[resamples - 1 - cut]
 

@@ -36,9 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
+from conftest import (  # noqa: E402
+    WebhookReceiver,
+    start_alertmanager,
+    start_exporter,
+    start_prometheus,
+    start_server,
+)
+
 from alerts.rules import ALERTS_DIR, render  # noqa: E402
-from conftest import (WebhookReceiver, start_alertmanager, start_exporter,  # noqa: E402
-                      start_prometheus, start_server)
 
 
 def configs(mode: str, receiver_url: str, rules_dir: Path) -> tuple[str, dict]:
@@ -48,10 +54,12 @@ def configs(mode: str, receiver_url: str, rules_dir: Path) -> tuple[str, dict]:
             hook["url"] = receiver_url + "/" + hook["url"].rsplit("/", 1)[1]
     shipped = yaml.safe_load((ALERTS_DIR / "prometheus.yml").read_text())["global"]
     if mode == "short":
+
         def shorten(route):
             route["group_wait"] = route["group_interval"] = "1s"
             for child in route.get("routes", []):
                 shorten(child)
+
         shorten(am["route"])
         shipped = {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
         for name, text in render({"stall_window": "15s"}).items():
@@ -69,24 +77,53 @@ def one_round(mode: str, demo_dir: str, workdir: Path) -> float:
     am_text, intervals = configs(mode, receiver.url, rules_dir)
     stall = ["--stall-timeout", "2", "--on-stall", "report"] if mode == "short" else []
     server = start_server(workdir, demo_dir, "--enable-fault-injection", *stall)
-    exporter = start_exporter(workdir, server.state_dir, "--target", server.base_url,
-                              "--gpu-backend", "none")
+    exporter = start_exporter(
+        workdir, server.state_dir, "--target", server.base_url, "--gpu-backend", "none"
+    )
     manager = start_alertmanager(workdir, am_text)
-    prometheus = start_prometheus(workdir, yaml.safe_dump({
-        "global": intervals, "rule_files": [str(rules_dir / "*.rules.yml")],
-        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [
-            manager.base_url.removeprefix("http://")]}]}]},
-        "scrape_configs": [{"job_name": "vigil-exporter", "static_configs": [{"targets": [
-            exporter.base_url.removeprefix("http://")]}]}]}),
-        "--rules.alert.resend-delay=1s")
+    prometheus = start_prometheus(
+        workdir,
+        yaml.safe_dump(
+            {
+                "global": intervals,
+                "rule_files": [str(rules_dir / "*.rules.yml")],
+                "alerting": {
+                    "alertmanagers": [
+                        {
+                            "static_configs": [
+                                {"targets": [manager.base_url.removeprefix("http://")]}
+                            ]
+                        }
+                    ]
+                },
+                "scrape_configs": [
+                    {
+                        "job_name": "vigil-exporter",
+                        "static_configs": [
+                            {"targets": [exporter.base_url.removeprefix("http://")]}
+                        ],
+                    }
+                ],
+            }
+        ),
+        "--rules.alert.resend-delay=1s",
+    )
     try:
         receiver.wait_for("Watchdog", timeout=120)
-        requests.post(server.url("/debug/fault"), timeout=10,
-                      json={"fault": "hang", "stage": "decode", "seconds": None})
+        requests.post(
+            server.url("/debug/fault"),
+            timeout=10,
+            json={"fault": "hang", "stage": "decode", "seconds": None},
+        )
         started = time.time()
-        threading.Thread(target=lambda: requests.post(
-            server.url("/v1/completions"), timeout=300,
-            json={"model": "demo", "prompt": "hello", "max_tokens": 16}), daemon=True).start()
+        threading.Thread(
+            target=lambda: requests.post(
+                server.url("/v1/completions"),
+                timeout=300,
+                json={"model": "demo", "prompt": "hello", "max_tokens": 16},
+            ),
+            daemon=True,
+        ).start()
         fired = receiver.wait_for("InferenceEngineStalled", timeout=300, after=started)
         return fired["received_at"] - started
     finally:
@@ -114,11 +151,14 @@ def main(argv=None) -> int:
     for mode, values in results.items():
         if values:
             threshold = 30.0 if mode == "defaults" else 2.0
-            print(f"  {mode:>8}: median {statistics.median(values):.1f}, max {max(values):.1f} "
-                  f"over {len(values)} round(s); stall timeout {threshold:g} s; "
-                  f"goal (defaults) 60 s: {max(values) / 60:.2f}x" if mode == "defaults" else
-                  f"  {mode:>8}: median {statistics.median(values):.1f}, max {max(values):.1f} "
-                  f"over {len(values)} round(s); stall timeout {threshold:g} s")
+            print(
+                f"  {mode:>8}: median {statistics.median(values):.1f}, max {max(values):.1f} "
+                f"over {len(values)} round(s); stall timeout {threshold:g} s; "
+                f"goal (defaults) 60 s: {max(values) / 60:.2f}x"
+                if mode == "defaults"
+                else f"  {mode:>8}: median {statistics.median(values):.1f}, max {max(values):.1f} "
+                f"over {len(values)} round(s); stall timeout {threshold:g} s"
+            )
     return 0
 
 

@@ -47,17 +47,34 @@ REPO = Path(__file__).resolve().parents[1]
 def fleet(count: int) -> dict:
     gpus = []
     for index in range(count):
-        gpus.append({"uuid": f"GPU-bench-{index:04d}", "name": "NVIDIA H100 80GB HBM3",
-                     "utilization_gpu": 0.9, "utilization_memory": 0.4,
-                     "memory_total_bytes": 85520809984, "memory_used_bytes": 70_000_000_000,
-                     "memory_free_bytes": 15_000_000_000, "memory_reserved_bytes": 520809984,
-                     "temperature_celsius": 65, "power_watts": 500, "power_limit_watts": 700,
-                     "energy_joules": 1e6, "sm_clock_hertz": 1.98e9, "memory_clock_hertz": 2.6e9,
-                     "clock_event_reasons": 0, "ecc_corrected": 0, "ecc_uncorrected": 0,
-                     "pcie_replays": 0, "remapped_rows_correctable": 0,
-                     "remapped_rows_uncorrectable": 0, "remapped_rows_pending": False,
-                     "remapped_rows_failure": False, "mig_enabled": False,
-                     "processes": [{"pid": 1000 + index, "used_memory_bytes": 6e10}]})
+        gpus.append(
+            {
+                "uuid": f"GPU-bench-{index:04d}",
+                "name": "NVIDIA H100 80GB HBM3",
+                "utilization_gpu": 0.9,
+                "utilization_memory": 0.4,
+                "memory_total_bytes": 85520809984,
+                "memory_used_bytes": 70_000_000_000,
+                "memory_free_bytes": 15_000_000_000,
+                "memory_reserved_bytes": 520809984,
+                "temperature_celsius": 65,
+                "power_watts": 500,
+                "power_limit_watts": 700,
+                "energy_joules": 1e6,
+                "sm_clock_hertz": 1.98e9,
+                "memory_clock_hertz": 2.6e9,
+                "clock_event_reasons": 0,
+                "ecc_corrected": 0,
+                "ecc_uncorrected": 0,
+                "pcie_replays": 0,
+                "remapped_rows_correctable": 0,
+                "remapped_rows_uncorrectable": 0,
+                "remapped_rows_pending": False,
+                "remapped_rows_failure": False,
+                "mig_enabled": False,
+                "processes": [{"pid": 1000 + index, "used_memory_bytes": 6e10}],
+            }
+        )
     return {"driver_version": "550.54.15", "cuda_version": "12.4", "gpus": gpus}
 
 
@@ -82,14 +99,18 @@ class Traffic:
     def __init__(self, urls: list[str], max_tokens: int):
         self.stop = threading.Event()
         self.sent = 0
-        self.threads = [threading.Thread(target=self._run, args=(url, max_tokens), daemon=True)
-                        for url in urls]
+        self.threads = [
+            threading.Thread(target=self._run, args=(url, max_tokens), daemon=True) for url in urls
+        ]
 
     def _run(self, url: str, max_tokens: int) -> None:
         session = requests.Session()
         while not self.stop.is_set():
-            session.post(url + "/v1/completions", timeout=60,
-                         json={"model": "demo", "prompt": "benchmark", "max_tokens": max_tokens})
+            session.post(
+                url + "/v1/completions",
+                timeout=60,
+                json={"model": "demo", "prompt": "benchmark", "max_tokens": max_tokens},
+            )
             self.sent += 1
 
     def __enter__(self):
@@ -127,13 +148,17 @@ def scrape_phase(url: str, pid: int, scrapes: int, rate: float, meter: CpuMeter)
     cpu = proc_cpu_seconds(pid) - cpu0
     other_load = meter.foreign_cores(mark)
     latencies.sort()
-    return {"median_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "max_ms": 1000 * latencies[-1],
-            "cpu_per_scrape_ms": 1000 * cpu / scrapes,
-            "cpu_per_scrape_beyond_idle_ms": 1000 * (cpu - idle_cpu) / scrapes,
-            "idle_cpu_ms_per_interval": 1000 * idle_cpu / scrapes,
-            "bytes": statistics.median(sizes), "other_load": other_load, **proc_memory(pid)}
+    return {
+        "median_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "max_ms": 1000 * latencies[-1],
+        "cpu_per_scrape_ms": 1000 * cpu / scrapes,
+        "cpu_per_scrape_beyond_idle_ms": 1000 * (cpu - idle_cpu) / scrapes,
+        "idle_cpu_ms_per_interval": 1000 * idle_cpu / scrapes,
+        "bytes": statistics.median(sizes),
+        "other_load": other_load,
+        **proc_memory(pid),
+    }
 
 
 def start_exporter(workdir: Path, fleet_path: Path, servers: list) -> tuple:
@@ -141,9 +166,21 @@ def start_exporter(workdir: Path, fleet_path: Path, servers: list) -> tuple:
     import subprocess
 
     port = free_port()
-    command = [sys.executable, "-m", "exporter", "--port", str(port), "--state-dir",
-               str(workdir / "state"), "--gpu-backend", "fake", "--fake-gpu-fleet",
-               str(fleet_path), "--log-level", "WARNING"]
+    command = [
+        sys.executable,
+        "-m",
+        "exporter",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(workdir / "state"),
+        "--gpu-backend",
+        "fake",
+        "--fake-gpu-fleet",
+        str(fleet_path),
+        "--log-level",
+        "WARNING",
+    ]
     for server in servers:
         command += ["--target", server.url]
     log_path = workdir / "exporter.log"
@@ -191,28 +228,35 @@ def main(argv=None) -> int:
             text = requests.get(url + "/metrics", timeout=10).text
             processes = text.count("vigil_process_alive{")
             gpus = text.count("vigil_gpu_up{")
-            print(f"exporter scrape: {gpus} fake GPUs, {processes} inference processes, "
-                  f"{args.scrapes} scrapes at {args.rate:g}/s per phase")
+            print(
+                f"exporter scrape: {gpus} fake GPUs, {processes} inference processes, "
+                f"{args.scrapes} scrapes at {args.rate:g}/s per phase"
+            )
             results = {"idle": scrape_phase(url, exporter.pid, args.scrapes, args.rate, meter)}
             with Traffic([s.url for s in servers], args.max_tokens) as traffic:
                 time.sleep(2)
-                results["traffic"] = scrape_phase(url, exporter.pid, args.scrapes, args.rate,
-                                                  meter)
+                results["traffic"] = scrape_phase(url, exporter.pid, args.scrapes, args.rate, meter)
             print(f"  (completions sent during the traffic phase: {traffic.sent})")
-            print(f"{'phase':>8} {'median':>9} {'p99':>9} {'max':>9} {'CPU/scrape':>11} "
-                  f"{'beyond idle':>12} {'body':>8} {'RSS':>8} {'peak RSS':>9} "
-                  f"{'other load':>11}")
+            print(
+                f"{'phase':>8} {'median':>9} {'p99':>9} {'max':>9} {'CPU/scrape':>11} "
+                f"{'beyond idle':>12} {'body':>8} {'RSS':>8} {'peak RSS':>9} "
+                f"{'other load':>11}"
+            )
             for phase, r in results.items():
-                print(f"{phase:>8} {r['median_ms']:7.2f}ms {r['p99_ms']:7.2f}ms "
-                      f"{r['max_ms']:7.2f}ms {r['cpu_per_scrape_ms']:9.2f}ms "
-                      f"{r['cpu_per_scrape_beyond_idle_ms']:10.2f}ms {r['bytes'] / 1024:6.1f}KB "
-                      f"{r['VmRSS'] / 2**20:6.1f}MB {r['VmHWM'] / 2**20:7.1f}MB "
-                      f"{r['other_load']:6.2f} cores")
+                print(
+                    f"{phase:>8} {r['median_ms']:7.2f}ms {r['p99_ms']:7.2f}ms "
+                    f"{r['max_ms']:7.2f}ms {r['cpu_per_scrape_ms']:9.2f}ms "
+                    f"{r['cpu_per_scrape_beyond_idle_ms']:10.2f}ms {r['bytes'] / 1024:6.1f}KB "
+                    f"{r['VmRSS'] / 2**20:6.1f}MB {r['VmHWM'] / 2**20:7.1f}MB "
+                    f"{r['other_load']:6.2f} cores"
+                )
             worst = results["traffic"]
-            print(f"p99 under traffic: {worst['p99_ms']:.2f} ms = "
-                  f"{worst['p99_ms'] / 50:.2f}x the 50 ms goal; peak RSS "
-                  f"{worst['VmHWM'] / 2**20:.1f} MB = {worst['VmHWM'] / (80 * 2**20):.2f}x the "
-                  f"80 MB goal; p99 traffic/idle {worst['p99_ms'] / results['idle']['p99_ms']:.2f}x")
+            print(
+                f"p99 under traffic: {worst['p99_ms']:.2f} ms = "
+                f"{worst['p99_ms'] / 50:.2f}x the 50 ms goal; peak RSS "
+                f"{worst['VmHWM'] / 2**20:.1f} MB = {worst['VmHWM'] / (80 * 2**20):.2f}x the "
+                f"80 MB goal; p99 traffic/idle {worst['p99_ms'] / results['idle']['p99_ms']:.2f}x"
+            )
         finally:
             if exporter is not None:
                 exporter.terminate()

@@ -100,8 +100,9 @@ class Footprint:
 
 
 def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], cwd=cwd, check=True, text=True,
-                          capture_output=True)
+    return subprocess.run(
+        [str(a) for a in args], cwd=cwd, check=True, text=True, capture_output=True
+    )
 
 
 def du_mib(path: Path) -> float:
@@ -161,9 +162,25 @@ class Exporter:
         self._err = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
-            [str(r.python), *flags, "-m", "exporter", "--host", "127.0.0.1", "--port",
-             str(self.port), "--state-dir", str(state), "--gpu-backend", "none"],
-            cwd=r.workdir, env=env, stdout=self._out, stderr=self._err)
+            [
+                str(r.python),
+                *flags,
+                "-m",
+                "exporter",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--state-dir",
+                str(state),
+                "--gpu-backend",
+                "none",
+            ],
+            cwd=r.workdir,
+            env=env,
+            stdout=self._out,
+            stderr=self._err,
+        )
 
     def first_scrape(self, timeout: float = 60.0) -> float:
         """Waits for /metrics to answer 200; seconds from the start."""
@@ -211,8 +228,7 @@ def timings(results: list[Footprint], repeat: int) -> None:
     for r in results:
         r.import_ms = (r.median(f"importtime {IMPORT}") - r.median("importtime pass")) / 1000
         r.import_wall_ms = (r.median(f"wall {IMPORT}") - r.median("wall pass")) * 1000
-        r.process_import_ms = (r.median("process importtime") -
-                               r.median("importtime pass")) / 1000
+        r.process_import_ms = (r.median("process importtime") - r.median("importtime pass")) / 1000
         r.first_scrape_ms = r.median("first scrape") * 1000
 
 
@@ -227,8 +243,7 @@ def memory(r: Footprint) -> None:
         exporter.stop()
 
 
-def install(label: str, source: Path, extras: str, torch_first: bool,
-            scratch: Path) -> Footprint:
+def install(label: str, source: Path, extras: str, torch_first: bool, scratch: Path) -> Footprint:
     """An empty venv, the install into it, and its size."""
     print(f"[{label}] installing {source.name}{extras} ...", file=sys.stderr, flush=True)
     workdir = scratch / label
@@ -247,8 +262,11 @@ def install(label: str, source: Path, extras: str, torch_first: bool,
     sizes = json.loads(run(python, "-c", _DIST_SIZES, cwd=workdir).stdout)
     own = {"pip", "setuptools"}
     result.distributions = len([n for n in sizes if n.lower() not in own])
-    result.top = [(name, size / 2**20) for name, size in
-                  sorted(sizes.items(), key=lambda kv: -kv[1]) if name.lower() not in own][:5]
+    result.top = [
+        (name, size / 2**20)
+        for name, size in sorted(sizes.items(), key=lambda kv: -kv[1])
+        if name.lower() not in own
+    ][:5]
     return result
 
 
@@ -268,38 +286,53 @@ def report(results: list[Footprint]) -> None:
     light = results[0]
     rows = [
         ("installed by pip (MiB)", "{:.1f}", lambda r: r.installed_mib),
-        ("site-packages with the venv's pip, setuptools (MiB)", "{:.1f}",
-         lambda r: r.site_mib),
+        ("site-packages with the venv's pip, setuptools (MiB)", "{:.1f}", lambda r: r.site_mib),
         ("distributions installed", "{:.0f}", lambda r: r.distributions),
         ("import exporter.app, -X importtime (ms)", "{:.1f}", lambda r: r.import_ms),
         ("import exporter.app, wall (ms)", "{:.1f}", lambda r: r.import_wall_ms),
-        ("exporter process imports, -X importtime (ms)", "{:.1f}",
-         lambda r: r.process_import_ms),
+        ("exporter process imports, -X importtime (ms)", "{:.1f}", lambda r: r.process_import_ms),
         ("exporter start to first /metrics (ms)", "{:.0f}", lambda r: r.first_scrape_ms),
         ("exporter RSS after one scrape (MiB)", "{:.1f}", lambda r: r.rss_mib),
         ("exporter peak RSS, VmHWM (MiB)", "{:.1f}", lambda r: r.hwm_mib),
     ]
     width = max(len(title) for title, _, _ in rows)
     others = results[1:]
-    print(f"{'':<{width}}  " + "  ".join(f"{r.label:>10}" for r in results) + "  " +
-          "  ".join(f"{'light/' + r.label:>13}" for r in others))
+    print(
+        f"{'':<{width}}  "
+        + "  ".join(f"{r.label:>10}" for r in results)
+        + "  "
+        + "  ".join(f"{'light/' + r.label:>13}" for r in others)
+    )
     for title, form, value in rows:
         ratios = [f"{value(light) / value(r):.3f}" if value(r) else "-" for r in others]
-        print(f"{title:<{width}}  " + "  ".join(f"{form.format(value(r)):>10}" for r in results)
-              + "  " + "  ".join(f"{ratio:>13}" for ratio in ratios))
-    print(f"{'pip install time (s; network, not compared)':<{width}}  " +
-          "  ".join(f"{r.install_s:>10.1f}" for r in results))
+        print(
+            f"{title:<{width}}  "
+            + "  ".join(f"{form.format(value(r)):>10}" for r in results)
+            + "  "
+            + "  ".join(f"{ratio:>13}" for ratio in ratios)
+        )
+    print(
+        f"{'pip install time (s; network, not compared)':<{width}}  "
+        + "  ".join(f"{r.install_s:>10.1f}" for r in results)
+    )
     print()
     for r in results:
-        print(f"{r.label}: the exporter process imported "
-              f"{', '.join(r.process_heavy) or 'none'} of {', '.join(HEAVY)}; largest: " +
-              ", ".join(f"{name} {mib:.1f}" for name, mib in r.top) + " MiB")
+        print(
+            f"{r.label}: the exporter process imported "
+            f"{', '.join(r.process_heavy) or 'none'} of {', '.join(HEAVY)}; largest: "
+            + ", ".join(f"{name} {mib:.1f}" for name, mib in r.top)
+            + " MiB"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", default=BEFORE, metavar="REV",
-                        help=f"the commit to compare with (default {BEFORE})")
+    parser.add_argument(
+        "--before",
+        default=BEFORE,
+        metavar="REV",
+        help=f"the commit to compare with (default {BEFORE})",
+    )
     parser.add_argument("--no-before", action="store_true", help="skip that comparison")
     parser.add_argument("--no-full", action="store_true", help="skip the [serve] install")
     parser.add_argument("--repeat", type=int, default=9, help="rounds of timings")
@@ -316,8 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         timings(results, args.repeat)
         for r in results:
             memory(r)
-    print(f"python {sys.version.split()[0]}, torch {TORCH_VERSION}, exporter --gpu-backend "
-          f"none, medians of {args.repeat} rounds; before = {args.before}")
+    print(
+        f"python {sys.version.split()[0]}, torch {TORCH_VERSION}, exporter --gpu-backend "
+        f"none, medians of {args.repeat} rounds; before = {args.before}"
+    )
     report(results)
     return 0
 

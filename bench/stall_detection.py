@@ -36,11 +36,16 @@ from serving_efficiency import Server, free_port  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--timeouts", default="1,2,5",
-                        help="comma-separated stall timeouts in seconds (default 1,2,5)")
+    parser.add_argument(
+        "--timeouts",
+        default="1,2,5",
+        help="comma-separated stall timeouts in seconds (default 1,2,5)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="hangs per timeout (default 5)")
-    parser.add_argument("--demo-dir", default=os.environ.get("VIGIL_TEST_DEMO_DIR")
-                        or str(Path.home() / ".cache" / "llm-vigil"))
+    parser.add_argument(
+        "--demo-dir",
+        default=os.environ.get("VIGIL_TEST_DEMO_DIR") or str(Path.home() / ".cache" / "llm-vigil"),
+    )
     return parser.parse_args(argv)
 
 
@@ -68,11 +73,17 @@ def _wait(predicate, timeout: float) -> None:
 
 def one_hang(server: Server, timeout_s: float) -> dict[str, float]:
     started = time.time()
-    armed = requests.post(server.url + "/debug/fault", timeout=10, json={
-        "fault": "hang", "stage": "decode", "seconds": timeout_s + 3})
+    armed = requests.post(
+        server.url + "/debug/fault",
+        timeout=10,
+        json={"fault": "hang", "stage": "decode", "seconds": timeout_s + 3},
+    )
     armed.raise_for_status()
-    response = requests.post(server.url + "/v1/completions", timeout=120, json={
-        "model": "demo", "prompt": "hang here", "max_tokens": 50, "ignore_eos": True})
+    response = requests.post(
+        server.url + "/v1/completions",
+        timeout=120,
+        json={"model": "demo", "prompt": "hang here", "max_tokens": 50, "ignore_eos": True},
+    )
     answered = time.time()
     if response.status_code != 503 or response.json()["error"]["code"] != "engine_stalled":
         raise RuntimeError(f"expected a stall error, got {response.status_code} {response.text}")
@@ -84,21 +95,30 @@ def one_hang(server: Server, timeout_s: float) -> dict[str, float]:
 
 def run_timeout(args, workdir: Path, timeout_s: float) -> dict[str, list[float]]:
     figures: dict[str, list[float]] = {"report": [], "client": [], "exit": []}
-    server = Server(args.demo_dir, workdir, free_port(),
-                    ["--enable-fault-injection", "--on-stall", "report",
-                     "--stall-timeout", str(timeout_s)])
+    server = Server(
+        args.demo_dir,
+        workdir,
+        free_port(),
+        ["--enable-fault-injection", "--on-stall", "report", "--stall-timeout", str(timeout_s)],
+    )
     try:
         server.wait_ready(120)
         for _ in range(args.rounds):
             result = one_hang(server, timeout_s)
             for key, value in result.items():
                 figures[key].append(value)
-            _wait(lambda: requests.get(server.url + "/health", timeout=5).status_code == 200,
-                  timeout_s + 30)
+            _wait(
+                lambda: requests.get(server.url + "/health", timeout=5).status_code == 200,
+                timeout_s + 30,
+            )
     finally:
         server.stop()
-    server = Server(args.demo_dir, workdir, free_port(),
-                    ["--enable-fault-injection", "--stall-timeout", str(timeout_s)])
+    server = Server(
+        args.demo_dir,
+        workdir,
+        free_port(),
+        ["--enable-fault-injection", "--stall-timeout", str(timeout_s)],
+    )
     try:
         server.wait_ready(120)
         started = time.time()
@@ -119,19 +139,25 @@ def run_timeout(args, workdir: Path, timeout_s: float) -> dict[str, list[float]]
 def main(argv=None) -> int:
     args = parse_args(argv)
     timeouts = [float(t) for t in args.timeouts.split(",")]
-    print(f"stall detection: {args.rounds} hangs per timeout with --on-stall report, one with "
-          "exit; seconds from the hang's start")
-    print(f"{'timeout':>8} {'report median':>14} {'report max':>11} {'client median':>14} "
-          f"{'client max':>11} {'exit':>6}   report beyond the timeout (median)")
+    print(
+        f"stall detection: {args.rounds} hangs per timeout with --on-stall report, one with "
+        "exit; seconds from the hang's start"
+    )
+    print(
+        f"{'timeout':>8} {'report median':>14} {'report max':>11} {'client median':>14} "
+        f"{'client max':>11} {'exit':>6}   report beyond the timeout (median)"
+    )
     with tempfile.TemporaryDirectory(prefix="vigil-stall-bench-") as tmp:
         for timeout_s in timeouts:
             workdir = Path(tmp) / f"t{timeout_s:g}"
             workdir.mkdir()
             f = run_timeout(args, workdir, timeout_s)
             report, client = statistics.median(f["report"]), statistics.median(f["client"])
-            print(f"{timeout_s:>7g}s {report:>13.2f}s {max(f['report']):>10.2f}s "
-                  f"{client:>13.2f}s {max(f['client']):>10.2f}s {f['exit'][0]:>5.2f}s   "
-                  f"+{report - timeout_s:.2f}s ({report / timeout_s:.2f}x)")
+            print(
+                f"{timeout_s:>7g}s {report:>13.2f}s {max(f['report']):>10.2f}s "
+                f"{client:>13.2f}s {max(f['client']):>10.2f}s {f['exit'][0]:>5.2f}s   "
+                f"+{report - timeout_s:.2f}s ({report / timeout_s:.2f}x)"
+            )
     return 0
 
 

@@ -24,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--demo-dir", default=os.environ.get("VIGIL_TEST_DEMO_DIR")
-                        or str(Path.home() / ".cache" / "llm-vigil"))
+    parser.add_argument(
+        "--demo-dir",
+        default=os.environ.get("VIGIL_TEST_DEMO_DIR") or str(Path.home() / ".cache" / "llm-vigil"),
+    )
     return parser.parse_args(argv)
 
 

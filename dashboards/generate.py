@@ -32,8 +32,9 @@ GRID_COLUMNS = 24  # the width of Grafana's grid
 
 
 class Board:
-    def __init__(self, uid: str, title: str, description: str, loki: bool = False,
-                 gpu: bool = False):
+    def __init__(
+        self, uid: str, title: str, description: str, loki: bool = False, gpu: bool = False
+    ):
         self.uid, self.title, self.description = uid, title, description
         self.loki, self.gpu = loki, gpu
         self.panels: list[dict] = []
@@ -50,314 +51,703 @@ class Board:
         self._row_height = max(self._row_height, height)
         return position
 
-    def panel(self, kind: str, title: str, description: str, unit: str,
-              targets: list[tuple[str, str]], width: int = 12, height: int = 8,
-              logs: bool = False, cuda_only: bool = False, instant: bool = False,
-              mappings: list | None = None) -> None:
+    def panel(
+        self,
+        kind: str,
+        title: str,
+        description: str,
+        unit: str,
+        targets: list[tuple[str, str]],
+        width: int = 12,
+        height: int = 8,
+        logs: bool = False,
+        cuda_only: bool = False,
+        instant: bool = False,
+        mappings: list | None = None,
+    ) -> None:
         """Add a panel; ``targets`` are (query, legend) pairs."""
         datasource = LOKI_DATASOURCE if logs else PROMETHEUS_DATASOURCE
         instant_table = {"instant": True, "range": False, "format": "table"} if instant else {}
         panel = {
-            "id": len(self.panels) + 1, "type": kind, "title": title,
-            "description": description, "datasource": datasource,
+            "id": len(self.panels) + 1,
+            "type": kind,
+            "title": title,
+            "description": description,
+            "datasource": datasource,
             "gridPos": self._place(width, height),
-            "fieldConfig": {"defaults": {"unit": unit, **({"mappings": mappings} if mappings
-                                                           else {})}, "overrides": []},
+            "fieldConfig": {
+                "defaults": {"unit": unit, **({"mappings": mappings} if mappings else {})},
+                "overrides": [],
+            },
             "options": {},
-            "targets": [{"refId": chr(ord("A") + index), "datasource": datasource, "expr": expr,
-                         "legendFormat": legend, **instant_table}
-                        for index, (expr, legend) in enumerate(targets)],
+            "targets": [
+                {
+                    "refId": chr(ord("A") + index),
+                    "datasource": datasource,
+                    "expr": expr,
+                    "legendFormat": legend,
+                    **instant_table,
+                }
+                for index, (expr, legend) in enumerate(targets)
+            ],
         }
         if cuda_only:
             panel["tags"] = ["cuda-only"]  # read by the tests: empty on a machine without CUDA
         self.panels.append(panel)
 
     def variables(self) -> list[dict]:
-        variables = [{"type": "datasource", "name": "datasource", "label": "Prometheus",
-                      "query": "prometheus", "current": {}, "hide": 0}]
+        variables = [
+            {
+                "type": "datasource",
+                "name": "datasource",
+                "label": "Prometheus",
+                "query": "prometheus",
+                "current": {},
+                "hide": 0,
+            }
+        ]
         if self.loki:
-            variables.append({"type": "datasource", "name": "loki_datasource", "label": "Loki",
-                              "query": "loki", "current": {}, "hide": 0})
-        variables.append(_query_variable(
-            "instance", "label_values(vigil_exporter_build_info, instance)"))
-        variables.append(_query_variable(
-            "model", f"label_values(inference_model_info{{{INSTANCE_FILTER}}}, model)"))
+            variables.append(
+                {
+                    "type": "datasource",
+                    "name": "loki_datasource",
+                    "label": "Loki",
+                    "query": "loki",
+                    "current": {},
+                    "hide": 0,
+                }
+            )
+        variables.append(
+            _query_variable("instance", "label_values(vigil_exporter_build_info, instance)")
+        )
+        variables.append(
+            _query_variable(
+                "model", f"label_values(inference_model_info{{{INSTANCE_FILTER}}}, model)"
+            )
+        )
         if self.gpu:
-            variables.append(_query_variable(
-                "gpu", f"label_values(vigil_gpu_up{{{INSTANCE_FILTER}}}, gpu)"))
+            variables.append(
+                _query_variable("gpu", f"label_values(vigil_gpu_up{{{INSTANCE_FILTER}}}, gpu)")
+            )
         return variables
 
     def json(self, extra_variables: list[dict] | None = None) -> dict:
         return {
-            "id": None, "uid": self.uid, "title": self.title, "description": self.description,
-            "tags": ["llm-vigil"], "timezone": "browser", "editable": True,
-            "schemaVersion": 39, "version": 1, "refresh": "10s", "graphTooltip": 1,
+            "id": None,
+            "uid": self.uid,
+            "title": self.title,
+            "description": self.description,
+            "tags": ["llm-vigil"],
+            "timezone": "browser",
+            "editable": True,
+            "schemaVersion": 39,
+            "version": 1,
+            "refresh": "10s",
+            "graphTooltip": 1,
             "time": {"from": "now-1h", "to": "now"},
             "templating": {"list": self.variables() + (extra_variables or [])},
             "annotations": {"list": []},
-            "links": [{"type": "dashboards", "tags": ["llm-vigil"], "asDropdown": True,
-                       "title": "llm-vigil", "includeVars": True, "keepTime": True}],
+            "links": [
+                {
+                    "type": "dashboards",
+                    "tags": ["llm-vigil"],
+                    "asDropdown": True,
+                    "title": "llm-vigil",
+                    "includeVars": True,
+                    "keepTime": True,
+                }
+            ],
             "panels": self.panels,
         }
 
 
 def _query_variable(name: str, query: str) -> dict:
-    return {"type": "query", "name": name, "label": name, "datasource": PROMETHEUS_DATASOURCE,
-            "query": {"query": query, "refId": f"{name}-var"}, "definition": query,
-            "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*", "sort": 1,
-            "current": {}, "hide": 0}
+    return {
+        "type": "query",
+        "name": name,
+        "label": name,
+        "datasource": PROMETHEUS_DATASOURCE,
+        "query": {"query": query, "refId": f"{name}-var"},
+        "definition": query,
+        "refresh": 2,
+        "includeAll": True,
+        "multi": True,
+        "allValue": ".*",
+        "sort": 1,
+        "current": {},
+        "hide": 0,
+    }
 
 
 def _quantiles(metric: str, labels: str) -> list[tuple[str, str]]:
-    return [(f"histogram_quantile({quantile}, sum by (le, model) "
-             f"(rate({metric}_bucket{{{labels}}}[{RATE_INTERVAL}])))",
-             f"p{int(quantile * 100)} {{{{model}}}}") for quantile in (0.5, 0.95, 0.99)]
+    return [
+        (
+            f"histogram_quantile({quantile}, sum by (le, model) "
+            f"(rate({metric}_bucket{{{labels}}}[{RATE_INTERVAL}])))",
+            f"p{int(quantile * 100)} {{{{model}}}}",
+        )
+        for quantile in (0.5, 0.95, 0.99)
+    ]
 
 
 def overview() -> Board:
-    board = Board("vigil-overview", "llm-vigil / Overview",
-                  "Is it serving, how fast, what fails, and the alerts firing now.")
+    board = Board(
+        "vigil-overview",
+        "llm-vigil / Overview",
+        "Is it serving, how fast, what fails, and the alerts firing now.",
+    )
     board.panel(
-        "stat", "Serving", "The black-box probe's verdict per target and check: 1 when "
-        "/health, /ready and a canary completion all succeed, 0 when any fails.", "none",
-        [(f'min by (target) (vigil_probe_success{{{INSTANCE_FILTER}}})', "{{target}}")],
-        width=6, height=5,
-        mappings=[{"type": "value", "options": {"0": {"text": "NOT SERVING", "color": "red"},
-                                                "1": {"text": "serving", "color": "green"}}}])
+        "stat",
+        "Serving",
+        "The black-box probe's verdict per target and check: 1 when "
+        "/health, /ready and a canary completion all succeed, 0 when any fails.",
+        "none",
+        [(f"min by (target) (vigil_probe_success{{{INSTANCE_FILTER}}})", "{{target}}")],
+        width=6,
+        height=5,
+        mappings=[
+            {
+                "type": "value",
+                "options": {
+                    "0": {"text": "NOT SERVING", "color": "red"},
+                    "1": {"text": "serving", "color": "green"},
+                },
+            }
+        ],
+    )
     board.panel(
-        "stat", "In flight", "Requests accepted and not yet answered (waiting plus running), "
-        "per model.", "short",
-        [(f"sum by (model) (inference_requests_in_flight{{{INSTANCE_MODEL_FILTER}}})",
-          "{{model}}")], width=6, height=5)
-    board.panel(
-        "table", "Alerts firing now", "Alerts Prometheus evaluates as firing (ALERTS), by name, "
-        "severity and place.", "none",
-        [('sort_desc(max by (alertname, severity, instance, model, gpu) '
-          '(ALERTS{alertstate="firing"}))', "")], width=12, height=5, instant=True)
-    board.panel(
-        "timeseries", "Request rate by status", "Finished requests per second by model and "
-        "HTTP status.", "reqps",
-        [(f"sum by (model, status) "
-          f"(rate(inference_requests_total{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))",
-          "{{model}} {{status}}")])
-    board.panel(
-        "timeseries", "Errors by type", "Failed or refused requests per second by error type "
-        "(HTTP 4xx and 5xx).", "reqps",
-        [(f"sum by (error_type) (rate(inference_requests_total"
-          f'{{{INSTANCE_MODEL_FILTER},error_type!=""}}[{RATE_INTERVAL}]))',
-          "{{error_type}}")])
-    board.panel(
-        "timeseries", "Time to first token", "p50, p95 and p99 of the time from arrival to the "
-        "first token (queue and prefill included).", "s",
-        _quantiles("gen_ai_server_time_to_first_token_seconds", INSTANCE_MODEL_FILTER), width=8)
-    board.panel(
-        "timeseries", "Time per output token", "p50, p95 and p99 of the time between output "
-        "tokens after the first.", "s",
-        _quantiles("gen_ai_server_time_per_output_token_seconds", INSTANCE_MODEL_FILTER),
-        width=8)
-    board.panel(
-        "timeseries", "Request duration", "p50, p95 and p99 of the end-to-end duration.", "s",
-        _quantiles("gen_ai_server_request_duration_seconds", INSTANCE_MODEL_FILTER), width=8)
-    board.panel(
-        "timeseries", "Tokens per second", "Generated and prompt tokens per second, per model.",
+        "stat",
+        "In flight",
+        "Requests accepted and not yet answered (waiting plus running), per model.",
         "short",
-        [(f"sum by (model) (rate(inference_generation_tokens_total"
-          f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))", "generated {{model}}"),
-         (f"sum by (model) (rate(inference_prompt_tokens_total"
-          f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))", "prompt {{model}}")])
+        [
+            (
+                f"sum by (model) (inference_requests_in_flight{{{INSTANCE_MODEL_FILTER}}})",
+                "{{model}}",
+            )
+        ],
+        width=6,
+        height=5,
+    )
     board.panel(
-        "timeseries", "Queue", "Requests waiting for a batch slot, and the running batch, per "
-        "process.", "short",
-        [(f"sum by (model, pid) (inference_queue_depth{{{INSTANCE_MODEL_FILTER}}})",
-          "queued {{model}} pid {{pid}}"),
-         (f"sum by (model, pid) (inference_requests_running{{{INSTANCE_MODEL_FILTER}}})",
-          "running {{model}} pid {{pid}}")])
+        "table",
+        "Alerts firing now",
+        "Alerts Prometheus evaluates as firing (ALERTS), by name, severity and place.",
+        "none",
+        [
+            (
+                "sort_desc(max by (alertname, severity, instance, model, gpu) "
+                '(ALERTS{alertstate="firing"}))',
+                "",
+            )
+        ],
+        width=12,
+        height=5,
+        instant=True,
+    )
     board.panel(
-        "timeseries", "Oldest queued request", "How long the oldest waiting request has waited; "
-        "0 when nothing waits.", "s",
-        [(f"(time() - max by (model, pid) (inference_queue_oldest_enqueue_timestamp_seconds"
-          f"{{{INSTANCE_MODEL_FILTER}}} > 0)) "
-          f"or max by (model, pid) (inference_queue_oldest_enqueue_timestamp_seconds"
-          f"{{{INSTANCE_MODEL_FILTER}}}) * 0",
-          "{{model}} pid {{pid}}")])
+        "timeseries",
+        "Request rate by status",
+        "Finished requests per second by model and HTTP status.",
+        "reqps",
+        [
+            (
+                f"sum by (model, status) "
+                f"(rate(inference_requests_total{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))",
+                "{{model}} {{status}}",
+            )
+        ],
+    )
     board.panel(
-        "timeseries", "Stalls, out-of-memory errors, empty outputs", "Engine stalls found by the "
+        "timeseries",
+        "Errors by type",
+        "Failed or refused requests per second by error type (HTTP 4xx and 5xx).",
+        "reqps",
+        [
+            (
+                f"sum by (error_type) (rate(inference_requests_total"
+                f'{{{INSTANCE_MODEL_FILTER},error_type!=""}}[{RATE_INTERVAL}]))',
+                "{{error_type}}",
+            )
+        ],
+    )
+    board.panel(
+        "timeseries",
+        "Time to first token",
+        "p50, p95 and p99 of the time from arrival to the "
+        "first token (queue and prefill included).",
+        "s",
+        _quantiles("gen_ai_server_time_to_first_token_seconds", INSTANCE_MODEL_FILTER),
+        width=8,
+    )
+    board.panel(
+        "timeseries",
+        "Time per output token",
+        "p50, p95 and p99 of the time between output tokens after the first.",
+        "s",
+        _quantiles("gen_ai_server_time_per_output_token_seconds", INSTANCE_MODEL_FILTER),
+        width=8,
+    )
+    board.panel(
+        "timeseries",
+        "Request duration",
+        "p50, p95 and p99 of the end-to-end duration.",
+        "s",
+        _quantiles("gen_ai_server_request_duration_seconds", INSTANCE_MODEL_FILTER),
+        width=8,
+    )
+    board.panel(
+        "timeseries",
+        "Tokens per second",
+        "Generated and prompt tokens per second, per model.",
+        "short",
+        [
+            (
+                f"sum by (model) (rate(inference_generation_tokens_total"
+                f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))",
+                "generated {{model}}",
+            ),
+            (
+                f"sum by (model) (rate(inference_prompt_tokens_total"
+                f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))",
+                "prompt {{model}}",
+            ),
+        ],
+    )
+    board.panel(
+        "timeseries",
+        "Queue",
+        "Requests waiting for a batch slot, and the running batch, per process.",
+        "short",
+        [
+            (
+                f"sum by (model, pid) (inference_queue_depth{{{INSTANCE_MODEL_FILTER}}})",
+                "queued {{model}} pid {{pid}}",
+            ),
+            (
+                f"sum by (model, pid) (inference_requests_running{{{INSTANCE_MODEL_FILTER}}})",
+                "running {{model}} pid {{pid}}",
+            ),
+        ],
+    )
+    board.panel(
+        "timeseries",
+        "Oldest queued request",
+        "How long the oldest waiting request has waited; 0 when nothing waits.",
+        "s",
+        [
+            (
+                f"(time() - max by (model, pid) (inference_queue_oldest_enqueue_timestamp_seconds"
+                f"{{{INSTANCE_MODEL_FILTER}}} > 0)) "
+                f"or max by (model, pid) (inference_queue_oldest_enqueue_timestamp_seconds"
+                f"{{{INSTANCE_MODEL_FILTER}}}) * 0",
+                "{{model}} pid {{pid}}",
+            )
+        ],
+    )
+    board.panel(
+        "timeseries",
+        "Stalls, out-of-memory errors, empty outputs",
+        "Engine stalls found by the "
         "watchdog, out-of-memory errors and successful completions without text, per second.",
         "cps",
-        [(f"sum by (stage) (rate(inference_engine_stalls_total"
-          f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))", "stall {{stage}}"),
-         (f"sum by (stage) (rate(inference_out_of_memory_errors_total"
-          f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))", "OOM {{stage}}"),
-         (f"sum by (reason) (rate(inference_empty_outputs_total"
-          f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))", "empty {{reason}}")], width=24)
+        [
+            (
+                f"sum by (stage) (rate(inference_engine_stalls_total"
+                f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))",
+                "stall {{stage}}",
+            ),
+            (
+                f"sum by (stage) (rate(inference_out_of_memory_errors_total"
+                f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))",
+                "OOM {{stage}}",
+            ),
+            (
+                f"sum by (reason) (rate(inference_empty_outputs_total"
+                f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))",
+                "empty {{reason}}",
+            ),
+        ],
+        width=24,
+    )
     return board
 
 
 def gpus() -> Board:
-    board = Board("vigil-gpus", "llm-vigil / GPUs", "Every GPU through NVML, beside PyTorch's "
-                  "allocator and the inference processes' share.", gpu=True)
+    board = Board(
+        "vigil-gpus",
+        "llm-vigil / GPUs",
+        "Every GPU through NVML, beside PyTorch's allocator and the inference processes' share.",
+        gpu=True,
+    )
     board.panel(
-        "stat", "GPU up", "1 when the GPU's last read succeeded and is fresh; 0 when it is lost "
-        "or its readings are stale.", "none",
-        [(f"vigil_gpu_up{{{INSTANCE_GPU_FILTER}}}", GPU_LEGEND)], width=12, height=5)
+        "stat",
+        "GPU up",
+        "1 when the GPU's last read succeeded and is fresh; 0 when it is lost "
+        "or its readings are stale.",
+        "none",
+        [(f"vigil_gpu_up{{{INSTANCE_GPU_FILTER}}}", GPU_LEGEND)],
+        width=12,
+        height=5,
+    )
     board.panel(
-        "table", "Driver", "NVIDIA driver, the newest CUDA it supports, and NVML.", "none",
-        [(f"vigil_gpu_driver_info{{{INSTANCE_FILTER}}}", "")], width=12, height=5, instant=True)
+        "table",
+        "Driver",
+        "NVIDIA driver, the newest CUDA it supports, and NVML.",
+        "none",
+        [(f"vigil_gpu_driver_info{{{INSTANCE_FILTER}}}", "")],
+        width=12,
+        height=5,
+        instant=True,
+    )
     board.panel(
-        "timeseries", "Utilization", "Share of time a kernel ran (GPU) and device memory was "
-        "busy (memory).", "percentunit",
-        [(f"vigil_gpu_utilization_ratio{{{INSTANCE_GPU_FILTER}}}", "GPU " + GPU_LEGEND),
-         (f"vigil_gpu_memory_utilization_ratio{{{INSTANCE_GPU_FILTER}}}",
-          "memory " + GPU_LEGEND)])
+        "timeseries",
+        "Utilization",
+        "Share of time a kernel ran (GPU) and device memory was busy (memory).",
+        "percentunit",
+        [
+            (f"vigil_gpu_utilization_ratio{{{INSTANCE_GPU_FILTER}}}", "GPU " + GPU_LEGEND),
+            (
+                f"vigil_gpu_memory_utilization_ratio{{{INSTANCE_GPU_FILTER}}}",
+                "memory " + GPU_LEGEND,
+            ),
+        ],
+    )
     board.panel(
-        "timeseries", "VRAM used and total", "Device memory used and total per GPU (NVML).",
+        "timeseries",
+        "VRAM used and total",
+        "Device memory used and total per GPU (NVML).",
         "bytes",
-        [(f"vigil_gpu_memory_used_bytes{{{INSTANCE_GPU_FILTER}}}", "used " + GPU_LEGEND),
-         (f"vigil_gpu_memory_total_bytes{{{INSTANCE_GPU_FILTER}}}", "total " + GPU_LEGEND)])
+        [
+            (f"vigil_gpu_memory_used_bytes{{{INSTANCE_GPU_FILTER}}}", "used " + GPU_LEGEND),
+            (f"vigil_gpu_memory_total_bytes{{{INSTANCE_GPU_FILTER}}}", "total " + GPU_LEGEND),
+        ],
+    )
     board.panel(
-        "timeseries", "PyTorch allocator", "Bytes held by tensors (allocated), reserved from the "
-        "driver (reserved) and the allocated peak, per inference process (CUDA only).", "bytes",
-        [(f"sum by (gpu, pid) (inference_torch_cuda_memory_allocated_bytes"
-          f"{{{INSTANCE_MODEL_FILTER}}})", "allocated gpu {{gpu}} pid {{pid}}"),
-         (f"sum by (gpu, pid) (inference_torch_cuda_memory_reserved_bytes"
-          f"{{{INSTANCE_MODEL_FILTER}}})", "reserved gpu {{gpu}} pid {{pid}}"),
-         (f"sum by (gpu, pid) (inference_torch_cuda_memory_peak_allocated_bytes"
-          f"{{{INSTANCE_MODEL_FILTER}}})", "peak gpu {{gpu}} pid {{pid}}")], cuda_only=True)
+        "timeseries",
+        "PyTorch allocator",
+        "Bytes held by tensors (allocated), reserved from the "
+        "driver (reserved) and the allocated peak, per inference process (CUDA only).",
+        "bytes",
+        [
+            (
+                f"sum by (gpu, pid) (inference_torch_cuda_memory_allocated_bytes"
+                f"{{{INSTANCE_MODEL_FILTER}}})",
+                "allocated gpu {{gpu}} pid {{pid}}",
+            ),
+            (
+                f"sum by (gpu, pid) (inference_torch_cuda_memory_reserved_bytes"
+                f"{{{INSTANCE_MODEL_FILTER}}})",
+                "reserved gpu {{gpu}} pid {{pid}}",
+            ),
+            (
+                f"sum by (gpu, pid) (inference_torch_cuda_memory_peak_allocated_bytes"
+                f"{{{INSTANCE_MODEL_FILTER}}})",
+                "peak gpu {{gpu}} pid {{pid}}",
+            ),
+        ],
+        cuda_only=True,
+    )
     board.panel(
-        "timeseries", "Memory per process", "Device memory of each compute process, model named "
-        "for the inference processes (NVML's host pid).", "bytes",
-        [(f"vigil_gpu_process_memory_used_bytes{{{INSTANCE_GPU_FILTER}}}",
-          "gpu {{gpu}} pid {{pid}} {{model}}")])
+        "timeseries",
+        "Memory per process",
+        "Device memory of each compute process, model named "
+        "for the inference processes (NVML's host pid).",
+        "bytes",
+        [
+            (
+                f"vigil_gpu_process_memory_used_bytes{{{INSTANCE_GPU_FILTER}}}",
+                "gpu {{gpu}} pid {{pid}} {{model}}",
+            )
+        ],
+    )
     board.panel(
-        "timeseries", "Temperature", "GPU core temperature.", "celsius",
-        [(f"vigil_gpu_temperature_celsius{{{INSTANCE_GPU_FILTER}}}", GPU_LEGEND)], width=8)
+        "timeseries",
+        "Temperature",
+        "GPU core temperature.",
+        "celsius",
+        [(f"vigil_gpu_temperature_celsius{{{INSTANCE_GPU_FILTER}}}", GPU_LEGEND)],
+        width=8,
+    )
     board.panel(
-        "timeseries", "Power", "Power draw and the enforced limit.", "watt",
-        [(f"vigil_gpu_power_watts{{{INSTANCE_GPU_FILTER}}}", "draw " + GPU_LEGEND),
-         (f"vigil_gpu_power_limit_watts{{{INSTANCE_GPU_FILTER}}}", "limit " + GPU_LEGEND)],
-        width=8)
+        "timeseries",
+        "Power",
+        "Power draw and the enforced limit.",
+        "watt",
+        [
+            (f"vigil_gpu_power_watts{{{INSTANCE_GPU_FILTER}}}", "draw " + GPU_LEGEND),
+            (f"vigil_gpu_power_limit_watts{{{INSTANCE_GPU_FILTER}}}", "limit " + GPU_LEGEND),
+        ],
+        width=8,
+    )
     board.panel(
-        "timeseries", "Clocks", "SM and memory clocks.", "hertz",
+        "timeseries",
+        "Clocks",
+        "SM and memory clocks.",
+        "hertz",
         [(f"vigil_gpu_clock_hertz{{{INSTANCE_GPU_FILTER}}}", "{{clock}} " + GPU_LEGEND)],
-        width=8)
+        width=8,
+    )
     board.panel(
-        "state-timeline", "Throttle reasons", "The clock-event reasons holding the clocks down "
-        "now (1), per GPU.", "none",
-        [(f"vigil_gpu_clock_event_reason{{{INSTANCE_GPU_FILTER}}} == 1", "{{gpu}} {{reason}}")])
+        "state-timeline",
+        "Throttle reasons",
+        "The clock-event reasons holding the clocks down now (1), per GPU.",
+        "none",
+        [(f"vigil_gpu_clock_event_reason{{{INSTANCE_GPU_FILTER}}} == 1", "{{gpu}} {{reason}}")],
+    )
     board.panel(
-        "timeseries", "XID and ECC errors", "XID errors by code and ECC errors by type, counted "
-        "since the exporter or the driver started.", "short",
-        [(f"sum by (gpu, xid) (vigil_gpu_xid_errors_total{{{INSTANCE_GPU_FILTER}}})",
-          "XID {{xid}} gpu {{gpu}}"),
-         (f"sum by (gpu, type) (vigil_gpu_ecc_errors_total{{{INSTANCE_GPU_FILTER}}})",
-          "ECC {{type}} gpu {{gpu}}")])
+        "timeseries",
+        "XID and ECC errors",
+        "XID errors by code and ECC errors by type, counted "
+        "since the exporter or the driver started.",
+        "short",
+        [
+            (
+                f"sum by (gpu, xid) (vigil_gpu_xid_errors_total{{{INSTANCE_GPU_FILTER}}})",
+                "XID {{xid}} gpu {{gpu}}",
+            ),
+            (
+                f"sum by (gpu, type) (vigil_gpu_ecc_errors_total{{{INSTANCE_GPU_FILTER}}})",
+                "ECC {{type}} gpu {{gpu}}",
+            ),
+        ],
+    )
     board.panel(
-        "timeseries", "Reading age", "Seconds since the last successful read of each GPU (grows "
-        "when a driver call is wedged).", "s",
-        [(f"time() - vigil_gpu_last_read_timestamp_seconds{{{INSTANCE_GPU_FILTER}}}",
-          GPU_LEGEND)], width=24)
+        "timeseries",
+        "Reading age",
+        "Seconds since the last successful read of each GPU (grows when a driver call is wedged).",
+        "s",
+        [(f"time() - vigil_gpu_last_read_timestamp_seconds{{{INSTANCE_GPU_FILTER}}}", GPU_LEGEND)],
+        width=24,
+    )
     return board
 
 
 def hang_forensics() -> Board:
-    board = Board("vigil-hang-forensics", "llm-vigil / Hang forensics", "Is the engine moving? "
-                  "Heartbeat, process state, probes, and the stall reports and slow or failed "
-                  "requests from the logs, each linked to its trace.", loki=True)
+    board = Board(
+        "vigil-hang-forensics",
+        "llm-vigil / Hang forensics",
+        "Is the engine moving? "
+        "Heartbeat, process state, probes, and the stall reports and slow or failed "
+        "requests from the logs, each linked to its trace.",
+        loki=True,
+    )
     board.panel(
-        "timeseries", "Heartbeat age", "Seconds since the engine's last prefill or decode step, "
+        "timeseries",
+        "Heartbeat age",
+        "Seconds since the engine's last prefill or decode step, "
         "computed by the exporter at scrape time. It grows while idle too: read it with the "
-        "requests in flight beside it.", "s",
-        [(f"vigil_process_heartbeat_age_seconds{{{INSTANCE_MODEL_FILTER}}}",
-          "{{model}} pid {{pid}}")])
+        "requests in flight beside it.",
+        "s",
+        [
+            (
+                f"vigil_process_heartbeat_age_seconds{{{INSTANCE_MODEL_FILTER}}}",
+                "{{model}} pid {{pid}}",
+            )
+        ],
+    )
     board.panel(
-        "timeseries", "Requests in flight", "Requests accepted and not yet answered, per "
-        "process: with a growing heartbeat age, a hang.", "short",
-        [(f"inference_requests_in_flight{{{INSTANCE_MODEL_FILTER}}}", "{{model}} pid {{pid}}")])
+        "timeseries",
+        "Requests in flight",
+        "Requests accepted and not yet answered, per "
+        "process: with a growing heartbeat age, a hang.",
+        "short",
+        [(f"inference_requests_in_flight{{{INSTANCE_MODEL_FILTER}}}", "{{model}} pid {{pid}}")],
+    )
     board.panel(
-        "state-timeline", "Process state", "The inference process's state from /proc (running, "
-        "sleeping, disk_sleep: uninterruptible, often in the driver; stopped; zombie).", "none",
-        [(f"max by (pid, state) (vigil_process_state{{{INSTANCE_MODEL_FILTER}}}) == 1",
-          "pid {{pid}} {{state}}")])
+        "state-timeline",
+        "Process state",
+        "The inference process's state from /proc (running, "
+        "sleeping, disk_sleep: uninterruptible, often in the driver; stopped; zombie).",
+        "none",
+        [
+            (
+                f"max by (pid, state) (vigil_process_state{{{INSTANCE_MODEL_FILTER}}}) == 1",
+                "pid {{pid}} {{state}}",
+            )
+        ],
+    )
     board.panel(
-        "timeseries", "CPU", "CPU cores each inference process uses: a full core with no "
-        "heartbeat is a busy hang.", "short",
-        [(f"rate(vigil_process_cpu_seconds_total{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}])",
-          "pid {{pid}}")])
+        "timeseries",
+        "CPU",
+        "CPU cores each inference process uses: a full core with no heartbeat is a busy hang.",
+        "short",
+        [
+            (
+                f"rate(vigil_process_cpu_seconds_total{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}])",
+                "pid {{pid}}",
+            )
+        ],
+    )
     board.panel(
-        "timeseries", "Probe results", "The exporter's checks of each target: /health, /ready "
-        "and the canary completion (1 success, 0 failure).", "none",
-        [(f"vigil_probe_success{{{INSTANCE_FILTER}}}", "{{check}} {{target}}")])
+        "timeseries",
+        "Probe results",
+        "The exporter's checks of each target: /health, /ready "
+        "and the canary completion (1 success, 0 failure).",
+        "none",
+        [(f"vigil_probe_success{{{INSTANCE_FILTER}}}", "{{check}} {{target}}")],
+    )
     board.panel(
-        "timeseries", "Canary latency", "Duration of the last canary completion and its time to "
-        "first token.", "s",
-        [(f'vigil_probe_duration_seconds{{{INSTANCE_FILTER},check="canary"}}',
-          "duration {{target}}"),
-         (f"vigil_probe_canary_time_to_first_token_seconds{{{INSTANCE_FILTER}}}",
-          "TTFT {{target}}")])
+        "timeseries",
+        "Canary latency",
+        "Duration of the last canary completion and its time to first token.",
+        "s",
+        [
+            (
+                f'vigil_probe_duration_seconds{{{INSTANCE_FILTER},check="canary"}}',
+                "duration {{target}}",
+            ),
+            (
+                f"vigil_probe_canary_time_to_first_token_seconds{{{INSTANCE_FILTER}}}",
+                "TTFT {{target}}",
+            ),
+        ],
+    )
     board.panel(
-        "timeseries", "Engine stalled", "1 while the watchdog holds the engine stalled; stalls "
-        "counted by stage.", "short",
-        [(f"max by (model) (inference_engine_stalled{{{INSTANCE_MODEL_FILTER}}})",
-          "stalled {{model}}"),
-         (f"sum by (stage) (increase(inference_engine_stalls_total"
-          f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))", "stalls {{stage}}")])
+        "timeseries",
+        "Engine stalled",
+        "1 while the watchdog holds the engine stalled; stalls counted by stage.",
+        "short",
+        [
+            (
+                f"max by (model) (inference_engine_stalled{{{INSTANCE_MODEL_FILTER}}})",
+                "stalled {{model}}",
+            ),
+            (
+                f"sum by (stage) (increase(inference_engine_stalls_total"
+                f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))",
+                "stalls {{stage}}",
+            ),
+        ],
+    )
     board.panel(
-        "timeseries", "Process alive and exits", "1 while the inference process exists; unclean "
-        "exits (crash, kill, watchdog exit 75) counted per model.", "short",
-        [(f"vigil_process_alive{{{INSTANCE_MODEL_FILTER}}}", "alive pid {{pid}}"),
-         (f"sum by (model) (vigil_process_unclean_exits_total{{{INSTANCE_MODEL_FILTER}}})",
-          "exits {{model}}")])
+        "timeseries",
+        "Process alive and exits",
+        "1 while the inference process exists; unclean "
+        "exits (crash, kill, watchdog exit 75) counted per model.",
+        "short",
+        [
+            (f"vigil_process_alive{{{INSTANCE_MODEL_FILTER}}}", "alive pid {{pid}}"),
+            (
+                f"sum by (model) (vigil_process_unclean_exits_total{{{INSTANCE_MODEL_FILTER}}})",
+                "exits {{model}}",
+            ),
+        ],
+    )
     board.panel(
-        "logs", "Stall reports", "The watchdog's ERROR line: stage, the engine thread's line, "
-        "every thread's stack (threads) and the requests with their trace ids.", "none",
-        [('{service="inference"} |= "stall report" | json', "")], logs=True, width=24,
-        height=10)
+        "logs",
+        "Stall reports",
+        "The watchdog's ERROR line: stage, the engine thread's line, "
+        "every thread's stack (threads) and the requests with their trace ids.",
+        "none",
+        [('{service="inference"} |= "stall report" | json', "")],
+        logs=True,
+        width=24,
+        height=10,
+    )
     board.panel(
-        "logs", "Slowest requests", "Requests that took more than 10 s; the trace_id field links "
-        "to the trace.", "none",
+        "logs",
+        "Slowest requests",
+        "Requests that took more than 10 s; the trace_id field links to the trace.",
+        "none",
         [('{service="inference"} | json | message = "request finished" | duration_s > 10', "")],
-        logs=True)
+        logs=True,
+    )
     board.panel(
-        "logs", "Failed requests", "Requests answered with a 5xx, with their error and trace "
-        "id.", "none", [('{service="inference"} | json | status >= 500', "")], logs=True)
+        "logs",
+        "Failed requests",
+        "Requests answered with a 5xx, with their error and trace id.",
+        "none",
+        [('{service="inference"} | json | status >= 500', "")],
+        logs=True,
+    )
     return board
 
 
 def logs() -> tuple[Board, list[dict]]:
     """The logs board and its variables beyond the datasources, instance and model."""
-    board = Board("vigil-logs", "llm-vigil / Logs", "Every log line of the stack, searchable by "
-                  "service, level (as Alloy labels it: lower case), request id and trace id.",
-                  loki=True)
+    board = Board(
+        "vigil-logs",
+        "llm-vigil / Logs",
+        "Every log line of the stack, searchable by "
+        "service, level (as Alloy labels it: lower case), request id and trace id.",
+        loki=True,
+    )
     log_variables = [
-        {"type": "custom", "name": "service", "label": "service", "query": "inference,exporter",
-         "includeAll": True, "multi": True, "allValue": ".+", "current": {}, "hide": 0},
-        {"type": "custom", "name": "level", "label": "level",
-         "query": "trace,debug,info,success,warning,error,critical", "includeAll": True,
-         "multi": True, "allValue": ".+", "current": {}, "hide": 0},
-        {"type": "textbox", "name": "request_id", "label": "request id", "query": "",
-         "current": {"text": "", "value": ""}, "hide": 0},
-        {"type": "textbox", "name": "trace_id", "label": "trace id", "query": "",
-         "current": {"text": "", "value": ""}, "hide": 0},
+        {
+            "type": "custom",
+            "name": "service",
+            "label": "service",
+            "query": "inference,exporter",
+            "includeAll": True,
+            "multi": True,
+            "allValue": ".+",
+            "current": {},
+            "hide": 0,
+        },
+        {
+            "type": "custom",
+            "name": "level",
+            "label": "level",
+            "query": "trace,debug,info,success,warning,error,critical",
+            "includeAll": True,
+            "multi": True,
+            "allValue": ".+",
+            "current": {},
+            "hide": 0,
+        },
+        {
+            "type": "textbox",
+            "name": "request_id",
+            "label": "request id",
+            "query": "",
+            "current": {"text": "", "value": ""},
+            "hide": 0,
+        },
+        {
+            "type": "textbox",
+            "name": "trace_id",
+            "label": "trace id",
+            "query": "",
+            "current": {"text": "", "value": ""},
+            "hide": 0,
+        },
     ]
     selector = '{service=~"$service", level=~"$level"}'
     filters = '| json | request_id =~ "$request_id.*" | trace_id =~ "$trace_id.*"'
     board.panel(
-        "timeseries", "Log lines by level", "Lines per second by level.", "short",
-        [(f"sum by (level) (rate({selector} [{RATE_INTERVAL}]))", "{{level}}")], logs=True,
-        width=24, height=6)
+        "timeseries",
+        "Log lines by level",
+        "Lines per second by level.",
+        "short",
+        [(f"sum by (level) (rate({selector} [{RATE_INTERVAL}]))", "{{level}}")],
+        logs=True,
+        width=24,
+        height=6,
+    )
     board.panel(
-        "logs", "Lines", "The lines matching the service, level, request id and trace id above; "
-        "trace_id links to Tempo.", "none", [(f"{selector} {filters}", "")], logs=True,
-        width=24, height=18)
+        "logs",
+        "Lines",
+        "The lines matching the service, level, request id and trace id above; "
+        "trace_id links to Tempo.",
+        "none",
+        [(f"{selector} {filters}", "")],
+        logs=True,
+        width=24,
+        height=18,
+    )
     return board, log_variables
 
 
 def boards() -> dict[str, dict]:
     """File name -> dashboard."""
     logs_board, logs_variables = logs()
-    return {"overview.json": overview().json(), "gpus.json": gpus().json(),
-            "hang-forensics.json": hang_forensics().json(),
-            "logs.json": logs_board.json(logs_variables)}
+    return {
+        "overview.json": overview().json(),
+        "gpus.json": gpus().json(),
+        "hang-forensics.json": hang_forensics().json(),
+        "logs.json": logs_board.json(logs_variables),
+    }
 
 
 def render() -> dict[str, str]:

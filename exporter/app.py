@@ -70,8 +70,10 @@ def _address(host: str, port: int) -> str:
 def _listen_error(host: str, port: int, exc: OSError) -> str:
     reason = exc.strerror or str(exc)
     if exc.errno == errno.EADDRINUSE:
-        return (f"cannot listen on {_address(host, port)} ({reason}); is another exporter using "
-                f"port {port}? choose another with --port")
+        return (
+            f"cannot listen on {_address(host, port)} ({reason}); is another exporter using "
+            f"port {port}? choose another with --port"
+        )
     return f"cannot listen on {_address(host, port)} ({reason}); check --host and --port"
 
 
@@ -88,23 +90,36 @@ def build_exporter(config: ExporterConfig) -> Exporter:
     try:
         statedir.metrics_dir(state_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot use the state directory {state_dir} "
-                          f"({exc.strerror or exc}); check --state-dir") from None
+        raise ConfigError(
+            f"cannot use the state directory {state_dir} ({exc.strerror or exc}); check --state-dir"
+        ) from None
     directory = InferenceDirectory(state_dir, retention=config.dead_process_retention)
-    probers = [TargetProber(url, interval=config.probe_interval, timeout=config.probe_timeout,
-                            canary_interval=config.canary_interval,
-                            canary_model=config.canary_model,
-                            canary_max_tokens=config.canary_max_tokens,
-                            api_key=config.target_api_key) for url in config.target]
+    probers = [
+        TargetProber(
+            url,
+            interval=config.probe_interval,
+            timeout=config.probe_timeout,
+            canary_interval=config.canary_interval,
+            canary_model=config.canary_model,
+            canary_max_tokens=config.canary_max_tokens,
+            api_key=config.target_api_key,
+        )
+        for url in config.target
+    ]
     backend = _backend(config)
-    poller = (GpuPoller(backend, interval=config.gpu_interval, max_age=config.gpu_max_age)
-              if backend is not None else None)
+    poller = (
+        GpuPoller(backend, interval=config.gpu_interval, max_age=config.gpu_max_age)
+        if backend is not None
+        else None
+    )
 
     def pid_models() -> dict[int, str]:
         return {v.stat.pid: v.identity.model for v in directory.views() if v.stat is not None}
 
-    collectors: list = [("inference", InferenceCollector(directory)),
-                        ("processes", ProcessCollector(directory))]
+    collectors: list = [
+        ("inference", InferenceCollector(directory)),
+        ("processes", ProcessCollector(directory)),
+    ]
     if poller is not None:
         collectors.append(("gpu", GpuCollector(poller, pid_models)))
     if probers:
@@ -115,9 +130,13 @@ def build_exporter(config: ExporterConfig) -> Exporter:
 def serve(config: ExporterConfig) -> int:
     exporter = build_exporter(config)
     exporter.start()
-    logger.info("listening on http://{}/metrics", _address(config.host, exporter.port),
-                state_dir=config.state_dir, targets=list(config.target),
-                gpu_backend=config.gpu_backend)
+    logger.info(
+        "listening on http://{}/metrics",
+        _address(config.host, exporter.port),
+        state_dir=config.state_dir,
+        targets=list(config.target),
+        gpu_backend=config.gpu_backend,
+    )
     # The handler only sets a flag: taking a lock in a signal handler (Event.set) deadlocks when
     # a second signal arrives while the first handler holds it.
     stopping: list[int] = []

@@ -3,12 +3,19 @@ defaults. ``--target`` may repeat; its variable takes a comma-separated list."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
-from vigil.options import (ConfigError, Option, OptionSet, optional_str, port, positive_float,
-                           positive_int)
+from vigil.options import (
+    ConfigError,
+    Option,
+    OptionSet,
+    optional_str,
+    port,
+    positive_float,
+    positive_int,
+)
 from vigil.paths import default_state_dir
 
 ENV_PREFIX = "VIGIL_EXPORTER_"
@@ -20,7 +27,7 @@ def _url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
     try:
-        parts.port
+        _ = parts.port  # raises ValueError for a port outside 0-65535
     except ValueError:
         raise ValueError("must have a port from 0 to 65535") from None
     return text.rstrip("/")
@@ -36,40 +43,95 @@ def _non_negative_float(text: str) -> float:
 OPTIONS: tuple[Option, ...] = (
     Option("host", str, "Address /metrics listens on.", metavar="HOST"),
     Option("port", port, "Port /metrics listens on.", metavar="PORT"),
-    Option("state_dir", str,
-           "The inference processes' state directory (their metrics files and identities).",
-           metavar="DIR"),
-    Option("target", _url,
-           "Base URL of an OpenAI-compatible server to probe (repeat the flag for several; the "
-           "variable takes a comma-separated list).", metavar="URL", multiple=True),
-    Option("target_api_key", optional_str,
-           "Bearer token the probe sends to the targets.", metavar="KEY"),
-    Option("probe_interval", positive_float,
-           "Seconds between two probes of /health and /ready.", metavar="SECONDS"),
-    Option("probe_timeout", positive_float,
-           "Seconds a probe check may take before it counts as failed.", metavar="SECONDS"),
-    Option("canary_interval", _non_negative_float,
-           "Seconds between two canary completions (0: no canary).", metavar="SECONDS"),
-    Option("canary_model", optional_str,
-           "Model the canary asks for (default: the first one GET /v1/models lists).",
-           metavar="NAME"),
-    Option("canary_max_tokens", positive_int,
-           "Tokens the canary completion asks for.", metavar="TOKENS"),
-    Option("gpu_backend", str,
-           "Where GPU readings come from: nvml, fake (a fleet described in --fake-gpu-fleet, "
-           "for tests and demos) or none.", choices=("nvml", "fake", "none")),
-    Option("fake_gpu_fleet", optional_str,
-           "JSON file describing the fake GPU fleet (with --gpu-backend fake).", metavar="FILE"),
-    Option("gpu_interval", positive_float,
-           "Seconds between two reads of the GPUs (in a background thread).", metavar="SECONDS"),
-    Option("gpu_max_age", positive_float,
-           "Seconds after which a GPU's readings count as stale: its values are left out and "
-           "its vigil_gpu_up is 0.", metavar="SECONDS"),
-    Option("dead_process_retention", positive_float,
-           "Seconds a process that died uncleanly is still shown (vigil_process_alive 0) before "
-           "its identity file is removed.", metavar="SECONDS"),
-    Option("log_level", str, "Lowest log level written.",
-           choices=("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")),
+    Option(
+        "state_dir",
+        str,
+        "The inference processes' state directory (their metrics files and identities).",
+        metavar="DIR",
+    ),
+    Option(
+        "target",
+        _url,
+        "Base URL of an OpenAI-compatible server to probe (repeat the flag for several; the "
+        "variable takes a comma-separated list).",
+        metavar="URL",
+        multiple=True,
+    ),
+    Option(
+        "target_api_key",
+        optional_str,
+        "Bearer token the probe sends to the targets.",
+        metavar="KEY",
+    ),
+    Option(
+        "probe_interval",
+        positive_float,
+        "Seconds between two probes of /health and /ready.",
+        metavar="SECONDS",
+    ),
+    Option(
+        "probe_timeout",
+        positive_float,
+        "Seconds a probe check may take before it counts as failed.",
+        metavar="SECONDS",
+    ),
+    Option(
+        "canary_interval",
+        _non_negative_float,
+        "Seconds between two canary completions (0: no canary).",
+        metavar="SECONDS",
+    ),
+    Option(
+        "canary_model",
+        optional_str,
+        "Model the canary asks for (default: the first one GET /v1/models lists).",
+        metavar="NAME",
+    ),
+    Option(
+        "canary_max_tokens",
+        positive_int,
+        "Tokens the canary completion asks for.",
+        metavar="TOKENS",
+    ),
+    Option(
+        "gpu_backend",
+        str,
+        "Where GPU readings come from: nvml, fake (a fleet described in --fake-gpu-fleet, "
+        "for tests and demos) or none.",
+        choices=("nvml", "fake", "none"),
+    ),
+    Option(
+        "fake_gpu_fleet",
+        optional_str,
+        "JSON file describing the fake GPU fleet (with --gpu-backend fake).",
+        metavar="FILE",
+    ),
+    Option(
+        "gpu_interval",
+        positive_float,
+        "Seconds between two reads of the GPUs (in a background thread).",
+        metavar="SECONDS",
+    ),
+    Option(
+        "gpu_max_age",
+        positive_float,
+        "Seconds after which a GPU's readings count as stale: its values are left out and "
+        "its vigil_gpu_up is 0.",
+        metavar="SECONDS",
+    ),
+    Option(
+        "dead_process_retention",
+        positive_float,
+        "Seconds a process that died uncleanly is still shown (vigil_process_alive 0) before "
+        "its identity file is removed.",
+        metavar="SECONDS",
+    ),
+    Option(
+        "log_level",
+        str,
+        "Lowest log level written.",
+        choices=("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"),
+    ),
 )
 
 
@@ -97,12 +159,17 @@ class ExporterConfig:
             raise ConfigError("--gpu-backend fake needs --fake-gpu-fleet FILE")
 
 
-_OPTION_SET = OptionSet(ENV_PREFIX, OPTIONS, ExporterConfig, prog="python -m exporter",
-                        description="Companion exporter: GPUs, inference telemetry and probes "
-                        "for Prometheus.")
+_OPTION_SET = OptionSet(
+    ENV_PREFIX,
+    OPTIONS,
+    ExporterConfig,
+    prog="python -m exporter",
+    description="Companion exporter: GPUs, inference telemetry and probes for Prometheus.",
+)
 OPTIONS = _OPTION_SET.options
 
 
-def load_config(argv: Sequence[str] | None = None,
-                environ: Mapping[str, str] | None = None) -> ExporterConfig:
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ExporterConfig:
     return _OPTION_SET.load(argv, environ)

@@ -5,7 +5,7 @@ accepted), with the exporter's routes: /metrics, a landing page on /, and 404 el
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from loguru import logger
 from prometheus_client import make_wsgi_app, start_http_server
@@ -29,8 +29,12 @@ def metrics_app(registry) -> Callable:
                 return metrics(environ, start_response)
             except Exception:  # noqa: BLE001 - the collectors are guarded; this is a bug
                 logger.exception("rendering /metrics failed")
-                return _send(start_response, "500 Internal Server Error",
-                             b"rendering the metrics failed; see the exporter's log\n", TEXT)
+                return _send(
+                    start_response,
+                    "500 Internal Server Error",
+                    b"rendering the metrics failed; see the exporter's log\n",
+                    TEXT,
+                )
         if path == "/":
             return _send(start_response, "200 OK", LANDING, "text/html; charset=utf-8")
         return _send(start_response, "404 Not Found", b"not found: try /metrics\n", TEXT)

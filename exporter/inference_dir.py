@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from loguru import logger
 from prometheus_client.mmap_dict import MmapedDict
@@ -43,8 +43,13 @@ class ProcessView:
 
 
 class InferenceDirectory:
-    def __init__(self, state_dir: str | Path, retention: float = 600.0,
-                 locator: ProcessLocator | None = None, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        state_dir: str | Path,
+        retention: float = 600.0,
+        locator: ProcessLocator | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.state_dir = Path(state_dir)
         self.metrics_dir = statedir.metrics_dir(self.state_dir)
         self.retention = retention
@@ -62,8 +67,9 @@ class InferenceDirectory:
     # ---- the watcher thread -----------------------------------------------------------------
     def start(self, interval: float = 1.0) -> None:
         self.refresh()
-        threading.Thread(target=self._loop, args=(interval,), name="process-watcher",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._loop, args=(interval,), name="process-watcher", daemon=True
+        ).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -75,7 +81,7 @@ class InferenceDirectory:
             except Exception:  # noqa: BLE001 - keep watching whatever one pass met
                 logger.exception("refreshing the inference processes failed")
 
-    # ---- one pass ---------------------------------------------------------------------------------
+    # ---- one pass ----------------------------------------------------------------------------
     def refresh(self) -> tuple[ProcessView, ...]:
         with self._lock:
             now = self.clock()
@@ -115,8 +121,11 @@ class InferenceDirectory:
             self._misses.pop(key, None)
             if self._refreshed_once:  # a death seen at our own start-up is not counted
                 self._unclean[identity.model] += 1
-            logger.warning("inference process {} ({}) is gone without a clean exit",
-                           identity.pid, identity.model or "no model")
+            logger.warning(
+                "inference process {} ({}) is gone without a clean exit",
+                identity.pid,
+                identity.model or "no model",
+            )
         if now - dead_since > self.retention:
             self._forget(identity, key)
             return None

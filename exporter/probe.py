@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -54,10 +54,17 @@ class TargetState:
 
 
 class TargetProber:
-    def __init__(self, url: str, interval: float = 15.0, timeout: float = 5.0,
-                 canary_interval: float = 60.0, canary_model: str | None = None,
-                 canary_max_tokens: int = 2, api_key: str | None = None,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        url: str,
+        interval: float = 15.0,
+        timeout: float = 5.0,
+        canary_interval: float = 60.0,
+        canary_model: str | None = None,
+        canary_max_tokens: int = 2,
+        api_key: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.url = url.rstrip("/")
         self.label = target_label(url)
         self.interval, self.timeout = interval, timeout
@@ -68,8 +75,10 @@ class TargetProber:
         self.session.headers["User-Agent"] = USER_AGENT
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
-        self._state = TargetState(self.label, counts={
-            (check, result): 0 for check in CHECKS for result in ("success", "failure")})
+        self._state = TargetState(
+            self.label,
+            counts={(check, result): 0 for check in CHECKS for result in ("success", "failure")},
+        )
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._model: str | None = canary_model
@@ -84,8 +93,9 @@ class TargetProber:
 
     def state(self) -> TargetState:
         with self._lock:
-            return replace(self._state, results=dict(self._state.results),
-                           counts=dict(self._state.counts))
+            return replace(
+                self._state, results=dict(self._state.results), counts=dict(self._state.counts)
+            )
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -110,8 +120,12 @@ class TargetProber:
             key = (check, "success" if result.success else "failure")
             self._state.counts[key] = self._state.counts.get(key, 0) + 1
         if not result.success and (previous is None or previous.success):
-            logger.warning("probe {} of {} failed: {}", check, self.label,
-                           result.error or f"HTTP {result.status}")
+            logger.warning(
+                "probe {} of {} failed: {}",
+                check,
+                self.label,
+                result.error or f"HTTP {result.status}",
+            )
         elif result.success and previous is not None and not previous.success:
             logger.info("probe {} of {} succeeds again", check, self.label)
 
@@ -123,9 +137,13 @@ class TargetProber:
                     pass  # read (and drop) the body, but never past the deadline
         except (requests.RequestException, ProbeTimeout) as exc:
             return CheckResult(False, 0, time.monotonic() - start, self.clock(), _short(exc))
-        return CheckResult(response.status_code == 200, response.status_code,
-                           time.monotonic() - start, self.clock(),
-                           "" if response.status_code == 200 else f"HTTP {response.status_code}")
+        return CheckResult(
+            response.status_code == 200,
+            response.status_code,
+            time.monotonic() - start,
+            self.clock(),
+            "" if response.status_code == 200 else f"HTTP {response.status_code}",
+        )
 
     def _within_deadline(self, response: requests.Response, start: float):
         """The body's chunks as they arrive; ProbeTimeout once the whole check has taken longer
@@ -147,8 +165,9 @@ class TargetProber:
 
     def _discover_model(self) -> str:
         start = time.monotonic()
-        with self.session.get(self.url + "/v1/models", timeout=self.timeout,
-                              stream=True) as response:
+        with self.session.get(
+            self.url + "/v1/models", timeout=self.timeout, stream=True
+        ) as response:
             body = b"".join(self._within_deadline(response, start))
             response.raise_for_status()
         listing = json.loads(body)
@@ -169,13 +188,23 @@ class TargetProber:
         except (requests.RequestException, ProbeTimeout, ValueError) as exc:
             return failed(0, f"no model for the canary: {_short(exc)}")
         self._canaries += 1
-        body = {"model": self._model, "prompt": CANARY_PROMPT, "max_tokens":
-                self.canary_max_tokens, "temperature": 0, "stream": True}
+        body = {
+            "model": self._model,
+            "prompt": CANARY_PROMPT,
+            "max_tokens": self.canary_max_tokens,
+            "temperature": 0,
+            "stream": True,
+        }
         headers = {"X-Request-Id": f"vigil-canary-{self._canaries}"}
         status = 0
         try:
-            with self.session.post(self.url + "/v1/completions", json=body, headers=headers,
-                                   timeout=self.timeout, stream=True) as response:
+            with self.session.post(
+                self.url + "/v1/completions",
+                json=body,
+                headers=headers,
+                timeout=self.timeout,
+                stream=True,
+            ) as response:
                 status = response.status_code
                 chunks = self._within_deadline(response, start)
                 if status != 200:
@@ -199,8 +228,14 @@ class TargetProber:
                     continue
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
-                    return CheckResult(True, 200, time.monotonic() - start, self.clock(),
-                                       ttft_s=first_token, empty=not "".join(text))
+                    return CheckResult(
+                        True,
+                        200,
+                        time.monotonic() - start,
+                        self.clock(),
+                        ttft_s=first_token,
+                        empty=not "".join(text),
+                    )
                 try:
                     event = json.loads(payload)
                     if "error" in event:

@@ -18,6 +18,7 @@ from vigil.statedir import Identity
 
 __all__ = ["ProcessLocator", "ProcStat", "ProcUnreadable"]
 
+
 class ProcessLocator:
     """Finds the process of an identity; remembers where it found it (a /proc scan is dear)."""
 
@@ -61,7 +62,10 @@ class ProcessLocator:
                 stat = read_stat(int(entry), self.proc)
             except ProcUnreadable:
                 continue
-            if (stat is not None and stat.start_ticks == identity.start_ticks
-                    and innermost_pid(stat.pid, self.proc) == identity.pid):
+            if (
+                stat is not None
+                and stat.start_ticks == identity.start_ticks
+                and innermost_pid(stat.pid, self.proc) == identity.pid
+            ):
                 return stat
         return None

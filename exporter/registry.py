@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import platform
 import time
-from typing import Iterator, Protocol, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 from loguru import logger
 from prometheus_client import CollectorRegistry
@@ -29,8 +30,10 @@ class GuardedCollectors:
         return []  # families vary per scrape; nothing to check at registration
 
     def collect(self) -> Iterator:
-        success, duration = (family("vigil_exporter_collector_success"),
-                             family("vigil_exporter_collector_duration_seconds"))
+        success, duration = (
+            family("vigil_exporter_collector_success"),
+            family("vigil_exporter_collector_duration_seconds"),
+        )
         for name, collector in self.collectors:
             started = time.perf_counter()
             try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import faulthandler
 import socket
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .config import Config, ConfigError, load_config
 from .listen import bind_tcp
@@ -16,8 +16,10 @@ def _bind(config: Config) -> socket.socket:
     try:
         sock = bind_tcp(config.host, config.port)
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {config.host}:{config.port} ({exc.strerror}); is "
-                          "another server using that port? choose another with --port") from None
+        raise ConfigError(
+            f"cannot listen on {config.host}:{config.port} ({exc.strerror}); is "
+            "another server using that port? choose another with --port"
+        ) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -44,12 +46,18 @@ def serve(config: Config) -> int:
     recorder = RequestRecorder(metrics, provider.get_tracer("inference"), config.log_prompts)
     service = InferenceService(config, metrics)
     app = build_app(service, recorder)
-    logger.info("listening on http://{}:{} (state dir {}, traces {})", config.host,
-                sock.getsockname()[1], config.state_dir, otlp_endpoint() or "not exported",
-                model=config.model_name)
+    logger.info(
+        "listening on http://{}:{} (state dir {}, traces {})",
+        config.host,
+        sock.getsockname()[1],
+        config.state_dir,
+        otlp_endpoint() or "not exported",
+        model=config.model_name,
+    )
     service.start()
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    )
     try:
         server.run(sockets=[sock])
     finally:

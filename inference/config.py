@@ -8,16 +8,23 @@ rejected at start-up with a message that names them.
 
 from __future__ import annotations
 
-import os
-import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
+from vigil.options import (
+    ConfigError,
+    Option,
+    OptionSet,
+    boolean,
+    optional_int,
+    optional_positive_int,
+    optional_str,
+    port,
+    positive_float,
+    positive_int,
+)
 from vigil.paths import default_demo_dir, default_state_dir
-from vigil.options import (ConfigError, Option, OptionSet, boolean, optional_int,
-                           optional_positive_int, optional_str, port, positive_float,
-                           positive_int)
 
 ENV_PREFIX = "VIGIL_INFERENCE_"
 __all__ = ["Config", "ConfigError", "OPTIONS", "load_config", "build_parser"]
@@ -33,69 +40,140 @@ def _device(text: str) -> str:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("model", str,
-           "Model to serve: 'demo' (a tiny model built locally on first use), a local directory, "
-           "or a hub id (needs the hub to be reachable).", metavar="MODEL"),
-    Option("served_model_name", optional_str,
-           "Model id the API answers to and reports; defaults to the model's name.", metavar="NAME"),
-    Option("device", _device,
-           "Where the model runs: auto (the first CUDA GPU if there is one, else the CPU), cpu, "
-           "cuda or cuda:N.", metavar="DEVICE"),
-    Option("dtype", str,
-           "Weights' dtype; auto means float16/bfloat16 on CUDA as the "
-           "checkpoint says, float32 on the CPU.",
-           choices=("auto", "float32", "float16", "bfloat16")),
-    Option("trust_remote_code", boolean,
-           "Allow the checkpoint's own Python code (GLM checkpoints need it).", flag_only=True),
-    Option("max_model_len", optional_positive_int,
-           "Context length in tokens (prompt plus output); defaults to the model's own.",
-           metavar="TOKENS"),
-    Option("demo_dir", str,
-           "Where the demo model is built and cached (default: $XDG_CACHE_HOME/llm-vigil, "
-           "else ~/.cache/llm-vigil).", metavar="DIR"),
-    Option("host", str,
-           "Address the API listens on.", metavar="HOST"),
-    Option("port", port,
-           "Port the API listens on.", metavar="PORT"),
-    Option("state_dir", str,
-           "Shared directory for the metrics files and the process identity that the companion "
-           "exporter reads (default: <system temp>/vigil-state).", metavar="DIR"),
-    Option("api_key", optional_str,
-           "When set, /v1/* requires 'Authorization: Bearer <key>'.", metavar="KEY"),
-    Option("max_batch_size", positive_int,
-           "Most requests decoded together in one batch.", metavar="N"),
-    Option("max_queue", positive_int,
-           "Most requests waiting for a batch slot; beyond it requests get 429 with Retry-After.",
-           metavar="N"),
-    Option("request_timeout", positive_float,
-           "Deadline of a request in seconds, queue time included; past it the request ends "
-           "with 504.", metavar="SECONDS"),
-    Option("max_tokens_limit", positive_int,
-           "Largest max_tokens a request may ask for.", metavar="TOKENS"),
-    Option("max_body_bytes", positive_int,
-           "Largest request body in bytes; a larger one gets 413.", metavar="BYTES"),
-    Option("seed", optional_int,
-           "Seed for sampling, for reproducible runs (default: random).", metavar="INT"),
-    Option("log_level", str,
-           "Lowest log level written.",
-           choices=("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")),
-    Option("log_prompts", boolean,
-           "Also log prompts and outputs in the per-request log line (they may hold private "
-           "data).", flag_only=True),
-    Option("stall_timeout", positive_float,
-           "Seconds the engine may go without a prefill or decode step while work is pending "
-           "before the watchdog declares it stalled.", metavar="SECONDS"),
-    Option("load_timeout", positive_float,
-           "Seconds the model load may take before the watchdog declares it stalled (stage "
-           "load).", metavar="SECONDS"),
-    Option("on_stall", str,
-           "What the watchdog does after its stall report: exit (with status 75, so that the "
-           "supervisor restarts the process) or report (keep running, answer 503 until the "
-           "engine moves again).", choices=("exit", "report")),
-    Option("enable_fault_injection", boolean,
-           "Enable POST /debug/fault, which arms hangs, slow steps, out-of-memory errors, empty "
-           "outputs and crashes in the engine (for tests and demos; never in production).",
-           flag_only=True),
+    Option(
+        "model",
+        str,
+        "Model to serve: 'demo' (a tiny model built locally on first use), a local directory, "
+        "or a hub id (needs the hub to be reachable).",
+        metavar="MODEL",
+    ),
+    Option(
+        "served_model_name",
+        optional_str,
+        "Model id the API answers to and reports; defaults to the model's name.",
+        metavar="NAME",
+    ),
+    Option(
+        "device",
+        _device,
+        "Where the model runs: auto (the first CUDA GPU if there is one, else the CPU), cpu, "
+        "cuda or cuda:N.",
+        metavar="DEVICE",
+    ),
+    Option(
+        "dtype",
+        str,
+        "Weights' dtype; auto means float16/bfloat16 on CUDA as the "
+        "checkpoint says, float32 on the CPU.",
+        choices=("auto", "float32", "float16", "bfloat16"),
+    ),
+    Option(
+        "trust_remote_code",
+        boolean,
+        "Allow the checkpoint's own Python code (GLM checkpoints need it).",
+        flag_only=True,
+    ),
+    Option(
+        "max_model_len",
+        optional_positive_int,
+        "Context length in tokens (prompt plus output); defaults to the model's own.",
+        metavar="TOKENS",
+    ),
+    Option(
+        "demo_dir",
+        str,
+        "Where the demo model is built and cached (default: $XDG_CACHE_HOME/llm-vigil, "
+        "else ~/.cache/llm-vigil).",
+        metavar="DIR",
+    ),
+    Option("host", str, "Address the API listens on.", metavar="HOST"),
+    Option("port", port, "Port the API listens on.", metavar="PORT"),
+    Option(
+        "state_dir",
+        str,
+        "Shared directory for the metrics files and the process identity that the companion "
+        "exporter reads (default: <system temp>/vigil-state).",
+        metavar="DIR",
+    ),
+    Option(
+        "api_key",
+        optional_str,
+        "When set, /v1/* requires 'Authorization: Bearer <key>'.",
+        metavar="KEY",
+    ),
+    Option(
+        "max_batch_size", positive_int, "Most requests decoded together in one batch.", metavar="N"
+    ),
+    Option(
+        "max_queue",
+        positive_int,
+        "Most requests waiting for a batch slot; beyond it requests get 429 with Retry-After.",
+        metavar="N",
+    ),
+    Option(
+        "request_timeout",
+        positive_float,
+        "Deadline of a request in seconds, queue time included; past it the request ends with 504.",
+        metavar="SECONDS",
+    ),
+    Option(
+        "max_tokens_limit",
+        positive_int,
+        "Largest max_tokens a request may ask for.",
+        metavar="TOKENS",
+    ),
+    Option(
+        "max_body_bytes",
+        positive_int,
+        "Largest request body in bytes; a larger one gets 413.",
+        metavar="BYTES",
+    ),
+    Option(
+        "seed",
+        optional_int,
+        "Seed for sampling, for reproducible runs (default: random).",
+        metavar="INT",
+    ),
+    Option(
+        "log_level",
+        str,
+        "Lowest log level written.",
+        choices=("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"),
+    ),
+    Option(
+        "log_prompts",
+        boolean,
+        "Also log prompts and outputs in the per-request log line (they may hold private data).",
+        flag_only=True,
+    ),
+    Option(
+        "stall_timeout",
+        positive_float,
+        "Seconds the engine may go without a prefill or decode step while work is pending "
+        "before the watchdog declares it stalled.",
+        metavar="SECONDS",
+    ),
+    Option(
+        "load_timeout",
+        positive_float,
+        "Seconds the model load may take before the watchdog declares it stalled (stage load).",
+        metavar="SECONDS",
+    ),
+    Option(
+        "on_stall",
+        str,
+        "What the watchdog does after its stall report: exit (with status 75, so that the "
+        "supervisor restarts the process) or report (keep running, answer 503 until the "
+        "engine moves again).",
+        choices=("exit", "report"),
+    ),
+    Option(
+        "enable_fault_injection",
+        boolean,
+        "Enable POST /debug/fault, which arms hangs, slow steps, out-of-memory errors, empty "
+        "outputs and crashes in the engine (for tests and demos; never in production).",
+        flag_only=True,
+    ),
 )
 
 
@@ -135,10 +213,15 @@ class Config:
         return Path(self.model.rstrip("/")).name or self.model
 
 
-_OPTION_SET = OptionSet(ENV_PREFIX, OPTIONS, Config, prog="python -m inference",
-                        description="Instrumented OpenAI-compatible inference server. "
-                           "`python -m inference doctor [OPTIONS]` checks the environment it "
-                           "would start in.")
+_OPTION_SET = OptionSet(
+    ENV_PREFIX,
+    OPTIONS,
+    Config,
+    prog="python -m inference",
+    description="Instrumented OpenAI-compatible inference server. "
+    "`python -m inference doctor [OPTIONS]` checks the environment it "
+    "would start in.",
+)
 OPTIONS = _OPTION_SET.options
 
 
@@ -146,8 +229,9 @@ def build_parser():
     return _OPTION_SET.build_parser()
 
 
-def load_config(argv: Sequence[str] | None = None,
-                environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
     """Build the configuration from the command line over the environment over the defaults.
 
     Raises ConfigError naming the flag or variable that is wrong; argparse itself exits with

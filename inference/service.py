@@ -33,8 +33,9 @@ class InferenceService:
         self.config = config
         self.metrics = metrics
         self.model_name = config.model_name
-        self.queue = RequestQueue(config.max_queue,
-                                  metrics.queue_changed if metrics else lambda *_: None)
+        self.queue = RequestQueue(
+            config.max_queue, metrics.queue_changed if metrics else lambda *_: None
+        )
         self.state = "loading"  # loading, loaded, failed
         self.load_error: str | None = None
         self.load_started_at: float | None = None
@@ -44,8 +45,12 @@ class InferenceService:
         self.engine: Engine | None = None
         self._loader: threading.Thread | None = None
         self.faults = FaultInjector() if config.enable_fault_injection else None
-        self.watchdog = Watchdog(self, stall_timeout=config.stall_timeout,
-                                 load_timeout=config.load_timeout, on_stall=config.on_stall)
+        self.watchdog = Watchdog(
+            self,
+            stall_timeout=config.stall_timeout,
+            load_timeout=config.load_timeout,
+            on_stall=config.on_stall,
+        )
 
     @property
     def loader_thread_id(self) -> int | None:
@@ -55,17 +60,24 @@ class InferenceService:
     def ready(self) -> bool:
         """Loaded, the engine thread is running (it may die, and then we must say so), and it
         is not stalled."""
-        return (self.state == "loaded" and self.engine is not None and self.engine.alive
-                and self.watchdog.stall is None)
+        return (
+            self.state == "loaded"
+            and self.engine is not None
+            and self.engine.alive
+            and self.watchdog.stall is None
+        )
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Liveness for a supervisor: fine while loading or serving; not when the engine is
         stalled (or the load is overdue) or its thread has died."""
         stall = self.watchdog.stall
         if stall is not None:
-            return False, {"status": "stalled", "stage": stall.stage,
-                           "stalled_for_s": round(stall.stalled_for_s(), 3),
-                           "on_stall": self.config.on_stall}
+            return False, {
+                "status": "stalled",
+                "stage": stall.stage,
+                "stalled_for_s": round(stall.stalled_for_s(), 3),
+                "on_stall": self.config.on_stall,
+            }
         if self.state == "loaded" and (self.engine is None or not self.engine.alive):
             return False, {"status": "engine_dead"}
         return True, {"status": "ok"}
@@ -91,18 +103,28 @@ class InferenceService:
         return self.ready
 
     def _write_identity(self) -> None:
-        write_identity(self.config.state_dir, self.model_name, role="inference",
-                       version=__version__, host=self.config.host, port=self.config.port,
-                       state=self.state, started_at=time.time() if self.load_started_at is None
-                       else self.load_started_at)
+        write_identity(
+            self.config.state_dir,
+            self.model_name,
+            role="inference",
+            version=__version__,
+            host=self.config.host,
+            port=self.config.port,
+            state=self.state,
+            started_at=time.time() if self.load_started_at is None else self.load_started_at,
+        )
 
     def _load(self) -> None:
         started = time.perf_counter()
         self.load_started_at = time.time()
         if self.metrics is not None:
             self.metrics.load_started(self.load_started_at)
-        logger.info("loading model {!r} on device {}", self.config.model, self.config.device,
-                    model=self.model_name)
+        logger.info(
+            "loading model {!r} on device {}",
+            self.config.model,
+            self.config.device,
+            model=self.model_name,
+        )
         try:
             run_startup_checks(self.config)
             loaded = load_model(self.config)
@@ -111,10 +133,16 @@ class InferenceService:
             # as fast tokenizers are not safe to share across threads.
             engine_view.tokenizer = copy.deepcopy(loaded.tokenizer)
             kv_cache = kv_cache_shape(loaded.model.config, loaded.dtype.itemsize)
-            engine = Engine(engine_view, self.queue, max_batch_size=self.config.max_batch_size,
-                            observer=self.metrics, seed=self.config.seed, faults=self.faults,
-                            kv_cache=kv_cache, memory=(CudaMemory(loaded.device)
-                                                       if loaded.device.type == "cuda" else None))
+            engine = Engine(
+                engine_view,
+                self.queue,
+                max_batch_size=self.config.max_batch_size,
+                observer=self.metrics,
+                seed=self.config.seed,
+                faults=self.faults,
+                kv_cache=kv_cache,
+                memory=(CudaMemory(loaded.device) if loaded.device.type == "cuda" else None),
+            )
             engine.start()
         except Exception as exc:  # noqa: BLE001 - whatever it is, say it and stay not-ready
             self.load_duration_s = time.perf_counter() - started
@@ -125,8 +153,12 @@ class InferenceService:
             # A failed start-up check is already explained (verdict and fix): no traceback.
             explained = isinstance(exc, StartupCheckFailed)
             logger.opt(exception=None if explained else exc).error(
-                "model load failed after {:.1f} s: {}", self.load_duration_s, exc,
-                model=self.model_name, load_duration_s=round(self.load_duration_s, 3))
+                "model load failed after {:.1f} s: {}",
+                self.load_duration_s,
+                exc,
+                model=self.model_name,
+                load_duration_s=round(self.load_duration_s, 3),
+            )
             self._write_identity()
             return
         self.load_duration_s = time.perf_counter() - started
@@ -137,13 +169,21 @@ class InferenceService:
             if kv_cache is not None:
                 self.metrics.kv_cache_bytes_per_token(kv_cache.bytes_per_token)
         if kv_cache is None:
-            logger.warning("the KV cache of {} has no per-token estimate (an attention layout "
-                           "other than multi-head or grouped-query): no admission control",
-                           self.model_name)
-        logger.info("model loaded in {:.1f} s: {} ({}, {}, context {} tokens)",
-                    self.load_duration_s, self.model_name, loaded.dtype_name, loaded.device,
-                    loaded.context_length, model=self.model_name,
-                    load_duration_s=round(self.load_duration_s, 3))
+            logger.warning(
+                "the KV cache of {} has no per-token estimate (an attention layout "
+                "other than multi-head or grouped-query): no admission control",
+                self.model_name,
+            )
+        logger.info(
+            "model loaded in {:.1f} s: {} ({}, {}, context {} tokens)",
+            self.load_duration_s,
+            self.model_name,
+            loaded.dtype_name,
+            loaded.device,
+            loaded.context_length,
+            model=self.model_name,
+            load_duration_s=round(self.load_duration_s, 3),
+        )
         self._write_identity()
 
     def describe(self) -> dict[str, Any]:
@@ -156,6 +196,9 @@ class InferenceService:
         if self.load_error:
             info["error"] = self.load_error
         if self.loaded is not None:
-            info.update(device=str(self.loaded.device), dtype=self.loaded.dtype_name,
-                        context_length=self.loaded.context_length)
+            info.update(
+                device=str(self.loaded.device),
+                dtype=self.loaded.dtype_name,
+                context_length=self.loaded.context_length,
+            )
         return info

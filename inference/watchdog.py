@@ -24,8 +24,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from loguru import logger
 
@@ -54,9 +55,14 @@ def thread_stacks() -> list[dict[str, Any]]:
     for thread in threading.enumerate():
         frame = frames.get(thread.ident)
         if frame is not None:
-            stacks.append({"thread": thread.name, "thread_id": thread.ident,
-                           "daemon": thread.daemon,
-                           "stack": "".join(traceback.format_stack(frame))})
+            stacks.append(
+                {
+                    "thread": thread.name,
+                    "thread_id": thread.ident,
+                    "daemon": thread.daemon,
+                    "stack": "".join(traceback.format_stack(frame)),
+                }
+            )
     return stacks
 
 
@@ -67,20 +73,35 @@ def _request_stage(request: GenerationRequest) -> str:
 
 
 def describe_requests(requests: list[GenerationRequest], now_ns: int) -> list[dict[str, Any]]:
-    return [{"request_id": r.request_id, "trace_id": r.trace_id, "stage": _request_stage(r),
-             "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-             "age_s": round((now_ns - r.arrival_ns) / 1e9, 3)} for r in requests]
+    return [
+        {
+            "request_id": r.request_id,
+            "trace_id": r.trace_id,
+            "stage": _request_stage(r),
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "age_s": round((now_ns - r.arrival_ns) / 1e9, 3),
+        }
+        for r in requests
+    ]
 
 
 class Watchdog:
-    def __init__(self, service: Any, *, stall_timeout: float, load_timeout: float,
-                 on_stall: str, exit: Callable[[int], None] = os._exit,
-                 interval: float | None = None):
+    def __init__(
+        self,
+        service: Any,
+        *,
+        stall_timeout: float,
+        load_timeout: float,
+        on_stall: str,
+        exit_process: Callable[[int], None] = os._exit,
+        interval: float | None = None,
+    ):
         self.service = service
         self.stall_timeout = stall_timeout
         self.load_timeout = load_timeout
         self.on_stall = on_stall
-        self._exit = exit
+        self._exit = exit_process
         self.interval = interval or min(1.0, max(0.05, stall_timeout / 20))
         self.stall: Stall | None = None  # the current stall, read by the API
         self._load_reported = False
@@ -114,8 +135,10 @@ class Watchdog:
             return
         if self.stall is not None:
             # Moving again: a step completed, or the loop came round (a failed step ends there).
-            if (engine.last_progress_ns > self.stall.detected_ns
-                    or engine.iterations >= self.stall.engine_iterations + 2):
+            if (
+                engine.last_progress_ns > self.stall.detected_ns
+                or engine.iterations >= self.stall.engine_iterations + 2
+            ):
                 self._recovered(now_ns)
             return
         pending = service.queue.snapshot() + engine.held_requests()
@@ -137,8 +160,9 @@ class Watchdog:
 
     # ---- acting on a stall -------------------------------------------------------------------
 
-    def _stalled(self, stall: Stall, pending: list[GenerationRequest],
-                 culprit_thread: int | None) -> None:
+    def _stalled(
+        self, stall: Stall, pending: list[GenerationRequest], culprit_thread: int | None
+    ) -> None:
         self.stall = stall
         exiting = self.on_stall == "exit"
         if exiting:  # armed first: nothing below may keep a stalled process alive
@@ -153,16 +177,30 @@ class Watchdog:
         where = ""
         if culprit is not None:
             last = culprit["stack"].strip().splitlines()
-            where = f"; the {culprit['thread']} thread is at {last[-2].strip()}" if len(
-                last) >= 2 else ""
-        logger.bind(stage=stall.stage, stalled_for_s=round(seconds, 3),
-                    stall_timeout_s=threshold, on_stall=self.on_stall,
-                    requests=describe_requests(pending, stall.detected_ns), threads=stacks,
-                    ).error("stall report: the engine made no progress in {} for {:.1f} s "
-                            "(threshold {:g} s) with {} request(s) pending{}; {}",
-                            stall.stage, seconds, threshold, len(pending), where,
-                            f"exiting with status {STALL_EXIT_CODE}" if exiting else
-                            "answering 503 until it moves again")
+            where = (
+                f"; the {culprit['thread']} thread is at {last[-2].strip()}"
+                if len(last) >= 2
+                else ""
+            )
+        logger.bind(
+            stage=stall.stage,
+            stalled_for_s=round(seconds, 3),
+            stall_timeout_s=threshold,
+            on_stall=self.on_stall,
+            requests=describe_requests(pending, stall.detected_ns),
+            threads=stacks,
+        ).error(
+            "stall report: the engine made no progress in {} for {:.1f} s "
+            "(threshold {:g} s) with {} request(s) pending{}; {}",
+            stall.stage,
+            seconds,
+            threshold,
+            len(pending),
+            where,
+            f"exiting with status {STALL_EXIT_CODE}"
+            if exiting
+            else "answering 503 until it moves again",
+        )
         error = stalled_error(stall.stage, seconds, threshold)
         for request in self.service.queue.drain() + pending:
             if not request.ended:
@@ -180,8 +218,12 @@ class Watchdog:
         self.stall = None
         if self.service.metrics is not None:
             self.service.metrics.stall_ended()
-        logger.warning("the engine moves again after a stall in {} of {:.1f} s", stall.stage,
-                       stall.stalled_for_s(now_ns), stage=stall.stage)
+        logger.warning(
+            "the engine moves again after a stall in {} of {:.1f} s",
+            stall.stage,
+            stall.stalled_for_s(now_ns),
+            stage=stall.stage,
+        )
 
 
 def _flush_traces(timeout_ms: int = 2000) -> None:
@@ -192,5 +234,5 @@ def _flush_traces(timeout_ms: int = 2000) -> None:
         flush = getattr(trace.get_tracer_provider(), "force_flush", None)
         if flush is not None:
             flush(timeout_ms)
-    except Exception:  # noqa: BLE001 - exiting matters more than the last spans
-        pass
+    except Exception as exc:  # noqa: BLE001 - exiting matters more than the last spans
+        logger.warning("the last spans could not be exported before the exit: {}", exc)

@@ -74,8 +74,10 @@ class Server:
             if predicate():
                 return
             if self.process.poll() is not None:
-                raise AssertionError(f"server exited with {self.process.returncode} while "
-                                     f"waiting for {what}:\n{self.log_path.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"server exited with {self.process.returncode} while "
+                    f"waiting for {what}:\n{self.log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}")
 
@@ -85,6 +87,7 @@ class Server:
                 return requests.get(self.url("/ready"), timeout=2).status_code == 200
             except requests.RequestException:
                 return False
+
         self.wait_for(ready, timeout, "readiness")
 
     def stop(self) -> int:
@@ -98,17 +101,38 @@ class Server:
         return self.process.returncode
 
 
-def start_server(tmp_path: Path, demo_dir: str, *args: str, ready: bool = True,
-                 env: dict[str, str] | None = None, model: str = "demo") -> Server:
+def start_server(
+    tmp_path: Path,
+    demo_dir: str,
+    *args: str,
+    ready: bool = True,
+    env: dict[str, str] | None = None,
+    model: str = "demo",
+) -> Server:
     state_dir = tmp_path / "state"
     log_path = tmp_path / "server.log"
-    command = [sys.executable, "-m", "inference", "--model", model, "--demo-dir", demo_dir,
-               "--host", "127.0.0.1", "--port", "0", "--state-dir", str(state_dir), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "inference",
+        "--model",
+        model,
+        "--demo-dir",
+        demo_dir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--state-dir",
+        str(state_dir),
+        *args,
+    ]
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_INFERENCE_")}
     child_env.update(env or {})
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                   env=child_env)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=child_env
+        )
     server = Server(process, log_path, state_dir)
 
     def listening() -> bool:
@@ -116,6 +140,7 @@ def start_server(tmp_path: Path, demo_dir: str, *args: str, ready: bool = True,
         if match:
             server.base_url = f"http://{match.group(1)}:{match.group(2)}"
         return bool(match)
+
     server.wait_for(listening, 60, "the listening line")
     if ready:
         server.wait_ready()
@@ -134,6 +159,7 @@ def server_factory(tmp_path, demo_dir):
         server = start_server(directory, demo_dir, *args, **kwargs)
         started.append(server)
         return server
+
     factory.tmp = tmp_path
     yield factory
     for server in started:
@@ -171,8 +197,18 @@ def pytest_collection_modifyitems(config, items):
 def start_exporter(tmp_path: Path, state_dir: Path, *args: str) -> Server:
     """The companion exporter as a child process, on a free port (parsed from its log)."""
     log_path = tmp_path / "exporter.log"
-    command = [sys.executable, "-m", "exporter", "--host", "127.0.0.1", "--port", "0",
-               "--state-dir", str(state_dir), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "exporter",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--state-dir",
+        str(state_dir),
+        *args,
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_EXPORTER_")}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
@@ -183,6 +219,7 @@ def start_exporter(tmp_path: Path, state_dir: Path, *args: str) -> Server:
         if match:
             exporter.base_url = f"http://{match.group(1)}:{match.group(2)}"
         return bool(match)
+
     exporter.wait_for(listening, 30, "the exporter's listening line")
     return exporter
 
@@ -204,8 +241,7 @@ class Prometheus:
     log_path: Path
 
     def query(self, expr: str) -> list[dict[str, Any]]:
-        response = requests.get(self.base_url + "/api/v1/query", params={"query": expr},
-                                timeout=10)
+        response = requests.get(self.base_url + "/api/v1/query", params={"query": expr}, timeout=10)
         response.raise_for_status()
         return response.json()["data"]["result"]
 
@@ -225,8 +261,10 @@ class Prometheus:
             if predicate(value):
                 return value
             time.sleep(0.25)
-        raise AssertionError(f"timed out waiting on {expr} (last value {value}); Prometheus log:\n"
-                             + self.log_path.read_text()[-2000:])
+        raise AssertionError(
+            f"timed out waiting on {expr} (last value {value}); Prometheus log:\n"
+            + self.log_path.read_text()[-2000:]
+        )
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -250,9 +288,16 @@ def start_prometheus(tmp_path: Path, config_text: str, *extra: str) -> Prometheu
     log_path = tmp_path / "prometheus.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", *extra],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     prometheus = Prometheus(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -310,16 +355,19 @@ class WebhookReceiver:
                     found.append({**alert, "received_at": note["received_at"]})
             return found
 
-    def wait_for(self, name: str, status: str = "firing", timeout: float = 90.0,
-                 after: float = 0.0) -> dict[str, Any]:
+    def wait_for(
+        self, name: str, status: str = "firing", timeout: float = 90.0, after: float = 0.0
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = [a for a in self.alerts(name, status) if a["received_at"] >= after]
             if found:
                 return found[0]
             time.sleep(0.2)
-        raise AssertionError(f"no {status} notification of {name} within {timeout} s; got: "
-                             f"{[(a['labels']['alertname'], a['status']) for a in self.alerts()]}")
+        raise AssertionError(
+            f"no {status} notification of {name} within {timeout} s; got: "
+            f"{[(a['labels']['alertname'], a['status']) for a in self.alerts()]}"
+        )
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -342,9 +390,16 @@ def start_alertmanager(tmp_path: Path, config_text: str) -> Prometheus:
     log_path = directory / "alertmanager.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.path={directory / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     manager = Prometheus(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -19,8 +19,9 @@ from inference.model.loader import load_model
 
 def test_estimate_for_grouped_query_attention():
     # Llama-3-8B: 32 layers, 8 KV heads of 128, bfloat16: 128 KiB per token.
-    config = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                             hidden_size=4096)
+    config = SimpleNamespace(
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096
+    )
     shape = kv_cache_shape(config, 2)
     assert shape == KvCacheShape(32, 8, 128, 2)
     assert shape.bytes_per_token == 131072
@@ -29,29 +30,45 @@ def test_estimate_for_grouped_query_attention():
 
 def test_estimate_for_glm_checkpoint_names():
     # ChatGLM/GLM-4 configs: num_layers, multi_query_group_num and kv_channels.
-    config = SimpleNamespace(num_layers=40, num_attention_heads=32, multi_query_group_num=2,
-                             kv_channels=128, hidden_size=4096)
+    config = SimpleNamespace(
+        num_layers=40,
+        num_attention_heads=32,
+        multi_query_group_num=2,
+        kv_channels=128,
+        hidden_size=4096,
+    )
     assert kv_cache_shape(config, 2) == KvCacheShape(40, 2, 128, 2)
 
 
 def test_estimate_reads_the_text_config_and_an_explicit_head_dim():
-    text = SimpleNamespace(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                           head_dim=80, hidden_size=512)
+    text = SimpleNamespace(
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=80,
+        hidden_size=512,
+    )
     assert kv_cache_shape(SimpleNamespace(text_config=text), 4) == KvCacheShape(4, 4, 80, 4)
 
 
 def test_no_estimate_for_other_cache_layouts():
-    mla = SimpleNamespace(num_hidden_layers=61, num_attention_heads=128, kv_lora_rank=512,
-                          hidden_size=7168)
+    mla = SimpleNamespace(
+        num_hidden_layers=61, num_attention_heads=128, kv_lora_rank=512, hidden_size=7168
+    )
     assert kv_cache_shape(mla, 2) is None
     assert kv_cache_shape(SimpleNamespace(), 2) is None
 
 
 def test_memory_figures_are_described_in_mib():
-    figures = {"allocated": 3 * 2**20, "reserved": 4 * 2**20, "free": 10 * 2**20,
-               "total": 80 * 2**20}
+    figures = {
+        "allocated": 3 * 2**20,
+        "reserved": 4 * 2**20,
+        "free": 10 * 2**20,
+        "total": 80 * 2**20,
+    }
     assert describe_figures(figures, "cuda:0") == (
-        "cuda:0: 3 MiB allocated, 4 MiB reserved by PyTorch, 10 MiB free of 80 MiB")
+        "cuda:0: 3 MiB allocated, 4 MiB reserved by PyTorch, 10 MiB free of 80 MiB"
+    )
     assert describe_figures({}, "cpu") == ""
 
 
@@ -65,19 +82,29 @@ class _DeviceMemory:
 
     def available_bytes(self) -> int:
         held = self.engine.held_requests() if self.engine is not None else []
-        return self.capacity - sum(self.kv.bytes_for(r.prompt_tokens + r.completion_tokens)
-                                   for r in held)
+        return self.capacity - sum(
+            self.kv.bytes_for(r.prompt_tokens + r.completion_tokens) for r in held
+        )
 
 
 class _Observer:
     def __init__(self):
         self.refused: list[str] = []
 
-    def step(self, stage, batch_size): pass
-    def running_changed(self, running): pass
-    def batch_formed(self, new_requests): pass
-    def out_of_memory(self, stage): pass
-    def fault_fired(self, fault, stage): pass
+    def step(self, stage, batch_size):
+        pass
+
+    def running_changed(self, running):
+        pass
+
+    def batch_formed(self, new_requests):
+        pass
+
+    def out_of_memory(self, stage):
+        pass
+
+    def fault_fired(self, fault, stage):
+        pass
 
     def admission_refused(self, reason):
         self.refused.append(reason)
@@ -93,18 +120,20 @@ def _engine(loaded, available: int):
     observer = _Observer()
     kv = kv_cache_shape(loaded.model.config, loaded.dtype.itemsize)
     memory = _DeviceMemory(available, kv)
-    engine = Engine(loaded, queue, max_batch_size=8, observer=observer, kv_cache=kv,
-                    memory=memory)
+    engine = Engine(loaded, queue, max_batch_size=8, observer=observer, kv_cache=kv, memory=memory)
     memory.engine = engine
     engine.start()
     return engine, queue, observer, kv
 
 
 def _submit(queue, loaded, text: str, max_tokens: int):
-    request = GenerationRequest(request_id=text, prompt_ids=loaded.tokenizer(text)["input_ids"],
-                                params=SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                      ignore_eos=True),
-                                stream=False, deadline_ns=time.perf_counter_ns() + 60 * 10**9)
+    request = GenerationRequest(
+        request_id=text,
+        prompt_ids=loaded.tokenizer(text)["input_ids"],
+        params=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+        stream=False,
+        deadline_ns=time.perf_counter_ns() + 60 * 10**9,
+    )
     done = threading.Event()
     outcome = []
 
@@ -112,6 +141,7 @@ def _submit(queue, loaded, text: str, max_tokens: int):
         if isinstance(event, (Finished, Failed)):
             outcome.append(event)
             done.set()
+
     request.emit = emit
     queue.put(request)
     return request, done, outcome

@@ -17,8 +17,9 @@ from tools.metrics_reference import all_metric_names
 
 PROMTOOL = shutil.which("promtool")
 AMTOOL = shutil.which("amtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed "
-                                    "(Debian package prometheus)")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)"
+)
 
 # The labels of the input series: one exporter instance, a model served there, its process, two
 # GPUs and a probed target.
@@ -44,173 +45,380 @@ def case(series: dict[str, str], eval_time: str, expected: list[dict] | None = N
 CASES: dict[str, tuple[dict, dict]] = {
     "InferenceEngineStalled": (
         case({f"inference_engine_stalled{{{PROCESS}}}": "0 0 1 1 1"}, "4m", [AT_MODEL]),
-        case({f"inference_engine_stalled{{{PROCESS}}}": "0x5",
-              f'inference_engine_stalls_total{{{MODEL},stage="decode"}}': "0x5"}, "5m")),
+        case(
+            {
+                f"inference_engine_stalled{{{PROCESS}}}": "0x5",
+                f'inference_engine_stalls_total{{{MODEL},stage="decode"}}': "0x5",
+            },
+            "5m",
+        ),
+    ),
     "InferenceHeartbeatStale": (
-        case({f"vigil_process_heartbeat_age_seconds{{{PROCESS}}}": "0+10x10",
-              f"inference_requests_in_flight{{{PROCESS}}}": "2x10"}, "10m", [AT_PROCESS]),
-        case({f"vigil_process_heartbeat_age_seconds{{{PROCESS}}}": "0+10x10",
-              f"inference_requests_in_flight{{{PROCESS}}}": "0x10"}, "10m")),
+        case(
+            {
+                f"vigil_process_heartbeat_age_seconds{{{PROCESS}}}": "0+10x10",
+                f"inference_requests_in_flight{{{PROCESS}}}": "2x10",
+            },
+            "10m",
+            [AT_PROCESS],
+        ),
+        case(
+            {
+                f"vigil_process_heartbeat_age_seconds{{{PROCESS}}}": "0+10x10",
+                f"inference_requests_in_flight{{{PROCESS}}}": "0x10",
+            },
+            "10m",
+        ),
+    ),
     "InferenceBusyWithoutProgress": (
-        case({f"vigil_process_cpu_seconds_total{{{PROCESS}}}": "0+60x10",
-              f"vigil_process_heartbeat_age_seconds{{{PROCESS}}}": "0+10x10",
-              f"inference_requests_in_flight{{{PROCESS}}}": "1x10"}, "10m", [AT_PROCESS]),
-        case({f"vigil_process_cpu_seconds_total{{{PROCESS}}}": "0+6x10",
-              f"vigil_process_heartbeat_age_seconds{{{PROCESS}}}": "0+10x10",
-              f"inference_requests_in_flight{{{PROCESS}}}": "1x10"}, "10m")),
+        case(
+            {
+                f"vigil_process_cpu_seconds_total{{{PROCESS}}}": "0+60x10",
+                f"vigil_process_heartbeat_age_seconds{{{PROCESS}}}": "0+10x10",
+                f"inference_requests_in_flight{{{PROCESS}}}": "1x10",
+            },
+            "10m",
+            [AT_PROCESS],
+        ),
+        case(
+            {
+                f"vigil_process_cpu_seconds_total{{{PROCESS}}}": "0+6x10",
+                f"vigil_process_heartbeat_age_seconds{{{PROCESS}}}": "0+10x10",
+                f"inference_requests_in_flight{{{PROCESS}}}": "1x10",
+            },
+            "10m",
+        ),
+    ),
     "InferenceProcessInDriverWait": (
         case({f'vigil_process_state{{{PROCESS},state="disk_sleep"}}': "1x10"}, "10m", [AT_PROCESS]),
-        case({f'vigil_process_state{{{PROCESS},state="disk_sleep"}}': "0x10"}, "10m")),
+        case({f'vigil_process_state{{{PROCESS},state="disk_sleep"}}': "0x10"}, "10m"),
+    ),
     "InferenceProbeFailing": (
-        case({f'vigil_probe_success{{{TARGET},check="canary"}}': "0x10",
-              f'vigil_probe_success{{{TARGET},check="ready"}}': "1x10",
-              f'vigil_probe_success{{{TARGET},check="health"}}': "1x10"}, "10m", [AT_TARGET]),
-        case({f'vigil_probe_success{{{TARGET},check="canary"}}': "0x10",
-              f'vigil_probe_success{{{TARGET},check="health"}}': "0x10"}, "10m")),
+        case(
+            {
+                f'vigil_probe_success{{{TARGET},check="canary"}}': "0x10",
+                f'vigil_probe_success{{{TARGET},check="ready"}}': "1x10",
+                f'vigil_probe_success{{{TARGET},check="health"}}': "1x10",
+            },
+            "10m",
+            [AT_TARGET],
+        ),
+        case(
+            {
+                f'vigil_probe_success{{{TARGET},check="canary"}}': "0x10",
+                f'vigil_probe_success{{{TARGET},check="health"}}': "0x10",
+            },
+            "10m",
+        ),
+    ),
     "InferenceTargetDown": (
         case({f'vigil_probe_success{{{TARGET},check="health"}}': "0x10"}, "10m", [AT_TARGET]),
-        case({f'vigil_probe_success{{{TARGET},check="health"}}': "1x10"}, "10m")),
+        case({f'vigil_probe_success{{{TARGET},check="health"}}': "1x10"}, "10m"),
+    ),
     "InferenceProbeAbsent": (
-        case({f"vigil_process_alive{{{PROCESS}}}": "1x10"}, "10m",
-             [{"check": "health", "job": "vigil-exporter"}]),
-        case({f'vigil_probe_success{{{TARGET},check="health"}}': "0x10"}, "10m")),
+        case(
+            {f"vigil_process_alive{{{PROCESS}}}": "1x10"},
+            "10m",
+            [{"check": "health", "job": "vigil-exporter"}],
+        ),
+        case({f'vigil_probe_success{{{TARGET},check="health"}}': "0x10"}, "10m"),
+    ),
     "InferenceNoLiveProcess": (
         case({f"vigil_process_alive{{{PROCESS}}}": "0x10"}, "10m", [{}]),
-        case({f"vigil_process_alive{{{PROCESS}}}": "1x10"}, "10m")),
+        case({f"vigil_process_alive{{{PROCESS}}}": "1x10"}, "10m"),
+    ),
     "InferenceProcessDied": (
         case({f"vigil_process_alive{{{PROCESS}}}": "1 1 0 0"}, "3m", [AT_PROCESS]),
-        case({f"vigil_process_alive{{{PROCESS}}}": "1x5"}, "5m")),
+        case({f"vigil_process_alive{{{PROCESS}}}": "1x5"}, "5m"),
+    ),
     "InferenceCrashLoop": (
         case({f"vigil_process_unclean_exits_total{{{MODEL}}}": "0 1 2 3 3"}, "4m", [AT_MODEL]),
-        case({f"vigil_process_unclean_exits_total{{{MODEL}}}": "0 0 1 1 1"}, "4m")),
+        case({f"vigil_process_unclean_exits_total{{{MODEL}}}": "0 0 1 1 1"}, "4m"),
+    ),
     "InferenceModelLoadSlow": (
-        case({f"inference_model_load_started_timestamp_seconds{{{PROCESS}}}": "0x20",
-              f'inference_model_load_state{{{PROCESS},state="loading"}}': "1x20"}, "20m",
-             [AT_PROCESS]),
-        case({f"inference_model_load_started_timestamp_seconds{{{PROCESS}}}": "0x20",
-              f'inference_model_load_state{{{PROCESS},state="loading"}}': "0x20"}, "20m")),
+        case(
+            {
+                f"inference_model_load_started_timestamp_seconds{{{PROCESS}}}": "0x20",
+                f'inference_model_load_state{{{PROCESS},state="loading"}}': "1x20",
+            },
+            "20m",
+            [AT_PROCESS],
+        ),
+        case(
+            {
+                f"inference_model_load_started_timestamp_seconds{{{PROCESS}}}": "0x20",
+                f'inference_model_load_state{{{PROCESS},state="loading"}}': "0x20",
+            },
+            "20m",
+        ),
+    ),
     "InferenceModelLoadFailed": (
-        case({f'inference_model_load_state{{{PROCESS},state="failed"}}': "1x3"}, "3m",
-             [AT_PROCESS]),
-        case({f'inference_model_load_state{{{PROCESS},state="failed"}}': "0x3"}, "3m")),
+        case(
+            {f'inference_model_load_state{{{PROCESS},state="failed"}}': "1x3"}, "3m", [AT_PROCESS]
+        ),
+        case({f'inference_model_load_state{{{PROCESS},state="failed"}}': "0x3"}, "3m"),
+    ),
     "GpuMemoryNearlyFull": (
-        case({f"vigil_gpu_memory_used_bytes{{{GPU}}}": "96x10",
-              f"vigil_gpu_memory_total_bytes{{{GPU}}}": "100x10"}, "10m", [AT_GPU]),
-        case({f"vigil_gpu_memory_used_bytes{{{GPU}}}": "50x10",
-              f"vigil_gpu_memory_total_bytes{{{GPU}}}": "100x10"}, "10m")),
+        case(
+            {
+                f"vigil_gpu_memory_used_bytes{{{GPU}}}": "96x10",
+                f"vigil_gpu_memory_total_bytes{{{GPU}}}": "100x10",
+            },
+            "10m",
+            [AT_GPU],
+        ),
+        case(
+            {
+                f"vigil_gpu_memory_used_bytes{{{GPU}}}": "50x10",
+                f"vigil_gpu_memory_total_bytes{{{GPU}}}": "100x10",
+            },
+            "10m",
+        ),
+    ),
     "GpuMemoryFullWithinAnHour": (
-        case({f"vigil_gpu_memory_used_bytes{{{GPU}}}": "60+2x60",
-              f"vigil_gpu_memory_total_bytes{{{GPU}}}": "200x60"}, "40m", [AT_GPU]),
-        case({f"vigil_gpu_memory_used_bytes{{{GPU}}}": "150x60",
-              f"vigil_gpu_memory_total_bytes{{{GPU}}}": "200x60"}, "40m")),
+        case(
+            {
+                f"vigil_gpu_memory_used_bytes{{{GPU}}}": "60+2x60",
+                f"vigil_gpu_memory_total_bytes{{{GPU}}}": "200x60",
+            },
+            "40m",
+            [AT_GPU],
+        ),
+        case(
+            {
+                f"vigil_gpu_memory_used_bytes{{{GPU}}}": "150x60",
+                f"vigil_gpu_memory_total_bytes{{{GPU}}}": "200x60",
+            },
+            "40m",
+        ),
+    ),
     "InferenceOutOfMemory": (
-        case({f'inference_out_of_memory_errors_total{{{MODEL},stage="decode"}}': "0 0 1 1"}, "3m",
-             [{**AT_MODEL, "stage": "decode"}]),
-        case({f'inference_out_of_memory_errors_total{{{MODEL},stage="decode"}}': "0x3"}, "3m")),
+        case(
+            {f'inference_out_of_memory_errors_total{{{MODEL},stage="decode"}}': "0 0 1 1"},
+            "3m",
+            [{**AT_MODEL, "stage": "decode"}],
+        ),
+        case({f'inference_out_of_memory_errors_total{{{MODEL},stage="decode"}}': "0x3"}, "3m"),
+    ),
     "InferenceAdmissionRefusalsRising": (
-        case({f'inference_admission_refusals_total{{{MODEL},reason="insufficient_memory"}}':
-              "0+2x10"}, "10m", [{**AT_MODEL, "reason": "insufficient_memory"}]),
-        case({f'inference_admission_refusals_total{{{MODEL},reason="insufficient_memory"}}':
-              "0 0 0 1 1 1 1 1 1 1 1"}, "10m")),
+        case(
+            {
+                f'inference_admission_refusals_total{{{MODEL},reason="insufficient_memory"}}': "0+2x10"
+            },
+            "10m",
+            [{**AT_MODEL, "reason": "insufficient_memory"}],
+        ),
+        case(
+            {
+                f'inference_admission_refusals_total{{{MODEL},reason="insufficient_memory"}}': "0 0 0 1 1 1 1 1 1 1 1"
+            },
+            "10m",
+        ),
+    ),
     "InferenceQueueBacklog": (
         case({f"inference_queue_depth{{{PROCESS}}}": "40x5"}, "5m", [AT_PROCESS]),
-        case({f"inference_queue_depth{{{PROCESS}}}": "5x5"}, "5m")),
+        case({f"inference_queue_depth{{{PROCESS}}}": "5x5"}, "5m"),
+    ),
     "InferenceQueueWaitLong": (
-        case({f"inference_queue_oldest_enqueue_timestamp_seconds{{{PROCESS}}}": "60x5"}, "5m",
-             [AT_PROCESS]),
-        case({f"inference_queue_oldest_enqueue_timestamp_seconds{{{PROCESS}}}": "0x5"}, "5m")),
+        case(
+            {f"inference_queue_oldest_enqueue_timestamp_seconds{{{PROCESS}}}": "60x5"},
+            "5m",
+            [AT_PROCESS],
+        ),
+        case({f"inference_queue_oldest_enqueue_timestamp_seconds{{{PROCESS}}}": "0x5"}, "5m"),
+    ),
     "InferenceTimeToFirstTokenHigh": (
-        case({f'gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL},le="0.5"}}': "0x20",
-              f'gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL},le="5"}}': "0+10x20",
-              f'gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL},le="+Inf"}}': "0+10x20"},
-             "20m", [AT_MODEL]),
-        case({f'gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL},le="0.5"}}': "0+10x20",
-              f'gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL},le="5"}}': "0+10x20",
-              f'gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL},le="+Inf"}}': "0+10x20"},
-             "20m")),
+        case(
+            {
+                f'gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL},le="0.5"}}': "0x20",
+                f'gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL},le="5"}}': "0+10x20",
+                f'gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL},le="+Inf"}}': "0+10x20",
+            },
+            "20m",
+            [AT_MODEL],
+        ),
+        case(
+            {
+                f'gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL},le="0.5"}}': "0+10x20",
+                f'gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL},le="5"}}': "0+10x20",
+                f'gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL},le="+Inf"}}': "0+10x20",
+            },
+            "20m",
+        ),
+    ),
     "InferenceLatencyHigh": (
-        case({f'gen_ai_server_request_duration_seconds_bucket{{{MODEL},le="10.24"}}': "0x20",
-              f'gen_ai_server_request_duration_seconds_bucket{{{MODEL},le="81.92"}}': "0+10x20",
-              f'gen_ai_server_request_duration_seconds_bucket{{{MODEL},le="+Inf"}}': "0+10x20"},
-             "20m", [AT_MODEL]),
-        case({f'gen_ai_server_request_duration_seconds_bucket{{{MODEL},le="10.24"}}': "0+10x20",
-              f'gen_ai_server_request_duration_seconds_bucket{{{MODEL},le="81.92"}}': "0+10x20",
-              f'gen_ai_server_request_duration_seconds_bucket{{{MODEL},le="+Inf"}}': "0+10x20"},
-             "20m")),
+        case(
+            {
+                f'gen_ai_server_request_duration_seconds_bucket{{{MODEL},le="10.24"}}': "0x20",
+                f'gen_ai_server_request_duration_seconds_bucket{{{MODEL},le="81.92"}}': "0+10x20",
+                f'gen_ai_server_request_duration_seconds_bucket{{{MODEL},le="+Inf"}}': "0+10x20",
+            },
+            "20m",
+            [AT_MODEL],
+        ),
+        case(
+            {
+                f'gen_ai_server_request_duration_seconds_bucket{{{MODEL},le="10.24"}}': "0+10x20",
+                f'gen_ai_server_request_duration_seconds_bucket{{{MODEL},le="81.92"}}': "0+10x20",
+                f'gen_ai_server_request_duration_seconds_bucket{{{MODEL},le="+Inf"}}': "0+10x20",
+            },
+            "20m",
+        ),
+    ),
     "InferenceErrorRateHigh": (
-        case({f'inference_requests_total{{{MODEL},status="500"}}': "0+1x10",
-              f'inference_requests_total{{{MODEL},status="200"}}': "0+9x10"}, "10m", [AT_MODEL]),
-        case({f'inference_requests_total{{{MODEL},status="500"}}': "0x10",
-              f'inference_requests_total{{{MODEL},status="200"}}': "0+9x10"}, "10m")),
+        case(
+            {
+                f'inference_requests_total{{{MODEL},status="500"}}': "0+1x10",
+                f'inference_requests_total{{{MODEL},status="200"}}': "0+9x10",
+            },
+            "10m",
+            [AT_MODEL],
+        ),
+        case(
+            {
+                f'inference_requests_total{{{MODEL},status="500"}}': "0x10",
+                f'inference_requests_total{{{MODEL},status="200"}}': "0+9x10",
+            },
+            "10m",
+        ),
+    ),
     "InferenceErrorRateCritical": (
-        case({f'inference_requests_total{{{MODEL},status="503"}}': "0+5x10",
-              f'inference_requests_total{{{MODEL},status="200"}}': "0+5x10"}, "10m", [AT_MODEL]),
-        case({f'inference_requests_total{{{MODEL},status="500"}}': "0+1x10",
-              f'inference_requests_total{{{MODEL},status="200"}}': "0+9x10"}, "10m")),
+        case(
+            {
+                f'inference_requests_total{{{MODEL},status="503"}}': "0+5x10",
+                f'inference_requests_total{{{MODEL},status="200"}}': "0+5x10",
+            },
+            "10m",
+            [AT_MODEL],
+        ),
+        case(
+            {
+                f'inference_requests_total{{{MODEL},status="500"}}': "0+1x10",
+                f'inference_requests_total{{{MODEL},status="200"}}': "0+9x10",
+            },
+            "10m",
+        ),
+    ),
     "InferenceEmptyOutputs": (
-        case({f'inference_empty_outputs_total{{{MODEL},reason="immediate_eos"}}': "0+1x10"}, "10m",
-             [{**AT_MODEL, "reason": "immediate_eos"}]),
-        case({f'inference_empty_outputs_total{{{MODEL},reason="immediate_eos"}}':
-              "0 0 0 1 1 1 1 1 1 1 1"}, "10m")),
+        case(
+            {f'inference_empty_outputs_total{{{MODEL},reason="immediate_eos"}}': "0+1x10"},
+            "10m",
+            [{**AT_MODEL, "reason": "immediate_eos"}],
+        ),
+        case(
+            {
+                f'inference_empty_outputs_total{{{MODEL},reason="immediate_eos"}}': "0 0 0 1 1 1 1 1 1 1 1"
+            },
+            "10m",
+        ),
+    ),
     "InferenceCanaryEmpty": (
         case({f"vigil_probe_canary_empty{{{TARGET}}}": "1x10"}, "10m", [AT_TARGET]),
-        case({f"vigil_probe_canary_empty{{{TARGET}}}": "0x10"}, "10m")),
+        case({f"vigil_probe_canary_empty{{{TARGET}}}": "0x10"}, "10m"),
+    ),
     "GpuXidError": (
-        case({f'vigil_gpu_xid_errors_total{{{GPU},xid="79"}}': "_x5 1 1 1"}, "7m",
-             [{**AT_GPU, "xid": "79"}]),
-        case({f'vigil_gpu_xid_errors_total{{{GPU},xid="13"}}': "_x5 1 2 3"}, "7m")),
+        case(
+            {f'vigil_gpu_xid_errors_total{{{GPU},xid="79"}}': "_x5 1 1 1"},
+            "7m",
+            [{**AT_GPU, "xid": "79"}],
+        ),
+        case({f'vigil_gpu_xid_errors_total{{{GPU},xid="13"}}': "_x5 1 2 3"}, "7m"),
+    ),
     "GpuThermalThrottling": (
-        case({f'vigil_gpu_clock_event_reason{{{GPU},reason="hw_thermal_slowdown"}}': "1x10"},
-             "10m", [AT_GPU]),
-        case({f'vigil_gpu_clock_event_reason{{{GPU},reason="hw_thermal_slowdown"}}': "0x10"},
-             "10m")),
+        case(
+            {f'vigil_gpu_clock_event_reason{{{GPU},reason="hw_thermal_slowdown"}}': "1x10"},
+            "10m",
+            [AT_GPU],
+        ),
+        case(
+            {f'vigil_gpu_clock_event_reason{{{GPU},reason="hw_thermal_slowdown"}}': "0x10"}, "10m"
+        ),
+    ),
     "GpuPowerBrake": (
-        case({f'vigil_gpu_clock_event_reason{{{GPU},reason="hw_power_brake_slowdown"}}': "1x10"},
-             "10m", [AT_GPU]),
-        case({f'vigil_gpu_clock_event_reason{{{GPU},reason="sw_power_cap"}}': "1x10"}, "10m")),
+        case(
+            {f'vigil_gpu_clock_event_reason{{{GPU},reason="hw_power_brake_slowdown"}}': "1x10"},
+            "10m",
+            [AT_GPU],
+        ),
+        case({f'vigil_gpu_clock_event_reason{{{GPU},reason="sw_power_cap"}}': "1x10"}, "10m"),
+    ),
     "GpuPowerCapped": (
-        case({f'vigil_gpu_clock_event_reason{{{GPU},reason="sw_power_cap"}}': "1x20"}, "20m",
-             [AT_GPU]),
-        case({f'vigil_gpu_clock_event_reason{{{GPU},reason="sw_power_cap"}}': "0x20"}, "20m")),
+        case(
+            {f'vigil_gpu_clock_event_reason{{{GPU},reason="sw_power_cap"}}': "1x20"},
+            "20m",
+            [AT_GPU],
+        ),
+        case({f'vigil_gpu_clock_event_reason{{{GPU},reason="sw_power_cap"}}': "0x20"}, "20m"),
+    ),
     "GpuEccUncorrectable": (
-        case({f'vigil_gpu_ecc_errors_total{{{GPU},type="uncorrected"}}': "0 0 1 1"}, "3m",
-             [AT_GPU]),
-        case({f'vigil_gpu_ecc_errors_total{{{GPU},type="corrected"}}': "0 5 10 15",
-              f'vigil_gpu_ecc_errors_total{{{GPU},type="uncorrected"}}': "0x3"}, "3m")),
+        case(
+            {f'vigil_gpu_ecc_errors_total{{{GPU},type="uncorrected"}}': "0 0 1 1"}, "3m", [AT_GPU]
+        ),
+        case(
+            {
+                f'vigil_gpu_ecc_errors_total{{{GPU},type="corrected"}}': "0 5 10 15",
+                f'vigil_gpu_ecc_errors_total{{{GPU},type="uncorrected"}}': "0x3",
+            },
+            "3m",
+        ),
+    ),
     "GpuRowRemapFailure": (
         case({f"vigil_gpu_remapped_rows_failure{{{GPU}}}": "1x3"}, "3m", [AT_GPU]),
-        case({f"vigil_gpu_remapped_rows_failure{{{GPU}}}": "0x3"}, "3m")),
+        case({f"vigil_gpu_remapped_rows_failure{{{GPU}}}": "0x3"}, "3m"),
+    ),
     "GpuRowRemapPending": (
         case({f"vigil_gpu_remapped_rows_pending{{{GPU}}}": "1x3"}, "3m", [AT_GPU]),
-        case({f"vigil_gpu_remapped_rows_pending{{{GPU}}}": "0x3"}, "3m")),
+        case({f"vigil_gpu_remapped_rows_pending{{{GPU}}}": "0x3"}, "3m"),
+    ),
     "GpuLost": (
         case({f"vigil_gpu_up{{{GPU}}}": "0x5"}, "5m", [AT_GPU]),
-        case({f"vigil_gpu_up{{{GPU}}}": "1x5"}, "5m")),
+        case({f"vigil_gpu_up{{{GPU}}}": "1x5"}, "5m"),
+    ),
     "GpuReadingsStale": (
         case({f"vigil_gpu_last_read_timestamp_seconds{{{GPU}}}": "0x5"}, "5m", [AT_GPU]),
-        case({f"vigil_gpu_last_read_timestamp_seconds{{{GPU}}}": "0+60x5"}, "5m")),
+        case({f"vigil_gpu_last_read_timestamp_seconds{{{GPU}}}": "0+60x5"}, "5m"),
+    ),
     "NvmlDown": (
         case({f"vigil_nvml_up{{{INSTANCE}}}": "1x10 0x10"}, "20m", [AT_INSTANCE]),
-        case({f"vigil_nvml_up{{{INSTANCE}}}": "0x20"}, "20m")),  # a machine without GPUs
+        case({f"vigil_nvml_up{{{INSTANCE}}}": "0x20"}, "20m"),
+    ),  # a machine without GPUs
     "GpuUtilizationImbalance": (
-        case({f"vigil_gpu_utilization_ratio{{{GPU}}}": "0.9x20",
-              f"vigil_gpu_utilization_ratio{{{SECOND_GPU}}}": "0.1x20",
-              f'vigil_gpu_process_memory_used_bytes{{{GPU},pid="7",model="glm"}}': "1e9x20",
-              f'vigil_gpu_process_memory_used_bytes{{{SECOND_GPU},pid="8",model="glm"}}': "1e9x20"},
-             "20m", [AT_MODEL]),
-        case({f"vigil_gpu_utilization_ratio{{{GPU}}}": "0.9x20",
-              f"vigil_gpu_utilization_ratio{{{SECOND_GPU}}}": "0.8x20",
-              f'vigil_gpu_process_memory_used_bytes{{{GPU},pid="7",model="glm"}}': "1e9x20",
-              f'vigil_gpu_process_memory_used_bytes{{{SECOND_GPU},pid="8",model="glm"}}': "1e9x20"},
-             "20m")),
+        case(
+            {
+                f"vigil_gpu_utilization_ratio{{{GPU}}}": "0.9x20",
+                f"vigil_gpu_utilization_ratio{{{SECOND_GPU}}}": "0.1x20",
+                f'vigil_gpu_process_memory_used_bytes{{{GPU},pid="7",model="glm"}}': "1e9x20",
+                f'vigil_gpu_process_memory_used_bytes{{{SECOND_GPU},pid="8",model="glm"}}': "1e9x20",
+            },
+            "20m",
+            [AT_MODEL],
+        ),
+        case(
+            {
+                f"vigil_gpu_utilization_ratio{{{GPU}}}": "0.9x20",
+                f"vigil_gpu_utilization_ratio{{{SECOND_GPU}}}": "0.8x20",
+                f'vigil_gpu_process_memory_used_bytes{{{GPU},pid="7",model="glm"}}': "1e9x20",
+                f'vigil_gpu_process_memory_used_bytes{{{SECOND_GPU},pid="8",model="glm"}}': "1e9x20",
+            },
+            "20m",
+        ),
+    ),
     "VigilExporterDown": (
-        case({'up{instance="n1:9400",job="vigil-exporter"}': "0x5"}, "5m",
-             [{**AT_INSTANCE, "job": "vigil-exporter"}]),
-        case({'up{instance="n1:9400",job="vigil-exporter"}': "1x5"}, "5m")),
+        case(
+            {'up{instance="n1:9400",job="vigil-exporter"}': "0x5"},
+            "5m",
+            [{**AT_INSTANCE, "job": "vigil-exporter"}],
+        ),
+        case({'up{instance="n1:9400",job="vigil-exporter"}': "1x5"}, "5m"),
+    ),
     "VigilExporterCollectorFailing": (
-        case({f'vigil_exporter_collector_success{{{INSTANCE},collector="gpu"}}': "0x10"}, "10m",
-             [{**AT_INSTANCE, "collector": "gpu"}]),
-        case({f'vigil_exporter_collector_success{{{INSTANCE},collector="gpu"}}': "1x10"}, "10m")),
+        case(
+            {f'vigil_exporter_collector_success{{{INSTANCE},collector="gpu"}}': "0x10"},
+            "10m",
+            [{**AT_INSTANCE, "collector": "gpu"}],
+        ),
+        case({f'vigil_exporter_collector_success{{{INSTANCE},collector="gpu"}}': "1x10"}, "10m"),
+    ),
     "Watchdog": (case({}, "1m", [{}]), case({}, "1m", [{}])),  # it always fires
 }
 
@@ -268,32 +476,40 @@ def _labels_only_rules(tmp_path: Path) -> list[str]:
 
 def _rule_labels() -> dict[str, dict[str, str]]:
     """Alert name -> the labels its rule sets (severity, cause)."""
-    return {rule["alert"]: rule["labels"] for body in groups(defaults()).values()
-            for group in body for rule in group["rules"]}
+    return {
+        rule["alert"]: rule["labels"]
+        for body in groups(defaults()).values()
+        for group in body
+        for rule in group["rules"]
+    }
 
 
-def _promtool_test(series: dict[str, str], eval_time: str,
-                   expected: dict[str, list[dict]]) -> dict:
+def _promtool_test(series: dict[str, str], eval_time: str, expected: dict[str, list[dict]]) -> dict:
     """One test of promtool test rules: the input series (selector -> values) and, per alert
     name, the places (labels beyond the rule's own) it fires at by eval_time."""
     labels = _rule_labels()
     return {
         "interval": "1m",
-        "input_series": [{"series": selector, "values": values}
-                         for selector, values in series.items()],
+        "input_series": [
+            {"series": selector, "values": values} for selector, values in series.items()
+        ],
         "alert_rule_test": [
-            {"eval_time": eval_time, "alertname": name,
-             "exp_alerts": [{"exp_labels": {**labels[name], **where}} for where in places]}
-            for name, places in expected.items()],
+            {
+                "eval_time": eval_time,
+                "alertname": name,
+                "exp_alerts": [{"exp_labels": {**labels[name], **where}} for where in places],
+            }
+            for name, places in expected.items()
+        ],
     }
 
 
 def _run_promtool(tmp_path: Path, tests: list[dict], rule_files: list[str]) -> None:
     path = tmp_path / "tests.yml"
-    path.write_text(yaml.safe_dump({"rule_files": rule_files, "evaluation_interval": "1m",
-                                    "tests": tests}))
-    result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True,
-                            text=True)
+    path.write_text(
+        yaml.safe_dump({"rule_files": rule_files, "evaluation_interval": "1m", "tests": tests})
+    )
+    result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
@@ -330,16 +546,22 @@ def test_annotations_render_with_the_place_and_the_value(tmp_path):
         "exp_annotations": {
             "summary": "GPU 0 memory nearly full on n1:9400",
             "description": "GPU 0 (H100, GPU-1) has 97% of its memory in use.",
-            "runbook_url": PARAMETERS["runbook_base"].default + "/GpuMemoryNearlyFull.md"}}
-    tests = [{
-        "interval": "1m",
-        "input_series": [{"series": f"vigil_gpu_memory_used_bytes{{{GPU}}}", "values": "97x10"},
-                         {"series": f"vigil_gpu_memory_total_bytes{{{GPU}}}", "values": "100x10"}],
-        "alert_rule_test": [{"eval_time": "10m", "alertname": "GpuMemoryNearlyFull",
-                             "exp_alerts": [expected]}],
-    }]
-    _run_promtool(tmp_path, tests,
-                  [str(path) for path in sorted(ALERTS_DIR.glob("*.rules.yml"))])
+            "runbook_url": PARAMETERS["runbook_base"].default + "/GpuMemoryNearlyFull.md",
+        },
+    }
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": [
+                {"series": f"vigil_gpu_memory_used_bytes{{{GPU}}}", "values": "97x10"},
+                {"series": f"vigil_gpu_memory_total_bytes{{{GPU}}}", "values": "100x10"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "10m", "alertname": "GpuMemoryNearlyFull", "exp_alerts": [expected]}
+            ],
+        }
+    ]
+    _run_promtool(tmp_path, tests, [str(path) for path in sorted(ALERTS_DIR.glob("*.rules.yml"))])
 
 
 def test_every_alert_has_a_known_severity():
@@ -350,36 +572,75 @@ def test_every_alert_has_a_known_severity():
 
 @needs_promtool
 def test_promtool_accepts_the_rules_and_the_prometheus_config():
-    for args in (["check", "rules", *map(str, sorted(ALERTS_DIR.glob("*.rules.yml")))],
-                 ["check", "config", str(ALERTS_DIR / "prometheus.yml")]):
+    for args in (
+        ["check", "rules", *map(str, sorted(ALERTS_DIR.glob("*.rules.yml")))],
+        ["check", "config", str(ALERTS_DIR / "prometheus.yml")],
+    ):
         result = subprocess.run([PROMTOOL, *args], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(AMTOOL is None, reason="amtool is not installed (Debian package "
-                    "prometheus-alertmanager)")
+@pytest.mark.skipif(
+    AMTOOL is None, reason="amtool is not installed (Debian package prometheus-alertmanager)"
+)
 @pytest.mark.parametrize("name", ["alertmanager.yml", "alertmanager.examples.yml"])
 def test_amtool_accepts_the_alertmanager_configs(name):
-    result = subprocess.run([AMTOOL, "check-config", name], capture_output=True, text=True,
-                            cwd=ALERTS_DIR)
+    result = subprocess.run(
+        [AMTOOL, "check-config", name], capture_output=True, text=True, cwd=ALERTS_DIR
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_every_metric_in_a_rule_is_in_the_reference():
     known = all_metric_names() | {"up"}
-    functions = {"max", "min", "sum", "count", "rate", "increase", "time", "absent", "vector",
-                 "histogram_quantile", "predict_linear", "max_over_time", "by", "on", "and",
-                 "or", "unless", "offset", "bool", "group_left", "le", "instance", "model",
-                 "pid", "gpu", "uuid", "gpu_name", "stage", "reason", "target", "collector",
-                 "xid"}
-    for name, text in render().items():
+    functions = {
+        "max",
+        "min",
+        "sum",
+        "count",
+        "rate",
+        "increase",
+        "time",
+        "absent",
+        "vector",
+        "histogram_quantile",
+        "predict_linear",
+        "max_over_time",
+        "by",
+        "on",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "bool",
+        "group_left",
+        "le",
+        "instance",
+        "model",
+        "pid",
+        "gpu",
+        "uuid",
+        "gpu_name",
+        "stage",
+        "reason",
+        "target",
+        "collector",
+        "xid",
+    }
+    for _name, text in render().items():
         for group in yaml.safe_load(text)["groups"]:
             for rule in group["rules"]:
                 expr = re.sub(r'"[^"]*"', "", rule["expr"])  # label values
                 expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
                 words = set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", expr))
-                metrics = {word for word in words if word not in functions and not re.fullmatch(
-                    r"\d+[smhd]?", word) and "_" in word or word == "up"}
+                metrics = {
+                    word
+                    for word in words
+                    if word not in functions
+                    and not re.fullmatch(r"\d+[smhd]?", word)
+                    and "_" in word
+                    or word == "up"
+                }
                 assert metrics - known == set(), (rule["alert"], metrics - known)
 
 

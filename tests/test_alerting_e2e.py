@@ -12,15 +12,25 @@ import time
 
 import requests
 import yaml
+from conftest import (
+    WebhookReceiver,
+    start_alertmanager,
+    start_exporter,
+    start_prometheus,
+    start_server,
+)
 
 from alerts.rules import ALERTS_DIR, render
-from conftest import (WebhookReceiver, start_alertmanager, start_exporter, start_prometheus,
-                      start_server)
 
 HANG_ALERTS = ("InferenceEngineStalled", "InferenceHeartbeatStale", "InferenceBusyWithoutProgress")
 # Short windows so that the test takes about two minutes; the shipped defaults are in the files.
-TEST_PARAMETERS = {"stall_window": "15s", "hang_for": "3s", "heartbeat_max_age": "6",
-                   "probe_for": "60s", "oom_window": "30s"}
+TEST_PARAMETERS = {
+    "stall_window": "15s",
+    "hang_for": "3s",
+    "heartbeat_max_age": "6",
+    "probe_for": "60s",
+    "oom_window": "30s",
+}
 
 
 def alertmanager_config(receiver_url: str) -> str:
@@ -31,22 +41,37 @@ def alertmanager_config(receiver_url: str) -> str:
             hook["url"] = receiver_url + "/" + hook["url"].rsplit("/", 1)[1]
 
     def shorten(route):
-        route.update({k: "1s" for k in ("group_wait", "group_interval") if k in route or
-                      route is config["route"]})
+        route.update(
+            {
+                k: "1s"
+                for k in ("group_wait", "group_interval")
+                if k in route or route is config["route"]
+            }
+        )
         for child in route.get("routes", []):
             shorten(child)
+
     shorten(config["route"])
     return yaml.safe_dump(config)
 
 
 def prometheus_config(rules_dir, exporter_address: str, alertmanager_address: str) -> str:
-    return yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(rules_dir / "*.rules.yml")],
-        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager_address]}]}]},
-        "scrape_configs": [{"job_name": "vigil-exporter",
-                            "static_configs": [{"targets": [exporter_address]}]}],
-    })
+    return yaml.safe_dump(
+        {
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
+            "rule_files": [str(rules_dir / "*.rules.yml")],
+            "alerting": {
+                "alertmanagers": [{"static_configs": [{"targets": [alertmanager_address]}]}]
+            },
+            "scrape_configs": [
+                {"job_name": "vigil-exporter", "static_configs": [{"targets": [exporter_address]}]}
+            ],
+        }
+    )
 
 
 def test_hang_and_oom_reach_a_person_and_legitimate_work_does_not(tmp_path, demo_dir):
@@ -55,18 +80,39 @@ def test_hang_and_oom_reach_a_person_and_legitimate_work_does_not(tmp_path, demo
     for name, text in render(TEST_PARAMETERS).items():
         (rules_dir / name).write_text(text)
     receiver = WebhookReceiver()
-    server = start_server(tmp_path, demo_dir, "--enable-fault-injection", "--on-stall", "report",
-                          "--stall-timeout", "2")
-    exporter = start_exporter(tmp_path, server.state_dir, "--target", server.base_url,
-                              "--gpu-backend", "none", "--probe-interval", "1",
-                              "--canary-interval", "5")
+    server = start_server(
+        tmp_path,
+        demo_dir,
+        "--enable-fault-injection",
+        "--on-stall",
+        "report",
+        "--stall-timeout",
+        "2",
+    )
+    exporter = start_exporter(
+        tmp_path,
+        server.state_dir,
+        "--target",
+        server.base_url,
+        "--gpu-backend",
+        "none",
+        "--probe-interval",
+        "1",
+        "--canary-interval",
+        "5",
+    )
     manager = start_alertmanager(tmp_path, alertmanager_config(receiver.url))
-    prometheus = start_prometheus(tmp_path, prometheus_config(
-        rules_dir, exporter.base_url.removeprefix("http://"),
-        manager.base_url.removeprefix("http://")),
+    prometheus = start_prometheus(
+        tmp_path,
+        prometheus_config(
+            rules_dir,
+            exporter.base_url.removeprefix("http://"),
+            manager.base_url.removeprefix("http://"),
+        ),
         # Alerts evaluated before Prometheus has found Alertmanager are dropped and resent after
         # this delay (default 1 m): keep the test's start short.
-        "--rules.alert.resend-delay=1s")
+        "--rules.alert.resend-delay=1s",
+    )
     try:
         # The pipeline works: the always-firing Watchdog arrives.
         receiver.wait_for("Watchdog", timeout=60)
@@ -74,29 +120,50 @@ def test_hang_and_oom_reach_a_person_and_legitimate_work_does_not(tmp_path, demo
         # A long generation that keeps making progress (slowed steps, longer than the stall
         # timeout and the heartbeat threshold in total), then an idle period: no hang alert.
         quiet_from = time.time()
-        requests.post(server.url("/debug/fault"), timeout=10,
-                      json={"fault": "slow", "stage": "decode", "seconds": 0.1, "steps": 100})
-        long = requests.post(server.url("/v1/completions"), timeout=120, json={
-            "model": "demo", "prompt": "a long story", "max_tokens": 110, "min_tokens": 110})
+        requests.post(
+            server.url("/debug/fault"),
+            timeout=10,
+            json={"fault": "slow", "stage": "decode", "seconds": 0.1, "steps": 100},
+        )
+        long = requests.post(
+            server.url("/v1/completions"),
+            timeout=120,
+            json={"model": "demo", "prompt": "a long story", "max_tokens": 110, "min_tokens": 110},
+        )
         assert long.status_code == 200 and long.json()["usage"]["completion_tokens"] == 110
         time.sleep(10)  # idle; Prometheus evaluates every second
         for name in HANG_ALERTS:
             assert receiver.alerts(name) == [], f"{name} fired for legitimate work or idleness"
-        assert prometheus.value('count(ALERTS{alertname=~"Inference(EngineStalled|'
-                                'HeartbeatStale|BusyWithoutProgress)"})') is None
+        assert (
+            prometheus.value(
+                'count(ALERTS{alertname=~"Inference(EngineStalled|'
+                'HeartbeatStale|BusyWithoutProgress)"})'
+            )
+            is None
+        )
 
         # An injected hang: the client gets its 503, a person gets the notification, then the
         # resolution once the engine moves again.
-        requests.post(server.url("/debug/fault"), timeout=10,
-                      json={"fault": "hang", "stage": "decode", "seconds": 8})
+        requests.post(
+            server.url("/debug/fault"),
+            timeout=10,
+            json={"fault": "hang", "stage": "decode", "seconds": 8},
+        )
         hang_started = time.time()
         answer: list[requests.Response] = []
-        client = threading.Thread(target=lambda: answer.append(requests.post(
-            server.url("/v1/completions"), timeout=60,
-            json={"model": "demo", "prompt": "hello", "max_tokens": 16})))
+        client = threading.Thread(
+            target=lambda: answer.append(
+                requests.post(
+                    server.url("/v1/completions"),
+                    timeout=60,
+                    json={"model": "demo", "prompt": "hello", "max_tokens": 16},
+                )
+            )
+        )
         client.start()
-        fired = receiver.wait_for("InferenceEngineStalled", "firing", timeout=60,
-                                  after=hang_started)
+        fired = receiver.wait_for(
+            "InferenceEngineStalled", "firing", timeout=60, after=hang_started
+        )
         client.join(30)
         assert answer and answer[0].status_code == 503
         assert answer[0].json()["error"]["code"] == "engine_stalled"
@@ -105,25 +172,40 @@ def test_hang_and_oom_reach_a_person_and_legitimate_work_does_not(tmp_path, demo
         assert fired["annotations"]["runbook_url"].endswith("/InferenceEngineStalled.md")
         assert "demo" in fired["annotations"]["summary"]
         print(f"hang notified {fired['received_at'] - hang_started:.1f} s after the hang began")
-        resolved = receiver.wait_for("InferenceEngineStalled", "resolved", timeout=90,
-                                     after=fired["received_at"])
+        resolved = receiver.wait_for(
+            "InferenceEngineStalled", "resolved", timeout=90, after=fired["received_at"]
+        )
         print(f"resolution notified {resolved['received_at'] - hang_started:.1f} s after it began")
-        assert requests.post(server.url("/v1/completions"), timeout=60, json={
-            "model": "demo", "prompt": "after", "max_tokens": 4}).status_code == 200
+        assert (
+            requests.post(
+                server.url("/v1/completions"),
+                timeout=60,
+                json={"model": "demo", "prompt": "after", "max_tokens": 4},
+            ).status_code
+            == 200
+        )
 
         # An injected out-of-memory error: the notification arrives.
-        requests.post(server.url("/debug/fault"), timeout=10,
-                      json={"fault": "oom", "stage": "decode"})
+        requests.post(
+            server.url("/debug/fault"), timeout=10, json={"fault": "oom", "stage": "decode"}
+        )
         oom_started = time.time()
-        oom = requests.post(server.url("/v1/completions"), timeout=60,
-                            json={"model": "demo", "prompt": "oom", "max_tokens": 8})
+        oom = requests.post(
+            server.url("/v1/completions"),
+            timeout=60,
+            json={"model": "demo", "prompt": "oom", "max_tokens": 8},
+        )
         assert oom.status_code == 503 and oom.json()["error"]["code"] == "out_of_memory"
         notice = receiver.wait_for("InferenceOutOfMemory", "firing", timeout=60, after=oom_started)
         assert notice["labels"]["stage"] == "decode" and notice["labels"]["model"] == "demo"
         assert "out-of-memory" in notice["annotations"]["description"]
         # Legitimate work never produced a hang notification before the hang itself.
-        early = [a for name in HANG_ALERTS for a in receiver.alerts(name)
-                 if a["received_at"] < hang_started]
+        early = [
+            a
+            for name in HANG_ALERTS
+            for a in receiver.alerts(name)
+            if a["received_at"] < hang_started
+        ]
         assert early == [] and quiet_from < hang_started
     finally:
         prometheus.stop()

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import requests
-
 from conftest import chat_body
 
 CHAT = "/v1/chat/completions"
@@ -20,22 +19,51 @@ def _user(content):
 CASES = [
     # (id, path, raw body or JSON-able, expected status, words the message must hold)
     ("malformed-json", CHAT, b'{"model": "demo", "messages": [', 400, "not valid JSON"),
-    ("not-an-object", CHAT, b'[1, 2, 3]', 400, "must be a JSON object"),
+    ("not-an-object", CHAT, b"[1, 2, 3]", 400, "must be a JSON object"),
     ("empty-body", CHAT, b"", 400, "empty"),
     ("not-utf8", CHAT, b'{"model": "demo", "messages": "\xff\xfe"}', 400, "not valid UTF-8"),
     ("missing-model", CHAT, {"messages": _user("hi")}, 400, "'model' is a required"),
     ("missing-messages", CHAT, {"model": "demo"}, 400, "'messages' is a required"),
     ("empty-messages", CHAT, {"model": "demo", "messages": []}, 400, "at least one message"),
     ("messages-not-list", CHAT, {"model": "demo", "messages": "hi"}, 400, "'messages'"),
-    ("unknown-role", CHAT, {"model": "demo", "messages": [{"role": "robot", "content": "x"}]},
-     400, "unknown role 'robot'"),
-    ("content-wrong-type", CHAT, {"model": "demo", "messages": [{"role": "user", "content": 5}]},
-     400, "messages[0].content"),
-    ("missing-content", CHAT, {"model": "demo", "messages": [{"role": "user"}]}, 400,
-     "content is required"),
-    ("image-part", CHAT, {"model": "demo", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400,
-     "not supported by this text-only model"),
+    (
+        "unknown-role",
+        CHAT,
+        {"model": "demo", "messages": [{"role": "robot", "content": "x"}]},
+        400,
+        "unknown role 'robot'",
+    ),
+    (
+        "content-wrong-type",
+        CHAT,
+        {"model": "demo", "messages": [{"role": "user", "content": 5}]},
+        400,
+        "messages[0].content",
+    ),
+    (
+        "missing-content",
+        CHAT,
+        {"model": "demo", "messages": [{"role": "user"}]},
+        400,
+        "content is required",
+    ),
+    (
+        "image-part",
+        CHAT,
+        {
+            "model": "demo",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+                    ],
+                }
+            ],
+        },
+        400,
+        "not supported by this text-only model",
+    ),
     ("max-tokens-zero", CHAT, chat_body(max_tokens=0), 400, "'max_tokens' must be at least 1"),
     ("max-tokens-negative", CHAT, chat_body(max_tokens=-5), 400, "at least 1, got -5"),
     ("max-tokens-over-limit", CHAT, chat_body(max_tokens=100000), 400, "above this server's limit"),
@@ -47,41 +75,91 @@ CASES = [
     ("stream-not-bool", CHAT, chat_body(stream="yes"), 400, "'stream'"),
     ("n-two", CHAT, chat_body(n=2), 400, "only n=1"),
     ("too-many-stops", CHAT, chat_body(stop=["a", "b", "c", "d", "e"]), 400, "at most 4"),
-    ("tools", CHAT, chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
-     "tools"),
+    (
+        "tools",
+        CHAT,
+        chat_body(tools=[{"type": "function", "function": {"name": "f"}}]),
+        400,
+        "tools",
+    ),
     ("min-over-max", CHAT, chat_body(max_tokens=3, min_tokens=5), 400, "'min_tokens'"),
-    ("unknown-model", CHAT, {"model": "gpt-9", "messages": _user("hi")}, 404,
-     "'gpt-9' does not exist"),
-    ("prompt-too-long", COMPLETIONS, {"model": "demo", "prompt": "x" * 3000}, 400,
-     "maximum context length is 2048 tokens, but the prompt has 3000 tokens"),
-    ("prompt-plus-max-tokens-too-long", COMPLETIONS,
-     {"model": "demo", "prompt": "x" * 2000, "max_tokens": 100}, 400,
-     "2100 were requested (2000 in the prompt, 100 for the completion)"),
+    (
+        "unknown-model",
+        CHAT,
+        {"model": "gpt-9", "messages": _user("hi")},
+        404,
+        "'gpt-9' does not exist",
+    ),
+    (
+        "prompt-too-long",
+        COMPLETIONS,
+        {"model": "demo", "prompt": "x" * 3000},
+        400,
+        "maximum context length is 2048 tokens, but the prompt has 3000 tokens",
+    ),
+    (
+        "prompt-plus-max-tokens-too-long",
+        COMPLETIONS,
+        {"model": "demo", "prompt": "x" * 2000, "max_tokens": 100},
+        400,
+        "2100 were requested (2000 in the prompt, 100 for the completion)",
+    ),
     ("prompt-missing", COMPLETIONS, {"model": "demo"}, 400, "'prompt' is a required"),
     ("prompt-empty", COMPLETIONS, {"model": "demo", "prompt": ""}, 400, "prompt is empty"),
     ("prompt-wrong-type", COMPLETIONS, {"model": "demo", "prompt": {"a": 1}}, 400, "'prompt'"),
-    ("token-id-out-of-range", COMPLETIONS, {"model": "demo", "prompt": [1, 99999]}, 400,
-     "token id 99999 is outside the vocabulary"),
-    ("nested-too-deeply", COMPLETIONS,
-     b'{"model": "demo", "prompt": "x", "a": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400,
-     "nested too deeply"),
-    ("huge-integer", CHAT, b'{"model": "demo", "messages": [], "x": 1' + b"1" * 5000 + b"}", 400,
-     "cannot be read"),
-    ("lone-surrogate", COMPLETIONS, b'{"model": "demo", "prompt": "hi \\ud800 there"}', 400,
-     "unpaired UTF-16 surrogate"),
-    ("stream-options-without-stream", CHAT, chat_body(stream_options={"include_usage": True}),
-     400, "only allowed when stream is true"),
-    ("several-prompts", COMPLETIONS, {"model": "demo", "prompt": ["a", "b"]}, 400,
-     "one prompt per request"),
+    (
+        "token-id-out-of-range",
+        COMPLETIONS,
+        {"model": "demo", "prompt": [1, 99999]},
+        400,
+        "token id 99999 is outside the vocabulary",
+    ),
+    (
+        "nested-too-deeply",
+        COMPLETIONS,
+        b'{"model": "demo", "prompt": "x", "a": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+        400,
+        "nested too deeply",
+    ),
+    (
+        "huge-integer",
+        CHAT,
+        b'{"model": "demo", "messages": [], "x": 1' + b"1" * 5000 + b"}",
+        400,
+        "cannot be read",
+    ),
+    (
+        "lone-surrogate",
+        COMPLETIONS,
+        b'{"model": "demo", "prompt": "hi \\ud800 there"}',
+        400,
+        "unpaired UTF-16 surrogate",
+    ),
+    (
+        "stream-options-without-stream",
+        CHAT,
+        chat_body(stream_options={"include_usage": True}),
+        400,
+        "only allowed when stream is true",
+    ),
+    (
+        "several-prompts",
+        COMPLETIONS,
+        {"model": "demo", "prompt": ["a", "b"]},
+        400,
+        "one prompt per request",
+    ),
 ]
 
 
-@pytest.mark.parametrize("path,body,status,words", [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    "path,body,status,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_bad_input_gets_a_clear_4xx(server, path, body, status, words):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = requests.post(server.url(path), data=data,
-                             headers={"Content-Type": "application/json"}, timeout=30)
+    response = requests.post(
+        server.url(path), data=data, headers={"Content-Type": "application/json"}, timeout=30
+    )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -95,8 +173,9 @@ def test_body_over_the_size_limit_gets_413(server_factory):
     assert response.status_code == 413
     assert "above the limit of 1000 bytes" in response.json()["error"]["message"]
     # Without a Content-Length (chunked upload) the limit holds too.
-    chunks = iter([b'{"model": "demo", "messages": [{"role": "user", "content": "', b"y" * 3000,
-                   b'"}]}'])
+    chunks = iter(
+        [b'{"model": "demo", "messages": [{"role": "user", "content": "', b"y" * 3000, b'"}]}']
+    )
     response = requests.post(small.url(CHAT), data=chunks, timeout=30)
     assert response.status_code == 413
     # The server is still fine afterwards.
@@ -122,8 +201,10 @@ def test_slow_upload_is_bounded_by_the_deadline(server):
 
     host, port = server.base_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
-                     b"X-Request-Timeout: 1\r\n\r\n{\"model\"")
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            b'X-Request-Timeout: 1\r\n\r\n{"model"'
+        )
         reply = b""
         while b"did not arrive" not in reply:  # headers and body may come in two segments
             chunk = sock.recv(65536)

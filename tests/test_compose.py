@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -56,9 +56,11 @@ FIXED_UIDS = {"prometheus": "vigil-prometheus", "loki": "vigil-loki", "tempo": "
 
 # --- reading the compose files -------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Tagged:
     """A value carrying one of Compose's merge tags (!reset, !override)."""
+
     tag: str
     value: Any
 
@@ -126,7 +128,7 @@ def flag_values(command: list[str], flag: str) -> list[str]:
     values = []
     for i, arg in enumerate(command):
         if arg.startswith(flag + "="):
-            values.append(arg[len(flag) + 1:])
+            values.append(arg[len(flag) + 1 :])
         elif arg == flag and i + 1 < len(command):
             values.append(command[i + 1])
     return values
@@ -150,14 +152,21 @@ def mounts(service: dict[str, Any]) -> list[Mount]:
             kind = "bind" if source.startswith((".", "/", "~")) else "volume"
             result.append(Mount(kind, source, target, "ro" in options))
         else:
-            result.append(Mount(entry["type"], entry.get("source", ""), entry["target"],
-                                bool(entry.get("read_only"))))
+            result.append(
+                Mount(
+                    entry["type"],
+                    entry.get("source", ""),
+                    entry["target"],
+                    bool(entry.get("read_only")),
+                )
+            )
     return result
 
 
 def host_path(source: str) -> Path:
-    return Path(os.path.normpath(COMPOSE_DIR / source)) if not source.startswith("/") \
-        else Path(source)
+    return (
+        Path(os.path.normpath(COMPOSE_DIR / source)) if not source.startswith("/") else Path(source)
+    )
 
 
 def binds(service: dict[str, Any]) -> list[tuple[Path, str]]:
@@ -170,7 +179,7 @@ def to_host(service: dict[str, Any], container_path: str) -> Path:
         if container_path == target:
             return source
         if container_path.startswith(target.rstrip("/") + "/"):
-            return source / container_path[len(target.rstrip("/")) + 1:]
+            return source / container_path[len(target.rstrip("/")) + 1 :]
     raise AssertionError(f"{container_path} is not under any bind mount of the service")
 
 
@@ -197,6 +206,7 @@ def config_file_of(service: dict[str, Any]) -> Path:
 
 # --- (a) the Compose specification ---------------------------------------------------------
 
+
 def _tool(name: str) -> str | None:
     beside_python = Path(sys.executable).parent / name
     return str(beside_python) if beside_python.exists() else shutil.which(name)
@@ -206,12 +216,17 @@ CHECK_JSONSCHEMA = _tool("check-jsonschema")
 needs_check_jsonschema = pytest.mark.skipif(
     CHECK_JSONSCHEMA is None,
     reason="check-jsonschema is not installed (pip install check-jsonschema; it is in the "
-           "test extra)")
+    "test extra)",
+)
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([CHECK_JSONSCHEMA, "--builtin-schema", "vendor.compose-spec", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [CHECK_JSONSCHEMA, "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _schema_input(path: Path, tmp_path: Path) -> Path:
@@ -257,8 +272,9 @@ def _compose_cli() -> list[str] | None:
         candidates.append([shutil.which("docker-compose")])
     for cli in candidates:
         try:
-            version = subprocess.run(cli + ["version", "--short"], capture_output=True,
-                                     text=True, timeout=30)
+            version = subprocess.run(
+                cli + ["version", "--short"], capture_output=True, text=True, timeout=30
+            )
         except OSError:
             continue
         match = re.match(r"v?(\d+)\.(\d+)", version.stdout.strip())
@@ -269,15 +285,18 @@ def _compose_cli() -> list[str] | None:
 
 COMPOSE_CLI = _compose_cli()
 needs_compose_cli = pytest.mark.skipif(
-    COMPOSE_CLI is None,
-    reason="no Docker Compose v2.24+ CLI (the docker compose plugin)")
+    COMPOSE_CLI is None, reason="no Docker Compose v2.24+ CLI (the docker compose plugin)"
+)
 
 
 def _render(tmp_path: Path, files: list[Path], password: str | None) -> subprocess.CompletedProcess:
     empty_env_file = tmp_path / "empty.env"  # so that a developer's compose/.env is not read
     empty_env_file.write_text("", encoding="utf-8")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("COMPOSE_") and k not in ("GRAFANA_ADMIN_PASSWORD", "VIGIL_MODEL")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("COMPOSE_") and k not in ("GRAFANA_ADMIN_PASSWORD", "VIGIL_MODEL")
+    }
     if password is not None:
         env["GRAFANA_ADMIN_PASSWORD"] = password
     args = list(COMPOSE_CLI)
@@ -306,15 +325,17 @@ def test_compose_reserves_the_gpu_by_default_and_the_cpu_override_removes_it(tmp
         assert devices, f"{name} reserves no GPU"
         assert all(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert [d.get("count") for d in _gpu_devices(gpu["services"]["inference"])] == [1]
-    assert gpu["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == \
-        "test-password"
+    assert (
+        gpu["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "test-password"
+    )
     assert gpu["services"]["inference"]["command"][1:3] == ["--model", "demo"]
 
     cpu = _rendered(tmp_path, [BASE, CPU])
     for name in ("inference", "exporter"):
         assert not _gpu_devices(cpu["services"][name]), f"{name} still reserves a GPU"
-    assert cpu["services"]["inference"]["image"] != gpu["services"]["inference"]["image"], \
+    assert cpu["services"]["inference"]["image"] != gpu["services"]["inference"]["image"], (
         "the CPU build would overwrite the GPU image's tag"
+    )
     # The exporter's image has no torch: one build serves both.
     assert cpu["services"]["exporter"]["image"] == gpu["services"]["exporter"]["image"]
     # Everything but the GPU is the same stack.
@@ -331,6 +352,7 @@ def test_compose_refuses_to_start_without_a_grafana_password(tmp_path: Path):
 
 # --- (b) host paths ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_every_mounted_or_built_host_path_exists(path: Path):
     doc = load_compose(path)
@@ -342,8 +364,9 @@ def test_every_mounted_or_built_host_path_exists(path: Path):
             source = host_path(mount.source)
             if str(source) in SYSTEM_PATHS:
                 continue
-            assert REPO in source.parents or source == REPO, \
+            assert REPO in source.parents or source == REPO, (
                 f"{name} mounts {source}, outside the repository"
+            )
             if not source.exists():
                 missing.append(f"{name}: {mount.source} ({source})")
         build = untag(service.get("build"))
@@ -369,32 +392,37 @@ def _globbed(config_dir: Path, patterns: list[str]) -> set[str]:
     return names
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package "
-                                             "prometheus)")
+@pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)"
+)
 def test_promtool_accepts_the_prometheus_config_compose_mounts(base, tmp_path: Path):
     prometheus = base["services"]["prometheus"]
     (config,) = flag_values(command_list(prometheus), "--config.file")
     container_view(prometheus, tmp_path)
     config_path = tmp_path / config.lstrip("/")
     assert config_path.is_file(), f"{config} is not mounted"
-    assert config_file_of(prometheus).samefile(ALERTS / "prometheus.yml"), \
+    assert config_file_of(prometheus).samefile(ALERTS / "prometheus.yml"), (
         "Prometheus must load alerts/prometheus.yml itself (one copy for both stacks)"
+    )
 
     rule_files = yaml.safe_load(config_path.read_text(encoding="utf-8"))["rule_files"]
     expected = {p.name for p in ALERTS.glob("*.rules.yml")}
     assert expected, "alerts/ holds no rules file"
-    assert _globbed(config_path.parent, rule_files) == expected, \
+    assert _globbed(config_path.parent, rule_files) == expected, (
         "the container does not see every alerts/*.rules.yml"
+    )
 
-    result = subprocess.run([PROMTOOL, "check", "config", str(config_path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [PROMTOOL, "check", "config", str(config_path)], capture_output=True, text=True, timeout=120
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert f"SUCCESS: {len(expected)} rule files found" in output, output
 
 
-@pytest.mark.skipif(AMTOOL is None, reason="amtool is not installed (Debian package "
-                                           "prometheus-alertmanager)")
+@pytest.mark.skipif(
+    AMTOOL is None, reason="amtool is not installed (Debian package prometheus-alertmanager)"
+)
 def test_amtool_accepts_the_alertmanager_config_compose_mounts(base, tmp_path: Path):
     alertmanager = base["services"]["alertmanager"]
     (config,) = flag_values(command_list(alertmanager), "--config.file")
@@ -405,11 +433,13 @@ def test_amtool_accepts_the_alertmanager_config_compose_mounts(base, tmp_path: P
 
     templates = yaml.safe_load(config_path.read_text(encoding="utf-8")).get("templates") or []
     expected = {p.name for p in (ALERTS / "templates").glob("*.tmpl")}
-    assert _globbed(config_path.parent, templates) == expected, \
+    assert _globbed(config_path.parent, templates) == expected, (
         "the container does not see every alerts/templates/*.tmpl"
+    )
 
-    result = subprocess.run([AMTOOL, "check-config", str(config_path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [AMTOOL, "check-config", str(config_path)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -444,13 +474,24 @@ def test_every_image_is_pinned(path: Path):
 
 # --- (d2) the images: one per process ------------------------------------------------------
 
-DOCKERFILES = {"exporter": COMPOSE_DIR / "exporter.Dockerfile",
-               "inference": COMPOSE_DIR / "inference.Dockerfile"}
+DOCKERFILES = {
+    "exporter": COMPOSE_DIR / "exporter.Dockerfile",
+    "inference": COMPOSE_DIR / "inference.Dockerfile",
+}
 # What the inference process needs on top of the light install (pyproject's [serve] extra);
 # none of it may be a dependency of the light install the exporter's image gets.
-SERVE_ONLY = {"torch", "transformers", "tokenizers", "safetensors", "starlette", "uvicorn",
-              "pydantic", "opentelemetry-api", "opentelemetry-sdk",
-              "opentelemetry-exporter-otlp-proto-http"}
+SERVE_ONLY = {
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "starlette",
+    "uvicorn",
+    "pydantic",
+    "opentelemetry-api",
+    "opentelemetry-sdk",
+    "opentelemetry-exporter-otlp-proto-http",
+}
 CONSOLE_SCRIPTS = {"vigil-inference", "vigil-exporter", "vigil-doctor", "vigil-stack"}
 _DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 
@@ -510,8 +551,9 @@ def stages_of(path: Path) -> list[Stage]:
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
             stages.append(Stage(words[0], name))
         else:
-            assert stages or instruction.keyword == "ARG", \
+            assert stages or instruction.keyword == "ARG", (
                 f"{path.name}:{instruction.line}: {instruction.keyword} before FROM"
+            )
             if stages:
                 stages[-1].instructions.append(instruction)
     return stages
@@ -545,7 +587,7 @@ def _pip_installs(stage: Stage) -> list[list[str]]:
             words = shlex.split(command)
             for i, word in enumerate(words[:-1]):
                 if word.endswith("pip") and words[i + 1] == "install":
-                    found.append(words[i + 2:])
+                    found.append(words[i + 2 :])
     return found
 
 
@@ -578,12 +620,14 @@ def test_the_base_image_is_pinned_by_version_and_digest(name: str):
     stages = stages_of(DOCKERFILES[name])
     names = {s.name for s in stages if s.name}
     bases = {s.base for s in stages if s.base not in names}
-    assert len(bases) == 1, \
+    assert len(bases) == 1, (
         f"{name}: one base for every stage (the venv built in one runs in the other): {bases}"
+    )
     (image,) = bases
     _, tag = _split_image(image)
-    assert tag and _VERSION_TAG.match(tag.split("-", 1)[0]), \
+    assert tag and _VERSION_TAG.match(tag.split("-", 1)[0]), (
         f"{name}: FROM {image} is not pinned to an exact version tag"
+    )
     assert _DIGEST.search(image), f"{name}: FROM {image} has no sha256 digest"
     assert "$" not in image, f"{name}: FROM {image} depends on a build argument"
 
@@ -594,25 +638,33 @@ def test_the_venv_is_built_in_a_builder_stage_and_copied_alone(name: str):
     assert len(stages) >= 2, f"{name}: not a multi-stage build"
     *builders, final = stages
     builder_names = {s.name for s in builders}
-    (venv,) = {d for s in builders for i in s.of("RUN")
-               for d in re.findall(r"python3? -m venv (\S+)", i.args)}
+    (venv,) = {
+        d
+        for s in builders
+        for i in s.of("RUN")
+        for d in re.findall(r"python3? -m venv (\S+)", i.args)
+    }
     assert any(_pip_installs(s) for s in builders), f"{name}: the builder installs nothing"
     for stage in builders:
         env = _env(stage)
         for args in _pip_installs(stage):
-            assert env.get("PIP_NO_CACHE_DIR") == "1" or "--no-cache-dir" in args, \
+            assert env.get("PIP_NO_CACHE_DIR") == "1" or "--no-cache-dir" in args, (
                 f"{name}: pip install {' '.join(args)} keeps its cache"
+            )
     # The final stage: the venv from a builder, nothing built or installed, no build context.
     copies = _copies(final)
-    assert len(copies) == 1 and copies[0][0] in builder_names and \
-        copies[0][1:] == ([venv], venv), \
+    assert len(copies) == 1 and copies[0][0] in builder_names and copies[0][1:] == ([venv], venv), (
         f"{name}: the final stage must copy the builder's venv and nothing else: {copies}"
+    )
     for instruction in final.of("RUN"):
-        assert not re.search(r"\bpip3? install|apt-get install|apk add|\bgcc\b|build-essential"
-                             r"|\bmake\b", instruction.args), \
-            f"{name}:{instruction.line}: the final stage builds or installs: {instruction.args}"
-    assert _env(final)["PATH"].startswith(f"{venv}/bin:"), \
+        assert not re.search(
+            r"\bpip3? install|apt-get install|apk add|\bgcc\b|build-essential"
+            r"|\bmake\b",
+            instruction.args,
+        ), f"{name}:{instruction.line}: the final stage builds or installs: {instruction.args}"
+    assert _env(final)["PATH"].startswith(f"{venv}/bin:"), (
         f"{name}: the venv's bin is not first on PATH"
+    )
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -623,9 +675,11 @@ def test_the_image_runs_as_an_unprivileged_user(name: str, base):
     user = users[-1].args.split(":")[0]
     assert user not in ("root", "0"), f"{name}: runs as {user}"
     # The user is made in the image, with the uid both images share (the state volume).
-    uids = {m for i in final.of("RUN")
-            for m in re.findall(rf"useradd\b[^&;]*--uid (\d+)[^&;]*\b{re.escape(user)}\b",
-                                i.args)}
+    uids = {
+        m
+        for i in final.of("RUN")
+        for m in re.findall(rf"useradd\b[^&;]*--uid (\d+)[^&;]*\b{re.escape(user)}\b", i.args)
+    }
     assert uids == {"10001"}, f"{name}: user {user} not made with uid 10001: {uids}"
     assert str(base["services"][name].get("user", user)) not in ("root", "0", "0:0")
 
@@ -640,8 +694,9 @@ def test_the_image_has_a_health_check_where_it_runs(name: str, base):
     test = (service.get("healthcheck") or {}).get("test")
     assert test, f"{name}: neither the Dockerfile nor compose has a health check"
     urls = re.findall(r"https?://([^/'\"\s]+)", " ".join(test))
-    assert urls and set(urls) <= set(http_endpoints(service)), \
+    assert urls and set(urls) <= set(http_endpoints(service)), (
         f"{name}: the health check asks {urls}, the service listens on {http_endpoints(service)}"
+    )
 
 
 def test_the_exporter_image_gets_the_light_install(pyproject):
@@ -650,12 +705,13 @@ def test_the_exporter_image_gets_the_light_install(pyproject):
     light = _requirement_names(pyproject["project"]["dependencies"])
     serve = _requirement_names(pyproject["project"]["optional-dependencies"]["serve"])
     assert not light & SERVE_ONLY, f"the light install requires {sorted(light & SERVE_ONLY)}"
-    assert SERVE_ONLY <= serve, f"[serve] lacks {sorted(SERVE_ONLY - serve)}"
+    assert serve >= SERVE_ONLY, f"[serve] lacks {sorted(SERVE_ONLY - serve)}"
     assert "test" in pyproject["project"]["optional-dependencies"]
 
     def targets(name: str) -> list[str]:
         installs = [a for s in stages_of(DOCKERFILES[name]) for a in _pip_installs(s)]
         return [w for args in installs for w in args if not w.startswith("-")]
+
     exporter = targets("exporter")
     assert exporter == ["."], f"the exporter image installs {exporter}"
     inference = targets("inference")
@@ -669,8 +725,9 @@ def test_console_scripts_start_each_process(pyproject, base):
         module, _, function = target.partition(":")
         source = REPO / (module.replace(".", "/") + ".py")
         assert source.is_file(), f"{name}: no {source}"
-        assert re.search(rf"^def {function}\(", source.read_text(encoding="utf-8"), re.MULTILINE), \
+        assert re.search(rf"^def {function}\(", source.read_text(encoding="utf-8"), re.MULTILINE), (
             f"{name}: {module} defines no {function}()"
+        )
     # compose starts the processes with them (the images put the venv's bin on PATH).
     for service in DOCKERFILES:
         assert command_list(base["services"][service])[0] in scripts
@@ -685,8 +742,9 @@ def test_console_scripts_take_no_arguments(name: str, pyproject):
     tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text(encoding="utf-8"))
     (node,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
     positional = node.args.posonlyargs + node.args.args
-    required = positional[:len(positional) - len(node.args.defaults)] + \
-        [a for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is None]
+    required = positional[: len(positional) - len(node.args.defaults)] + [
+        a for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults, strict=True) if d is None
+    ]
     assert not required, f"{name}: {function}() requires {[a.arg for a in required]}"
 
 
@@ -732,8 +790,9 @@ def dockerignored(ignore_file: Path, path: str) -> bool:
         result = False
         for negated, cleaned, regex in patterns:
             depth = len(cleaned.split("/"))
-            if regex.match(candidate) or (depth < len(parts) and
-                                           regex.match("/".join(parts[:depth]))):
+            if regex.match(candidate) or (
+                depth < len(parts) and regex.match("/".join(parts[:depth]))
+            ):
                 result = not negated
         return result
 
@@ -761,8 +820,9 @@ def test_the_build_copies_every_package_and_leaves_the_rest_out(name: str, base,
     context = host_path(build["context"])
     dockerfile = context / build["dockerfile"]
     ignore_file = _dockerignore_of(dockerfile, context)
-    assert ignore_file.is_file(), f"{name}: no .dockerignore: the whole tree (.venv, .git) " \
-                                  "would be sent"
+    assert ignore_file.is_file(), (
+        f"{name}: no .dockerignore: the whole tree (.venv, .git) would be sent"
+    )
     assert "<<" not in dockerfile.read_text(encoding="utf-8"), "heredocs: parser needs them"
     copied = []
     for stage in stages_of(dockerfile):
@@ -771,9 +831,10 @@ def test_the_build_copies_every_package_and_leaves_the_rest_out(name: str, base,
                 continue
             for source in sources:
                 assert (context / source).exists(), f"COPY {source}: not in the build context"
-                assert not dockerignored(ignore_file, source.rstrip("/") + "/x.py"
-                                         if (context / source).is_dir() else source), \
-                    f"COPY {source}: excluded by {ignore_file.name}"
+                assert not dockerignored(
+                    ignore_file,
+                    source.rstrip("/") + "/x.py" if (context / source).is_dir() else source,
+                ), f"COPY {source}: excluded by {ignore_file.name}"
                 copied.append(source.rstrip("/"))
     for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
         package = pattern.rstrip("*")
@@ -781,15 +842,25 @@ def test_the_build_copies_every_package_and_leaves_the_rest_out(name: str, base,
     readme = pyproject["project"].get("readme")
     if readme:
         assert readme in copied, f"{readme} (the project's readme) is not copied"
-    for kept_out in (".venv/bin/python", ".venv-light/bin/python", ".git/HEAD",
-                     ".cache/npm/x", ".pytest_cache/v/x", "inference/__pycache__/x.pyc",
-                     "exporter/gpu/__pycache__/x.pyc", "build/lib/x.py",
-                     "llm_vigil.egg-info/PKG-INFO", "compose/.env", "tests/conftest.py",
-                     "tools/metrics_reference.py"):
+    for kept_out in (
+        ".venv/bin/python",
+        ".venv-light/bin/python",
+        ".git/HEAD",
+        ".cache/npm/x",
+        ".pytest_cache/v/x",
+        "inference/__pycache__/x.pyc",
+        "exporter/gpu/__pycache__/x.pyc",
+        "build/lib/x.py",
+        "llm_vigil.egg-info/PKG-INFO",
+        "compose/.env",
+        "tests/conftest.py",
+        "tools/metrics_reference.py",
+    ):
         assert dockerignored(ignore_file, kept_out), f"{kept_out} is sent to the build"
 
 
 # --- (e) read-only configuration, loopback only --------------------------------------------
+
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_every_bind_mount_is_read_only(path: Path):
@@ -826,8 +897,9 @@ def _config_addresses(node: Any, path: str = "") -> list[tuple[str, str]]:
                 found += [(where, str(v)) for v in value]
             elif isinstance(value, (dict, list)):
                 found += _config_addresses(value, where)
-            elif str(key).endswith(("listen_address", "instance_addr", "bind_addr")) or \
-                    (key == "endpoint" and ".receivers." in f".{where}"):
+            elif str(key).endswith(("listen_address", "instance_addr", "bind_addr")) or (
+                key == "endpoint" and ".receivers." in f".{where}"
+            ):
                 found.append((where, str(value)))
     elif isinstance(node, list):
         for i, item in enumerate(node):
@@ -838,9 +910,11 @@ def _config_addresses(node: Any, path: str = "") -> list[tuple[str, str]]:
 def listen_addresses(service: dict[str, Any]) -> list[tuple[str, str]]:
     """Where a service listens, as its command, environment and config file say."""
     command = command_list(service)
-    found = [(flag, value) for flag in ("--host", "--web.listen-address",
-                                        "--server.http.listen-addr")
-             for value in flag_values(command, flag)]
+    found = [
+        (flag, value)
+        for flag in ("--host", "--web.listen-address", "--server.http.listen-addr")
+        for value in flag_values(command, flag)
+    ]
     env = environment(service)
     if "GF_SERVER_HTTP_ADDR" in env:
         found.append(("GF_SERVER_HTTP_ADDR", env["GF_SERVER_HTTP_ADDR"]))
@@ -849,8 +923,9 @@ def listen_addresses(service: dict[str, Any]) -> list[tuple[str, str]]:
         server = config.get("server") or {}
         for key in ("http_listen_address", "grpc_listen_address"):
             assert server.get(key), f"{key} unset: the server would listen on every interface"
-        assert (config.get("memberlist") or {}).get("bind_addr"), \
+        assert (config.get("memberlist") or {}).get("bind_addr"), (
             "memberlist.bind_addr unset: gossip would listen on every interface"
+        )
         found += _config_addresses(config)
     return found
 
@@ -858,9 +933,12 @@ def listen_addresses(service: dict[str, Any]) -> list[tuple[str, str]]:
 def http_endpoints(service: dict[str, Any]) -> list[str]:
     """host:port of a service's HTTP server(s), as its command, environment or config says."""
     command = command_list(service)
-    found = flag_values(command, "--web.listen-address") + \
-        flag_values(command, "--server.http.listen-addr")
-    for host, port in zip(flag_values(command, "--host"), flag_values(command, "--port")):
+    found = flag_values(command, "--web.listen-address") + flag_values(
+        command, "--server.http.listen-addr"
+    )
+    for host, port in zip(
+        flag_values(command, "--host"), flag_values(command, "--port"), strict=True
+    ):
         found.append(f"{host}:{port}")
     env = environment(service)
     if "GF_SERVER_HTTP_ADDR" in env:
@@ -874,16 +952,16 @@ def http_endpoints(service: dict[str, Any]) -> list[str]:
 def test_every_service_listens_on_loopback_only(base):
     for name, service in services(base).items():
         assert "ports" not in service, f"{name} publishes ports; the stack uses host networking"
-        assert service.get("network_mode") in ("host", "none"), \
+        assert service.get("network_mode") in ("host", "none"), (
             f"{name}: network_mode {service.get('network_mode')!r}"
+        )
     for name, service in long_running(base).items():
         addresses = listen_addresses(service)
         assert addresses, f"{name}: no explicit listen address (it would listen on all)"
         wide = [f"{where}={address}" for where, address in addresses if not _is_loopback(address)]
         assert not wide, f"{name} listens beyond loopback: {wide}"
     # Alertmanager's HA gossip listens on 0.0.0.0:9094 unless it is given an address (or none).
-    gossip = flag_values(command_list(base["services"]["alertmanager"]),
-                         "--cluster.listen-address")
+    gossip = flag_values(command_list(base["services"]["alertmanager"]), "--cluster.listen-address")
     assert gossip and all(g == "" or _is_loopback(g) for g in gossip)
 
 
@@ -891,19 +969,25 @@ def test_prometheus_targets_are_where_the_services_listen(base):
     """alerts/prometheus.yml, shared with the stack without Docker, names loopback targets: on
     the host network they must be exactly where compose makes the services listen."""
     config = yaml.safe_load((ALERTS / "prometheus.yml").read_text(encoding="utf-8"))
-    jobs = {job["job_name"]: [t for sc in job.get("static_configs", [])
-                              for t in sc["targets"]]
-            for job in config["scrape_configs"]}
+    jobs = {
+        job["job_name"]: [t for sc in job.get("static_configs", []) for t in sc["targets"]]
+        for job in config["scrape_configs"]
+    }
     listen = {name: http_endpoints(s) for name, s in long_running(base).items()}
     assert jobs["vigil-exporter"] == listen["exporter"]
     assert jobs["prometheus"] == listen["prometheus"]
     assert jobs["alertmanager"] == listen["alertmanager"]
-    alerting = [t for am in config["alerting"]["alertmanagers"]
-                for sc in am["static_configs"] for t in sc["targets"]]
+    alerting = [
+        t
+        for am in config["alerting"]["alertmanagers"]
+        for sc in am["static_configs"]
+        for t in sc["targets"]
+    ]
     assert alerting == listen["alertmanager"]
     # The exporter probes the inference API where it listens.
-    assert flag_values(command_list(base["services"]["exporter"]), "--target") == \
-        [f"http://{a}" for a in listen["inference"]]
+    assert flag_values(command_list(base["services"]["exporter"]), "--target") == [
+        f"http://{a}" for a in listen["inference"]
+    ]
 
 
 def test_the_exporter_shares_the_state_directory_and_the_pid_namespace(base):
@@ -911,13 +995,17 @@ def test_the_exporter_shares_the_state_directory_and_the_pid_namespace(base):
     assert exporter.get("pid") == "host"
     (inference_dir,) = flag_values(command_list(inference), "--state-dir")
     (exporter_dir,) = flag_values(command_list(exporter), "--state-dir")
-    volume_at = {name: {m.target: m.source for m in mounts(s) if m.kind == "volume"}
-                 for name, s in (("inference", inference), ("exporter", exporter))}
-    assert inference_dir in volume_at["inference"] and exporter_dir in volume_at["exporter"], \
+    volume_at = {
+        name: {m.target: m.source for m in mounts(s) if m.kind == "volume"}
+        for name, s in (("inference", inference), ("exporter", exporter))
+    }
+    assert inference_dir in volume_at["inference"] and exporter_dir in volume_at["exporter"], (
         "the state directory must be a named volume in both containers"
+    )
     assert volume_at["inference"][inference_dir] == volume_at["exporter"][exporter_dir]
     assert environment(inference)["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(
-        _tempo_otlp_http_endpoint(base))
+        _tempo_otlp_http_endpoint(base)
+    )
 
 
 def _tempo_otlp_http_endpoint(base) -> str:
@@ -926,6 +1014,7 @@ def _tempo_otlp_http_endpoint(base) -> str:
 
 
 # --- health checks, start order, restarts --------------------------------------------------
+
 
 def test_services_have_health_checks_and_start_in_order(base):
     all_services = services(base)
@@ -941,18 +1030,24 @@ def test_services_have_health_checks_and_start_in_order(base):
         for dependency, spec in (service.get("depends_on") or {}).items():
             assert dependency in all_services, f"{name} depends on unknown {dependency}"
             if spec.get("condition") == "service_healthy":
-                assert all_services[dependency].get("healthcheck"), \
+                assert all_services[dependency].get("healthcheck"), (
                     f"{name} waits for {dependency} to be healthy, which has no healthcheck"
-    grafana_waits = {d for d, spec in base["services"]["grafana"]["depends_on"].items()
-                     if spec["condition"] == "service_healthy"}
+                )
+    grafana_waits = {
+        d
+        for d, spec in base["services"]["grafana"]["depends_on"].items()
+        if spec["condition"] == "service_healthy"
+    }
     assert {"prometheus", "loki", "tempo"} <= grafana_waits
-    assert base["services"]["prometheus"]["depends_on"]["alertmanager"]["condition"] == \
-        "service_healthy"
-    assert base["services"]["exporter"]["depends_on"]["inference"]["condition"] == \
-        "service_started"
+    assert (
+        base["services"]["prometheus"]["depends_on"]["alertmanager"]["condition"]
+        == "service_healthy"
+    )
+    assert base["services"]["exporter"]["depends_on"]["inference"]["condition"] == "service_started"
 
 
 # --- (f) Grafana ---------------------------------------------------------------------------
+
 
 def _unescape(value: str) -> str:
     """Grafana expands $VAR in provisioning files; $$ is a literal $."""
@@ -972,25 +1067,35 @@ def _log_line(trace_id: str) -> str:
     """A log line exactly as the inference process writes it."""
     from vigil.logs import format_record
 
-    record = {"time": datetime(2026, 1, 1, tzinfo=timezone.utc),
-              "level": SimpleNamespace(name="INFO"), "message": "request finished",
-              "name": "inference.api", "exception": None,
-              "extra": {"request_id": "chatcmpl-0123", "trace_id": trace_id,
-                        "span_id": "00f067aa0ba902b7" if trace_id else ""}}
+    record = {
+        "time": datetime(2026, 1, 1, tzinfo=UTC),
+        "level": SimpleNamespace(name="INFO"),
+        "message": "request finished",
+        "name": "inference.api",
+        "exception": None,
+        "extra": {
+            "request_id": "chatcmpl-0123",
+            "trace_id": trace_id,
+            "span_id": "00f067aa0ba902b7" if trace_id else "",
+        },
+    }
     return format_record(record)
 
 
 def test_grafana_datasources_have_fixed_uids_and_point_at_the_services(base, datasources):
     assert {t: s.get("uid") for t, s in datasources.items()} == FIXED_UIDS
     grafana = base["services"]["grafana"]
-    assert any(m.target.startswith("/etc/grafana/provisioning/datasources")
-               and host_path(m.source).samefile(DATASOURCES_DIR)
-               for m in mounts(grafana)), "the data sources are not mounted into Grafana"
+    assert any(
+        m.target.startswith("/etc/grafana/provisioning/datasources")
+        and host_path(m.source).samefile(DATASOURCES_DIR)
+        for m in mounts(grafana)
+    ), "the data sources are not mounted into Grafana"
     listen = {name: http_endpoints(s) for name, s in long_running(base).items()}
     for kind in ("prometheus", "loki", "tempo"):
         url = datasources[kind]["url"]
-        assert url.split("://", 1)[1].rstrip("/") in listen[kind], \
+        assert url.split("://", 1)[1].rstrip("/") in listen[kind], (
             f"the {kind} data source ({url}) is not where {kind} listens ({listen[kind]})"
+        )
 
 
 def test_loki_derived_field_links_the_trace_id_to_tempo(datasources):
@@ -1018,8 +1123,7 @@ def test_tempo_links_back_to_the_inference_logs(base, datasources):
 
 def test_grafana_loads_the_repository_dashboards(base):
     grafana = base["services"]["grafana"]
-    (dashboards_mount,) = [m for m in mounts(grafana)
-                           if host_path(m.source) == REPO / "dashboards"]
+    (dashboards_mount,) = [m for m in mounts(grafana) if host_path(m.source) == REPO / "dashboards"]
     assert dashboards_mount.read_only
     (providers_file,) = sorted(DASHBOARD_PROVIDERS_DIR.glob("*.y*ml"))
     providers = yaml.safe_load(providers_file.read_text(encoding="utf-8"))["providers"]
@@ -1027,8 +1131,11 @@ def test_grafana_loads_the_repository_dashboards(base):
     # A dashboard that names a data source by uid (not through a ${variable}) names a
     # provisioned one.
     for path in sorted((REPO / "dashboards").glob("*.json")):
-        used = {uid for uid in _datasource_uids(json.loads(path.read_text(encoding="utf-8")))
-                if not uid.startswith("$")}
+        used = {
+            uid
+            for uid in _datasource_uids(json.loads(path.read_text(encoding="utf-8")))
+            if not uid.startswith("$")
+        }
         unknown = used - set(FIXED_UIDS.values())
         assert not unknown, f"{path.name} refers to unprovisioned data sources {unknown}"
 
@@ -1048,27 +1155,32 @@ def _datasource_uids(node: Any) -> set[str]:
 
 # --- (g) Alloy -----------------------------------------------------------------------------
 
+
 def _alloy_code() -> str:
     text = ALLOY_CONFIG.read_text(encoding="utf-8")
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    return "\n".join(line.split("//", 1)[0] if not re.search(r'"[^"]*//', line) else line
-                     for line in text.splitlines())
+    return "\n".join(
+        line.split("//", 1)[0] if not re.search(r'"[^"]*//', line) else line
+        for line in text.splitlines()
+    )
 
 
 def test_alloy_never_labels_streams_with_request_identifiers():
     code = _alloy_code()
     for forbidden in ("trace_id", "request_id", "span_id"):
         assert forbidden not in code, f"config.alloy uses {forbidden} (outside comments)"
-    assert not re.search(r'action\s*=\s*"labelmap"', code), \
+    assert not re.search(r'action\s*=\s*"labelmap"', code), (
         "labelmap would turn every container label into a stream label"
+    )
     relabelled = set(re.findall(r'target_label\s*=\s*"([^"]+)"', code))
     staged = set()
     for block in re.findall(r"stage\.labels\s*\{\s*values\s*=\s*\{([^}]*)\}", code):
         staged |= set(re.findall(r'"?([A-Za-z_][A-Za-z0-9_]*)"?\s*=', block))
     assert relabelled == {"service"}, relabelled
     assert staged == {"level"}, staged
-    assert not re.search(r"stage\.static_labels|stage\.label_keep|\blabels\s*=\s*\{[^}]", code), \
+    assert not re.search(r"stage\.static_labels|stage\.label_keep|\blabels\s*=\s*\{[^}]", code), (
         "no other way of adding stream labels"
+    )
 
 
 def test_alloy_reads_this_project_and_parses_every_service_level(base):
@@ -1079,12 +1191,16 @@ def test_alloy_reads_this_project_and_parses_every_service_level(base):
     for selector in re.findall(r'selector\s*=\s*`\{service=~"([^"]+)"\}`', code):
         covered |= set(selector.split("|"))
     assert covered <= set(services(base)), covered - set(services(base))
-    assert set(long_running(base)) <= covered, \
+    assert set(long_running(base)) <= covered, (
         f"no level parsing for {set(long_running(base)) - covered}"
+    )
     loki = yaml.safe_load(config_file_of(base["services"]["loki"]).read_text("utf-8"))
     push = re.search(r'url\s*=\s*"(http://[^"]+)/loki/api/v1/push"', code)
-    assert push and push.group(1) == \
-        f"http://{loki['server']['http_listen_address']}:{loki['server']['http_listen_port']}"
+    assert (
+        push
+        and push.group(1)
+        == f"http://{loki['server']['http_listen_address']}:{loki['server']['http_listen_port']}"
+    )
     alloy = base["services"]["alloy"]
     (socket,) = [m for m in mounts(alloy) if m.source == "/var/run/docker.sock"]
     assert socket.read_only

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from inference.config import OPTIONS, Config, ConfigError, load_config
 
 
@@ -20,8 +20,12 @@ def test_defaults():
 
 
 def test_environment_and_command_line():
-    env = {"VIGIL_INFERENCE_PORT": "9001", "VIGIL_INFERENCE_MAX_QUEUE": "3",
-           "VIGIL_INFERENCE_TRUST_REMOTE_CODE": "true", "VIGIL_INFERENCE_MODEL": "/models/glm-4"}
+    env = {
+        "VIGIL_INFERENCE_PORT": "9001",
+        "VIGIL_INFERENCE_MAX_QUEUE": "3",
+        "VIGIL_INFERENCE_TRUST_REMOTE_CODE": "true",
+        "VIGIL_INFERENCE_MODEL": "/models/glm-4",
+    }
     config = load_config(["--port", "9002"], environ=env)
     assert config.port == 9002  # the command line wins
     assert config.max_queue == 3 and config.trust_remote_code is True
@@ -29,17 +33,23 @@ def test_environment_and_command_line():
     assert load_config(["--trust-remote-code", "--seed", "7"], environ={}).seed == 7
 
 
-@pytest.mark.parametrize("argv,env,words", [
-    (["--port", "99999"], {}, "--port: '99999' is not valid (must be a TCP port"),
-    (["--max-batch-size", "0"], {}, "--max-batch-size: '0' is not valid (must be a positive"),
-    (["--request-timeout", "soon"], {}, "--request-timeout: 'soon' is not valid"),
-    (["--device", "tpu"], {}, "must be auto, cpu, cuda or cuda:N"),
-    ([], {"VIGIL_INFERENCE_MAX_QUEUE": "-1"}, "VIGIL_INFERENCE_MAX_QUEUE: '-1' is not valid"),
-    ([], {"VIGIL_INFERENCE_DTYPE": "float8"}, "VIGIL_INFERENCE_DTYPE: 'float8' is not one of"),
-    ([], {"VIGIL_INFERENCE_LOG_PROMPTS": "maybe"}, "must be true or false"),
-    ([], {"VIGIL_INFERENCE_MAX_BATCH": "4"}, "unknown environment variable(s) "
-                                             "VIGIL_INFERENCE_MAX_BATCH"),
-])
+@pytest.mark.parametrize(
+    "argv,env,words",
+    [
+        (["--port", "99999"], {}, "--port: '99999' is not valid (must be a TCP port"),
+        (["--max-batch-size", "0"], {}, "--max-batch-size: '0' is not valid (must be a positive"),
+        (["--request-timeout", "soon"], {}, "--request-timeout: 'soon' is not valid"),
+        (["--device", "tpu"], {}, "must be auto, cpu, cuda or cuda:N"),
+        ([], {"VIGIL_INFERENCE_MAX_QUEUE": "-1"}, "VIGIL_INFERENCE_MAX_QUEUE: '-1' is not valid"),
+        ([], {"VIGIL_INFERENCE_DTYPE": "float8"}, "VIGIL_INFERENCE_DTYPE: 'float8' is not one of"),
+        ([], {"VIGIL_INFERENCE_LOG_PROMPTS": "maybe"}, "must be true or false"),
+        (
+            [],
+            {"VIGIL_INFERENCE_MAX_BATCH": "4"},
+            "unknown environment variable(s) VIGIL_INFERENCE_MAX_BATCH",
+        ),
+    ],
+)
 def test_bad_values_are_rejected_with_their_name(argv, env, words):
     with pytest.raises(ConfigError) as caught:
         load_config(argv, environ=env)
@@ -60,8 +70,13 @@ def test_config_fields_and_options_agree():
 
 
 def _run_main(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "inference", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "inference", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def test_bad_option_exits_2_with_a_message():

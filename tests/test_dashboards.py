@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import start_exporter, start_prometheus, start_server
+
 from dashboards.generate import DASHBOARDS_DIR, render
 from tools.metrics_reference import all_metric_names
 
@@ -22,13 +22,19 @@ REPO = Path(__file__).resolve().parents[1]
 FLEET = Path(__file__).parent / "data" / "fake_fleet.json"
 LEZER = REPO / ".cache" / "npm" / "node_modules" / "@grafana" / "lezer-logql"
 PROM_VARS = {"$instance": ".*", "$model": ".*", "$gpu": ".*", "$__rate_interval": "1m"}
-LOKI_VARS = {"$service": "inference", "$level": "error", "$request_id": "", "$trace_id": "",
-             "$__rate_interval": "1m"}
+LOKI_VARS = {
+    "$service": "inference",
+    "$level": "error",
+    "$request_id": "",
+    "$trace_id": "",
+    "$__rate_interval": "1m",
+}
 
 
 def boards() -> dict[str, dict]:
-    return {path.name: json.loads(path.read_text())
-            for path in sorted(DASHBOARDS_DIR.glob("*.json"))}
+    return {
+        path.name: json.loads(path.read_text()) for path in sorted(DASHBOARDS_DIR.glob("*.json"))
+    }
 
 
 def queries(kind: str):
@@ -80,8 +86,11 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r"\b(by|on|without|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
     expr = re.sub(r"\[[^\]]*\]", "", expr)
     functions = {"histogram_quantile", "sort_desc", "label_values"}
-    return {w for w in re.findall(r"\b[a-zA-Z_][a-zA-Z0-9_]*\b", expr)
-            if ("_" in w or w.isupper()) and w not in functions}
+    return {
+        w
+        for w in re.findall(r"\b[a-zA-Z_][a-zA-Z0-9_]*\b", expr)
+        if ("_" in w or w.isupper()) and w not in functions
+    }
 
 
 def test_every_metric_used_is_in_the_reference():
@@ -102,15 +111,28 @@ def test_every_logql_query_parses():
     found = list(queries("loki"))
     exprs = [substitute(expr, LOKI_VARS) for _b, _p, expr in found]
     assert len(exprs) >= 4
-    result = subprocess.run([node, str(Path(__file__).parent / "logql_parse.cjs"), str(LEZER)],
-                            input=json.dumps(exprs), capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [node, str(Path(__file__).parent / "logql_parse.cjs"), str(LEZER)],
+        input=json.dumps(exprs),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     errors = json.loads(result.stdout)
-    bad = [(p["title"], e, at) for (_b, p, _), e, at in zip(found, exprs, errors) if at is not None]
+    bad = [
+        (p["title"], e, at)
+        for (_b, p, _), e, at in zip(found, exprs, errors, strict=True)
+        if at is not None
+    ]
     assert bad == []
     # and the checker does catch a broken one
-    broken = subprocess.run([node, str(Path(__file__).parent / "logql_parse.cjs"), str(LEZER)],
-                            input=json.dumps(['{service="x"} | json | | status']),
-                            capture_output=True, text=True, check=True)
+    broken = subprocess.run(
+        [node, str(Path(__file__).parent / "logql_parse.cjs"), str(LEZER)],
+        input=json.dumps(['{service="x"} | json | | status']),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(broken.stdout) != [None]
 
 
@@ -118,33 +140,63 @@ def test_every_promql_query_returns_data_after_real_traffic(tmp_path, demo_dir):
     import torch
 
     server = start_server(tmp_path, demo_dir, "--enable-fault-injection")
-    exporter = start_exporter(tmp_path, server.state_dir, "--target", server.base_url,
-                              "--gpu-backend", "fake", "--fake-gpu-fleet", str(FLEET),
-                              "--gpu-interval", "0.5", "--probe-interval", "1",
-                              "--canary-interval", "2")
+    exporter = start_exporter(
+        tmp_path,
+        server.state_dir,
+        "--target",
+        server.base_url,
+        "--gpu-backend",
+        "fake",
+        "--fake-gpu-fleet",
+        str(FLEET),
+        "--gpu-interval",
+        "0.5",
+        "--probe-interval",
+        "1",
+        "--canary-interval",
+        "2",
+    )
     rules = REPO / "alerts"
-    prometheus = start_prometheus(tmp_path, f"""
+    prometheus = start_prometheus(
+        tmp_path,
+        f"""
 global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
 rule_files: ["{rules}/*.rules.yml"]
 scrape_configs:
   - job_name: vigil-exporter
-    static_configs: [{{targets: ["{exporter.base_url.removeprefix('http://')}"]}}]
-""")
+    static_configs: [{{targets: ["{exporter.base_url.removeprefix("http://")}"]}}]
+""",
+    )
     try:
         url = server.url("/v1/completions")
         for index in range(6):
-            assert requests.post(url, timeout=60, json={
-                "model": "demo", "prompt": f"hello {index}", "max_tokens": 8,
-                "stream": index % 2 == 0}).status_code == 200
+            assert (
+                requests.post(
+                    url,
+                    timeout=60,
+                    json={
+                        "model": "demo",
+                        "prompt": f"hello {index}",
+                        "max_tokens": 8,
+                        "stream": index % 2 == 0,
+                    },
+                ).status_code
+                == 200
+            )
         assert requests.post(url, timeout=60, json={"model": "demo"}).status_code == 400
         requests.post(server.url("/debug/fault"), timeout=10, json={"fault": "empty"})
         requests.post(url, timeout=60, json={"model": "demo", "prompt": "e", "max_tokens": 4})
-        requests.post(server.url("/debug/fault"), timeout=10,
-                      json={"fault": "oom", "stage": "decode"})
-        assert requests.post(url, timeout=60, json={
-            "model": "demo", "prompt": "o", "max_tokens": 4}).status_code == 503
-        prometheus.wait_for('count(inference_empty_outputs_total)', lambda v: v is not None)
-        prometheus.wait_for('count(vigil_gpu_xid_errors_total)', lambda v: v is not None)
+        requests.post(
+            server.url("/debug/fault"), timeout=10, json={"fault": "oom", "stage": "decode"}
+        )
+        assert (
+            requests.post(
+                url, timeout=60, json={"model": "demo", "prompt": "o", "max_tokens": 4}
+            ).status_code
+            == 503
+        )
+        prometheus.wait_for("count(inference_empty_outputs_total)", lambda v: v is not None)
+        prometheus.wait_for("count(vigil_gpu_xid_errors_total)", lambda v: v is not None)
         time.sleep(3)
         empty = []
         cuda = torch.cuda.is_available()

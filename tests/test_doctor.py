@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import REPO
+
 from inference.doctor import gpu, gpu_facts
 from inference.doctor.report import Status
 from vigil.gpu.backend import BackendUnavailable, GpuLost
@@ -31,15 +31,25 @@ from vigil.gpu.nvml import NvmlBackend
 NO_GPU = not __import__("torch").cuda.is_available()
 
 
-def doctor(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
-           timeout: float = 300, launcher: tuple[str, ...] = ("-m", "inference")
-           ) -> subprocess.CompletedProcess:
-    child_env = {k: v for k, v in os.environ.items()
-                 if not k.startswith(("VIGIL_INFERENCE_", "OTEL_"))}
+def doctor(
+    *args: str,
+    env: dict[str, str] | None = None,
+    prefix: tuple[str, ...] = (),
+    timeout: float = 300,
+    launcher: tuple[str, ...] = ("-m", "inference"),
+) -> subprocess.CompletedProcess:
+    child_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("VIGIL_INFERENCE_", "OTEL_"))
+    }
     child_env.update(env or {})
-    return subprocess.run([*prefix, sys.executable, *launcher, "doctor", *args],
-                          capture_output=True, text=True, cwd=REPO, env=child_env,
-                          timeout=timeout)
+    return subprocess.run(
+        [*prefix, sys.executable, *launcher, "doctor", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=child_env,
+        timeout=timeout,
+    )
 
 
 def verdicts(result: subprocess.CompletedProcess) -> dict[str, dict]:
@@ -54,6 +64,7 @@ def free_port() -> int:
 
 
 # ---- checkpoints with faults ---------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def sharded_model(tmp_path_factory, demo_dir) -> Path:
@@ -80,9 +91,15 @@ def write_sparse_safetensors(path: Path, elements: int, dtype: str = "BF16") -> 
     """A valid safetensors file holding one tensor of ``elements`` values, written sparse: the
     disk holds only the header however large the tensor."""
     itemsize = {"BF16": 2, "F32": 4}[dtype]
-    header = json.dumps({"model.embed_tokens.weight": {
-        "dtype": dtype, "shape": [elements // 1024, 1024],
-        "data_offsets": [0, elements // 1024 * 1024 * itemsize]}}).encode()
+    header = json.dumps(
+        {
+            "model.embed_tokens.weight": {
+                "dtype": dtype,
+                "shape": [elements // 1024, 1024],
+                "data_offsets": [0, elements // 1024 * 1024 * itemsize],
+            }
+        }
+    ).encode()
     header += b" " * (-len(header) % 8)
     with path.open("wb") as handle:
         handle.write(struct.pack("<Q", len(header)) + header)
@@ -113,20 +130,55 @@ def oversized_model(tmp_path_factory, demo_dir) -> Path:
 
 # ---- the doctor on a sound machine ---------------------------------------------------------
 
+
 def test_a_sound_cpu_setup_passes_every_check(tmp_path, demo_dir):
     port = free_port()
-    result = doctor("--json", "--demo-dir", demo_dir, "--port", str(port),
-                    "--state-dir", str(tmp_path / "state"))
+    result = doctor(
+        "--json",
+        "--demo-dir",
+        demo_dir,
+        "--port",
+        str(port),
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads(result.stdout)
     assert document["ok"] is True and document["counts"]["failed"] == 0
     found = verdicts(result)
-    assert list(found) == ["python", "packages", "pip-check", "pynvml", "cuda-driver",
-                           "gpu-visibility", "compute-capability", "gpu-kernel", "model-source",
-                           "remote-code", "model-config", "tokenizer", "model-weights", "memory",
-                           "port", "state-dir", "otlp"]
-    for name in ("python", "packages", "pip-check", "pynvml", "model-source", "remote-code",
-                 "model-config", "tokenizer", "model-weights", "memory", "port", "state-dir"):
+    assert list(found) == [
+        "python",
+        "packages",
+        "pip-check",
+        "pynvml",
+        "cuda-driver",
+        "gpu-visibility",
+        "compute-capability",
+        "gpu-kernel",
+        "model-source",
+        "remote-code",
+        "model-config",
+        "tokenizer",
+        "model-weights",
+        "memory",
+        "port",
+        "state-dir",
+        "otlp",
+    ]
+    for name in (
+        "python",
+        "packages",
+        "pip-check",
+        "pynvml",
+        "model-source",
+        "remote-code",
+        "model-config",
+        "tokenizer",
+        "model-weights",
+        "memory",
+        "port",
+        "state-dir",
+    ):
         assert found[name]["status"] == "ok", found[name]
     import torch
     import transformers
@@ -149,14 +201,26 @@ def test_a_sound_cpu_setup_passes_every_check(tmp_path, demo_dir):
 
 
 def test_the_text_report_has_a_line_per_check_and_a_tally(tmp_path, demo_dir):
-    result = doctor("--demo-dir", demo_dir, "--port", str(free_port()),
-                    "--state-dir", str(tmp_path / "state"), "--check", "model-weights",
-                    "--check", "port")
+    result = doctor(
+        "--demo-dir",
+        demo_dir,
+        "--port",
+        str(free_port()),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--check",
+        "model-weights",
+        "--check",
+        "port",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("python -m inference doctor: model 'demo'")
     assert [line.split()[:2] for line in lines[1:4]] == [
-        ["ok", "model-source"], ["ok", "model-weights"], ["ok", "port"]]
+        ["ok", "model-source"],
+        ["ok", "model-weights"],
+        ["ok", "port"],
+    ]
     assert "all present and whole" in lines[2]
     assert lines[-1] == "3 ok, 0 warning, 0 failed, 0 skipped"
 
@@ -174,6 +238,7 @@ def test_bad_options_are_refused_with_status_2():
 
 # ---- model files -----------------------------------------------------------------------------
 
+
 def test_a_missing_shard_fails_and_names_the_file(tmp_path, sharded_model):
     model = copy_of(sharded_model, tmp_path)
     (model / "model-00003-of-00008.safetensors").unlink()
@@ -182,8 +247,10 @@ def test_a_missing_shard_fails_and_names_the_file(tmp_path, sharded_model):
     found = verdicts(result)
     weights = found["model-weights"]
     assert weights["status"] == "failed"
-    assert weights["summary"] == ("1 of the 8 shards that model.safetensors.index.json names "
-                                  "are missing: model-00003-of-00008.safetensors")
+    assert weights["summary"] == (
+        "1 of the 8 shards that model.safetensors.index.json names "
+        "are missing: model-00003-of-00008.safetensors"
+    )
     assert "download" in weights["fix"]
     assert found["memory"]["status"] == "skipped"
     assert found["model-config"]["status"] == "ok"
@@ -210,8 +277,7 @@ def test_a_whole_sharded_checkpoint_passes(sharded_model):
     parameters = 0
     for shard in sharded_model.glob("*.safetensors"):
         with safe_open(shard, "pt") as handle:
-            parameters += sum(math.prod(handle.get_slice(k).get_shape())
-                              for k in handle.keys())
+            parameters += sum(math.prod(handle.get_slice(k).get_shape()) for k in handle)
     assert found["values"]["parameters"] == parameters
 
 
@@ -230,17 +296,22 @@ def test_checkpoint_code_without_trust_remote_code_fails(tmp_path, demo_dir):
 
     model = copy_of(ensure_demo_model(demo_dir), tmp_path)
     config = json.loads((model / "config.json").read_text())
-    config.update(model_type="vigil_custom", auto_map={
-        "AutoConfig": "configuration_custom.CustomConfig",
-        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    config.update(
+        model_type="vigil_custom",
+        auto_map={
+            "AutoConfig": "configuration_custom.CustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+        },
+    )
     (model / "config.json").write_text(json.dumps(config))
     result = doctor("--json", "--model", str(model), "--check", "remote-code")
     found = verdicts(result)["remote-code"]
     assert result.returncode == 1 and found["status"] == "failed"
     assert "'vigil_custom' needs the checkpoint's own code" in found["summary"]
     assert "--trust-remote-code" in found["fix"]
-    trusted = verdicts(doctor("--json", "--model", str(model), "--check", "remote-code",
-                              "--trust-remote-code"))["remote-code"]
+    trusted = verdicts(
+        doctor("--json", "--model", str(model), "--check", "remote-code", "--trust-remote-code")
+    )["remote-code"]
     assert trusted["status"] == "ok"
 
 
@@ -250,8 +321,9 @@ def test_weight_files_are_chosen_in_transformers_order(tmp_path, demo_dir):
     model = copy_of(ensure_demo_model(demo_dir), tmp_path)
     # A stale index of pickles whose shards were never fetched: transformers loads
     # model.safetensors first and never reads it.
-    (model / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"weight_map": {"lm_head.weight": "pytorch_model-00001-of-00002.bin"}}))
+    (model / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {"lm_head.weight": "pytorch_model-00001-of-00002.bin"}})
+    )
     found = verdicts(doctor("--json", "--model", str(model), "--check", "model-weights"))
     assert found["model-weights"]["status"] == "ok", found
     assert found["model-weights"]["summary"].startswith("model.safetensors, all present")
@@ -277,17 +349,26 @@ def _header_only(path: Path, header: dict, data_bytes: int) -> None:
 def test_safetensors_headers_of_every_dtype_and_broken_ones(tmp_path):
     from inference.doctor.weights import WeightsError, read_weights
 
-    _header_only(tmp_path / "model.safetensors", {
-        "a": {"dtype": "F8_E4M3FNUZ", "shape": [4, 4], "data_offsets": [0, 16]},
-        "b": {"dtype": "F4", "shape": [8], "data_offsets": [16, 20]},
-        "c": {"dtype": "X9_FUTURE", "shape": [2], "data_offsets": [20, 24]},
-        "__metadata__": {"format": "pt"}}, 24)
+    _header_only(
+        tmp_path / "model.safetensors",
+        {
+            "a": {"dtype": "F8_E4M3FNUZ", "shape": [4, 4], "data_offsets": [0, 16]},
+            "b": {"dtype": "F4", "shape": [8], "data_offsets": [16, 20]},
+            "c": {"dtype": "X9_FUTURE", "shape": [2], "data_offsets": [20, 24]},
+            "__metadata__": {"format": "pt"},
+        },
+        24,
+    )
     weights = read_weights(tmp_path)
     assert weights.bytes_as(2, 2) == 16 + 4  # FNUZ kept as 1 byte, F4 packed 2 per byte
-    assert weights.notes == ["tensors of dtype X9_FUTURE, which this check cannot size, are "
-                             "left out of the size"]
-    _header_only(tmp_path / "model.safetensors", {
-        "a": {"dtype": "F16", "shape": None, "data_offsets": [0, 8]}}, 8)
+    assert weights.notes == [
+        "tensors of dtype X9_FUTURE, which this check cannot size, are left out of the size"
+    ]
+    _header_only(
+        tmp_path / "model.safetensors",
+        {"a": {"dtype": "F16", "shape": None, "data_offsets": [0, 8]}},
+        8,
+    )
     with pytest.raises(WeightsError, match="tensor 'a' is described wrongly"):
         read_weights(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x01")
@@ -298,9 +379,18 @@ def test_safetensors_headers_of_every_dtype_and_broken_ones(tmp_path):
 def test_a_tied_output_layer_is_counted_once(tmp_path):
     from inference.doctor.weights import read_weights
 
-    _header_only(tmp_path / "model.safetensors", {
-        "model.embed_tokens.weight": {"dtype": "BF16", "shape": [10, 4], "data_offsets": [0, 80]},
-        "lm_head.weight": {"dtype": "BF16", "shape": [10, 4], "data_offsets": [80, 160]}}, 160)
+    _header_only(
+        tmp_path / "model.safetensors",
+        {
+            "model.embed_tokens.weight": {
+                "dtype": "BF16",
+                "shape": [10, 4],
+                "data_offsets": [0, 80],
+            },
+            "lm_head.weight": {"dtype": "BF16", "shape": [10, 4], "data_offsets": [80, 160]},
+        },
+        160,
+    )
     weights = read_weights(tmp_path)
     assert weights.bytes_as(4, 2) == 320 and weights.bytes_as(4, 2, tied=True) == 160
 
@@ -318,11 +408,13 @@ def _hub_cache_with(tmp_path: Path, model: Path, leave_out: str) -> Path:
 
 
 def test_a_partial_snapshot_in_the_hub_cache_warns_and_does_not_stop_the_server(
-        server_factory, sharded_model):
+    server_factory, sharded_model
+):
     hf_home = _hub_cache_with(server_factory.tmp, sharded_model, "model-00004-of-00008.*")
     env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
-    found = verdicts(doctor("--json", "--model", "example-org/tiny", "--check", "model-weights",
-                            env=env))
+    found = verdicts(
+        doctor("--json", "--model", "example-org/tiny", "--check", "model-weights", env=env)
+    )
     assert found["model-source"]["status"] == "ok", found
     weights = found["model-weights"]
     assert weights["status"] == "warning", weights
@@ -330,8 +422,11 @@ def test_a_partial_snapshot_in_the_hub_cache_warns_and_does_not_stop_the_server(
     # Offline, transformers cannot complete it either: the load fails, but in transformers,
     # after the start-up checks let it through.
     server = server_factory(model="example-org/tiny", ready=False, env=env)
-    server.wait_for(lambda: requests.get(server.url("/ready"), timeout=5).json()["status"]
-                    == "failed", timeout=120, what="the failed state")
+    server.wait_for(
+        lambda: requests.get(server.url("/ready"), timeout=5).json()["status"] == "failed",
+        timeout=120,
+        what="the failed state",
+    )
     error = requests.get(server.url("/ready"), timeout=5).json()["error"]
     assert not error.startswith("start-up check"), error
     lines = {line["check"]: line for line in server.logs() if line.get("check")}
@@ -345,8 +440,9 @@ def test_pickled_weights_too_large_only_warn(tmp_path, demo_dir):
     (model / "model.safetensors").unlink()
     with (model / "pytorch_model.bin").open("wb") as handle:
         handle.truncate(2 * mem_total())
-    memory = verdicts(doctor("--json", "--model", str(model), "--device", "cpu", "--check",
-                             "memory"))["memory"]
+    memory = verdicts(
+        doctor("--json", "--model", str(model), "--device", "cpu", "--check", "memory")
+    )["memory"]
     assert memory["status"] == "warning" and "an estimate" in memory["summary"], memory
 
 
@@ -355,8 +451,11 @@ def test_the_memory_limit_of_a_parent_cgroup_counts(tmp_path):
 
     def limit(directory: Path, maximum: str, current: int, inactive: int = 0, v1=False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        names = (("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-                 if v1 else ("memory.max", "memory.current", "inactive_file"))
+        names = (
+            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            if v1
+            else ("memory.max", "memory.current", "inactive_file")
+        )
         (directory / names[0]).write_text(maximum + "\n")
         (directory / names[1]).write_text(f"{current}\n")
         (directory / "memory.stat").write_text(f"anon 1\n{names[2]} {inactive}\n")
@@ -384,11 +483,13 @@ def test_only_verdicts_that_would_stop_the_server_block_its_start():
     assert not blocks_start(warning("model-weights", "s", "f"), auto)
     assert not blocks_start(failed("cuda-driver", "s", "f"), auto)  # serves on the CPU
     assert blocks_start(failed("cuda-driver", "s", "f"), cuda)
-    assert not blocks_start(failed("memory", "the check itself raised OSError", "f",
-                                   raised=True), auto)
+    assert not blocks_start(
+        failed("memory", "the check itself raised OSError", "f", raised=True), auto
+    )
 
 
 # ---- memory ----------------------------------------------------------------------------------
+
 
 @pytest.mark.skipif(not NO_GPU, reason="the CPU case; the GPU case is test_gpu_memory_...")
 def test_a_model_too_large_for_the_memory_fails(oversized_model):
@@ -407,8 +508,7 @@ def test_a_model_too_large_for_the_memory_fails(oversized_model):
     assert "smaller (or quantized) checkpoint" in memory["fix"]
 
 
-def test_a_context_too_large_for_the_memory_warns_and_names_a_length_that_fits(tmp_path,
-                                                                                demo_dir):
+def test_a_context_too_large_for_the_memory_warns_and_names_a_length_that_fits(tmp_path, demo_dir):
     from inference.model.demo import ensure_demo_model
 
     model = copy_of(ensure_demo_model(demo_dir), tmp_path)
@@ -419,18 +519,29 @@ def test_a_context_too_large_for_the_memory_warns_and_names_a_length_that_fits(t
     memory = verdicts(result)["memory"]
     assert result.returncode == 0 and memory["status"] == "warning", memory
     fits = memory["values"]["fitting_tokens"]
-    assert memory["fix"] == (f"--max-model-len {fits} (90 % of what is free beside the "
-                             "weights)")
+    assert memory["fix"] == (f"--max-model-len {fits} (90 % of what is free beside the weights)")
     assert fits > 0 and fits % 256 == 0
     bytes_per_token = 2 * 4 * 4 * 32 * 4
     room = memory["values"]["available_bytes"] - memory["values"]["weights_bytes"]
     assert 0.85 * room <= fits * bytes_per_token <= 0.9 * room
-    following = verdicts(doctor("--json", "--model", str(model), "--device", "cpu", "--check",
-                                "memory", "--max-model-len", str(fits)))["memory"]
+    following = verdicts(
+        doctor(
+            "--json",
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            "--check",
+            "memory",
+            "--max-model-len",
+            str(fits),
+        )
+    )["memory"]
     assert following["status"] == "ok", following
 
 
 # ---- port, state directory, OTLP -------------------------------------------------------------
+
 
 def test_a_port_in_use_fails_and_names_the_process_holding_it():
     with socket.socket() as holder:
@@ -446,21 +557,31 @@ def test_a_port_in_use_fails_and_names_the_process_holding_it():
 
 def test_an_unwritable_state_directory_fails():
     # As root, permission bits do not bind: drop the capability that overrides them.
-    prefix = (("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
-              if os.geteuid() == 0 else ())
+    prefix = (
+        ("setpriv", "--bounding-set", "-dac_override,-dac_read_search") if os.geteuid() == 0 else ()
+    )
     if prefix and shutil.which("setpriv") is None:
         pytest.skip("running as root without setpriv (util-linux)")
     directory = Path(tempfile.mkdtemp(prefix="vigil-readonly-"))
     try:
         directory.chmod(0o555)
-        result = doctor("--json", "--state-dir", str(directory), "--check", "state-dir",
-                        prefix=prefix)
+        result = doctor(
+            "--json", "--state-dir", str(directory), "--check", "state-dir", prefix=prefix
+        )
         found = verdicts(result)["state-dir"]
         assert result.returncode == 1 and found["status"] == "failed", found
         assert found["summary"] == f"{directory} is not writable: Permission denied"
         assert "--state-dir" in found["fix"]
-        nested = verdicts(doctor("--json", "--state-dir", str(directory / "state"), "--check",
-                                 "state-dir", prefix=prefix))["state-dir"]
+        nested = verdicts(
+            doctor(
+                "--json",
+                "--state-dir",
+                str(directory / "state"),
+                "--check",
+                "state-dir",
+                prefix=prefix,
+            )
+        )["state-dir"]
         assert nested["status"] == "failed"
     finally:
         directory.chmod(0o755)
@@ -493,31 +614,59 @@ class _OtlpReceiver:
 def test_the_otlp_endpoint_is_checked_when_configured():
     receiver = _OtlpReceiver()
     try:
-        result = doctor("--json", "--check", "otlp",
-                        env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
+        result = doctor(
+            "--json", "--check", "otlp", env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url}
+        )
         found = verdicts(result)["otlp"]
         assert found["status"] == "ok", found
         assert receiver.received == [("/v1/traces", "application/x-protobuf", b"")]
-        wrong_path = verdicts(doctor("--json", "--check", "otlp", env={
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url + "/wrong"}))["otlp"]
+        wrong_path = verdicts(
+            doctor(
+                "--json",
+                "--check",
+                "otlp",
+                env={"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url + "/wrong"},
+            )
+        )["otlp"]
         assert wrong_path["status"] == "warning" and "HTTP 404" in wrong_path["summary"]
     finally:
         receiver.server.shutdown()
-    closed = verdicts(doctor("--json", "--check", "otlp", env={
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}))["otlp"]
+    closed = verdicts(
+        doctor(
+            "--json",
+            "--check",
+            "otlp",
+            env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"},
+        )
+    )["otlp"]
     assert closed["status"] == "warning" and "does not answer" in closed["summary"]
 
 
 # ---- packages --------------------------------------------------------------------------------
 
+
 def pip_install_target(target: Path, requirement: str) -> None:
     """Install a real release into a directory of its own, as pip lays it out."""
-    run = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                          "--target", str(target), requirement], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            requirement,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if run.returncode != 0:
-        pytest.skip(f"pip could not install {requirement} (no package index?): "
-                    f"{run.stderr.strip()[-300:]}")
+        pytest.skip(
+            f"pip could not install {requirement} (no package index?): {run.stderr.strip()[-300:]}"
+        )
 
 
 def test_the_deprecated_pynvml_package_shadowing_nvidia_ml_py_fails(tmp_path):
@@ -526,10 +675,11 @@ def test_the_deprecated_pynvml_package_shadowing_nvidia_ml_py_fails(tmp_path):
     result = doctor("--json", "--check", "pynvml", env={"PYTHONPATH": str(tmp_path)})
     found = verdicts(result)["pynvml"]
     assert result.returncode == 1 and found["status"] == "failed", found
-    assert found["summary"].startswith("the deprecated pynvml package 11.5.0 installed its own "
-                                       f"pynvml module ({tmp_path / 'pynvml' / '__init__.py'})")
-    assert found["fix"] == ("pip uninstall -y pynvml && pip install --force-reinstall "
-                            "nvidia-ml-py")
+    assert found["summary"].startswith(
+        "the deprecated pynvml package 11.5.0 installed its own "
+        f"pynvml module ({tmp_path / 'pynvml' / '__init__.py'})"
+    )
+    assert found["fix"] == ("pip uninstall -y pynvml && pip install --force-reinstall nvidia-ml-py")
 
 
 def test_the_deprecated_pynvml_shim_warns(tmp_path):
@@ -544,22 +694,31 @@ def test_the_deprecated_pynvml_shim_warns(tmp_path):
 
 # ---- start-up checks in the server -----------------------------------------------------------
 
+
 def test_the_server_reports_a_failed_start_up_check_with_its_fix(server_factory, sharded_model):
     model = copy_of(sharded_model, server_factory.tmp)
     (model / "model-00002-of-00008.safetensors").unlink()
     server = server_factory(model=str(model), ready=False)
-    server.wait_for(lambda: requests.get(server.url("/ready"), timeout=5).json()["status"]
-                    == "failed", timeout=120, what="the failed state")
+    server.wait_for(
+        lambda: requests.get(server.url("/ready"), timeout=5).json()["status"] == "failed",
+        timeout=120,
+        what="the failed state",
+    )
     error = requests.get(server.url("/ready"), timeout=5).json()["error"]
     assert error.startswith("start-up check model-weights failed: 1 of the 8 shards")
     assert "fix: download the checkpoint again" in error
     logs = server.logs()
     verdict_lines = [line for line in logs if line.get("check")]
     assert {line["check"]: line["verdict"] for line in verdict_lines} == {
-        "cuda-driver": "skipped" if NO_GPU else "ok", "gpu-visibility": "skipped" if NO_GPU
-        else "ok", "compute-capability": "skipped" if NO_GPU else "ok", "model-source": "ok",
-        "remote-code": "ok", "model-config": "ok", "model-weights": "failed",
-        "memory": "skipped"}
+        "cuda-driver": "skipped" if NO_GPU else "ok",
+        "gpu-visibility": "skipped" if NO_GPU else "ok",
+        "compute-capability": "skipped" if NO_GPU else "ok",
+        "model-source": "ok",
+        "remote-code": "ok",
+        "model-config": "ok",
+        "model-weights": "failed",
+        "memory": "skipped",
+    }
     failed_line = next(line for line in verdict_lines if line["verdict"] == "failed")
     assert failed_line["level"] == "ERROR" and failed_line["fix"].startswith("download")
     assert not any("exception" in line or "Traceback" in line["message"] for line in logs)
@@ -569,8 +728,11 @@ def test_the_server_reports_a_failed_start_up_check_with_its_fix(server_factory,
 @pytest.mark.skipif(not NO_GPU, reason="the CPU case")
 def test_the_server_refuses_to_load_a_model_larger_than_memory(server_factory, oversized_model):
     server = server_factory(model=str(oversized_model), ready=False)
-    server.wait_for(lambda: requests.get(server.url("/ready"), timeout=5).json()["status"]
-                    == "failed", timeout=120, what="the failed state")
+    server.wait_for(
+        lambda: requests.get(server.url("/ready"), timeout=5).json()["status"] == "failed",
+        timeout=120,
+        what="the failed state",
+    )
     error = requests.get(server.url("/ready"), timeout=5).json()["error"]
     assert error.startswith("start-up check memory failed: the weights need ")
     assert not any("exception" in line for line in server.logs())
@@ -578,8 +740,16 @@ def test_the_server_refuses_to_load_a_model_larger_than_memory(server_factory, o
 
 def test_a_sound_start_logs_every_start_up_verdict(server):
     lines = {line["check"]: line for line in server.logs() if line.get("check")}
-    assert set(lines) == {"cuda-driver", "gpu-visibility", "compute-capability", "model-source",
-                          "remote-code", "model-config", "model-weights", "memory"}
+    assert set(lines) == {
+        "cuda-driver",
+        "gpu-visibility",
+        "compute-capability",
+        "model-source",
+        "remote-code",
+        "model-config",
+        "model-weights",
+        "memory",
+    }
     assert lines["memory"]["verdict"] == "ok" and lines["memory"]["level"] == "INFO"
     assert "KV cache of one full context (2048 tokens)" in lines["memory"]["message"]
 
@@ -594,16 +764,21 @@ DRIVER_12_2 = gpu_facts.DriverFacts(None, "535.183.01", (12, 2), (H100, A10))
 ARCHES = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")
 
 
-def torch_facts(cuda: str | None, gpus=(), arch_list=ARCHES,
-                warning=None) -> gpu_facts.TorchFacts:
-    torch_gpus = tuple(gpu_facts.TorchGpu(i, g.name, CAPABILITY[g.uuid], g.uuid)
-                       for i, g in enumerate(gpus))
+def torch_facts(cuda: str | None, gpus=(), arch_list=ARCHES, warning=None) -> gpu_facts.TorchFacts:
+    torch_gpus = tuple(
+        gpu_facts.TorchGpu(i, g.name, CAPABILITY[g.uuid], g.uuid) for i, g in enumerate(gpus)
+    )
     return gpu_facts.TorchFacts("2.x", cuda, bool(torch_gpus), warning, arch_list, torch_gpus)
 
 
 def test_a_torch_build_for_a_newer_cuda_major_than_the_driver_fails():
-    verdict = gpu.cuda_build_verdict("auto", DRIVER_12_2, torch_facts(
-        "13.0", warning="The NVIDIA driver on your system is too old (found version 12020)."))
+    verdict = gpu.cuda_build_verdict(
+        "auto",
+        DRIVER_12_2,
+        torch_facts(
+            "13.0", warning="The NVIDIA driver on your system is too old (found version 12020)."
+        ),
+    )
     assert verdict.status is Status.FAILED
     assert "driver 535.183.01 supports CUDA up to 12.2" in verdict.summary
     assert "--index-url https://download.pytorch.org/whl/cu121" in verdict.fix
@@ -612,8 +787,10 @@ def test_a_torch_build_for_a_newer_cuda_major_than_the_driver_fails():
 def test_a_newer_cuda_minor_than_the_driver_warns():
     verdict = gpu.cuda_build_verdict("cuda", DRIVER_12_2, torch_facts("12.8", (H100, A10)))
     assert verdict.status is Status.WARNING and "minor-version compatibility" in verdict.summary
-    assert gpu.cuda_build_verdict("cuda", DRIVER_12_2, torch_facts("12.1", (H100, A10))
-                                  ).status is Status.OK
+    assert (
+        gpu.cuda_build_verdict("cuda", DRIVER_12_2, torch_facts("12.1", (H100, A10))).status
+        is Status.OK
+    )
 
 
 def test_a_cpu_build_of_torch_on_a_gpu_host_fails():
@@ -666,12 +843,12 @@ def test_gpu_visibility_fails_only_without_the_gpu_the_server_uses():
     assert twice.status is Status.FAILED and "names a GPU twice" in twice.summary
     hidden = gpu.visibility_verdict("auto", DRIVER_12_2, torch_facts("12.1"), "")
     assert hidden.status is Status.WARNING and "CPU" in hidden.summary
-    assert gpu.visibility_verdict("cuda", DRIVER_12_2, torch_facts("12.1"), ""
-                                  ).status is Status.FAILED
+    assert (
+        gpu.visibility_verdict("cuda", DRIVER_12_2, torch_facts("12.1"), "").status is Status.FAILED
+    )
     beyond = gpu.visibility_verdict("cuda:2", DRIVER_12_2, both, None)
     assert beyond.status is Status.FAILED and "cuda:0 to cuda:1" in beyond.fix
-    mig = gpu.visibility_verdict("cuda", DRIVER_12_2, torch_facts("12.1", (H100,)),
-                                 "MIG-5a1c-0000")
+    mig = gpu.visibility_verdict("cuda", DRIVER_12_2, torch_facts("12.1", (H100,)), "MIG-5a1c-0000")
     assert mig.status is Status.OK
 
 
@@ -713,8 +890,10 @@ def test_the_kernel_runs_on_the_gpus_the_server_may_use_and_names_wrong_and_wedg
     assert sound.status is Status.OK and "(cuda:0 2.1 ms, cuda:1 3.4 ms)" in sound.summary
     broken = gpu.kernel_verdict("auto", two, {0: "wrong result (relative error 0.9)"}, 30)
     assert broken.status is Status.FAILED and broken.values["wedged"] == ["cuda:1"]
-    assert broken.summary == ("cuda:0: wrong result (relative error 0.9); cuda:1 did not finish "
-                              "within 30 s (a wedged GPU or driver: look for XID errors in dmesg)")
+    assert broken.summary == (
+        "cuda:0: wrong result (relative error 0.9); cuda:1 did not finish "
+        "within 30 s (a wedged GPU or driver: look for XID errors in dmesg)"
+    )
     beyond = gpu.kernel_verdict("cuda:5", two, {}, 30)
     assert beyond.status is Status.SKIPPED and "not among torch's GPUs" in beyond.summary
 
@@ -724,22 +903,35 @@ def test_without_torch_the_driver_verdict_fails_only_for_a_gpu_without_a_driver(
     assert gpu.driver_verdict_without_torch("cuda", none, "torch").status is Status.FAILED
     auto = gpu.driver_verdict_without_torch("auto", none, "torch")
     assert auto.status is Status.SKIPPED and "pip install 'llm-vigil[serve]'" in auto.summary
-    assert gpu.driver_verdict_without_torch("cpu", DRIVER_12_2, "torch"
-                                            ).status is Status.SKIPPED
+    assert gpu.driver_verdict_without_torch("cpu", DRIVER_12_2, "torch").status is Status.SKIPPED
 
 
 # ---- the GPU checks on a fake fleet ------------------------------------------------------------
 # The driver's facts come through vigil.gpu, as the exporter's do; a fake fleet stands in for
 # NVML there. torch is this machine's own.
 
-FLEET = {"driver_version": "550.54.15", "cuda_version": "12.4", "nvml_version": "12.550.54.15",
-         "gpus": [{"uuid": "GPU-11111111-2222-3333-4444-555555555555",
-                   "name": "NVIDIA H100 80GB HBM3", "memory_free_bytes": 4_000_000_000},
-                  {"uuid": "GPU-66666666-7777-8888-9999-000000000000",
-                   "name": "NVIDIA GeForce RTX 4090", "memory_free_bytes": 24_557_220_864}]}
+FLEET = {
+    "driver_version": "550.54.15",
+    "cuda_version": "12.4",
+    "nvml_version": "12.550.54.15",
+    "gpus": [
+        {
+            "uuid": "GPU-11111111-2222-3333-4444-555555555555",
+            "name": "NVIDIA H100 80GB HBM3",
+            "memory_free_bytes": 4_000_000_000,
+        },
+        {
+            "uuid": "GPU-66666666-7777-8888-9999-000000000000",
+            "name": "NVIDIA GeForce RTX 4090",
+            "memory_free_bytes": 24_557_220_864,
+        },
+    ],
+}
 FLEET_NAMES = "0: NVIDIA H100 80GB HBM3, 1: NVIDIA GeForce RTX 4090"
-CPU_TORCH = pytest.mark.skipif(__import__("torch").version.cuda is not None or not NO_GPU,
-                               reason="needs a CPU build of torch (the GPUs are the fleet's)")
+CPU_TORCH = pytest.mark.skipif(
+    __import__("torch").version.cuda is not None or not NO_GPU,
+    reason="needs a CPU build of torch (the GPUs are the fleet's)",
+)
 
 
 def fleet_file(tmp_path: Path, fleet: dict) -> str:
@@ -760,9 +952,15 @@ def test_driver_facts_are_read_through_the_gpu_backend_which_is_closed_after():
     spec["gpus"][1]["missing"] = ["memory_free_bytes"]
     fleet = FakeFleet(spec)
     facts = gpu_facts.read_driver(fleet)
-    assert facts == gpu_facts.DriverFacts(None, "550.54.15", (12, 4), (
-        gpu_facts.NvmlGpu(0, "NVIDIA H100 80GB HBM3", FLEET["gpus"][0]["uuid"], 4_000_000_000),
-        gpu_facts.NvmlGpu(1, "NVIDIA GeForce RTX 4090", FLEET["gpus"][1]["uuid"], None)))
+    assert facts == gpu_facts.DriverFacts(
+        None,
+        "550.54.15",
+        (12, 4),
+        (
+            gpu_facts.NvmlGpu(0, "NVIDIA H100 80GB HBM3", FLEET["gpus"][0]["uuid"], 4_000_000_000),
+            gpu_facts.NvmlGpu(1, "NVIDIA GeForce RTX 4090", FLEET["gpus"][1]["uuid"], None),
+        ),
+    )
     # Closed: the read that would now wedge returns at once.
     with pytest.raises(GpuLost, match="closed"):
         gpu_facts._within(lambda: fleet.read(0), 10, "a read after the doctor's")
@@ -779,47 +977,90 @@ def test_a_wedged_driver_read_ends_at_the_deadline_as_no_driver():
 
 
 @CPU_TORCH
-def test_a_cpu_build_of_torch_under_a_gpu_fleet_fails_and_names_the_wheel_for_its_cuda(
-        tmp_path):
+def test_a_cpu_build_of_torch_under_a_gpu_fleet_fails_and_names_the_wheel_for_its_cuda(tmp_path):
     import torch
 
     fleet = fleet_file(tmp_path, FLEET)
-    result = doctor("--device", "cuda", "--fake-gpu-fleet", fleet, "--check", "cuda-driver",
-                    "--check", "gpu-visibility")
+    result = doctor(
+        "--device",
+        "cuda",
+        "--fake-gpu-fleet",
+        fleet,
+        "--check",
+        "cuda-driver",
+        "--check",
+        "gpu-visibility",
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].endswith(f", GPUs from the fake fleet {fleet}")
     assert lines[1].split(None, 2) == [
-        "failed", "cuda-driver", (f"torch {torch.__version__} is a CPU build, but the driver "
-                                  "550.54.15 runs 2 GPU(s): the server would not use them")]
-    assert lines[2].strip() == ("fix: install a torch build the driver supports: pip install "
-                                "torch --index-url https://download.pytorch.org/whl/cu124 (or "
-                                "pass --device cpu to serve on the CPU on purpose)")
+        "failed",
+        "cuda-driver",
+        (
+            f"torch {torch.__version__} is a CPU build, but the driver "
+            "550.54.15 runs 2 GPU(s): the server would not use them"
+        ),
+    ]
+    assert lines[2].strip() == (
+        "fix: install a torch build the driver supports: pip install "
+        "torch --index-url https://download.pytorch.org/whl/cu124 (or "
+        "pass --device cpu to serve on the CPU on purpose)"
+    )
     assert lines[3].split(None, 2) == [
-        "failed", "gpu-visibility", (f"NVML sees 2 GPU(s) ({FLEET_NAMES}); torch sees 0; "
-                                     "CUDA_VISIBLE_DEVICES=(unset): torch sees 0 of 2: it is a "
-                                     "CPU build (see cuda-driver); --device cuda needs a GPU")]
+        "failed",
+        "gpu-visibility",
+        (
+            f"NVML sees 2 GPU(s) ({FLEET_NAMES}); torch sees 0; "
+            "CUDA_VISIBLE_DEVICES=(unset): torch sees 0 of 2: it is a "
+            "CPU build (see cuda-driver); --device cuda needs a GPU"
+        ),
+    ]
     assert lines[4].strip() == "fix: install a CUDA build of torch (see cuda-driver)"
     assert lines[-1] == "0 ok, 0 warning, 2 failed, 0 skipped"
     # With --device auto the server would fall back to the CPU: the build still fails the check.
-    found = verdicts(doctor("--json", "--fake-gpu-fleet", fleet, "--check", "cuda-driver",
-                            "--check", "gpu-visibility"))
+    found = verdicts(
+        doctor(
+            "--json",
+            "--fake-gpu-fleet",
+            fleet,
+            "--check",
+            "cuda-driver",
+            "--check",
+            "gpu-visibility",
+        )
+    )
     assert found["cuda-driver"]["status"] == "failed"
     assert found["cuda-driver"]["values"] | {"seconds": 0} == {
-        "driver_version": "550.54.15", "driver_cuda": "12.4", "torch": torch.__version__,
-        "torch_cuda": None, "gpus": 2, "seconds": 0}
+        "driver_version": "550.54.15",
+        "driver_cuda": "12.4",
+        "torch": torch.__version__,
+        "torch_cuda": None,
+        "gpus": 2,
+        "seconds": 0,
+    }
     assert found["gpu-visibility"]["status"] == "warning"
     assert found["gpu-visibility"]["summary"].endswith("; the server will run on the CPU")
 
 
 def test_a_gpu_lost_from_the_fleet_is_unreadable_and_the_others_still_seen(tmp_path):
     fleet = fleet_file(tmp_path, with_gpu(0, lost_after_reads=0))
-    found = verdicts(doctor("--json", "--fake-gpu-fleet", fleet, "--check", "cuda-driver",
-                            "--check", "gpu-visibility"))
+    found = verdicts(
+        doctor(
+            "--json",
+            "--fake-gpu-fleet",
+            fleet,
+            "--check",
+            "cuda-driver",
+            "--check",
+            "gpu-visibility",
+        )
+    )
     visibility = found["gpu-visibility"]
     assert visibility["summary"].startswith(
         "NVML sees 2 GPU(s) (0: (unreadable: fake GPU 0 fell off the bus), "
-        "1: NVIDIA GeForce RTX 4090); "), visibility
+        "1: NVIDIA GeForce RTX 4090); "
+    ), visibility
     assert visibility["values"]["nvml"] == 2
     assert found["cuda-driver"]["values"]["gpus"] == 2
 
@@ -829,20 +1070,34 @@ def test_a_fleet_whose_nvml_fails_to_start_gives_the_no_driver_verdicts(tmp_path
     import torch
 
     fleet = fleet_file(tmp_path, {**FLEET, "fail_init": True})
-    cuda = verdicts(doctor("--json", "--device", "cuda", "--fake-gpu-fleet", fleet, "--check",
-                           "cuda-driver", "--check", "gpu-visibility"))
+    cuda = verdicts(
+        doctor(
+            "--json",
+            "--device",
+            "cuda",
+            "--fake-gpu-fleet",
+            fleet,
+            "--check",
+            "cuda-driver",
+            "--check",
+            "gpu-visibility",
+        )
+    )
     assert cuda["cuda-driver"]["status"] == "failed"
-    assert cuda["cuda-driver"]["summary"] == ("--device cuda but no usable NVIDIA driver (fake "
-                                              "fleet set to fail its initialisation)")
+    assert cuda["cuda-driver"]["summary"] == (
+        "--device cuda but no usable NVIDIA driver (fake fleet set to fail its initialisation)"
+    )
     assert "install or load the NVIDIA driver" in cuda["cuda-driver"]["fix"]
     assert cuda["gpu-visibility"]["status"] == "skipped"
-    assert cuda["gpu-visibility"]["summary"] == ("no NVIDIA driver and no CUDA in torch: "
-                                                 "nothing to compare")
+    assert cuda["gpu-visibility"]["summary"] == (
+        "no NVIDIA driver and no CUDA in torch: nothing to compare"
+    )
     auto = verdicts(doctor("--json", "--fake-gpu-fleet", fleet, "--check", "cuda-driver"))
     assert auto["cuda-driver"]["status"] == "skipped"
     assert auto["cuda-driver"]["summary"] == (
         "no NVIDIA driver (fake fleet set to fail its initialisation) and a CPU build of torch "
-        f"{torch.__version__}: the server runs on the CPU")
+        f"{torch.__version__}: the server runs on the CPU"
+    )
 
 
 @CPU_TORCH
@@ -850,28 +1105,47 @@ def test_gpu_visibility_reads_cuda_visible_devices_against_the_fleets_gpus(tmp_p
     fleet = fleet_file(tmp_path, FLEET)
 
     def visibility(value: str, device: str = "auto") -> dict:
-        return verdicts(doctor("--json", "--device", device, "--fake-gpu-fleet", fleet,
-                               "--check", "gpu-visibility",
-                               env={"CUDA_VISIBLE_DEVICES": value}))["gpu-visibility"]
+        return verdicts(
+            doctor(
+                "--json",
+                "--device",
+                device,
+                "--fake-gpu-fleet",
+                fleet,
+                "--check",
+                "gpu-visibility",
+                env={"CUDA_VISIBLE_DEVICES": value},
+            )
+        )["gpu-visibility"]
 
     typo = visibility("GPU-66666666,GPU-99")
     assert typo["status"] == "warning" and typo["values"]["expected"] == 1, typo
     assert typo["summary"] == (
         f"NVML sees 2 GPU(s) ({FLEET_NAMES}); torch sees 0; "
         "CUDA_VISIBLE_DEVICES='GPU-66666666,GPU-99': only the first 1 entry names a GPU (CUDA "
-        "ignores every entry after one that names no GPU); the server will run on the CPU")
+        "ignores every entry after one that names no GPU); the server will run on the CPU"
+    )
     twice = visibility("1,GPU-6666", device="cuda")
     assert twice["status"] == "failed" and twice["values"]["expected"] == 0, twice
-    assert twice["summary"].endswith("'1,GPU-6666': it names a GPU twice, which hides every GPU "
-                                     "from CUDA; --device cuda needs a GPU")
+    assert twice["summary"].endswith(
+        "'1,GPU-6666': it names a GPU twice, which hides every GPU "
+        "from CUDA; --device cuda needs a GPU"
+    )
 
 
 # ---- a light install: no torch, transformers or OpenTelemetry ----------------------------------
 
 # python -m inference in an interpreter where the serve extra's packages are absent, as after
 # `pip install llm-vigil`: they cannot be imported, and importlib.metadata does not list them.
-SERVE_ONLY = ("torch", "transformers", "tokenizers", "safetensors", "opentelemetry", "starlette",
-              "uvicorn")
+SERVE_ONLY = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "opentelemetry",
+    "starlette",
+    "uvicorn",
+)
 LIGHT_INSTALL = textwrap.dedent(f"""
     import importlib.abc, importlib.machinery, runpy, sys
 
@@ -898,10 +1172,19 @@ LIGHT_INSTALL = textwrap.dedent(f"""
 
 def test_a_light_install_runs_the_host_checks_and_names_the_serve_extra(tmp_path):
     receiver_port = free_port()  # nothing listens there: the OTLP check runs and warns
-    result = doctor("--json", "--fake-gpu-fleet", fleet_file(tmp_path, FLEET), "--demo-dir",
-                    str(tmp_path / "demo"), "--state-dir", str(tmp_path / "state"), "--port",
-                    str(free_port()), launcher=("-c", LIGHT_INSTALL),
-                    env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}"})
+    result = doctor(
+        "--json",
+        "--fake-gpu-fleet",
+        fleet_file(tmp_path, FLEET),
+        "--demo-dir",
+        str(tmp_path / "demo"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--port",
+        str(free_port()),
+        launcher=("-c", LIGHT_INSTALL),
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}"},
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     found = verdicts(result)
     from inference.doctor.checks import NAMES
@@ -920,11 +1203,14 @@ def test_a_light_install_runs_the_host_checks_and_names_the_serve_extra(tmp_path
         f"driver 550.54.15 supports CUDA up to 12.4 with 2 GPU(s) ({FLEET_NAMES}), but torch is "
         "not installed, so there is no CUDA build to compare: install a torch build the driver "
         "supports: pip install torch --index-url https://download.pytorch.org/whl/cu124, then "
-        "pip install 'llm-vigil[serve]'")
+        "pip install 'llm-vigil[serve]'"
+    )
     for name in ("gpu-visibility", "compute-capability", "gpu-kernel", "memory"):
         assert found[name]["status"] == "skipped", found[name]
-        assert found[name]["summary"] == ("needs torch, which is not installed: pip install "
-                                          "'llm-vigil[serve]' adds what the server runs on")
+        assert found[name]["summary"] == (
+            "needs torch, which is not installed: pip install "
+            "'llm-vigil[serve]' adds what the server runs on"
+        )
     source = found["model-source"]  # building the demo model needs the serve extra
     assert source["status"] == "skipped" and source["values"]["missing"] in SERVE_ONLY
     assert "pip install 'llm-vigil[serve]'" in source["summary"]
@@ -932,10 +1218,20 @@ def test_a_light_install_runs_the_host_checks_and_names_the_serve_extra(tmp_path
 
 # ---- on a real GPU ---------------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 def test_gpu_checks_pass_on_a_sound_gpu_machine(tmp_path, demo_dir):
-    result = doctor("--json", "--device", "cuda", "--demo-dir", demo_dir, "--port",
-                    str(free_port()), "--state-dir", str(tmp_path / "state"))
+    result = doctor(
+        "--json",
+        "--device",
+        "cuda",
+        "--demo-dir",
+        demo_dir,
+        "--port",
+        str(free_port()),
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
     found = verdicts(result)
     print(json.dumps({k: (v["status"], v["summary"]) for k, v in found.items()}, indent=1))
     assert found["cuda-driver"]["status"] in ("ok", "warning"), found["cuda-driver"]
@@ -962,14 +1258,24 @@ def test_the_driver_facts_come_from_nvml_which_is_shut_down_after():
 
 @pytest.mark.gpu
 def test_gpu_visibility_on_a_real_gpu_machine(demo_dir):
-    hidden = verdicts(doctor("--json", "--check", "gpu-visibility",
-                             env={"CUDA_VISIBLE_DEVICES": ""}))["gpu-visibility"]
+    hidden = verdicts(
+        doctor("--json", "--check", "gpu-visibility", env={"CUDA_VISIBLE_DEVICES": ""})
+    )["gpu-visibility"]
     assert hidden["status"] == "warning", hidden
-    typo = verdicts(doctor("--json", "--check", "gpu-visibility",
-                           env={"CUDA_VISIBLE_DEVICES": "0,99"}))["gpu-visibility"]
+    typo = verdicts(
+        doctor("--json", "--check", "gpu-visibility", env={"CUDA_VISIBLE_DEVICES": "0,99"})
+    )["gpu-visibility"]
     assert typo["status"] == "warning" and "only the first 1" in typo["summary"], typo
-    twice = verdicts(doctor("--json", "--device", "cuda", "--check", "gpu-visibility",
-                            env={"CUDA_VISIBLE_DEVICES": "0,0"}))["gpu-visibility"]
+    twice = verdicts(
+        doctor(
+            "--json",
+            "--device",
+            "cuda",
+            "--check",
+            "gpu-visibility",
+            env={"CUDA_VISIBLE_DEVICES": "0,0"},
+        )
+    )["gpu-visibility"]
     assert twice["status"] == "failed", twice
 
 
@@ -982,6 +1288,7 @@ def test_gpu_memory_too_small_for_the_weights_fails(tmp_path, demo_dir):
     model = copy_of(ensure_demo_model(demo_dir), tmp_path)
     _, total = torch.cuda.mem_get_info(0)
     write_sparse_safetensors(model / "model.safetensors", total, dtype="F32")  # >= 2x the VRAM
-    found = verdicts(doctor("--json", "--device", "cuda", "--model", str(model), "--check",
-                            "memory"))["memory"]
+    found = verdicts(
+        doctor("--json", "--device", "cuda", "--model", str(model), "--check", "memory")
+    )["memory"]
     assert found["status"] == "failed" and found["values"]["device"] == "cuda:0", found

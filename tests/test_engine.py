@@ -12,8 +12,14 @@ from inference.config import Config
 from inference.engine.detokenizer import IncrementalDetokenizer, decode_output
 from inference.engine.engine import Engine
 from inference.engine.queue import QueueFull, RequestQueue
-from inference.engine.request import (EngineError, Failed, Finished, GenerationRequest,
-                                      SamplingParams, TextDelta)
+from inference.engine.request import (
+    EngineError,
+    Failed,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
 from inference.engine.sampling import BatchSampler, _top_p_filter
 from inference.model.loader import load_model
 
@@ -26,20 +32,26 @@ def loaded(demo_dir):
 def _request(loaded, text: str, **params) -> GenerationRequest:
     params.setdefault("max_tokens", 8)
     params.setdefault("temperature", 0.0)
-    return GenerationRequest(request_id=text, prompt_ids=loaded.tokenizer(text)["input_ids"],
-                             params=SamplingParams(**params), stream=True,
-                             deadline_ns=time.perf_counter_ns() + 60 * 10**9)
+    return GenerationRequest(
+        request_id=text,
+        prompt_ids=loaded.tokenizer(text)["input_ids"],
+        params=SamplingParams(**params),
+        stream=True,
+        deadline_ns=time.perf_counter_ns() + 60 * 10**9,
+    )
 
 
 def _run(engine_queue: RequestQueue, requests: list[GenerationRequest]) -> list[list]:
     """Submit requests and collect each one's events until it ends."""
     events = [[] for _ in requests]
     done = threading.Semaphore(0)
-    for request, sink in zip(requests, events):
+    for request, sink in zip(requests, events, strict=True):
+
         def emit(event, sink=sink):
             sink.append(event)
             if isinstance(event, (Finished, Failed)):
                 done.release()
+
         request.emit = emit
         engine_queue.put(request)
     for _ in requests:
@@ -55,18 +67,23 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
 
 
 def test_frequency_penalty_lowers_repeated_tokens():
-    params = [SamplingParams(max_tokens=4, temperature=0.0, frequency_penalty=2.0),
-              SamplingParams(max_tokens=4, temperature=0.0)]
+    params = [
+        SamplingParams(max_tokens=4, temperature=0.0, frequency_penalty=2.0),
+        SamplingParams(max_tokens=4, temperature=0.0),
+    ]
     sampler = BatchSampler.build(params, [[1, 1], [1, 1]], 4, [3], torch.device("cpu"), None)
     logits = torch.tensor([[0.0, 3.0, 0.5, 0.0], [0.0, 3.0, 0.5, 0.0]])
     assert sampler.select(logits, None).tolist() == [2, 1]  # 3 - 2*2 < 0.5 on the first row
 
 
 def test_eos_suppression_and_tiny_temperatures():
-    params = [SamplingParams(max_tokens=4, temperature=1e-46),
-              SamplingParams(max_tokens=4, temperature=0.7)]
-    sampler = BatchSampler.build(params, [[], []], 4, [3], torch.device("cpu"),
-                                 torch.Generator().manual_seed(0))
+    params = [
+        SamplingParams(max_tokens=4, temperature=1e-46),
+        SamplingParams(max_tokens=4, temperature=0.7),
+    ]
+    sampler = BatchSampler.build(
+        params, [[], []], 4, [3], torch.device("cpu"), torch.Generator().manual_seed(0)
+    )
     logits = torch.tensor([[0.0, 0.0, 0.0, 9.0], [0.0, 0.0, 0.0, 90.0]])
     chosen = sampler.select(logits, torch.tensor([0, 1]))
     assert 3 not in chosen.tolist()  # the end token is masked for both rows
@@ -155,9 +172,14 @@ def test_stopping_the_engine_answers_everything_waiting(loaded):
 
 
 def _bare_request(events: list) -> GenerationRequest:
-    return GenerationRequest(request_id="r", prompt_ids=[1, 2], params=SamplingParams(max_tokens=4),
-                             stream=False, deadline_ns=time.perf_counter_ns() + 60 * 10**9,
-                             emit=events.append)
+    return GenerationRequest(
+        request_id="r",
+        prompt_ids=[1, 2],
+        params=SamplingParams(max_tokens=4),
+        stream=False,
+        deadline_ns=time.perf_counter_ns() + 60 * 10**9,
+        emit=events.append,
+    )
 
 
 def test_a_request_ends_once_and_the_first_end_wins_across_threads():
@@ -168,8 +190,10 @@ def test_a_request_ends_once_and_the_first_end_wins_across_threads():
     for attempt in range(300):
         events: list = []
         request = _bare_request(events)
-        ends = {"fail": lambda request=request: request.fail(stalled),
-                "finish": lambda request=request: request.finish("stop", "the text")}
+        ends = {
+            "fail": lambda request=request: request.fail(stalled),
+            "finish": lambda request=request: request.finish("stop", "the text"),
+        }
         barrier = threading.Barrier(len(ends))
         won: dict[str, bool] = {}
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import start_exporter, start_prometheus, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import start_exporter, start_prometheus, start_server
 from tools.metrics_reference import all_metric_names
 
 FLEET = Path(__file__).parent / "data" / "fake_fleet.json"
@@ -23,10 +23,24 @@ FLEET = Path(__file__).parent / "data" / "fake_fleet.json"
 @pytest.fixture
 def stack(tmp_path, demo_dir):
     server = start_server(tmp_path, demo_dir)
-    exporter = start_exporter(tmp_path, server.state_dir, "--target", server.base_url,
-                              "--gpu-backend", "fake", "--fake-gpu-fleet", str(FLEET),
-                              "--gpu-interval", "0.5", "--probe-interval", "0.5",
-                              "--probe-timeout", "1", "--canary-interval", "1")
+    exporter = start_exporter(
+        tmp_path,
+        server.state_dir,
+        "--target",
+        server.base_url,
+        "--gpu-backend",
+        "fake",
+        "--fake-gpu-fleet",
+        str(FLEET),
+        "--gpu-interval",
+        "0.5",
+        "--probe-interval",
+        "0.5",
+        "--probe-timeout",
+        "1",
+        "--canary-interval",
+        "1",
+    )
     yield server, exporter
     exporter.stop()
     server.process.send_signal(signal.SIGCONT)
@@ -34,8 +48,11 @@ def stack(tmp_path, demo_dir):
 
 
 def _complete(server, prompt: str = "hello") -> None:
-    response = requests.post(server.url("/v1/completions"), timeout=60,
-                              json={"model": "demo", "prompt": prompt, "max_tokens": 4})
+    response = requests.post(
+        server.url("/v1/completions"),
+        timeout=60,
+        json={"model": "demo", "prompt": prompt, "max_tokens": 4},
+    )
     assert response.status_code == 200, response.text
 
 
@@ -46,14 +63,20 @@ def test_exposition_passes_promtool_is_documented_and_holds_no_private_data(stac
     text = exporter.metrics_text()
     promtool = shutil.which("promtool")
     if promtool is not None:
-        result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                                text=True)
+        result = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     own_process = {n for n in names if n.startswith(("process_", "python_"))}
     assert names - own_process - all_metric_names() == set()
-    assert {"vigil_process_alive", "vigil_gpu_up", "vigil_probe_success",
-            "inference_requests_total", "vigil_exporter_collector_success"} <= names
+    assert {
+        "vigil_process_alive",
+        "vigil_gpu_up",
+        "vigil_probe_success",
+        "inference_requests_total",
+        "vigil_exporter_collector_success",
+    } <= names
     # No prompt, command line or environment in any label.
     for secret in ("my secret prompt", "--demo-dir", str(server.state_dir), "PATH="):
         assert secret not in text
@@ -62,7 +85,9 @@ def test_exposition_passes_promtool_is_documented_and_holds_no_private_data(stac
 def test_prometheus_scrapes_the_exporter_and_sees_a_frozen_then_dead_process(stack, tmp_path):
     server, exporter = stack
     host_port = exporter.base_url.removeprefix("http://")
-    prometheus = start_prometheus(tmp_path, f"""
+    prometheus = start_prometheus(
+        tmp_path,
+        f"""
 global:
   scrape_interval: 1s
   scrape_timeout: 1s
@@ -70,16 +95,19 @@ scrape_configs:
   - job_name: vigil
     static_configs:
       - targets: ["{host_port}"]
-""")
+""",
+    )
     pid = str(server.process.pid)
     try:
         for _ in range(3):
             _complete(server)
-        prometheus.wait_for('sum(inference_requests_total{endpoint="completions",status="200"})',
-                            lambda v: v is not None and v >= 3)
+        prometheus.wait_for(
+            'sum(inference_requests_total{endpoint="completions",status="200"})',
+            lambda v: v is not None and v >= 3,
+        )
         prometheus.wait_for(f'vigil_process_alive{{pid="{pid}"}}', lambda v: v == 1)
         prometheus.wait_for('vigil_probe_success{check="canary"}', lambda v: v == 1)
-        prometheus.wait_for('vigil_probe_canary_empty', lambda v: v == 0)
+        prometheus.wait_for("vigil_probe_canary_empty", lambda v: v == 0)
         assert prometheus.value("count(vigil_gpu_up)") == 3
         assert prometheus.value('vigil_exporter_collector_success{collector="gpu"}') == 1
 
@@ -88,10 +116,13 @@ scrape_configs:
         prometheus.wait_for(f'vigil_process_state{{pid="{pid}",state="stopped"}}', lambda v: v == 1)
         prometheus.wait_for('vigil_probe_success{check="health"}', lambda v: v == 0)
         prometheus.wait_for('vigil_probe_success{check="canary"}', lambda v: v == 0)
-        first = prometheus.wait_for(f'vigil_process_heartbeat_age_seconds{{pid="{pid}"}}',
-                                    lambda v: v is not None and v > 2)
-        prometheus.wait_for(f'vigil_process_heartbeat_age_seconds{{pid="{pid}"}}',
-                            lambda v: v is not None and v > first + 2)
+        first = prometheus.wait_for(
+            f'vigil_process_heartbeat_age_seconds{{pid="{pid}"}}', lambda v: v is not None and v > 2
+        )
+        prometheus.wait_for(
+            f'vigil_process_heartbeat_age_seconds{{pid="{pid}"}}',
+            lambda v: v is not None and v > first + 2,
+        )
         assert prometheus.value('up{job="vigil"}') == 1
         assert prometheus.value('min_over_time(up{job="vigil"}[1m])') == 1  # no scrape missed
         # the frozen process's last recorded state is still published
@@ -103,8 +134,10 @@ scrape_configs:
         prometheus.wait_for(f'vigil_process_alive{{pid="{pid}"}}', lambda v: v == 0)
         prometheus.wait_for('vigil_process_unclean_exits_total{model="demo"}', lambda v: v == 1)
         prometheus.wait_for(f'inference_queue_depth{{pid="{pid}"}}', lambda v: v is None)
-        assert prometheus.value(
-            'sum(inference_requests_total{endpoint="completions",status="200"})') >= 3
+        assert (
+            prometheus.value('sum(inference_requests_total{endpoint="completions",status="200"})')
+            >= 3
+        )
         assert not list((Path(server.state_dir) / "metrics").glob(f"gauge_*_{pid}.db"))
     finally:
         prometheus.stop()
@@ -119,8 +152,10 @@ def test_exporter_serves_without_targets_gpus_or_inference(tmp_path):
         assert "vigil_nvml_up" in families
         if families["vigil_nvml_up"].samples[0].value == 0:
             assert not [n for n in families if n.startswith("vigil_gpu_") and families[n].samples]
-        success = {s.labels["collector"]: s.value
-                   for s in families["vigil_exporter_collector_success"].samples}
+        success = {
+            s.labels["collector"]: s.value
+            for s in families["vigil_exporter_collector_success"].samples
+        }
         assert success == {"inference": 1.0, "processes": 1.0, "gpu": 1.0}
     finally:
         # Two signals in a row (a supervisor and an impatient person): a clean exit all the same.
@@ -132,8 +167,12 @@ def test_exporter_serves_without_targets_gpus_or_inference(tmp_path):
 def test_exporter_bad_configuration_exits_2(tmp_path):
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "exporter", "--target", "nope"],
-                            capture_output=True, text=True, cwd=Path(__file__).parents[1],
-                            env={**os.environ, "VIGIL_EXPORTER_PORT": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "--target", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "VIGIL_EXPORTER_PORT": "1"},
+    )
     assert result.returncode == 2
     assert "--target: 'nope' is not valid" in result.stderr

@@ -13,26 +13,30 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import REPO, Server, start_exporter
 from prometheus_client import CollectorRegistry
-from prometheus_client.openmetrics.parser import \
-    text_string_to_metric_families as openmetrics_families
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO, Server, start_exporter
 from exporter import __version__
 from exporter.http import start_server
 
 FLEET = Path(__file__).parent / "data" / "fake_fleet.json"
 # What Prometheus 2.x asks for (scrape_protocols' default).
-PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
-                     "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+    "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
 
 
 @pytest.fixture(scope="module")
 def exporter(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("exporter")
-    started = start_exporter(tmp_path, tmp_path / "state", "--gpu-backend", "fake",
-                             "--fake-gpu-fleet", str(FLEET))
+    started = start_exporter(
+        tmp_path, tmp_path / "state", "--gpu-backend", "fake", "--fake-gpu-fleet", str(FLEET)
+    )
     # the first GPU poll
     started.wait_for(lambda: "vigil_gpu_up{" in started.metrics_text(), 30, "the GPUs")
     yield started
@@ -44,8 +48,9 @@ def _families(text: str) -> dict:
 
 
 def test_metrics_in_the_text_format(exporter):
-    response = requests.get(exporter.url("/metrics"), headers={"Accept-Encoding": "identity"},
-                            timeout=10)
+    response = requests.get(
+        exporter.url("/metrics"), headers={"Accept-Encoding": "identity"}, timeout=10
+    )
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert "Content-Encoding" not in response.headers
@@ -57,18 +62,20 @@ def test_metrics_in_the_text_format(exporter):
     assert {s.name for s in energy.samples} == {"vigil_gpu_energy_joules_total"}
     build = families["vigil_exporter_build_info"]
     assert build.type == "gauge" and build.samples[0].labels["version"] == __version__
-    assert {s.labels["collector"]: s.value for s in
-            families["vigil_exporter_collector_success"].samples} == {
-        "inference": 1.0, "processes": 1.0, "gpu": 1.0}
+    assert {
+        s.labels["collector"]: s.value for s in families["vigil_exporter_collector_success"].samples
+    } == {"inference": 1.0, "processes": 1.0, "gpu": 1.0}
     assert "process_cpu_seconds" in families  # the exporter's own process
 
 
 def test_openmetrics_when_prometheus_asks_for_it(exporter):
-    response = requests.get(exporter.url("/metrics"), headers={"Accept": PROMETHEUS_ACCEPT},
-                            timeout=10)
+    response = requests.get(
+        exporter.url("/metrics"), headers={"Accept": PROMETHEUS_ACCEPT}, timeout=10
+    )
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith(
-        "application/openmetrics-text; version=1.0.0; charset=utf-8")
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    )
     assert response.text.endswith("# EOF\n")
     families = {f.name: f for f in openmetrics_families(response.text)}  # the strict parser
     assert families["vigil_exporter_build"].type == "info"
@@ -77,10 +84,12 @@ def test_openmetrics_when_prometheus_asks_for_it(exporter):
 
 
 def test_gzip_when_accepted(exporter):
-    plain = requests.get(exporter.url("/metrics"), headers={"Accept-Encoding": "identity"},
-                         timeout=10)
-    raw = requests.get(exporter.url("/metrics"), headers={"Accept-Encoding": "gzip"},
-                       timeout=10, stream=True)
+    plain = requests.get(
+        exporter.url("/metrics"), headers={"Accept-Encoding": "identity"}, timeout=10
+    )
+    raw = requests.get(
+        exporter.url("/metrics"), headers={"Accept-Encoding": "gzip"}, timeout=10, stream=True
+    )
     assert raw.status_code == 200 and raw.headers["Content-Encoding"] == "gzip"
     body = raw.raw.read()  # as sent, not decoded by requests
     assert len(body) < len(plain.content) / 4
@@ -102,6 +111,7 @@ def test_landing_page_404_and_a_name_filter(exporter):
 
 def test_a_failing_exposition_is_a_500_and_other_routes_still_answer():
     """The collectors are guarded (a failing one is left out); what still fails is a bug."""
+
     class Broken:
         def collect(self):
             raise RuntimeError("boom")
@@ -136,9 +146,23 @@ def test_listens_on_ipv6(tmp_path, host):
     log_path = tmp_path / "exporter.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--host", host, "--port", "0", "--state-dir",
-             str(tmp_path / "state"), "--gpu-backend", "none"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "--host",
+                host,
+                "--port",
+                "0",
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--gpu-backend",
+                "none",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     exporter = Server(process, log_path, tmp_path / "state")
     try:
         listening = re.compile(r"listening on http://\[" + re.escape(host) + r"\]:(\d+)/metrics")
@@ -157,9 +181,24 @@ def test_a_busy_port_ends_it_with_one_line_and_status_2(tmp_path):
         holder.listen()
         port = holder.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "exporter", "--host", "127.0.0.1", "--port", str(port),
-             "--state-dir", str(tmp_path / "state"), "--gpu-backend", "none"],
-            capture_output=True, text=True, timeout=60, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--gpu-backend",
+                "none",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output
@@ -172,9 +211,22 @@ def test_an_unusable_state_directory_ends_it_with_one_line_and_status_2(tmp_path
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     result = subprocess.run(
-        [sys.executable, "-m", "exporter", "--port", "0", "--gpu-backend", "none",
-         "--state-dir", str(blocker / "state")],
-        capture_output=True, text=True, timeout=60, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "--port",
+            "0",
+            "--gpu-backend",
+            "none",
+            "--state-dir",
+            str(blocker / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output

@@ -6,11 +6,11 @@ import re
 
 import pytest
 import requests
+from conftest import start_exporter, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import start_exporter, start_server
-from vigil.gpu.nvml import NvmlBackend
 from exporter.gpu.poller import GpuPoller
+from vigil.gpu.nvml import NvmlBackend
 
 pytestmark = pytest.mark.gpu
 
@@ -26,7 +26,7 @@ def test_nvml_backend_reads_every_gpu():
         r = backend.read(index)
         print(f"GPU {index}: {r}")
         assert r.uuid.startswith(("GPU-", "MIG-")) and r.name
-        assert r.memory_total_bytes and r.memory_total_bytes > 2 ** 30
+        assert r.memory_total_bytes and r.memory_total_bytes > 2**30
         assert r.memory_used_bytes is not None and r.memory_free_bytes is not None
         assert r.memory_used_bytes + r.memory_free_bytes <= r.memory_total_bytes
         if r.temperature_celsius is not None:
@@ -48,23 +48,34 @@ def test_exporter_ties_gpu_memory_to_the_inference_process(tmp_path, demo_dir):
     server = start_server(tmp_path, demo_dir, "--device", "cuda")
     exporter = start_exporter(tmp_path, server.state_dir, "--gpu-interval", "0.5")
     try:
-        requests.post(server.url("/v1/completions"), timeout=120,
-                      json={"model": "demo", "prompt": "hello", "max_tokens": 8}).raise_for_status()
+        requests.post(
+            server.url("/v1/completions"),
+            timeout=120,
+            json={"model": "demo", "prompt": "hello", "max_tokens": 8},
+        ).raise_for_status()
 
         def tied() -> bool:
-            return f'pid="{server.process.pid}"' in exporter.metrics_text() and \
-                'vigil_gpu_process_memory_used_bytes{' in exporter.metrics_text()
+            return (
+                f'pid="{server.process.pid}"' in exporter.metrics_text()
+                and "vigil_gpu_process_memory_used_bytes{" in exporter.metrics_text()
+            )
+
         exporter.wait_for(tied, 30, "the inference process's GPU memory")
-        samples = [s for f in text_string_to_metric_families(exporter.metrics_text())
-                   for s in f.samples]
+        samples = [
+            s for f in text_string_to_metric_families(exporter.metrics_text()) for s in f.samples
+        ]
         up = [s for s in samples if s.name == "vigil_gpu_up"]
         assert up and all(s.value == 1 for s in up), up
-        used = [s for s in samples if s.name == "vigil_gpu_process_memory_used_bytes"
-                and s.labels["model"] == "demo"]
+        used = [
+            s
+            for s in samples
+            if s.name == "vigil_gpu_process_memory_used_bytes" and s.labels["model"] == "demo"
+        ]
         print("process memory:", used)
         assert used and used[0].value > 0
-        total = {s.labels["gpu"]: s.value for s in samples
-                 if s.name == "vigil_gpu_memory_total_bytes"}
+        total = {
+            s.labels["gpu"]: s.value for s in samples if s.name == "vigil_gpu_memory_total_bytes"
+        }
         _free, torch_total = torch.cuda.mem_get_info(0)
         print(f"NVML total {total.get('0')}, torch total {torch_total}")
         assert total["0"] == pytest.approx(torch_total, rel=0.02)

@@ -14,8 +14,9 @@ from exporter.inference_dir import InferenceDirectory
 from exporter.probe import TargetProber
 from exporter.procview import ProcStat, ProcUnreadable
 
-ALIVE = ProcStat(pid=7, state="sleeping", cpu_seconds=1.0, threads=4, start_ticks=100,
-                 resident_bytes=1 << 20)
+ALIVE = ProcStat(
+    pid=7, state="sleeping", cpu_seconds=1.0, threads=4, start_ticks=100, resident_bytes=1 << 20
+)
 
 
 class ScriptedLocator:
@@ -34,16 +35,18 @@ class ScriptedLocator:
 def _state_dir(tmp_path: Path, pid: int = 7, ticks: int = 100) -> Path:
     (tmp_path / "processes").mkdir(parents=True, exist_ok=True)
     (tmp_path / "metrics").mkdir(exist_ok=True)
-    (tmp_path / "processes" / f"{pid}.json").write_text(json.dumps(
-        {"pid": pid, "proc_start_ticks": ticks, "model": "glm"}))
+    (tmp_path / "processes" / f"{pid}.json").write_text(
+        json.dumps({"pid": pid, "proc_start_ticks": ticks, "model": "glm"})
+    )
     (tmp_path / "metrics" / f"gauge_liveall_{pid}.db").write_bytes(b"\0" * 16)
     return tmp_path
 
 
 def test_an_unreadable_or_once_missing_process_is_not_buried(tmp_path):
     state = _state_dir(tmp_path)
-    directory = InferenceDirectory(state, locator=ScriptedLocator(
-        ALIVE, ProcUnreadable("EMFILE"), None, ALIVE))
+    directory = InferenceDirectory(
+        state, locator=ScriptedLocator(ALIVE, ProcUnreadable("EMFILE"), None, ALIVE)
+    )
     for _ in range(4):
         views = directory.refresh()
         assert [v.stat is not None for v in views] == [True]
@@ -73,8 +76,9 @@ def test_a_restarted_container_reusing_the_pid_keeps_its_new_gauges(tmp_path):
     time.sleep(0.05)
     new_gauges = state / "metrics" / "gauge_liveall_1.db"
     new_gauges.write_bytes(b"\0" * 16)  # the new process, after the death was seen
-    (state / "processes" / "1.json").write_text(json.dumps(
-        {"pid": 1, "proc_start_ticks": 999, "model": "glm"}))  # and now its identity
+    (state / "processes" / "1.json").write_text(
+        json.dumps({"pid": 1, "proc_start_ticks": 999, "model": "glm"})
+    )  # and now its identity
     directory.refresh()
     assert new_gauges.exists()
     assert json.loads((state / "processes" / "1.json").read_text())["proc_start_ticks"] == 999
@@ -112,8 +116,9 @@ def test_probe_gives_up_on_a_dripping_server_and_rejects_a_malformed_stream():
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        prober = TargetProber(f"http://127.0.0.1:{server.server_port}", timeout=0.5,
-                              canary_model="m")
+        prober = TargetProber(
+            f"http://127.0.0.1:{server.server_port}", timeout=0.5, canary_model="m"
+        )
         done = threading.Event()
         threading.Thread(target=lambda: (prober.run_once(), done.set()), daemon=True).start()
         assert done.wait(30), "the probe hung on a server that drips its answer"

@@ -9,9 +9,9 @@ import pytest
 
 from exporter.catalog import CLOCK_EVENT_REASONS
 from exporter.config import ConfigError, ExporterConfig, load_config
-from vigil.gpu import units
 from exporter.probe import target_label
 from exporter.procview import ProcessLocator
+from vigil.gpu import units
 from vigil.procfs import innermost_pid, read_stat
 from vigil.statedir import Identity
 
@@ -37,26 +37,45 @@ def test_clock_event_reasons_from_mask():
 
 
 def test_config_flags_environment_and_defaults():
-    config = load_config(["--port", "9500", "--target", "http://a:8000/",
-                          "--target", "http://b:8000"], environ={})
+    config = load_config(
+        ["--port", "9500", "--target", "http://a:8000/", "--target", "http://b:8000"], environ={}
+    )
     assert config.port == 9500 and config.host == "127.0.0.1"
     assert config.target == ("http://a:8000", "http://b:8000")
-    config = load_config([], environ={"VIGIL_EXPORTER_TARGET": "http://a:1, http://b:2",
-                                      "VIGIL_EXPORTER_STATE_DIR": "/srv/state"})
+    config = load_config(
+        [],
+        environ={
+            "VIGIL_EXPORTER_TARGET": "http://a:1, http://b:2",
+            "VIGIL_EXPORTER_STATE_DIR": "/srv/state",
+        },
+    )
     assert config.target == ("http://a:1", "http://b:2") and config.state_dir == "/srv/state"
     # the flag wins over the variable
-    config = load_config(["--target", "http://c:3"], environ={"VIGIL_EXPORTER_TARGET": "http://a:1"})
+    config = load_config(
+        ["--target", "http://c:3"], environ={"VIGIL_EXPORTER_TARGET": "http://a:1"}
+    )
     assert config.target == ("http://c:3",)
     assert load_config([], environ={}) == ExporterConfig()
 
 
-@pytest.mark.parametrize("argv,environ,message", [
-    (["--target", "localhost:8000"], {}, "--target: 'localhost:8000' is not valid (must be an http"),
-    (["--port", "70000"], {}, "--port"),
-    ([], {"VIGIL_EXPORTER_PROBE_INTERVAL": "0"}, "VIGIL_EXPORTER_PROBE_INTERVAL"),
-    ([], {"VIGIL_EXPORTER_TARGETS": "http://a"}, "unknown environment variable(s) VIGIL_EXPORTER_TARGETS"),
-    (["--gpu-backend", "fake"], {}, "--gpu-backend fake needs --fake-gpu-fleet"),
-])
+@pytest.mark.parametrize(
+    "argv,environ,message",
+    [
+        (
+            ["--target", "localhost:8000"],
+            {},
+            "--target: 'localhost:8000' is not valid (must be an http",
+        ),
+        (["--port", "70000"], {}, "--port"),
+        ([], {"VIGIL_EXPORTER_PROBE_INTERVAL": "0"}, "VIGIL_EXPORTER_PROBE_INTERVAL"),
+        (
+            [],
+            {"VIGIL_EXPORTER_TARGETS": "http://a"},
+            "unknown environment variable(s) VIGIL_EXPORTER_TARGETS",
+        ),
+        (["--gpu-backend", "fake"], {}, "--gpu-backend fake needs --fake-gpu-fleet"),
+    ],
+)
 def test_config_errors_name_the_option(argv, environ, message):
     with pytest.raises(ConfigError) as error:
         load_config(argv, environ=environ)
@@ -75,14 +94,36 @@ def test_read_stat_of_this_process():
     assert stat.state in ("running", "sleeping") and stat.threads >= 1
     assert stat.resident_bytes > 10 * 1024 * 1024 and stat.cpu_seconds > 0
     assert innermost_pid(os.getpid()) == os.getpid()
-    assert read_stat(2 ** 22 + 12345) is None
+    assert read_stat(2**22 + 12345) is None
 
 
 def test_read_stat_with_a_command_name_holding_spaces_and_parentheses(tmp_path: Path):
     proc = tmp_path / "proc"
     (proc / "77").mkdir(parents=True)
-    fields = ["S", "1", "77", "77", "0", "-1", "4194560", "0", "0", "0", "0", "250", "50", "0",
-              "0", "20", "0", "9", "0", "123456", "1000", "300"] + ["0"] * 30
+    fields = [
+        "S",
+        "1",
+        "77",
+        "77",
+        "0",
+        "-1",
+        "4194560",
+        "0",
+        "0",
+        "0",
+        "0",
+        "250",
+        "50",
+        "0",
+        "0",
+        "20",
+        "0",
+        "9",
+        "0",
+        "123456",
+        "1000",
+        "300",
+    ] + ["0"] * 30
     (proc / "77" / "stat").write_text("77 (python (worker) x) " + " ".join(fields) + "\n")
     stat = read_stat(77, proc)
     assert stat.state == "sleeping" and stat.threads == 9 and stat.start_ticks == 123456
@@ -95,8 +136,14 @@ def test_locator_finds_a_containerised_process_by_its_namespace_pid(tmp_path: Pa
     proc = tmp_path / "proc"
     for pid, ns_pids, start in ((4242, "4242 1", 5555), (4243, "4243 2", 5556), (1, "1", 10)):
         (proc / str(pid)).mkdir(parents=True)
-        fields = ["S", "0"] + ["0"] * 9 + ["100", "20"] + ["0"] * 4 + ["4", "0", str(start), "0",
-                                                                       "50"] + ["0"] * 30
+        fields = (
+            ["S", "0"]
+            + ["0"] * 9
+            + ["100", "20"]
+            + ["0"] * 4
+            + ["4", "0", str(start), "0", "50"]
+            + ["0"] * 30
+        )
         (proc / str(pid) / "stat").write_text(f"{pid} (python) " + " ".join(fields))
         (proc / str(pid) / "status").write_text(f"Name:\tpython\nNSpid:\t{ns_pids}\n")
     locator = ProcessLocator(proc)

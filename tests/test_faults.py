@@ -10,7 +10,6 @@ import time
 import openai
 import pytest
 import requests
-
 from conftest import chat_body
 
 FAULTY = ("--enable-fault-injection",)
@@ -18,13 +17,19 @@ STALL_EXIT_CODE = 75
 
 
 def _client(server, **kwargs) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0,
-                         timeout=kwargs.pop("timeout", 60), **kwargs)
+    return openai.OpenAI(
+        base_url=server.url("/v1"),
+        api_key="x",
+        max_retries=0,
+        timeout=kwargs.pop("timeout", 60),
+        **kwargs,
+    )
 
 
 def _arm(server, fault: str, **fields) -> dict:
-    response = requests.post(server.url("/debug/fault"), json={"fault": fault, **fields},
-                             timeout=10)
+    response = requests.post(
+        server.url("/debug/fault"), json={"fault": fault, **fields}, timeout=10
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -42,8 +47,9 @@ def _fired(server, fault: str) -> float:
 
 
 def _wait_fired(server, fault: str, count: int = 1) -> None:
-    server.wait_for(lambda: _fired(server, fault) >= count, timeout=30,
-                    what=f"the {fault} fault to fire")
+    server.wait_for(
+        lambda: _fired(server, fault) >= count, timeout=30, what=f"the {fault} fault to fire"
+    )
 
 
 def _stall_reports(server) -> list[dict]:
@@ -52,6 +58,7 @@ def _stall_reports(server) -> list[dict]:
 
 # ---- the route itself -----------------------------------------------------------------------
 
+
 def test_fault_route_is_absent_without_the_flag(server_factory):
     server = server_factory()
     response = requests.post(server.url("/debug/fault"), json={"fault": "hang"}, timeout=10)
@@ -59,20 +66,24 @@ def test_fault_route_is_absent_without_the_flag(server_factory):
     assert "--enable-fault-injection" in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"fault": "melt"}, "'fault'"),
-    ({"fault": "hang", "stage": "sideways"}, "'stage'"),
-    ({"fault": "slow"}, "needs 'seconds'"),
-    ({"fault": "hang", "seconds": -1}, "'seconds'"),
-    ({"fault": "oom", "seconds": 3}, "no meaning"),
-    ({"fault": "hang", "colour": "red"}, "colour"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"fault": "melt"}, "'fault'"),
+        ({"fault": "hang", "stage": "sideways"}, "'stage'"),
+        ({"fault": "slow"}, "needs 'seconds'"),
+        ({"fault": "hang", "seconds": -1}, "'seconds'"),
+        ({"fault": "oom", "seconds": 3}, "no meaning"),
+        ({"fault": "hang", "colour": "red"}, "colour"),
+    ],
+)
 def test_bad_fault_bodies_are_refused(faulty_server, body, message):
     response = requests.post(faulty_server.url("/debug/fault"), json=body, timeout=10)
     assert response.status_code == 400
     assert message in response.json()["error"]["message"]
-    assert requests.post(faulty_server.url("/debug/fault"), data=b"{", timeout=10).status_code \
-        == 400
+    assert (
+        requests.post(faulty_server.url("/debug/fault"), data=b"{", timeout=10).status_code == 400
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +96,7 @@ def faulty_server(tmp_path_factory, demo_dir):
 
 
 # ---- hangs and the watchdog -----------------------------------------------------------------
+
 
 def test_decode_hang_is_reported_answered_and_recovered_from(server_factory):
     server = server_factory(*FAULTY, "--stall-timeout", "2", "--on-stall", "report")
@@ -117,8 +129,11 @@ def test_decode_hang_is_reported_answered_and_recovered_from(server_factory):
     assert "the engine thread is at" in report["message"]
 
     # The hang ends: the engine moves, the process serves again.
-    server.wait_for(lambda: requests.get(server.url("/health"), timeout=5).status_code == 200,
-                    timeout=30, what="recovery")
+    server.wait_for(
+        lambda: requests.get(server.url("/health"), timeout=5).status_code == 200,
+        timeout=30,
+        what="recovery",
+    )
     assert server.sample("inference_engine_stalled") == 0
     assert _complete(server).status_code == 200
     assert server.sample("inference_requests_in_flight") == 0
@@ -161,11 +176,22 @@ def test_a_load_past_its_allowance_is_a_stall(server_factory):
 
     hub = _StalledHub()
     try:
-        server = server_factory(*FAULTY, "--load-timeout", "1", "--on-stall", "report",
-                                model="example-org/stalled-model", ready=False, env={
-                                    "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
-                                    "HF_HUB_ETAG_TIMEOUT": "120", "HF_HUB_DOWNLOAD_TIMEOUT": "120",
-                                    "HF_HOME": str(server_factory.tmp / "hf")})
+        server = server_factory(
+            *FAULTY,
+            "--load-timeout",
+            "1",
+            "--on-stall",
+            "report",
+            model="example-org/stalled-model",
+            ready=False,
+            env={
+                "HF_ENDPOINT": hub.url,
+                "HF_HUB_OFFLINE": "0",
+                "HF_HUB_ETAG_TIMEOUT": "120",
+                "HF_HUB_DOWNLOAD_TIMEOUT": "120",
+                "HF_HOME": str(server_factory.tmp / "hf"),
+            },
+        )
         server.wait_for(lambda: _stall_reports(server), timeout=30, what="the stall report")
         health = requests.get(server.url("/health"), timeout=5)
         assert health.status_code == 503 and health.json()["stage"] == "load"
@@ -180,6 +206,7 @@ def test_a_load_past_its_allowance_is_a_stall(server_factory):
 
 # ---- out of memory --------------------------------------------------------------------------
 
+
 def test_oom_in_decode_preempts_half_the_batch_and_everyone_finishes(server_factory):
     # float32: recomputing a preempted row must give the very tokens decoding would have.
     server = server_factory(*FAULTY, "--seed", "1", "--dtype", "float32")
@@ -187,19 +214,32 @@ def test_oom_in_decode_preempts_half_the_batch_and_everyone_finishes(server_fact
     prompts = ["first prompt", "second one", "and a third"]
 
     def run(prompt: str):
-        return client.completions.create(model="demo", prompt=prompt, max_tokens=40,
-                                         temperature=0, extra_body={"ignore_eos": True})
+        return client.completions.create(
+            model="demo",
+            prompt=prompt,
+            max_tokens=40,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
 
     alone = [run(p).choices[0].text for p in prompts]
     # Three arrive while one slow step holds the engine, so they join its batch as one group;
     # then an OOM in the middle of the model's next decode step.
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         # long enough to be seen running on a fast GPU too
-        warm = pool.submit(lambda: client.completions.create(
-            model="demo", prompt="keep the engine busy", max_tokens=400,
-            extra_body={"ignore_eos": True}))
-        server.wait_for(lambda: server.sample("inference_requests_running") == 1, timeout=30,
-                        what="the first request to run")
+        warm = pool.submit(
+            lambda: client.completions.create(
+                model="demo",
+                prompt="keep the engine busy",
+                max_tokens=400,
+                extra_body={"ignore_eos": True},
+            )
+        )
+        server.wait_for(
+            lambda: server.sample("inference_requests_running") == 1,
+            timeout=30,
+            what="the first request to run",
+        )
         _arm(server, "slow", stage="decode", seconds=2)
         _wait_fired(server, "slow")
         futures = [pool.submit(run, p) for p in prompts]
@@ -209,8 +249,7 @@ def test_oom_in_decode_preempts_half_the_batch_and_everyone_finishes(server_fact
     assert [a.choices[0].text for a in answers] == alone  # the recomputed rows lost nothing
     assert all(a.usage.completion_tokens == 40 for a in answers)
     assert server.sample("inference_out_of_memory_errors_total", stage="decode") == 1
-    assert any("preempted after running out of memory" in line["message"]
-               for line in server.logs())
+    assert any("preempted after running out of memory" in line["message"] for line in server.logs())
     assert server.sample("inference_requests_running") == 0
     assert server.sample("inference_requests_in_flight") == 0
 
@@ -221,8 +260,11 @@ def test_oom_in_prefill_splits_the_group_or_answers_503(server_factory):
     # retried in halves, all four are answered.
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         first = pool.submit(_complete, server, "occupy", max_tokens=400, ignore_eos=True)
-        server.wait_for(lambda: server.sample("inference_requests_running") == 1, timeout=30,
-                        what="the first request to run")
+        server.wait_for(
+            lambda: server.sample("inference_requests_running") == 1,
+            timeout=30,
+            what="the first request to run",
+        )
         _arm(server, "slow", stage="decode", seconds=2)
         _wait_fired(server, "slow")
         _arm(server, "oom", stage="prefill")
@@ -246,17 +288,18 @@ def test_oom_in_prefill_splits_the_group_or_answers_503(server_factory):
     assert _complete(server).status_code == 200
     assert server.sample("inference_requests_in_flight") == 0
     assert server.sample("inference_requests_running") == 0
-    assert server.sample("inference_requests_total", status="503",
-                         error_type="out_of_memory") == 1
+    assert server.sample("inference_requests_total", status="503", error_type="out_of_memory") == 1
 
 
 # ---- silent failures and crashes ------------------------------------------------------------
 
+
 def test_empty_output_is_counted_and_logged(server_factory):
     server = server_factory(*FAULTY)
     _arm(server, "empty")
-    response = requests.post(server.url("/v1/chat/completions"),
-                             json=chat_body(max_tokens=10), timeout=60)
+    response = requests.post(
+        server.url("/v1/chat/completions"), json=chat_body(max_tokens=10), timeout=60
+    )
     assert response.status_code == 200
     body = response.json()
     assert body["choices"][0]["message"]["content"] == ""

@@ -12,17 +12,22 @@ from tools.generate import REPO, main, stale_files, write
 def test_every_generated_file_is_current():
     stale = stale_files()
     report = "\n".join(f"{item.path}:\n{item.diff()}" for item in stale)
-    assert not stale, (f"{len(stale)} generated file(s) out of date "
-                       f"({', '.join(item.path for item in stale)}): run scripts/generate\n"
-                       + report)
+    assert not stale, (
+        f"{len(stale)} generated file(s) out of date "
+        f"({', '.join(item.path for item in stale)}): run scripts/generate\n" + report
+    )
 
 
 def test_the_check_finds_stale_missing_and_left_over_files(tmp_path, capsys):
     (tmp_path / "alerts").mkdir()
     shutil.copy(REPO / "alerts" / "README.md", tmp_path / "alerts" / "README.md")
     written = {item.path for item in write(tmp_path)}
-    assert {"alerts/hangs.rules.yml", "dashboards/gpus.json", "docs/metrics.md",
-            "tests/data/golden_gpu.prom"} <= written
+    assert {
+        "alerts/hangs.rules.yml",
+        "dashboards/gpus.json",
+        "docs/metrics.md",
+        "tests/data/golden_gpu.prom",
+    } <= written
     assert "alerts/README.md" not in written  # its table was current already
     assert stale_files(tmp_path) == []
 
@@ -33,7 +38,11 @@ def test_the_check_finds_stale_missing_and_left_over_files(tmp_path, capsys):
     readme = tmp_path / "alerts" / "README.md"
     readme.write_text(readme.read_text().replace("| `hang_for` | `30s` |", "| `hang_for` | `1s` |"))
     assert {item.path for item in stale_files(tmp_path)} == {
-        "dashboards/gpus.json", "docs/metrics.md", "dashboards/retired.json", "alerts/README.md"}
+        "dashboards/gpus.json",
+        "docs/metrics.md",
+        "dashboards/retired.json",
+        "alerts/README.md",
+    }
 
     assert main(["--check"], repo=tmp_path) == 1
     out = capsys.readouterr().out

@@ -15,8 +15,9 @@ def test_demo_model_serves_on_cuda_with_allocator_metrics(server_factory):
     client = openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0, timeout=120)
     before = server.sample("inference_torch_cuda_memory_allocated_bytes")
     assert before > 0  # the weights
-    response = client.completions.create(model="demo", prompt="gpu", max_tokens=200,
-                                         temperature=0, extra_body={"ignore_eos": True})
+    response = client.completions.create(
+        model="demo", prompt="gpu", max_tokens=200, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert response.usage.completion_tokens == 200
     assert server.sample("inference_model_info", device="cuda:0") == 1
     reserved = server.sample("inference_torch_cuda_memory_reserved_bytes")
@@ -31,8 +32,11 @@ def test_batched_greedy_answers_match_on_cuda(server_factory):
     client = openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0, timeout=120)
 
     def run(prompt: str) -> str:
-        return client.completions.create(model="demo", prompt=prompt, max_tokens=32,
-                                         temperature=0).choices[0].text
+        return (
+            client.completions.create(model="demo", prompt=prompt, max_tokens=32, temperature=0)
+            .choices[0]
+            .text
+        )
 
     prompts = ["a", "a longer prompt", "zz" * 30]
     alone = [run(p) for p in prompts]
@@ -58,15 +62,25 @@ def wide_kv_model(tmp_path_factory, demo_dir):
     target = tmp_path_factory.mktemp("wide-kv")
     tokenizer = AutoTokenizer.from_pretrained(ensure_demo_model(demo_dir))
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=32,
-        num_attention_heads=64, num_key_value_heads=64, head_dim=128,
-        max_position_embeddings=131072, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=32,
+        num_attention_heads=64,
+        num_key_value_heads=64,
+        head_dim=128,
+        max_position_embeddings=131072,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(7)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     del model
@@ -75,18 +89,35 @@ def wide_kv_model(tmp_path_factory, demo_dir):
 
 
 def _wide_server(server_factory, wide_kv_model, *extra):
-    return server_factory("--device", "cuda", "--max-tokens-limit", "131072",
-                          "--served-model-name", "wide", "--request-timeout", "600", *extra,
-                          model=wide_kv_model)
+    return server_factory(
+        "--device",
+        "cuda",
+        "--max-tokens-limit",
+        "131072",
+        "--served-model-name",
+        "wide",
+        "--request-timeout",
+        "600",
+        *extra,
+        model=wide_kv_model,
+    )
 
 
 def _completion(server, prompt: str, max_tokens: int, deadline: float = 200):
     import requests
 
-    return requests.post(server.url("/v1/completions"), timeout=deadline + 30,
-                         headers={"X-Request-Timeout": str(deadline)}, json={
-                             "model": "wide", "prompt": prompt, "max_tokens": max_tokens,
-                             "temperature": 0, "ignore_eos": True})
+    return requests.post(
+        server.url("/v1/completions"),
+        timeout=deadline + 30,
+        headers={"X-Request-Timeout": str(deadline)},
+        json={
+            "model": "wide",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
 
 
 def test_admission_refuses_a_request_whose_kv_cache_cannot_fit(server_factory, wide_kv_model):
@@ -100,8 +131,10 @@ def test_admission_refuses_a_request_whose_kv_cache_cannot_fit(server_factory, w
     assert response.status_code == 503, response.text
     error = response.json()["error"]
     assert error["code"] == "insufficient_memory"
-    assert f"{too_many + 1} tokens" in error["message"] and "MiB are free on cuda:0" in error[
-        "message"]
+    assert (
+        f"{too_many + 1} tokens" in error["message"]
+        and "MiB are free on cuda:0" in error["message"]
+    )
     assert "Retry-After" not in response.headers
     assert server.sample("inference_admission_refusals_total", reason="insufficient_memory") == 1
     assert _completion(server, "x", 8).status_code == 200
@@ -121,8 +154,10 @@ def test_admission_estimate_against_the_measured_memory_growth(server_factory, w
     estimate = (usage["prompt_tokens"] + max_tokens) * WIDE_KV_BYTES_PER_TOKEN
     growth = after - before
     ratio = estimate / growth
-    print(f"\nKV estimate {estimate / MIB:.0f} MiB, measured peak growth {growth / MIB:.0f} MiB, "
-          f"estimate/measured = {ratio:.3f}")
+    print(
+        f"\nKV estimate {estimate / MIB:.0f} MiB, measured peak growth {growth / MIB:.0f} MiB, "
+        f"estimate/measured = {ratio:.3f}"
+    )
     # The cache grows by concatenation, so the peak holds one layer's old and new tensors at
     # once, plus the prefill's activations: the estimate is a little below the peak.
     assert 0.8 <= ratio <= 1.05
@@ -137,8 +172,7 @@ sys.stdin.read()
 """
 
 
-def test_a_real_oom_mid_decode_is_answered_and_the_server_serves_on(server_factory,
-                                                                    wide_kv_model):
+def test_a_real_oom_mid_decode_is_answered_and_the_server_serves_on(server_factory, wide_kv_model):
     import concurrent.futures
     import subprocess
     import sys
@@ -146,11 +180,18 @@ def test_a_real_oom_mid_decode_is_answered_and_the_server_serves_on(server_facto
     server = _wide_server(server_factory, wide_kv_model, "--on-stall", "report")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(_completion, server, f"row {i}", 12000) for i in range(4)]
-        server.wait_for(lambda: server.sample("inference_requests_running") == 4, timeout=60,
-                        what="four running requests")
+        server.wait_for(
+            lambda: server.sample("inference_requests_running") == 4,
+            timeout=60,
+            what="four running requests",
+        )
         # Another process takes all but 1 GiB of the GPU: the growing KV cache runs out.
-        ballast = subprocess.Popen([sys.executable, "-c", _BALLAST, str(1024 * MIB)],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ballast = subprocess.Popen(
+            [sys.executable, "-c", _BALLAST, str(1024 * MIB)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert ballast.stdout.readline().startswith("held")
             results = [f.result(timeout=600) for f in futures]
@@ -162,8 +203,9 @@ def test_a_real_oom_mid_decode_is_answered_and_the_server_serves_on(server_facto
     assert set(codes) <= {"ok", "out_of_memory", "insufficient_memory"}
     assert "out_of_memory" in codes
     assert server.sample("inference_out_of_memory_errors_total", stage="decode") >= 1
-    oom = next(r for r in results if r.status_code == 503
-               and r.json()["error"]["code"] == "out_of_memory")
+    oom = next(
+        r for r in results if r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory"
+    )
     assert "MiB free of" in oom.json()["error"]["message"]
     # The memory is back: the next request is served, and no slot leaked.
     assert _completion(server, "after", 16).status_code == 200

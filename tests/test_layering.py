@@ -12,8 +12,16 @@ import textwrap
 import pytest
 
 # What a light install (pip install llm-vigil, without the serve extra) lacks.
-SERVE_ONLY = ("inference", "torch", "transformers", "opentelemetry", "tokenizers", "safetensors",
-              "starlette", "uvicorn")
+SERVE_ONLY = (
+    "inference",
+    "torch",
+    "transformers",
+    "opentelemetry",
+    "tokenizers",
+    "safetensors",
+    "starlette",
+    "uvicorn",
+)
 
 # Imports ``package`` and every module under it in a fresh interpreter where ``blocked`` cannot
 # be found; each attempt is recorded with the module that made it, even one the importer catches.
@@ -54,23 +62,32 @@ _PROBE = textwrap.dedent("""
 
 
 def _probe(package: str, blocked: tuple[str, ...]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _PROBE.format(blocked=blocked, package=package)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", _PROBE.format(blocked=blocked, package=package)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("package", ["vigil", "exporter", "alerts", "dashboards"])
 def test_light_packages_import_without_inference_torch_or_opentelemetry(package):
     result = _probe(package, SERVE_ONLY)
-    assert result.returncode == 0, (f"{package} (or a module it imports) needs what only the "
-                                    f"serve extra installs; the importer is named below:\n"
-                                    f"{result.stderr[-3000:]}")
+    assert result.returncode == 0, (
+        f"{package} (or a module it imports) needs what only the "
+        f"serve extra installs; the importer is named below:\n"
+        f"{result.stderr[-3000:]}"
+    )
 
 
 @pytest.mark.parametrize("package", ["inference.api.app", "inference.api"])
 def test_the_api_layer_imports_without_torch(package):
     result = _probe(package, ("torch", "transformers"))
-    assert result.returncode == 0, (f"{package} (or a module it imports) needs torch; the "
-                                    f"importer is named below:\n{result.stderr[-3000:]}")
+    assert result.returncode == 0, (
+        f"{package} (or a module it imports) needs torch; the "
+        f"importer is named below:\n{result.stderr[-3000:]}"
+    )
 
 
 def test_the_probe_names_the_module_that_imports_a_blocked_one():
@@ -89,6 +106,7 @@ def test_inference_never_imports_the_exporter():
         leaked = sorted(n for n in sys.modules if n.split(".")[0] in ("exporter", "tools"))
         assert not leaked, leaked
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]

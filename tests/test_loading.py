@@ -6,7 +6,6 @@ import http.server
 import threading
 
 import requests
-
 from conftest import chat_body
 
 
@@ -27,7 +26,7 @@ class _StalledHub:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            do_GET = do_HEAD = _hold
+            do_GET = do_HEAD = _hold  # noqa: N815 - the http.server API
 
             def log_message(self, *args):
                 pass
@@ -45,24 +44,37 @@ class _StalledHub:
 def test_health_answers_while_the_model_loads_and_a_failed_load_is_explained(server_factory):
     hub = _StalledHub()
     try:
-        server = server_factory(model="example-org/stalled-model", ready=False, env={
-            "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "120",
-            "HF_HUB_DOWNLOAD_TIMEOUT": "120", "HF_HOME": str(server_factory.tmp / "hf")})
+        server = server_factory(
+            model="example-org/stalled-model",
+            ready=False,
+            env={
+                "HF_ENDPOINT": hub.url,
+                "HF_HUB_OFFLINE": "0",
+                "HF_HUB_ETAG_TIMEOUT": "120",
+                "HF_HUB_DOWNLOAD_TIMEOUT": "120",
+                "HF_HOME": str(server_factory.tmp / "hf"),
+            },
+        )
         server.wait_for(lambda: hub.requests > 0, what="the loader to reach the hub")
         assert requests.get(server.url("/health"), timeout=5).status_code == 200
         ready = requests.get(server.url("/ready"), timeout=5)
         assert ready.status_code == 503 and ready.json()["status"] == "loading"
         assert server.sample("inference_model_load_state", state="loading") == 1
         assert server.sample("inference_model_load_started_timestamp_seconds") > 0
-        refused = requests.post(server.url("/v1/chat/completions"),
-                                json=chat_body(max_tokens=2) | {"model": "stalled-model"},
-                                timeout=10)
+        refused = requests.post(
+            server.url("/v1/chat/completions"),
+            json=chat_body(max_tokens=2) | {"model": "stalled-model"},
+            timeout=10,
+        )
         assert refused.status_code == 503
         assert "still loading" in refused.json()["error"]["message"]
         assert refused.headers["Retry-After"]
         hub.release.set()  # the hub answers 404: the load fails
-        server.wait_for(lambda: requests.get(server.url("/ready"), timeout=5).json()["status"]
-                        == "failed", timeout=120, what="the failed state")
+        server.wait_for(
+            lambda: requests.get(server.url("/ready"), timeout=5).json()["status"] == "failed",
+            timeout=120,
+            what="the failed state",
+        )
     finally:
         hub.close()
     ready = requests.get(server.url("/ready"), timeout=5)
@@ -75,16 +87,21 @@ def test_health_answers_while_the_model_loads_and_a_failed_load_is_explained(ser
     assert any("model load failed" in line["message"] for line in errors)
     # Still alive (the supervisor decides), never pretending to serve.
     assert requests.get(server.url("/health"), timeout=5).status_code == 200
-    refused = requests.post(server.url("/v1/chat/completions"),
-                            json=chat_body(max_tokens=2) | {"model": "stalled-model"}, timeout=10)
+    refused = requests.post(
+        server.url("/v1/chat/completions"),
+        json=chat_body(max_tokens=2) | {"model": "stalled-model"},
+        timeout=10,
+    )
     assert refused.status_code == 503
     assert "failed to load" in refused.json()["error"]["message"]
 
 
 def test_missing_model_directory_fails_with_its_cause(server_factory, tmp_path):
     server = server_factory(model=str(tmp_path / "no-such-model"), ready=False)
-    server.wait_for(lambda: requests.get(server.url("/ready"), timeout=5).json()["status"]
-                    == "failed", what="the failed state")
+    server.wait_for(
+        lambda: requests.get(server.url("/ready"), timeout=5).json()["status"] == "failed",
+        what="the failed state",
+    )
     error = requests.get(server.url("/ready"), timeout=5).json()["error"]
     assert "no-such-model" in error
 
@@ -98,7 +115,8 @@ def test_demo_model_is_built_once_and_cached(demo_dir):
     assert ensure_demo_model(demo_dir) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert {"config.json", "tokenizer.json", "chat_template.jinja"} <= {
-        p.name for p in path.iterdir()}
+        p.name for p in path.iterdir()
+    }
 
 
 def test_demo_tokenizer_accepts_any_text(demo_dir):
@@ -107,11 +125,19 @@ def test_demo_tokenizer_accepts_any_text(demo_dir):
     from inference.model.demo import ensure_demo_model
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_demo_model(demo_dir))
-    for text in ["plain", "héllo wörld", "中文 与 emoji 🎉🚀", "\x00\x01\x7f tabs\tand\nlines",
-                 "<|user|> looks special but is text", "a" * 5000, " "]:
+    for text in [
+        "plain",
+        "héllo wörld",
+        "中文 与 emoji 🎉🚀",
+        "\x00\x01\x7f tabs\tand\nlines",
+        "<|user|> looks special but is text",
+        "a" * 5000,
+        " ",
+    ]:
         ids = tokenizer(text)["input_ids"]
         assert len(ids) == len(text.encode("utf-8"))
         assert tokenizer.decode(ids) == text
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                         add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|user|>\nhi\n<|assistant|>\n"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import openai
 import pytest
 import requests
-
 from conftest import chat_body
 
 
@@ -21,9 +20,16 @@ def test_models_lists_the_served_model(client):
 
 def test_chat_completion_with_open_autoglm_parameters(client):
     response = client.chat.completions.create(
-        model="demo", messages=[{"role": "system", "content": "You are a phone agent."},
-                                {"role": "user", "content": "Open the settings app."}],
-        max_tokens=24, temperature=0.1, top_p=0.85, frequency_penalty=0.2)
+        model="demo",
+        messages=[
+            {"role": "system", "content": "You are a phone agent."},
+            {"role": "user", "content": "Open the settings app."},
+        ],
+        max_tokens=24,
+        temperature=0.1,
+        top_p=0.85,
+        frequency_penalty=0.2,
+    )
     choice = response.choices[0]
     assert response.object == "chat.completion"
     assert response.model == "demo"
@@ -36,8 +42,12 @@ def test_chat_completion_with_open_autoglm_parameters(client):
 
 
 def test_chat_stream_matches_the_non_streamed_answer(client):
-    kwargs = dict(model="demo", messages=[{"role": "user", "content": "stream me"}],
-                  max_tokens=30, temperature=0)
+    kwargs = dict(
+        model="demo",
+        messages=[{"role": "user", "content": "stream me"}],
+        max_tokens=30,
+        temperature=0,
+    )
     whole = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -51,21 +61,32 @@ def test_chat_stream_matches_the_non_streamed_answer(client):
 
 
 def test_stream_with_usage(client):
-    chunks = list(client.chat.completions.create(
-        model="demo", messages=[{"role": "user", "content": "usage"}], max_tokens=7,
-        temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="demo",
+            messages=[{"role": "user", "content": "usage"}],
+            max_tokens=7,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == 7
 
 
 def test_completions_streaming_and_not(client):
-    whole = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=16,
-                                      temperature=0)
+    whole = client.completions.create(
+        model="demo", prompt="Once upon a time", max_tokens=16, temperature=0
+    )
     assert whole.object == "text_completion"
     assert whole.choices[0].finish_reason == "length"
     assert whole.usage.completion_tokens == 16
-    streamed = list(client.completions.create(model="demo", prompt="Once upon a time",
-                                              max_tokens=16, temperature=0, stream=True))
+    streamed = list(
+        client.completions.create(
+            model="demo", prompt="Once upon a time", max_tokens=16, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
     assert streamed[-1].choices[0].finish_reason == "length"
 
@@ -77,39 +98,58 @@ def test_completion_from_token_ids(client):
 
 
 def test_stop_string_ends_the_answer(client):
-    base = client.completions.create(model="demo", prompt="stop test", max_tokens=40,
-                                     temperature=0).choices[0].text
+    base = (
+        client.completions.create(model="demo", prompt="stop test", max_tokens=40, temperature=0)
+        .choices[0]
+        .text
+    )
     stop = base[10:13]
     first = base.find(stop)
-    response = client.completions.create(model="demo", prompt="stop test", max_tokens=40,
-                                         temperature=0, stop=[stop])
+    response = client.completions.create(
+        model="demo", prompt="stop test", max_tokens=40, temperature=0, stop=[stop]
+    )
     assert response.choices[0].text == base[:first]
     assert response.choices[0].finish_reason == "stop"
-    streamed = list(client.completions.create(model="demo", prompt="stop test", max_tokens=40,
-                                              temperature=0, stop=[stop], stream=True))
+    streamed = list(
+        client.completions.create(
+            model="demo", prompt="stop test", max_tokens=40, temperature=0, stop=[stop], stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in streamed) == base[:first]
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
 def test_sampling_parameters_change_the_answer(client):
-    greedy = {client.completions.create(model="demo", prompt="same", max_tokens=20,
-                                        temperature=0).choices[0].text for _ in range(2)}
+    greedy = {
+        client.completions.create(model="demo", prompt="same", max_tokens=20, temperature=0)
+        .choices[0]
+        .text
+        for _ in range(2)
+    }
     assert len(greedy) == 1, "greedy decoding must be deterministic"
-    sampled = {client.completions.create(model="demo", prompt="same", max_tokens=20,
-                                         temperature=2.0).choices[0].text for _ in range(4)}
+    sampled = {
+        client.completions.create(model="demo", prompt="same", max_tokens=20, temperature=2.0)
+        .choices[0]
+        .text
+        for _ in range(4)
+    }
     assert len(sampled) > 1
 
 
 def test_min_tokens_and_ignore_eos_are_accepted(client):
-    response = client.completions.create(model="demo", prompt="x", max_tokens=5,
-                                         extra_body={"min_tokens": 5, "ignore_eos": True})
+    response = client.completions.create(
+        model="demo", prompt="x", max_tokens=5, extra_body={"min_tokens": 5, "ignore_eos": True}
+    )
     assert response.usage.completion_tokens == 5
 
 
 def test_request_id_is_echoed(server):
-    response = requests.post(server.url("/v1/chat/completions"),
-                             json=chat_body(max_tokens=2), headers={"X-Request-Id": "abc-123"},
-                             timeout=30)
+    response = requests.post(
+        server.url("/v1/chat/completions"),
+        json=chat_body(max_tokens=2),
+        headers={"X-Request-Id": "abc-123"},
+        timeout=30,
+    )
     assert response.status_code == 200
     assert response.headers["x-request-id"] == "abc-123"
     assert response.json()["id"] == "abc-123"
@@ -128,16 +168,19 @@ def test_bearer_token_auth(server_factory):
     secured = server_factory(env={"VIGIL_INFERENCE_API_KEY": "s3cret"})
     bad = openai.OpenAI(base_url=secured.url("/v1"), api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as caught:
-        bad.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}],
-                                    max_tokens=2)
+        bad.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
     assert "API key" in caught.value.message
-    missing = requests.post(secured.url("/v1/chat/completions"), json=chat_body(max_tokens=2),
-                            timeout=30)
+    missing = requests.post(
+        secured.url("/v1/chat/completions"), json=chat_body(max_tokens=2), timeout=30
+    )
     assert missing.status_code == 401
     assert missing.json()["error"]["type"] == "authentication_error"
     good = openai.OpenAI(base_url=secured.url("/v1"), api_key="s3cret", max_retries=0)
     assert good.chat.completions.create(
-        model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=2).choices
+        model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=2
+    ).choices
     # Probes stay open: a supervisor has no key.
     assert requests.get(secured.url("/health"), timeout=5).status_code == 200
     assert requests.get(secured.url("/metrics"), timeout=5).status_code == 200

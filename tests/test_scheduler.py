@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 import requests
-
 from conftest import chat_body
 
 CHAT = "/v1/chat/completions"
@@ -29,8 +28,10 @@ def _open_stream(server, body: dict) -> tuple[socket.socket, bytes]:
     host, port = server.base_url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
     payload = json.dumps({**body, "stream": True}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+    )
     received = b""
     while b"data: " not in received:
         received += sock.recv(65536)
@@ -42,8 +43,9 @@ def test_concurrent_requests_are_batched(server_factory):
     client = openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0, timeout=120)
 
     def one(i: int) -> int:
-        return client.completions.create(model="demo", prompt=f"request {i}", max_tokens=64,
-                                         temperature=0).usage.completion_tokens
+        return client.completions.create(
+            model="demo", prompt=f"request {i}", max_tokens=64, temperature=0
+        ).usage.completion_tokens
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert list(pool.map(one, range(16))) == [64] * 16
@@ -60,8 +62,11 @@ def test_batched_answers_equal_single_answers(server_factory):
     prompts = ["a", "a much longer prompt than the others", "mid-size prompt", "zz" * 20]
 
     def run(prompt: str) -> str:
-        return client.completions.create(model="demo", prompt=prompt, max_tokens=40,
-                                         temperature=0).choices[0].text
+        return (
+            client.completions.create(model="demo", prompt=prompt, max_tokens=40, temperature=0)
+            .choices[0]
+            .text
+        )
 
     alone = [run(p) for p in prompts]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -73,8 +78,12 @@ def test_full_queue_answers_429_with_retry_after(server_factory):
     server = server_factory("--max-batch-size", "1", "--max-queue", "1")
     running, _ = _open_stream(server, _long_completion("first"))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        queued = pool.submit(requests.post, server.url("/v1/completions"),
-                             json=_long_completion("second", max_tokens=5), timeout=120)
+        queued = pool.submit(
+            requests.post,
+            server.url("/v1/completions"),
+            json=_long_completion("second", max_tokens=5),
+            timeout=120,
+        )
         server.wait_for(lambda: server.sample("inference_queue_depth") == 1, what="queue depth 1")
         rejected = requests.post(server.url(CHAT), json=chat_body(max_tokens=2), timeout=30)
         assert rejected.status_code == 429
@@ -102,26 +111,35 @@ def test_deadline_ends_a_running_request_with_504(server_factory):
 def test_deadline_counts_queue_time(server_factory):
     server = server_factory("--max-batch-size", "1")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = pool.submit(requests.post, server.url("/v1/completions"),
-                            json=_long_completion("first"), timeout=60)
+        first = pool.submit(
+            requests.post, server.url("/v1/completions"), json=_long_completion("first"), timeout=60
+        )
         server.wait_for(lambda: server.sample("inference_requests_running") == 1, what="running")
         # A gateway with one second left of its budget says so; the request times out waiting.
-        second = requests.post(server.url("/v1/completions"),
-                               json=_long_completion("second", max_tokens=3),
-                               headers={"X-Request-Timeout": "1"}, timeout=60)
+        second = requests.post(
+            server.url("/v1/completions"),
+            json=_long_completion("second", max_tokens=3),
+            headers={"X-Request-Timeout": "1"},
+            timeout=60,
+        )
         assert second.status_code == 504
         assert "deadline of 1 s passed in the queue" in second.json()["error"]["message"]
         assert first.result().status_code == 200
-    bad = requests.post(server.url("/v1/completions"), json=_long_completion(max_tokens=2),
-                        headers={"X-Request-Timeout": "soon"}, timeout=30)
+    bad = requests.post(
+        server.url("/v1/completions"),
+        json=_long_completion(max_tokens=2),
+        headers={"X-Request-Timeout": "soon"},
+        timeout=30,
+    )
     assert bad.status_code == 400 and "X-Request-Timeout" in bad.json()["error"]["message"]
 
 
 def test_stream_past_its_deadline_ends_with_an_error_event(server_factory):
     server = server_factory("--request-timeout", "1")
     client = openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0, timeout=60)
-    stream = client.completions.create(model="demo", prompt="s", stream=True, max_tokens=1900,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model="demo", prompt="s", stream=True, max_tokens=1900, extra_body={"ignore_eos": True}
+    )
     with pytest.raises(openai.APIError) as caught:
         for _ in stream:
             pass
@@ -132,8 +150,11 @@ def test_disconnected_stream_is_cancelled_and_frees_its_slot(server_factory):
     server = server_factory("--max-batch-size", "1")
     sock, _ = _open_stream(server, _long_completion("goes away"))
     sock.close()
-    server.wait_for(lambda: server.sample("inference_requests_total", error_type="client_disconnected") == 1,
-                    timeout=30, what="the cancelled request to be recorded")
+    server.wait_for(
+        lambda: server.sample("inference_requests_total", error_type="client_disconnected") == 1,
+        timeout=30,
+        what="the cancelled request to be recorded",
+    )
     server.wait_for(lambda: server.sample("inference_requests_running") == 0, what="slot freed")
     # The slot is free: a new request does not wait behind the abandoned one.
     response = requests.post(server.url(CHAT), json=chat_body(max_tokens=2), timeout=30)
@@ -146,7 +167,10 @@ def test_disconnected_waiting_client_is_cancelled(server_factory):
     server = server_factory("--max-batch-size", "1")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url("/v1/completions"), json=_long_completion("impatient"), timeout=1.0)
-    server.wait_for(lambda: server.sample("inference_requests_total", error_type="client_disconnected") == 1,
-                    timeout=30, what="the cancelled request to be recorded")
+    server.wait_for(
+        lambda: server.sample("inference_requests_total", error_type="client_disconnected") == 1,
+        timeout=30,
+        what="the cancelled request to be recorded",
+    )
     server.wait_for(lambda: server.sample("inference_requests_running") == 0, what="slot freed")
     assert server.sample("inference_requests_in_flight") == 0

@@ -10,10 +10,10 @@ import openai
 import pytest
 import requests
 import uvicorn
+from conftest import chat_body
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import chat_body
 from inference.api.app import build_app
 from inference.config import Config
 from inference.service import InferenceService
@@ -52,8 +52,12 @@ def traced(tmp_path_factory, demo_dir):
 def test_request_span_with_children_and_genai_attributes(traced):
     base, exporter = traced
     exporter.clear()
-    response = requests.post(base + "/v1/chat/completions", json=chat_body(max_tokens=6),
-                             headers={"traceparent": TRACEPARENT}, timeout=60)
+    response = requests.post(
+        base + "/v1/chat/completions",
+        json=chat_body(max_tokens=6),
+        headers={"traceparent": TRACEPARENT},
+        timeout=60,
+    )
     assert response.status_code == 200
     spans = {span.name: span for span in exporter.get_finished_spans()}
     root = spans["chat demo"]
@@ -79,8 +83,11 @@ def test_request_span_with_children_and_genai_attributes(traced):
 def test_failed_request_span_has_error_status(traced):
     base, exporter = traced
     exporter.clear()
-    response = requests.post(base + "/v1/completions",
-                             json={"model": "demo", "prompt": "x", "max_tokens": -1}, timeout=60)
+    response = requests.post(
+        base + "/v1/completions",
+        json={"model": "demo", "prompt": "x", "max_tokens": -1},
+        timeout=60,
+    )
     assert response.status_code == 400
     (span,) = exporter.get_finished_spans()
     assert span.name == "text_completion demo"
@@ -103,10 +110,12 @@ def test_streamed_request_is_traced(traced):
 
 
 def test_log_lines_are_json_and_carry_the_trace_id(server):
-    response = requests.post(server.url("/v1/chat/completions"),
-                             json=chat_body("a secret prompt", max_tokens=4),
-                             headers={"traceparent": TRACEPARENT, "X-Request-Id": "log-test-1"},
-                             timeout=60)
+    response = requests.post(
+        server.url("/v1/chat/completions"),
+        json=chat_body("a secret prompt", max_tokens=4),
+        headers={"traceparent": TRACEPARENT, "X-Request-Id": "log-test-1"},
+        timeout=60,
+    )
     assert response.status_code == 200
     lines = server.logs()  # fails if any line is not JSON
     for line in lines:
@@ -125,17 +134,24 @@ def test_log_lines_are_json_and_carry_the_trace_id(server):
 
 def test_log_prompts_flag(server_factory):
     server = server_factory("--log-prompts")
-    requests.post(server.url("/v1/chat/completions"),
-                  json=chat_body("a visible prompt", max_tokens=4),
-                  headers={"X-Request-Id": "log-test-2"}, timeout=60)
+    requests.post(
+        server.url("/v1/chat/completions"),
+        json=chat_body("a visible prompt", max_tokens=4),
+        headers={"X-Request-Id": "log-test-2"},
+        timeout=60,
+    )
     (finished,) = [line for line in server.logs() if line["request_id"] == "log-test-2"]
     assert "a visible prompt" in finished["prompt"]
     assert isinstance(finished["output"], str) and finished["output"]
 
 
 def test_rejected_request_is_logged_as_a_warning(server):
-    requests.post(server.url("/v1/chat/completions"), json=chat_body(max_tokens=0),
-                  headers={"X-Request-Id": "log-test-3"}, timeout=60)
+    requests.post(
+        server.url("/v1/chat/completions"),
+        json=chat_body(max_tokens=0),
+        headers={"X-Request-Id": "log-test-3"},
+        timeout=60,
+    )
     (line,) = [line for line in server.logs() if line["request_id"] == "log-test-3"]
     assert line["level"] == "WARNING"
     assert line["status"] == 400 and "max_tokens" in line["error"]

@@ -36,12 +36,18 @@ class Stale:
 
     def diff(self, max_lines: int = DIFF_LINES) -> str:
         """A unified diff from the committed file to the generated one, cut at max_lines."""
-        lines = list(difflib.unified_diff(
-            (self.actual or "").splitlines(keepends=True),
-            (self.expected or "").splitlines(keepends=True),
-            fromfile=f"{self.path} (committed)", tofile=f"{self.path} (generated)"))
-        shown = "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
-                        for line in lines[:max_lines])
+        lines = list(
+            difflib.unified_diff(
+                (self.actual or "").splitlines(keepends=True),
+                (self.expected or "").splitlines(keepends=True),
+                fromfile=f"{self.path} (committed)",
+                tofile=f"{self.path} (generated)",
+            )
+        )
+        shown = "".join(
+            line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
+            for line in lines[:max_lines]
+        )
         if len(lines) > max_lines:
             shown += f"... ({len(lines) - max_lines} more diff lines)\n"
         return shown
@@ -100,14 +106,22 @@ def _read(path: Path) -> str | None:
 
 def main(argv: list[str] | None = None, repo: Path = REPO) -> int:
     parser = argparse.ArgumentParser(prog="scripts/generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; list stale files with a diff and exit 1 if any")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; list stale files with a diff and exit 1 if any",
+    )
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_files(repo)
         for item in stale:
-            what = ("missing" if item.actual is None else
-                    "no generator writes it" if item.expected is None else "stale")
+            what = (
+                "missing"
+                if item.actual is None
+                else "no generator writes it"
+                if item.expected is None
+                else "stale"
+            )
             print(f"{item.path}: {what}\n{item.diff()}")
         if stale:
             print(f"{len(stale)} generated file(s) out of date: run scripts/generate")

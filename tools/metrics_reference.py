@@ -49,8 +49,9 @@ def _inference_rows() -> list[str]:
         meaning = spec.help
         if spec.buckets:
             meaning += " Buckets: " + ", ".join(f"{b:g}" for b in spec.buckets) + "."
-        rows.append(f"| `{spec.exposed_name}` | {spec.kind} | {spec.unit or '-'} | {labels} | "
-                    f"{meaning} |")
+        rows.append(
+            f"| `{spec.exposed_name}` | {spec.kind} | {spec.unit or '-'} | {labels} | {meaning} |"
+        )
     return rows
 
 
@@ -58,14 +59,21 @@ def _exporter_rows() -> list[str]:
     rows = []
     for spec in EXPORTER_METRICS:
         labels = ", ".join(f"`{label}`" for label in spec.labels) or "-"
-        rows.append(f"| `{spec.exposed_name}` | {spec.kind} | {spec.unit or '-'} | {labels} | "
-                    f"{spec.help} |")
+        rows.append(
+            f"| `{spec.exposed_name}` | {spec.kind} | {spec.unit or '-'} | {labels} | {spec.help} |"
+        )
     return rows
 
 
 def render() -> str:
-    return (HEADER + "\n".join(_inference_rows()) + "\n" + EXPORTER_HEADER
-            + "\n".join(_exporter_rows()) + "\n")
+    return (
+        HEADER
+        + "\n".join(_inference_rows())
+        + "\n"
+        + EXPORTER_HEADER
+        + "\n".join(_exporter_rows())
+        + "\n"
+    )
 
 
 def all_metric_names() -> set[str]:

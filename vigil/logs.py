@@ -13,7 +13,8 @@ import json
 import logging
 import sys
 import traceback
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from loguru import logger
 
@@ -56,16 +57,25 @@ class _InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        logger.patch(lambda r: r.update(name=record.name)).opt(
-            exception=record.exc_info).log(level, record.getMessage())
+        logger.patch(lambda r: r.update(name=record.name)).opt(exception=record.exc_info).log(
+            level, record.getMessage()
+        )
 
 
-def setup_logging(level: str = "INFO", stream: TextIO | None = None,
-                  patcher: Callable[[dict[str, Any]], None] | None = None) -> None:
+def setup_logging(
+    level: str = "INFO",
+    stream: TextIO | None = None,
+    patcher: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
     """JSON lines at ``level`` and above on ``stream`` (stdout), standard logging included."""
     logger.remove()
     logger.configure(patcher=patcher)
-    logger.add(_JsonSink(stream or sys.stdout).write, level=level, format="{message}",
-               backtrace=False, diagnose=False)
+    logger.add(
+        _JsonSink(stream or sys.stdout).write,
+        level=level,
+        format="{message}",
+        backtrace=False,
+        diagnose=False,
+    )
     logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
     logging.captureWarnings(True)  # warnings.warn() lines become JSON lines too

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -85,36 +86,51 @@ class Option:
 class OptionSet:
     """The options of one process and the dataclass they fill."""
 
-    def __init__(self, prefix: str, options: Sequence[Option], config_cls: type,
-                 prog: str, description: str):
+    def __init__(
+        self, prefix: str, options: Sequence[Option], config_cls: type, prog: str, description: str
+    ):
         self.prefix = prefix
         self.options = tuple(replace(o, prefix=prefix) for o in options)
         self.config_cls = config_cls
         self.prog = prog
         self.description = description
         names = [f.name for f in fields(config_cls)]
-        assert names == [o.name for o in self.options], \
+        assert names == [o.name for o in self.options], (
             f"the options and {config_cls.__name__} must list the same names in the same order"
+        )
 
     def build_parser(self) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
             prog=self.prog,
             description=f"{self.description} Every option can also be set by an environment "
-            f"variable: {self.prefix}<OPTION> (for example {self.options[0].env}).")
+            f"variable: {self.prefix}<OPTION> (for example {self.options[0].env}).",
+        )
         for option in self.options:
             help_text = f"{option.help} [env {option.env}]"
             if option.flag_only:
-                parser.add_argument(option.flag, dest=option.name, action="store_const",
-                                    const="true", default=None, help=help_text)
+                parser.add_argument(
+                    option.flag,
+                    dest=option.name,
+                    action="store_const",
+                    const="true",
+                    default=None,
+                    help=help_text,
+                )
             else:
-                parser.add_argument(option.flag, dest=option.name, default=None,
-                                    metavar=option.metavar, choices=option.choices,
-                                    action="append" if option.multiple else "store",
-                                    help=help_text)
+                parser.add_argument(
+                    option.flag,
+                    dest=option.name,
+                    default=None,
+                    metavar=option.metavar,
+                    choices=option.choices,
+                    action="append" if option.multiple else "store",
+                    help=help_text,
+                )
         return parser
 
-    def load(self, argv: Sequence[str] | None = None,
-             environ: Mapping[str, str] | None = None) -> Any:
+    def load(
+        self, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Any:
         """The configuration from the command line over the environment over the defaults.
 
         Raises ConfigError naming the flag or variable that is wrong; argparse itself exits with
@@ -126,7 +142,8 @@ class OptionSet:
         if unknown:
             raise ConfigError(
                 f"unknown environment variable(s) {', '.join(unknown)}; known ones are "
-                f"{', '.join(sorted(known_env))}")
+                f"{', '.join(sorted(known_env))}"
+            )
         args = self.build_parser().parse_args(argv)
         values: dict[str, Any] = {}
         for option in self.options:

@@ -12,8 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROC = Path("/proc")
-STATES = {"R": "running", "S": "sleeping", "D": "disk_sleep", "T": "stopped",
-          "t": "tracing_stop", "Z": "zombie", "X": "dead", "I": "idle"}
+STATES = {
+    "R": "running",
+    "S": "sleeping",
+    "D": "disk_sleep",
+    "T": "stopped",
+    "t": "tracing_stop",
+    "Z": "zombie",
+    "X": "dead",
+    "I": "idle",
+}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -37,13 +45,17 @@ def parse_stat(raw: bytes, pid: int) -> ProcStat | None:
     """The fields of one ``/proc/<pid>/stat`` line; None for a process being torn down."""
     # The command name (field 2) may hold spaces, parentheses and any bytes: split after the
     # last ')'.
-    rest = raw[raw.rindex(b")") + 2:].decode("ascii", "replace").split()
+    rest = raw[raw.rindex(b")") + 2 :].decode("ascii", "replace").split()
     if len(rest) < 22:
         return None
-    return ProcStat(pid=pid, state=STATES.get(rest[0], "unknown"),
-                    cpu_seconds=(int(rest[11]) + int(rest[12])) / CLOCK_TICKS,
-                    threads=int(rest[17]), start_ticks=int(rest[19]),
-                    resident_bytes=int(rest[21]) * PAGE_SIZE)
+    return ProcStat(
+        pid=pid,
+        state=STATES.get(rest[0], "unknown"),
+        cpu_seconds=(int(rest[11]) + int(rest[12])) / CLOCK_TICKS,
+        threads=int(rest[17]),
+        start_ticks=int(rest[19]),
+        resident_bytes=int(rest[21]) * PAGE_SIZE,
+    )
 
 
 def read_stat(pid: int, proc: Path = PROC) -> ProcStat | None:

@@ -43,8 +43,13 @@ class Part:
     def start(self) -> None:
         if self._log is None:
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, cwd=REPO)
+        self.process = subprocess.Popen(
+            self.command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+        )
 
     def stop(self, grace: float = 15.0) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -74,34 +79,85 @@ def plan(args: argparse.Namespace, run_dir: Path) -> tuple[list[Part], list[str]
     state = run_dir / "state"
     python = sys.executable
     parts = [
-        Part("inference", [python, "-m", "inference", "--model", args.model, "--device",
-                           args.device, "--host", "127.0.0.1", "--port", "8000",
-                           "--state-dir", str(state), *args.inference_args],
-             "http://127.0.0.1:8000/v1", logs / "inference.log", restart=True),
-        Part("exporter", [python, "-m", "exporter", "--host", "127.0.0.1", "--port", "9400",
-                          "--state-dir", str(state), "--target", "http://127.0.0.1:8000"],
-             "http://127.0.0.1:9400/metrics", logs / "exporter.log"),
+        Part(
+            "inference",
+            [
+                python,
+                "-m",
+                "inference",
+                "--model",
+                args.model,
+                "--device",
+                args.device,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "8000",
+                "--state-dir",
+                str(state),
+                *args.inference_args,
+            ],
+            "http://127.0.0.1:8000/v1",
+            logs / "inference.log",
+            restart=True,
+        ),
+        Part(
+            "exporter",
+            [
+                python,
+                "-m",
+                "exporter",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "9400",
+                "--state-dir",
+                str(state),
+                "--target",
+                "http://127.0.0.1:8000",
+            ],
+            "http://127.0.0.1:9400/metrics",
+            logs / "exporter.log",
+        ),
     ]
     missing = []
     prometheus = _binary("prometheus")
     if prometheus:
-        parts.append(Part("prometheus", [
-            prometheus, f"--config.file={ALERTS / 'prometheus.yml'}",
-            f"--storage.tsdb.path={run_dir / 'prometheus'}",
-            "--web.listen-address=127.0.0.1:9090"], "http://127.0.0.1:9090",
-            logs / "prometheus.log"))
+        parts.append(
+            Part(
+                "prometheus",
+                [
+                    prometheus,
+                    f"--config.file={ALERTS / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={run_dir / 'prometheus'}",
+                    "--web.listen-address=127.0.0.1:9090",
+                ],
+                "http://127.0.0.1:9090",
+                logs / "prometheus.log",
+            )
+        )
     else:
         missing.append("prometheus: not installed (Debian: apt-get install prometheus)")
     alertmanager = _binary("prometheus-alertmanager", "alertmanager")
     if alertmanager:
-        parts.append(Part("alertmanager", [
-            alertmanager, f"--config.file={ALERTS / 'alertmanager.yml'}",
-            f"--storage.path={run_dir / 'alertmanager'}",
-            "--web.listen-address=127.0.0.1:9093", "--cluster.listen-address="],
-            "http://127.0.0.1:9093", logs / "alertmanager.log"))
+        parts.append(
+            Part(
+                "alertmanager",
+                [
+                    alertmanager,
+                    f"--config.file={ALERTS / 'alertmanager.yml'}",
+                    f"--storage.path={run_dir / 'alertmanager'}",
+                    "--web.listen-address=127.0.0.1:9093",
+                    "--cluster.listen-address=",
+                ],
+                "http://127.0.0.1:9093",
+                logs / "alertmanager.log",
+            )
+        )
     else:
-        missing.append("alertmanager: not installed (Debian: apt-get install "
-                       "prometheus-alertmanager)")
+        missing.append(
+            "alertmanager: not installed (Debian: apt-get install prometheus-alertmanager)"
+        )
     missing.append("grafana, loki, alloy, tempo: run with Docker (compose/) to have them")
     return parts, missing
 
@@ -112,6 +168,7 @@ def supervise(parts: list[Part], stop_after: float | None = None) -> int:
 
     def ask_stop(*_):
         stopping["flag"] = True
+
     signal.signal(signal.SIGINT, ask_stop)
     signal.signal(signal.SIGTERM, ask_stop)
     deadline = None if stop_after is None else time.monotonic() + stop_after
@@ -127,8 +184,10 @@ def supervise(parts: list[Part], stop_after: float | None = None) -> int:
             if part.name not in due:
                 delay = RESTART_BACKOFF_S[min(part.restarts, len(RESTART_BACKOFF_S) - 1)]
                 reason = " (the watchdog found a stall)" if code == 75 else ""
-                print(f"{part.name} exited with status {code}{reason}; restarting in {delay} s",
-                      flush=True)
+                print(
+                    f"{part.name} exited with status {code}{reason}; restarting in {delay} s",
+                    flush=True,
+                )
                 due[part.name] = time.monotonic() + delay
             elif time.monotonic() >= due[part.name]:
                 del due[part.name]
@@ -139,16 +198,23 @@ def supervise(parts: list[Part], stop_after: float | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vigil.stack",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="demo", help="model for the inference process "
-                        "(default: the embedded demo model)")
+    parser = argparse.ArgumentParser(
+        prog="python -m vigil.stack", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--model",
+        default="demo",
+        help="model for the inference process (default: the embedded demo model)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--run-dir", help="where state, data and logs go (default: a new "
-                        "directory under the system's temp)")
+    parser.add_argument(
+        "--run-dir",
+        help="where state, data and logs go (default: a new directory under the system's temp)",
+    )
     parser.add_argument("--stop-after", type=float, help=argparse.SUPPRESS)  # for the tests
-    parser.add_argument("inference_args", nargs="*", help="more arguments for the inference "
-                        "process (after --)")
+    parser.add_argument(
+        "inference_args", nargs="*", help="more arguments for the inference process (after --)"
+    )
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="vigil-stack-")).resolve()
     parts, missing = plan(args, run_dir)

@@ -56,6 +56,7 @@ def pid_of_file(path: Path) -> int | None:
 
 # ---- the identity file -----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Identity:
     pid: int  # as the process sees itself
@@ -74,8 +75,14 @@ def write_identity(state_dir: str | os.PathLike, model: str, **fields: Any) -> P
     pid = os.getpid()
     path = identity_path(state_dir, pid)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"pid": pid, "proc_start_ticks": procfs.start_ticks(pid), "model": model,
-              "hostname": socket.gethostname(), "updated_at": time.time(), **fields}
+    record = {
+        "pid": pid,
+        "proc_start_ticks": procfs.start_ticks(pid),
+        "model": model,
+        "hostname": socket.gethostname(),
+        "updated_at": time.time(),
+        **fields,
+    }
     staging = path.with_suffix(".json.tmp")
     staging.write_text(json.dumps(record, indent=2, sort_keys=True))
     staging.replace(path)
@@ -90,8 +97,13 @@ def remove_identity(state_dir: str | os.PathLike) -> None:
 def parse_identity(path: Path, text: str) -> Identity:
     """Raises ValueError, KeyError or TypeError for a record that is not an identity."""
     record = json.loads(text)
-    return Identity(pid=int(record["pid"]), start_ticks=record.get("proc_start_ticks"),
-                    model=str(record.get("model") or ""), path=path, fields=record)
+    return Identity(
+        pid=int(record["pid"]),
+        start_ticks=record.get("proc_start_ticks"),
+        model=str(record.get("model") or ""),
+        path=path,
+        fields=record,
+    )
 
 
 def read_identities(state_dir: str | os.PathLike) -> list[Identity]:

@@ -4,7 +4,7 @@ histograms summed over processes, dead ones included; gauges per live process, w
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client.multiprocess import MultiProcessCollector
 

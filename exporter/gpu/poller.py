@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 from loguru import logger
 
@@ -46,8 +46,14 @@ class GpuSnapshot:
 
 
 class GpuPoller:
-    def __init__(self, backend: GpuBackend, interval: float = 2.0, max_age: float = 30.0,
-                 reinit_interval: float = 10.0, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        backend: GpuBackend,
+        interval: float = 2.0,
+        max_age: float = 30.0,
+        reinit_interval: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ):
         self.backend = backend
         self.interval = interval
         self.max_age = max_age
@@ -106,8 +112,9 @@ class GpuPoller:
                         self._went_down(str(exc), now)
                         break
                 for index in set(self._states) - set(range(count)):  # gone from the bus
-                    self._states[index] = replace(self._states[index], lost=True, reading=None,
-                                                  error="no longer enumerated")
+                    self._states[index] = replace(
+                        self._states[index], lost=True, reading=None, error="no longer enumerated"
+                    )
         return self._publish()
 
     def _try_init(self, now: float) -> None:
@@ -116,13 +123,17 @@ class GpuPoller:
             self._system = self.backend.system_info()
         except BackendUnavailable as exc:
             if self._error != str(exc):
-                logger.warning("GPU backend unavailable; retrying every {} s: {}",
-                               self.reinit_interval, exc)
+                logger.warning(
+                    "GPU backend unavailable; retrying every {} s: {}", self.reinit_interval, exc
+                )
             self._went_down(str(exc), now)
             return
         self._backend_up, self._error = True, ""
-        logger.info("GPU backend up: driver {}, CUDA {}", self._system.driver_version,
-                    self._system.cuda_version)
+        logger.info(
+            "GPU backend up: driver {}, CUDA {}",
+            self._system.driver_version,
+            self._system.cuda_version,
+        )
 
     def _went_down(self, error: str, now: float) -> None:
         self._backend_up, self._error = False, error
@@ -136,22 +147,31 @@ class GpuPoller:
             raise
         except Exception as exc:  # noqa: BLE001 - GpuLost, or a surprise: only this GPU fails
             if not state.lost:
-                logger.error("GPU {} ({}) lost: {}", index, state.identity[0] or "unknown uuid",
-                             exc)
+                logger.error(
+                    "GPU {} ({}) lost: {}", index, state.identity[0] or "unknown uuid", exc
+                )
             self._states[index] = replace(state, reading=None, lost=True, error=str(exc))
             return
         if state.lost:
             logger.info("GPU {} ({}) answers again", index, reading.uuid)
-        self._states[index] = GpuState(index=index, reading=reading, last_ok=self.clock(),
-                                       identity=(reading.uuid, reading.name))
+        self._states[index] = GpuState(
+            index=index,
+            reading=reading,
+            last_ok=self.clock(),
+            identity=(reading.uuid, reading.name),
+        )
 
     def _publish(self) -> GpuSnapshot:
         with self._xid_lock:
             xids = dict(self._xids)
         self._snapshot = GpuSnapshot(
-            backend_up=self._backend_up, error=self._error, system=self._system,
-            gpus=tuple(self._states[i] for i in sorted(self._states)), xid_counts=xids,
-            taken_at=self.clock())
+            backend_up=self._backend_up,
+            error=self._error,
+            system=self._system,
+            gpus=tuple(self._states[i] for i in sorted(self._states)),
+            xid_counts=xids,
+            taken_at=self.clock(),
+        )
         return self._snapshot
 
     def snapshot(self) -> GpuSnapshot:
@@ -176,8 +196,7 @@ class GpuPoller:
             events = self.backend.wait_xid(timeout_s)
         except BackendUnavailable as exc:
             if not self._xid_warned:
-                logger.warning("XID events unavailable (retrying every {} s): {}",
-                               XID_RETRY_S, exc)
+                logger.warning("XID events unavailable (retrying every {} s): {}", XID_RETRY_S, exc)
                 self._xid_warned = True
             return False
         except Exception:  # noqa: BLE001
@@ -186,8 +205,9 @@ class GpuPoller:
         for event in events:
             state = self._states.get(event.index)
             uuid = state.identity[0] if state is not None else ""
-            logger.error("XID {} on GPU {} ({})", event.xid, event.index,
-                         uuid or "uuid not read yet")
+            logger.error(
+                "XID {} on GPU {} ({})", event.xid, event.index, uuid or "uuid not read yet"
+            )
             key = (event.index, event.xid)
             with self._xid_lock:
                 self._xids[key] = self._xids.get(key, 0) + 1

@@ -9,14 +9,16 @@ its request, which frees its slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import math
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import propagate, trace
 from pydantic import ValidationError
@@ -55,14 +57,20 @@ def _request_id(request: Request, endpoint: str) -> str:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {declared} bytes, above the limit of {limit} "
-                       "bytes", code="request_too_large")
+        raise ApiError(
+            413,
+            f"the request body is {declared} bytes, above the limit of {limit} bytes",
+            code="request_too_large",
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"the request body is over the limit of {limit} bytes",
-                           code="request_too_large")
+            raise ApiError(
+                413,
+                f"the request body is over the limit of {limit} bytes",
+                code="request_too_large",
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -71,15 +79,19 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid UTF-8 (byte {exc.start}: "
-                       f"{exc.reason})") from None
+        raise ApiError(
+            400, f"the request body is not valid UTF-8 (byte {exc.start}: {exc.reason})"
+        ) from None
     if not text.strip():
         raise ApiError(400, "the request body is empty; send a JSON object")
     try:
         body = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                       f"column {exc.colno}") from None
+        raise ApiError(
+            400,
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+            f"column {exc.colno}",
+        ) from None
     except RecursionError:
         raise ApiError(400, "the request body is nested too deeply") from None
     except ValueError as exc:  # e.g. an integer literal of thousands of digits
@@ -90,8 +102,11 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
         # JSON escapes can spell lone UTF-16 surrogates, which are no text at all.
         json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise ApiError(400, "the request body holds an unpaired UTF-16 surrogate escape "
-                       "(such as \\ud800); send valid Unicode text") from None
+        raise ApiError(
+            400,
+            "the request body holds an unpaired UTF-16 surrogate escape "
+            "(such as \\ud800); send valid Unicode text",
+        ) from None
     return body
 
 
@@ -145,28 +160,41 @@ class InferenceApi:
         """Arm a fault (only with --enable-fault-injection; a 404 otherwise)."""
         faults = self.service.faults
         if faults is None:
-            raise ApiError(404, f"no route {request.method} {request.url.path} (fault injection "
-                           "is off; start the server with --enable-fault-injection)",
-                           code="not_found")
+            raise ApiError(
+                404,
+                f"no route {request.method} {request.url.path} (fault injection "
+                "is off; start the server with --enable-fault-injection)",
+                code="not_found",
+            )
         self._authorize(request)
         body = _parse_json(await _read_body(request, 64 * 1024))
         try:
             parsed = FaultRequest.model_validate(body)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
-        fault = Fault(parsed.fault, parsed.stage,
-                      float(parsed.seconds) if parsed.seconds is not None else None, parsed.steps)
+        fault = Fault(
+            parsed.fault,
+            parsed.stage,
+            float(parsed.seconds) if parsed.seconds is not None else None,
+            parsed.steps,
+        )
         faults.arm(fault)
         from loguru import logger
 
-        logger.warning("fault armed for the next batch: {} at {}", fault.kind, fault.stage,
-                       fault=fault.describe())
+        logger.warning(
+            "fault armed for the next batch: {} at {}",
+            fault.kind,
+            fault.stage,
+            fault=fault.describe(),
+        )
         return JSONResponse({"armed": [f.describe() for f in faults.armed()]})
 
     async def ready(self, request: Request) -> Response:
         info = self.service.describe()
-        return JSONResponse({"status": "ready" if self.service.ready else info["state"], **info},
-                            status_code=200 if self.service.ready else 503)
+        return JSONResponse(
+            {"status": "ready" if self.service.ready else info["state"], **info},
+            status_code=200 if self.service.ready else 503,
+        )
 
     async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -179,9 +207,19 @@ class InferenceApi:
     async def models(self, request: Request) -> Response:
         self._authorize(request)
         created = int(self.service.load_started_at or time.time())
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.service.model_name, "object": "model", "created": created,
-             "owned_by": "llm-vigil"}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.service.model_name,
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "llm-vigil",
+                    }
+                ],
+            }
+        )
 
     def _authorize(self, request: Request) -> None:
         key = self.config.api_key
@@ -189,10 +227,15 @@ class InferenceApi:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 key.encode()):
-            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                           error_type="authentication_error", code="invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), key.encode()
+        ):
+            raise ApiError(
+                401,
+                "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                error_type="authentication_error",
+                code="invalid_api_key",
+            )
 
     # ---- generation --------------------------------------------------------------------------
 
@@ -208,10 +251,17 @@ class InferenceApi:
         parent = propagate.extract(request.headers)
         span = self.recorder.start_span(
             f"{'chat' if endpoint == 'chat' else 'text_completion'} {self.service.model_name}",
-            parent, arrival_ns)
-        record = CompletedRequest(request_id=request_id, endpoint=endpoint,
-                                  model=self.service.model_name, status=200,
-                                  arrival_ns=arrival_ns, span=span)
+            parent,
+            arrival_ns,
+        )
+        record = CompletedRequest(
+            request_id=request_id,
+            endpoint=endpoint,
+            model=self.service.model_name,
+            status=200,
+            arrival_ns=arrival_ns,
+            span=span,
+        )
         call = _Call(endpoint, request_id, arrival_ns, record)
         context = span.get_span_context()
         headers = {"X-Request-Id": request_id, "X-Trace-Id": format(context.trace_id, "032x")}
@@ -224,41 +274,51 @@ class InferenceApi:
             except Exception as exc:  # noqa: BLE001 - never a bare 500 page or a hang
                 from loguru import logger
 
-                logger.opt(exception=exc).error("unexpected error while handling {}: {}",
-                                                call.request_id, exc)
+                logger.opt(exception=exc).error(
+                    "unexpected error while handling {}: {}", call.request_id, exc
+                )
                 self._end(call, 500, "internal_error", f"{type(exc).__name__}: {exc}")
-                return ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
-                                error_type="server_error").response(headers)
+                return ApiError(
+                    500, f"internal error: {type(exc).__name__}: {exc}", error_type="server_error"
+                ).response(headers)
             except BaseException:  # cancelled (the server is stopping): still account for it
                 self._end(call, 503, "shutting_down", "the server stopped before answering")
                 raise
         return response
 
-    async def _admit_and_run(self, request: Request, call: _Call,
-                             headers: dict[str, str]) -> Response:
+    async def _admit_and_run(
+        self, request: Request, call: _Call, headers: dict[str, str]
+    ) -> Response:
         """Parse the request, check that it can be served, enqueue it, and answer."""
         self._authorize(request)
         timeout_s = self._timeout(request)
         parsed = await self._parse(request, call, timeout_s)
         loaded = self._check_serving(parsed)
-        await self._enqueue(call, parsed, loaded, call.arrival_ns + int(timeout_s * 1e9),
-                            headers["X-Trace-Id"])
+        await self._enqueue(
+            call, parsed, loaded, call.arrival_ns + int(timeout_s * 1e9), headers["X-Trace-Id"]
+        )
         return await self._respond(request, call, parsed, headers)
 
-    async def _parse(self, request: Request, call: _Call,
-                     timeout_s: float) -> ChatCompletionRequest | CompletionRequest:
+    async def _parse(
+        self, request: Request, call: _Call, timeout_s: float
+    ) -> ChatCompletionRequest | CompletionRequest:
         """Read the body within the deadline and validate it against the endpoint's schema."""
         try:
-            raw = await asyncio.wait_for(_read_body(request, self.config.max_body_bytes),
-                                         timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(408, f"the request body did not arrive within the request's deadline "
-                           f"of {timeout_s:g} s", error_type="timeout",
-                           code="deadline_exceeded") from None
+            raw = await asyncio.wait_for(_read_body(request, self.config.max_body_bytes), timeout_s)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"the request body did not arrive within the request's deadline of {timeout_s:g} s",
+                error_type="timeout",
+                code="deadline_exceeded",
+            ) from None
         except ClientDisconnect:
-            raise ApiError(CLIENT_CLOSED, "the client disconnected while sending the request",
-                           error_type="client_closed_request",
-                           code="client_disconnected") from None
+            raise ApiError(
+                CLIENT_CLOSED,
+                "the client disconnected while sending the request",
+                error_type="client_closed_request",
+                code="client_disconnected",
+            ) from None
         body = _parse_json(raw)
         schema = ChatCompletionRequest if call.endpoint == "chat" else CompletionRequest
         try:
@@ -267,18 +327,25 @@ class InferenceApi:
             raise from_validation_error(exc) from None
         call.record.stream = parsed.stream
         call.record.request_params = {
-            "max_tokens": parsed.requested_max_tokens, "temperature": parsed.temperature,
-            "top_p": parsed.top_p, "frequency_penalty": parsed.frequency_penalty,
-            "presence_penalty": parsed.presence_penalty}
+            "max_tokens": parsed.requested_max_tokens,
+            "temperature": parsed.temperature,
+            "top_p": parsed.top_p,
+            "frequency_penalty": parsed.frequency_penalty,
+            "presence_penalty": parsed.presence_penalty,
+        }
         return parsed
 
     def _check_serving(self, parsed: ChatCompletionRequest | CompletionRequest) -> LoadedModel:
         """The loaded model, if the request names it and the server can serve now; else the
         404 or 503 that says why not."""
         if parsed.model != self.service.model_name:
-            raise ApiError(404, f"The model '{parsed.model}' does not exist; this server serves "
-                           f"'{self.service.model_name}'", param="model",
-                           code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model '{parsed.model}' does not exist; this server serves "
+                f"'{self.service.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
         loaded = self.service.loaded
         if not self.service.ready and self.service.watchdog.stall is None or loaded is None:
             state = self.service.state
@@ -288,18 +355,33 @@ class InferenceApi:
                 message = f"the model failed to load: {self.service.load_error}"
             else:
                 message = "the engine has stopped; the server is not serving"
-            raise ApiError(503, message, error_type="server_unavailable",
-                           code="model_not_ready", headers={"Retry-After": "5"})
+            raise ApiError(
+                503,
+                message,
+                error_type="server_unavailable",
+                code="model_not_ready",
+                headers={"Retry-After": "5"},
+            )
         stall = self.service.watchdog.stall
         if stall is not None:
-            raise ApiError(503, f"the engine is stalled in {stall.stage} (no progress for "
-                           f"{stall.stalled_for_s():.1f} s); retry later",
-                           error_type="server_unavailable", code="engine_stalled",
-                           headers={"Retry-After": "5"})
+            raise ApiError(
+                503,
+                f"the engine is stalled in {stall.stage} (no progress for "
+                f"{stall.stalled_for_s():.1f} s); retry later",
+                error_type="server_unavailable",
+                code="engine_stalled",
+                headers={"Retry-After": "5"},
+            )
         return loaded
 
-    async def _enqueue(self, call: _Call, parsed: ChatCompletionRequest | CompletionRequest,
-                       loaded: LoadedModel, deadline_ns: int, trace_id: str) -> None:
+    async def _enqueue(
+        self,
+        call: _Call,
+        parsed: ChatCompletionRequest | CompletionRequest,
+        loaded: LoadedModel,
+        deadline_ns: int,
+        trace_id: str,
+    ) -> None:
         """Tokenize the prompt and put the generation request on the engine's queue (a 429 when
         it is full); its events arrive on ``call.events``."""
         # Tokenizing a long prompt takes a while: off the event loop, one at a time (a fast
@@ -315,29 +397,42 @@ class InferenceApi:
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
-            try:
+            # RuntimeError: the loop is closed, the server is shutting down.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop is closed: the server is shutting down
-                pass
 
-        generation = GenerationRequest(request_id=call.request_id, prompt_ids=prompt_ids,
-                                       params=params, stream=parsed.stream,
-                                       deadline_ns=deadline_ns, emit=emit,
-                                       arrival_ns=call.arrival_ns, trace_id=trace_id)
+        generation = GenerationRequest(
+            request_id=call.request_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            stream=parsed.stream,
+            deadline_ns=deadline_ns,
+            emit=emit,
+            arrival_ns=call.arrival_ns,
+            trace_id=trace_id,
+        )
         try:
             self.service.queue.put(generation)
         except QueueFull as exc:
-            raise ApiError(429, f"{exc}; retry later", error_type="rate_limit_exceeded",
-                           code="queue_full",
-                           headers={"Retry-After": str(self._retry_after())}) from None
+            raise ApiError(
+                429,
+                f"{exc}; retry later",
+                error_type="rate_limit_exceeded",
+                code="queue_full",
+                headers={"Retry-After": str(self._retry_after())},
+            ) from None
         call.generation, call.events = generation, events
         call.record.generation = generation
         if self.service.metrics is not None:
             self.service.metrics.in_flight.inc()
 
-    async def _respond(self, request: Request, call: _Call,
-                       parsed: ChatCompletionRequest | CompletionRequest,
-                       headers: dict[str, str]) -> Response:
+    async def _respond(
+        self,
+        request: Request,
+        call: _Call,
+        parsed: ChatCompletionRequest | CompletionRequest,
+        headers: dict[str, str],
+    ) -> Response:
         """Wait for the engine's first event, then answer: one JSON body once the request
         finishes, or a stream of its events. An engine error before the stream starts is an
         HTTP error."""
@@ -353,16 +448,17 @@ class InferenceApi:
         if not parsed.stream:
             return await self._respond_whole(call, first, watcher, headers)
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-        writer = ChunkWriter(call.endpoint, call.request_id, self.service.model_name,
-                             include_usage)
-        return _GuardedStream(self._stream(call, writer, first, watcher),
-                              cleanup=lambda: self._abandon(call, watcher),
-                              media_type="text/event-stream",
-                              headers={**headers, "Cache-Control": "no-cache",
-                                       "X-Accel-Buffering": "no"})
+        writer = ChunkWriter(call.endpoint, call.request_id, self.service.model_name, include_usage)
+        return _GuardedStream(
+            self._stream(call, writer, first, watcher),
+            cleanup=lambda: self._abandon(call, watcher),
+            media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
-    async def _respond_whole(self, call: _Call, event: Event, watcher: asyncio.Future,
-                             headers: dict[str, str]) -> Response:
+    async def _respond_whole(
+        self, call: _Call, event: Event, watcher: asyncio.Future, headers: dict[str, str]
+    ) -> Response:
         """The non-streamed answer: wait for the end, then one completion body."""
         try:
             while not isinstance(event, Finished):
@@ -372,15 +468,26 @@ class InferenceApi:
         finally:
             watcher.cancel()
         self._end(call, 200)
-        return JSONResponse(completion_body(call.endpoint, call.request_id,
-                                            self.service.model_name, int(time.time()),
-                                            call.generation), headers=headers)
+        return JSONResponse(
+            completion_body(
+                call.endpoint,
+                call.request_id,
+                self.service.model_name,
+                int(time.time()),
+                call.generation,
+            ),
+            headers=headers,
+        )
 
-    async def _stream(self, call: _Call, writer: ChunkWriter, first: Event,
-                      watcher: asyncio.Future) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, call: _Call, writer: ChunkWriter, first: Event, watcher: asyncio.Future
+    ) -> AsyncIterator[bytes]:
         """The SSE body; the HTTP status is already sent, so errors become error events."""
-        status, error_type, message = (CLIENT_CLOSED, "client_disconnected",
-                                       "the client disconnected")
+        status, error_type, message = (
+            CLIENT_CLOSED,
+            "client_disconnected",
+            "the client disconnected",
+        )
         try:
             opening = writer.start()
             if opening:
@@ -427,8 +534,9 @@ class InferenceApi:
         remaining = (generation.deadline_ns - time.perf_counter_ns()) / 1e9
         getter = asyncio.ensure_future(events.get())
         try:
-            done, _ = await asyncio.wait({getter, watcher}, timeout=max(remaining, 0),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {getter, watcher}, timeout=max(remaining, 0), return_when=asyncio.FIRST_COMPLETED
+            )
         except BaseException:
             getter.cancel()
             self._cancel(generation)
@@ -438,8 +546,12 @@ class InferenceApi:
         getter.cancel()
         self._cancel(generation)
         if watcher in done:
-            raise ApiError(CLIENT_CLOSED, "the client disconnected before the answer was ready",
-                           error_type="client_closed_request", code="client_disconnected")
+            raise ApiError(
+                CLIENT_CLOSED,
+                "the client disconnected before the answer was ready",
+                error_type="client_closed_request",
+                code="client_disconnected",
+            )
         error = timeout_error(generation)
         raise ApiError(error.status, error.message, error_type=error.error_type, code=error.code)
 
@@ -455,8 +567,11 @@ class InferenceApi:
         except ValueError:
             seconds = float("nan")
         if not 0 < seconds < float("inf"):
-            raise ApiError(400, f"the X-Request-Timeout header must be a positive number of "
-                           f"seconds, got {given!r}", param="X-Request-Timeout")
+            raise ApiError(
+                400,
+                f"the X-Request-Timeout header must be a positive number of seconds, got {given!r}",
+                param="X-Request-Timeout",
+            )
         return min(seconds, limit)
 
     def _cancel(self, generation: GenerationRequest) -> None:
@@ -472,8 +587,13 @@ class InferenceApi:
         # Worth a retry, except a request too big for the memory there is.
         retry = error.status == 503 and error.code != "insufficient_memory"
         headers = {"Retry-After": "5"} if retry else None
-        return ApiError(error.status, error.message, error_type=error.error_type,
-                        code=error.code, headers=headers)
+        return ApiError(
+            error.status,
+            error.message,
+            error_type=error.error_type,
+            code=error.code,
+            headers=headers,
+        )
 
     def _retry_after(self) -> int:
         engine = self.service.engine
@@ -498,12 +618,14 @@ def build_app(service: InferenceService, recorder: RequestRecorder) -> Starlette
     api = InferenceApi(service, recorder)
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return ApiError(404, f"no route {request.method} {request.url.path}",
-                        code="not_found").response()
+        return ApiError(
+            404, f"no route {request.method} {request.url.path}", code="not_found"
+        ).response()
 
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
-        return ApiError(405, f"{request.method} is not allowed on {request.url.path}",
-                        code="method_not_allowed").response()
+        return ApiError(
+            405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed"
+        ).response()
 
     async def api_error(request: Request, exc: ApiError) -> Response:
         return exc.response()
@@ -517,5 +639,7 @@ def build_app(service: InferenceService, recorder: RequestRecorder) -> Starlette
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/debug/fault", api.fault, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed,
-                                                        ApiError: api_error})
+    return Starlette(
+        routes=routes,
+        exception_handlers={404: not_found, 405: method_not_allowed, ApiError: api_error},
+    )

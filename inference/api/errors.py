@@ -9,9 +9,15 @@ from starlette.responses import Response
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -27,13 +33,23 @@ class ApiError(Exception):
         return self.code or self.error_type
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self, extra_headers: dict[str, str] | None = None) -> Response:
         headers = {**self.headers, **(extra_headers or {})}
-        return Response(json.dumps(self.body()), status_code=self.status, headers=headers,
-                        media_type="application/json")
+        return Response(
+            json.dumps(self.body()),
+            status_code=self.status,
+            headers=headers,
+            media_type="application/json",
+        )
 
 
 def _location(loc: tuple) -> str:
@@ -47,7 +63,9 @@ def _location(loc: tuple) -> str:
 
 
 def _is_union_tag(part) -> bool:
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool", "none") or "[" in part
+    )
 
 
 def from_validation_error(exc: ValidationError) -> ApiError:

@@ -10,22 +10,29 @@ from .schemas import ChatCompletionRequest, CompletionRequest, _GenerationParams
 
 def chat_prompt_ids(loaded: LoadedModel, body: ChatCompletionRequest) -> tuple[list[int], str]:
     if not loaded.has_chat_template:
-        raise ApiError(400, f"the model {loaded.name!r} has no chat template; use "
-                       "/v1/completions with a prompt instead", param="messages")
+        raise ApiError(
+            400,
+            f"the model {loaded.name!r} has no chat template; use "
+            "/v1/completions with a prompt instead",
+            param="messages",
+        )
     messages = []
     for index, message in enumerate(body.messages):
         try:
             text = message.text()
         except ValueError as exc:
-            raise ApiError(400, f"'messages[{index}].content': {exc}",
-                           param=f"messages[{index}].content") from None
+            raise ApiError(
+                400, f"'messages[{index}].content': {exc}", param=f"messages[{index}].content"
+            ) from None
         messages.append({"role": message.role, "content": text})
     try:
-        prompt = loaded.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
+        prompt = loaded.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
     except Exception as exc:  # noqa: BLE001 - templates raise what they like (jinja errors)
-        raise ApiError(400, f"the model's chat template rejected the messages: {exc}",
-                       param="messages") from None
+        raise ApiError(
+            400, f"the model's chat template rejected the messages: {exc}", param="messages"
+        ) from None
     # The template wrote any special tokens (BOS and the like) itself.
     ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return ids, prompt
@@ -37,24 +44,32 @@ def completion_prompt_ids(loaded: LoadedModel, body: CompletionRequest) -> tuple
         vocab = loaded.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            raise ApiError(400, f"'prompt': token id {bad[0]} is outside the vocabulary "
-                           f"(0 to {vocab - 1})", param="prompt")
+            raise ApiError(
+                400,
+                f"'prompt': token id {bad[0]} is outside the vocabulary (0 to {vocab - 1})",
+                param="prompt",
+            )
         return list(prompt), loaded.tokenizer.decode(prompt)
     text = prompt[0] if isinstance(prompt, list) else prompt
     ids = loaded.tokenizer(text)["input_ids"]
     return ids, text
 
 
-def sampling_params(loaded: LoadedModel, body: _GenerationParams, prompt_tokens: int,
-                    max_tokens_limit: int) -> SamplingParams:
+def sampling_params(
+    loaded: LoadedModel, body: _GenerationParams, prompt_tokens: int, max_tokens_limit: int
+) -> SamplingParams:
     context = loaded.context_length
     prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     if prompt_tokens == 0:
         raise ApiError(400, "the prompt is empty: it encodes to no tokens", param=prompt_param)
     if prompt_tokens >= context:
-        raise ApiError(400, f"This model's maximum context length is {context} tokens, but the "
-                       f"prompt has {prompt_tokens} tokens; shorten the prompt",
-                       param=prompt_param, code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {context} tokens, but the "
+            f"prompt has {prompt_tokens} tokens; shorten the prompt",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
     requested = body.requested_max_tokens
     name = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
     if requested is None:
@@ -63,17 +78,28 @@ def sampling_params(loaded: LoadedModel, body: _GenerationParams, prompt_tokens:
         if requested < 1:
             raise ApiError(400, f"'{name}' must be at least 1, got {requested}", param=name)
         if requested > max_tokens_limit:
-            raise ApiError(400, f"'{name}' is {requested}, above this server's limit of "
-                           f"{max_tokens_limit}", param=name)
+            raise ApiError(
+                400,
+                f"'{name}' is {requested}, above this server's limit of {max_tokens_limit}",
+                param=name,
+            )
         if prompt_tokens + requested > context:
-            raise ApiError(400, f"This model's maximum context length is {context} tokens, but "
-                           f"{prompt_tokens + requested} were requested ({prompt_tokens} in the "
-                           f"prompt, {requested} for the completion); lower '{name}' or shorten "
-                           "the prompt", param=name, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {context} tokens, but "
+                f"{prompt_tokens + requested} were requested ({prompt_tokens} in the "
+                f"prompt, {requested} for the completion); lower '{name}' or shorten "
+                "the prompt",
+                param=name,
+                code="context_length_exceeded",
+            )
         max_tokens = requested
     if body.min_tokens > max_tokens:
-        raise ApiError(400, f"'min_tokens' ({body.min_tokens}) is above the maximum of "
-                       f"{max_tokens} tokens", param="min_tokens")
+        raise ApiError(
+            400,
+            f"'min_tokens' ({body.min_tokens}) is above the maximum of {max_tokens} tokens",
+            param="min_tokens",
+        )
     return SamplingParams(
         max_tokens=max_tokens,
         min_tokens=body.min_tokens,

@@ -10,22 +10,40 @@ from ..engine.request import GenerationRequest
 
 
 def usage(gen: GenerationRequest) -> dict[str, int]:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+    return {
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens,
+        "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+    }
 
 
-def completion_body(endpoint: str, request_id: str, model: str, created: int,
-                    gen: GenerationRequest) -> dict[str, Any]:
+def completion_body(
+    endpoint: str, request_id: str, model: str, created: int, gen: GenerationRequest
+) -> dict[str, Any]:
     if endpoint == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
-                  "logprobs": None, "finish_reason": gen.finish_reason}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": gen.text},
+            "logprobs": None,
+            "finish_reason": gen.finish_reason,
+        }
         kind = "chat.completion"
     else:
-        choice = {"index": 0, "text": gen.text, "logprobs": None,
-                  "finish_reason": gen.finish_reason}
+        choice = {
+            "index": 0,
+            "text": gen.text,
+            "logprobs": None,
+            "finish_reason": gen.finish_reason,
+        }
         kind = "text_completion"
-    return {"id": request_id, "object": kind, "created": created, "model": model,
-            "choices": [choice], "usage": usage(gen)}
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage(gen),
+    }
 
 
 class ChunkWriter:
@@ -40,15 +58,21 @@ class ChunkWriter:
 
     def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         kind = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
-        body: dict[str, Any] = {"id": self.request_id, "object": kind, "created": self.created,
-                                "model": self.model, "choices": choices}
+        body: dict[str, Any] = {
+            "id": self.request_id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if self.include_usage:
             body["usage"] = None
         body.update(extra)
         return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
-    def _choice(self, text: str | None, finish_reason: str | None,
-                role: bool = False) -> dict[str, Any]:
+    def _choice(
+        self, text: str | None, finish_reason: str | None, role: bool = False
+    ) -> dict[str, Any]:
         if self.endpoint == "chat":
             delta: dict[str, Any] = {}
             if role:
@@ -68,8 +92,9 @@ class ChunkWriter:
         return self._event([self._choice(text, None)])
 
     def finish(self, gen: GenerationRequest) -> bytes:
-        out = self._event([self._choice(None if self.endpoint == "chat" else "",
-                                        gen.finish_reason)])
+        out = self._event(
+            [self._choice(None if self.endpoint == "chat" else "", gen.finish_reason)]
+        )
         if self.include_usage:
             out += self._event([], usage=usage(gen))
         return out

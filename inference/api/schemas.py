@@ -44,8 +44,10 @@ class ChatMessage(BaseModel):
         for part in self.content:
             kind = part.get("type")
             if kind != "text":
-                raise ValueError(f"content parts of type {kind!r} are not supported by this "
-                                 "text-only model; send text parts")
+                raise ValueError(
+                    f"content parts of type {kind!r} are not supported by this "
+                    "text-only model; send text parts"
+                )
             text = part.get("text")
             if not isinstance(text, str):
                 raise ValueError("a text content part needs a string 'text'")
@@ -75,7 +77,7 @@ class _GenerationParams(_Strict):
     user: str | None = None
 
     @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> "_GenerationParams":
+    def _stream_options_need_stream(self) -> _GenerationParams:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -119,7 +121,7 @@ class ChatCompletionRequest(_GenerationParams):
         return messages
 
     @model_validator(mode="after")
-    def _supported(self) -> "ChatCompletionRequest":
+    def _supported(self) -> ChatCompletionRequest:
         if self.logprobs:
             raise ValueError("logprobs are not supported")
         if self.tools:
@@ -137,7 +139,7 @@ class CompletionRequest(_GenerationParams):
     suffix: str | None = None
 
     @model_validator(mode="after")
-    def _supported(self) -> "CompletionRequest":
+    def _supported(self) -> CompletionRequest:
         if self.logprobs:
             raise ValueError("logprobs are not supported")
         if self.echo:
@@ -166,7 +168,7 @@ class FaultRequest(_Strict):
     steps: Annotated[int, Field(ge=1, le=1_000_000)] = 1  # slow: how many steps are slowed
 
     @model_validator(mode="after")
-    def _seconds_where_needed(self) -> "FaultRequest":
+    def _seconds_where_needed(self) -> FaultRequest:
         if self.fault == "slow" and self.seconds is None:
             raise ValueError("a slow fault needs 'seconds', the delay added to each step")
         if self.fault in ("oom", "empty", "crash") and self.seconds is not None:

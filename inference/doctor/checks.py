@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from ..config import Config
 from . import environment, gpu, gpu_facts, host, model
@@ -53,10 +53,14 @@ class Session:
         # Only the chosen GPU is asked through torch (a CUDA context on each GPU would hold
         # memory there); the others' free memory comes from NVML, matched by UUID.
         nvml_free = {g.uuid: g.memory_free for g in self.gpus.driver.gpus}
-        others = {f"cuda:{g.index}": nvml_free[g.uuid] for g in torch_facts.gpus
-                  if g.index != index and nvml_free.get(g.uuid) is not None}
-        return model.DeviceMemory(device, gpu_facts.free_device_memory(index)[0],
-                                  "torch.cuda.mem_get_info", others)
+        others = {
+            f"cuda:{g.index}": nvml_free[g.uuid]
+            for g in torch_facts.gpus
+            if g.index != index and nvml_free.get(g.uuid) is not None
+        }
+        return model.DeviceMemory(
+            device, gpu_facts.free_device_memory(index)[0], "torch.cuda.mem_get_info", others
+        )
 
 
 def _cuda_driver(session: Session) -> Verdict:
@@ -70,10 +74,10 @@ def _cuda_driver(session: Session) -> Verdict:
 
 def _gpu_kernel(session: Session) -> Verdict:
     device, torch_facts = session.config.device, session.gpus.torch
-    results = gpu_facts.run_kernels(gpu.kernel_indices(device, torch_facts),
-                                    session.kernel_timeout)
-    return session.note_kernel(gpu.kernel_verdict(device, torch_facts, results,
-                                                  session.kernel_timeout))
+    results = gpu_facts.run_kernels(gpu.kernel_indices(device, torch_facts), session.kernel_timeout)
+    return session.note_kernel(
+        gpu.kernel_verdict(device, torch_facts, results, session.kernel_timeout)
+    )
 
 
 @dataclass(frozen=True)
@@ -90,26 +94,56 @@ CHECKS: tuple[Check, ...] = (
     Check("pip-check", lambda s: environment.pip_check_verdict()),
     Check("pynvml", lambda s: environment.pynvml_verdict()),
     Check("cuda-driver", _cuda_driver, startup=True),
-    Check("gpu-visibility", lambda s: gpu.visibility_verdict(
-        s.config.device, s.gpus.driver, s.gpus.torch, gpu_facts.cuda_visible_devices()),
-          startup=True),
-    Check("compute-capability", lambda s: gpu.capability_verdict(s.device(), s.gpus.torch),
-          startup=True),
+    Check(
+        "gpu-visibility",
+        lambda s: gpu.visibility_verdict(
+            s.config.device, s.gpus.driver, s.gpus.torch, gpu_facts.cuda_visible_devices()
+        ),
+        startup=True,
+    ),
+    Check(
+        "compute-capability",
+        lambda s: gpu.capability_verdict(s.device(), s.gpus.torch),
+        startup=True,
+    ),
     Check("gpu-kernel", _gpu_kernel),
-    Check("model-source", lambda s: model.source_verdict(s.config, s.model, s.offline),
-          startup=True),
-    Check("remote-code", lambda s: model.remote_code_verdict(s.config, s.model), startup=True,
-          requires=("model-source",)),
-    Check("model-config", lambda s: model.config_verdict(s.config, s.model), startup=True,
-          requires=("model-source",)),
-    Check("tokenizer", lambda s: model.tokenizer_verdict(s.config, s.model),
-          requires=("model-source",)),
-    Check("model-weights", lambda s: model.weights_verdict(s.model), startup=True,
-          requires=("model-source",)),
-    Check("memory", lambda s: model.memory_verdict(
-        s.config, s.model, s.device_memory,
-        host.available_ram() if s.device() != "cpu" else None),
-          startup=True, requires=("model-config", "model-weights")),
+    Check(
+        "model-source", lambda s: model.source_verdict(s.config, s.model, s.offline), startup=True
+    ),
+    Check(
+        "remote-code",
+        lambda s: model.remote_code_verdict(s.config, s.model),
+        startup=True,
+        requires=("model-source",),
+    ),
+    Check(
+        "model-config",
+        lambda s: model.config_verdict(s.config, s.model),
+        startup=True,
+        requires=("model-source",),
+    ),
+    Check(
+        "tokenizer",
+        lambda s: model.tokenizer_verdict(s.config, s.model),
+        requires=("model-source",),
+    ),
+    Check(
+        "model-weights",
+        lambda s: model.weights_verdict(s.model),
+        startup=True,
+        requires=("model-source",),
+    ),
+    Check(
+        "memory",
+        lambda s: model.memory_verdict(
+            s.config,
+            s.model,
+            s.device_memory,
+            host.available_ram() if s.device() != "cpu" else None,
+        ),
+        startup=True,
+        requires=("model-config", "model-weights"),
+    ),
     Check("port", lambda s: host.port_verdict(s.config.host, s.config.port)),
     Check("state-dir", lambda s: host.state_dir_verdict(s.config.state_dir)),
     Check("otlp", lambda s: host.otlp_verdict(dict(os.environ))),
@@ -130,8 +164,9 @@ def selection(names: Iterable[str]) -> list[Check]:
     return [check for check in CHECKS if check.name in wanted]
 
 
-def run_checks(session: Session, checks: Iterable[Check],
-               on_verdict: Callable[[Verdict], None] | None = None) -> list[Verdict]:
+def run_checks(
+    session: Session, checks: Iterable[Check], on_verdict: Callable[[Verdict], None] | None = None
+) -> list[Verdict]:
     verdicts = []
     for check in checks:
         started = time.perf_counter()
@@ -156,14 +191,21 @@ def _not_installed(name: str, exc: ModuleNotFoundError) -> Verdict:
     missing = _top_level(exc)
     if missing not in environment.SERVE_MODULES:  # not a light install: a broken one
         return _raised(name, exc)
-    return skipped(name, f"needs {missing}, which is not installed: "
-                   f"{environment.SERVE_INSTALL} adds what the server runs on", missing=missing)
+    return skipped(
+        name,
+        f"needs {missing}, which is not installed: "
+        f"{environment.SERVE_INSTALL} adds what the server runs on",
+        missing=missing,
+    )
 
 
 def _raised(name: str, exc: Exception) -> Verdict:
-    return failed(name, f"the check itself raised {type(exc).__name__}: {first_line(exc)}",
-                  "run with the same options again; if it persists, report it with the output "
-                  "of --json", raised=True)
+    return failed(
+        name,
+        f"the check itself raised {type(exc).__name__}: {first_line(exc)}",
+        "run with the same options again; if it persists, report it with the output of --json",
+        raised=True,
+    )
 
 
 def startup_checks() -> list[Check]:

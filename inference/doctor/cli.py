@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from vigil.gpu.fake import FakeFleet
 
@@ -25,20 +25,34 @@ USAGE = "python -m inference doctor"
 
 def _doctor_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=USAGE, add_help=False,
+        prog=USAGE,
+        add_help=False,
         description="Check the environment the server would start in: packages, driver and "
         "GPUs, the model's files and memory, the port, the state directory and the OTLP "
-        "endpoint. Takes every server option as well (see python -m inference --help).")
+        "endpoint. Takes every server option as well (see python -m inference --help).",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
-    parser.add_argument("--check", action="append", choices=NAMES, metavar="NAME",
-                        help=f"run only this check (repeatable; checks it needs run too): "
-                        f"{', '.join(NAMES)}")
-    parser.add_argument("--kernel-timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="how long the GPU kernel check waits for each GPU (default 30)")
-    parser.add_argument("--fake-gpu-fleet", metavar="FILE",
-                        help="for tests and demos: take the driver's GPUs from this fake fleet "
-                        "(JSON, as the exporter's --fake-gpu-fleet) instead of NVML; torch "
-                        "still reports this machine")
+    parser.add_argument(
+        "--check",
+        action="append",
+        choices=NAMES,
+        metavar="NAME",
+        help=f"run only this check (repeatable; checks it needs run too): {', '.join(NAMES)}",
+    )
+    parser.add_argument(
+        "--kernel-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long the GPU kernel check waits for each GPU (default 30)",
+    )
+    parser.add_argument(
+        "--fake-gpu-fleet",
+        metavar="FILE",
+        help="for tests and demos: take the driver's GPUs from this fake fleet "
+        "(JSON, as the exporter's --fake-gpu-fleet) instead of NVML; torch "
+        "still reports this machine",
+    )
     parser.add_argument("-h", "--help", action="store_true")
     return parser
 
@@ -50,8 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if own.help:
         parser.print_help()
         server_help = build_parser().format_help()
-        print("\nserver " + server_help[server_help.index("options:"):].replace(
-            "  -h, --help            show this help message and exit\n", ""), end="")
+        print(
+            "\nserver "
+            + server_help[server_help.index("options:") :].replace(
+                "  -h, --help            show this help message and exit\n", ""
+            ),
+            end="",
+        )
         return 0
     if own.kernel_timeout <= 0:
         print(f"{USAGE}: error: --kernel-timeout must be positive", file=sys.stderr)
@@ -66,8 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             fleet = FakeFleet.from_file(own.fake_gpu_fleet)
         except (OSError, ValueError, TypeError, AttributeError) as exc:  # not a fleet's JSON
-            print(f"{USAGE}: error: --fake-gpu-fleet {own.fake_gpu_fleet}: {exc}",
-                  file=sys.stderr)
+            print(f"{USAGE}: error: --fake-gpu-fleet {own.fake_gpu_fleet}: {exc}", file=sys.stderr)
             return 2
     session = Session(config, kernel_timeout=own.kernel_timeout, gpus=GpuFacts(backend=fleet))
     checks = selection(own.check) if own.check else list(CHECKS)
@@ -76,10 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(render_json(verdicts))
     else:
         gpus_from = f", GPUs from the fake fleet {own.fake_gpu_fleet}" if fleet is not None else ""
-        print(f"{USAGE}: model {config.model!r}, device {config.device}, "
-              f"{config.host}:{config.port}, state dir {config.state_dir}{gpus_from}", flush=True)
+        print(
+            f"{USAGE}: model {config.model!r}, device {config.device}, "
+            f"{config.host}:{config.port}, state dir {config.state_dir}{gpus_from}",
+            flush=True,
+        )
         width = max(len(check.name) for check in checks)
-        verdicts = run_checks(session, checks,
-                              on_verdict=lambda v: print(render_verdict(v, width), flush=True))
+        verdicts = run_checks(
+            session, checks, on_verdict=lambda v: print(render_verdict(v, width), flush=True)
+        )
         print(render_tally(verdicts))
     return 1 if any(v.status is Status.FAILED for v in verdicts) else 0

@@ -79,8 +79,9 @@ def read_driver(backend: GpuBackend) -> DriverFacts:
         return DriverFacts(error=str(exc))
     finally:
         backend.close()
-    return DriverFacts(None, info.driver_version or None, parse_cuda_version(info.cuda_version),
-                       gpus)
+    return DriverFacts(
+        None, info.driver_version or None, parse_cuda_version(info.cuda_version), gpus
+    )
 
 
 def _read_gpu(backend: GpuBackend, index: int) -> NvmlGpu:
@@ -107,10 +108,22 @@ def read_torch() -> TorchFacts:
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
             uuid = getattr(props, "uuid", None)
-            gpus.append(TorchGpu(index, props.name, (props.major, props.minor),
-                                 f"GPU-{uuid}" if uuid is not None else None))
-    return TorchFacts(torch.__version__, torch.version.cuda, available,
-                      " ".join(said) or None, arch_list, tuple(gpus))
+            gpus.append(
+                TorchGpu(
+                    index,
+                    props.name,
+                    (props.major, props.minor),
+                    f"GPU-{uuid}" if uuid is not None else None,
+                )
+            )
+    return TorchFacts(
+        torch.__version__,
+        torch.version.cuda,
+        available,
+        " ".join(said) or None,
+        arch_list,
+        tuple(gpus),
+    )
 
 
 def run_kernels(indices: list[int], timeout: float) -> dict[int, float | str]:
@@ -118,8 +131,12 @@ def run_kernels(indices: list[int], timeout: float) -> dict[int, float | str]:
     wrong; a GPU missing from the answer did not finish within ``timeout`` (its thread is left
     behind, as nothing can interrupt a call into the driver)."""
     results: dict[int, float | str] = {}
-    threads = [threading.Thread(target=_run_kernel, args=(i, results), daemon=True,
-                                name=f"doctor-kernel-{i}") for i in indices]
+    threads = [
+        threading.Thread(
+            target=_run_kernel, args=(i, results), daemon=True, name=f"doctor-kernel-{i}"
+        )
+        for i in indices
+    ]
     started = time.monotonic()
     for thread in threads:
         thread.start()

@@ -25,15 +25,21 @@ def port_verdict(host: str, port: int) -> Verdict:
         if exc.errno == errno.EADDRINUSE:
             holder = listener_of(port)
             who = f" by {holder}" if holder else ""
-            return failed(name, f"{host}:{port} is in use{who}",
-                          "stop what holds it, or choose another port with --port",
-                          host=host, port=port, holder=holder)
+            return failed(
+                name,
+                f"{host}:{port} is in use{who}",
+                "stop what holds it, or choose another port with --port",
+                host=host,
+                port=port,
+                holder=holder,
+            )
         if exc.errno == errno.EACCES:  # a port below 1024 without the privilege
             fix = "use a port from 1024 up with --port"
         else:
             fix = "use an address of this machine with --host (127.0.0.1 or 0.0.0.0)"
-        return failed(name, f"cannot listen on {host}:{port}: {exc.strerror}", fix,
-                      host=host, port=port)
+        return failed(
+            name, f"cannot listen on {host}:{port}: {exc.strerror}", fix, host=host, port=port
+        )
     return ok(name, f"{host}:{port} is free", host=host, port=port)
 
 
@@ -47,7 +53,11 @@ def listener_of(port: int) -> str | None:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if (
+                len(fields) > 9
+                and fields[3] == "0A"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
                 inodes.add(fields[9])
     if not inodes:
         return None
@@ -73,16 +83,24 @@ def state_dir_verdict(path: str) -> Verdict:
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
-        return failed(name, f"{path} is not writable: {exc.strerror or exc}",
-                      "give a writable directory with --state-dir (the exporter must read the "
-                      "same one), or fix its owner and permissions", path=path)
+        return failed(
+            name,
+            f"{path} is not writable: {exc.strerror or exc}",
+            "give a writable directory with --state-dir (the exporter must read the "
+            "same one), or fix its owner and permissions",
+            path=path,
+        )
     free = shutil.disk_usage(directory).free
     if free < LOW_DISK_BYTES:
-        return warning(name, f"{path} is writable but its filesystem has {human_bytes(free)} "
-                       "free: the metrics files may not fit", "free disk space or move "
-                       "--state-dir", path=path, free_bytes=free)
-    return ok(name, f"{path} is writable ({human_bytes(free)} free)", path=path,
-              free_bytes=free)
+        return warning(
+            name,
+            f"{path} is writable but its filesystem has {human_bytes(free)} "
+            "free: the metrics files may not fit",
+            "free disk space or move --state-dir",
+            path=path,
+            free_bytes=free,
+        )
+    return ok(name, f"{path} is writable ({human_bytes(free)} free)", path=path, free_bytes=free)
 
 
 def otlp_verdict(environ: dict[str, str] | None = None, timeout: float = 5.0) -> Verdict:
@@ -95,36 +113,63 @@ def otlp_verdict(environ: dict[str, str] | None = None, timeout: float = 5.0) ->
     environ = dict(os.environ if environ is None else environ)
     endpoint = otlp_endpoint(environ)
     if endpoint is None:
-        return skipped(name, "no OTLP endpoint configured (OTEL_EXPORTER_OTLP_ENDPOINT): traces "
-                       "stay in the process, log lines still carry trace ids")
-    protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
+        return skipped(
+            name,
+            "no OTLP endpoint configured (OTEL_EXPORTER_OTLP_ENDPOINT): traces "
+            "stay in the process, log lines still carry trace ids",
+        )
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    )
     if protocol != "http/protobuf":
-        return warning(name, f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}, but the server exports "
-                       "OTLP over HTTP (http/protobuf) only",
-                       "point the endpoint at the receiver's HTTP port (4318) and unset the "
-                       "protocol", endpoint=endpoint)
+        return warning(
+            name,
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}, but the server exports "
+            "OTLP over HTTP (http/protobuf) only",
+            "point the endpoint at the receiver's HTTP port (4318) and unset the protocol",
+            endpoint=endpoint,
+        )
     url = endpoint
     if not environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
         url = endpoint.rstrip("/") + "/v1/traces"
     # The same headers and certificate as the exporter would use (authenticated receivers).
-    headers = _otlp_headers(environ.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
-                            or environ.get("OTEL_EXPORTER_OTLP_HEADERS") or "")
+    headers = _otlp_headers(
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+        or environ.get("OTEL_EXPORTER_OTLP_HEADERS")
+        or ""
+    )
     headers["Content-Type"] = "application/x-protobuf"
-    verify = (environ.get("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
-              or environ.get("OTEL_EXPORTER_OTLP_CERTIFICATE") or True)
+    verify = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+        or environ.get("OTEL_EXPORTER_OTLP_CERTIFICATE")
+        or True
+    )
     try:
         answer = requests.post(url, data=b"", timeout=timeout, headers=headers, verify=verify)
     except requests.RequestException as exc:
-        return warning(name, f"{url} does not answer ({type(exc).__name__}): traces will be "
-                       "dropped", "start the trace receiver (Tempo, an OpenTelemetry Collector) "
-                       "or fix OTEL_EXPORTER_OTLP_ENDPOINT", url=url)
+        return warning(
+            name,
+            f"{url} does not answer ({type(exc).__name__}): traces will be dropped",
+            "start the trace receiver (Tempo, an OpenTelemetry Collector) "
+            "or fix OTEL_EXPORTER_OTLP_ENDPOINT",
+            url=url,
+        )
     if not 200 <= answer.status_code < 300:
-        return warning(name, f"{url} answered HTTP {answer.status_code} to an empty export: "
-                       "traces will be refused", "check that the URL is the receiver's OTLP/HTTP "
-                       "traces path", url=url, status=answer.status_code)
-    return ok(name, f"{url} accepts OTLP/HTTP (HTTP {answer.status_code})", url=url,
-              status=answer.status_code)
+        return warning(
+            name,
+            f"{url} answered HTTP {answer.status_code} to an empty export: traces will be refused",
+            "check that the URL is the receiver's OTLP/HTTP traces path",
+            url=url,
+            status=answer.status_code,
+        )
+    return ok(
+        name,
+        f"{url} accepts OTLP/HTTP (HTTP {answer.status_code})",
+        url=url,
+        status=answer.status_code,
+    )
 
 
 def _otlp_headers(text: str) -> dict[str, str]:
@@ -137,6 +182,7 @@ def _otlp_headers(text: str) -> dict[str, str]:
 
 # ---- memory -----------------------------------------------------------------------------------
 
+
 def _meminfo() -> dict[str, int]:
     values = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -147,8 +193,9 @@ def _meminfo() -> dict[str, int]:
     return values
 
 
-def cgroup_room(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup")
-                ) -> tuple[int, str] | None:
+def cgroup_room(
+    proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup")
+) -> tuple[int, str] | None:
     """Bytes the cgroups of this process may still allocate (the least room along the path up
     to the root: a Slurm job's limit sits on a parent of the step's cgroup), and that limit's
     file; None when no limit applies. cgroup v2 (memory.max) or v1 (memory.limit_in_bytes),
@@ -165,11 +212,17 @@ def cgroup_room(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgrou
             continue
         _, controllers, path = parts
         if controllers == "":
-            mounts, limit_name, usage_name = ((root, root / "unified"), "memory.max",
-                                              "memory.current")
+            mounts, limit_name, usage_name = (
+                (root, root / "unified"),
+                "memory.max",
+                "memory.current",
+            )
         elif "memory" in controllers.split(","):
-            mounts, limit_name, usage_name = ((root / "memory",), "memory.limit_in_bytes",
-                                              "memory.usage_in_bytes")
+            mounts, limit_name, usage_name = (
+                (root / "memory",),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            )
         else:
             continue
         relative = Path(path.lstrip("/"))

@@ -5,13 +5,13 @@ cache of one full context fit the memory of the device the server would use."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import Config
-from .report import (Verdict, failed, first_line, human_bytes, human_count, ok, skipped,
-                     warning)
+from .report import Verdict, failed, first_line, human_bytes, human_count, ok, skipped, warning
 from .weights import Weights, WeightsError, read_weights
 
 ROOM_SHARE = 0.9  # of the memory left beside the weights, for a suggested --max-model-len
@@ -43,18 +43,29 @@ def source_verdict(config: Config, facts: ModelFacts, offline: bool = False) -> 
 
         built = not (demo_model_path(config.demo_dir) / "build.json").is_file()
         facts.directory = ensure_demo_model(config.demo_dir)
-        return ok(name, f"the embedded demo model at {facts.directory}"
-                  + (" (built now)" if built else ""), path=str(facts.directory))
+        return ok(
+            name,
+            f"the embedded demo model at {facts.directory}" + (" (built now)" if built else ""),
+            path=str(facts.directory),
+        )
     path = Path(config.model).expanduser()
     if path.is_dir():
         facts.directory = path
         return ok(name, f"local directory {path}", path=str(path))
     if path.exists():
-        return failed(name, f"{path} is a file, not a checkpoint directory",
-                      "give the directory that holds config.json and the weights", path=str(path))
+        return failed(
+            name,
+            f"{path} is a file, not a checkpoint directory",
+            "give the directory that holds config.json and the weights",
+            path=str(path),
+        )
     if _looks_like_path(config.model):
-        return failed(name, f"{path} does not exist", "check the path (it is read on this "
-                      "machine, inside the container if there is one)", path=str(path))
+        return failed(
+            name,
+            f"{path} does not exist",
+            "check the path (it is read on this machine, inside the container if there is one)",
+            path=str(path),
+        )
     return _hub_verdict(config.model, facts, offline)
 
 
@@ -65,33 +76,52 @@ def _hub_verdict(repo_id: str, facts: ModelFacts, offline: bool) -> Verdict:
     try:
         facts.directory = Path(snapshot_download(repo_id, local_files_only=True))
         facts.cached_repo = repo_id
-        return ok(name, f"hub id {repo_id}, in the local cache at {facts.directory}",
-                  path=str(facts.directory), repo_id=repo_id)
-    except Exception:  # noqa: BLE001 - not cached (or not a valid id): ask the hub below
+        return ok(
+            name,
+            f"hub id {repo_id}, in the local cache at {facts.directory}",
+            path=str(facts.directory),
+            repo_id=repo_id,
+        )
+    except Exception:  # noqa: BLE001, S110 - not cached (or not a valid id): ask the hub below
         pass
     if offline:
         facts.hub_id = repo_id
-        return skipped(name, f"{repo_id} is not a local directory nor cached: the server will "
-                       "download it (run `python -m inference doctor` to check the hub)")
+        return skipped(
+            name,
+            f"{repo_id} is not a local directory nor cached: the server will "
+            "download it (run `python -m inference doctor` to check the hub)",
+        )
     if constants.HF_HUB_OFFLINE:
-        return failed(name, f"{repo_id} is not a local directory nor in the cache "
-                      f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set",
-                      "download it first (hf download), or give a local directory",
-                      repo_id=repo_id)
+        return failed(
+            name,
+            f"{repo_id} is not a local directory nor in the cache "
+            f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set",
+            "download it first (hf download), or give a local directory",
+            repo_id=repo_id,
+        )
     try:
         info = HfApi().model_info(repo_id, files_metadata=True, timeout=10)
     except Exception as exc:  # noqa: BLE001 - unreachable hub, unknown repo, no access: all fail
-        return failed(name, f"{repo_id} is not a local directory nor cached "
-                      f"({constants.HF_HUB_CACHE}), and the hub at {constants.ENDPOINT} "
-                      f"answered: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-                      "give a local directory, download the model on a machine with access "
-                      "(hf download), or set HF_TOKEN / HF_ENDPOINT", repo_id=repo_id)
+        return failed(
+            name,
+            f"{repo_id} is not a local directory nor cached "
+            f"({constants.HF_HUB_CACHE}), and the hub at {constants.ENDPOINT} "
+            f"answered: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+            "give a local directory, download the model on a machine with access "
+            "(hf download), or set HF_TOKEN / HF_ENDPOINT",
+            repo_id=repo_id,
+        )
     size = sum(s.size or 0 for s in info.siblings or [])
     facts.hub_id = repo_id
-    return warning(name, f"{repo_id} is on the hub but not downloaded: the server will download "
-                   f"{human_bytes(size)} before it can serve",
-                   "download it ahead (hf download) so that the start is not a long silent "
-                   "load; raise --load-timeout otherwise", repo_id=repo_id, bytes=size)
+    return warning(
+        name,
+        f"{repo_id} is on the hub but not downloaded: the server will download "
+        f"{human_bytes(size)} before it can serve",
+        "download it ahead (hf download) so that the start is not a long silent "
+        "load; raise --load-timeout otherwise",
+        repo_id=repo_id,
+        bytes=size,
+    )
 
 
 def _needs_directory(name: str, facts: ModelFacts) -> Verdict | None:
@@ -109,35 +139,59 @@ def remote_code_verdict(config: Config, facts: ModelFacts) -> Verdict:
     try:
         facts.raw_config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
-        return failed(name, f"cannot read {config_file}: {exc}",
-                      "the checkpoint is incomplete: download config.json again")
+        return failed(
+            name,
+            f"cannot read {config_file}: {exc}",
+            "the checkpoint is incomplete: download config.json again",
+        )
     from transformers import CONFIG_MAPPING
 
     model_type = facts.raw_config.get("model_type")
     auto_map = facts.raw_config.get("auto_map") or {}
     native = model_type in CONFIG_MAPPING
-    values = dict(model_type=model_type, native=native, auto_map=sorted(auto_map),
-                  trust_remote_code=config.trust_remote_code)
+    values = dict(
+        model_type=model_type,
+        native=native,
+        auto_map=sorted(auto_map),
+        trust_remote_code=config.trust_remote_code,
+    )
     import transformers
 
     if auto_map and config.trust_remote_code:
-        return ok(name, f"model_type {model_type!r}: the checkpoint's own code will run "
-                  "(--trust-remote-code)", **values)
+        return ok(
+            name,
+            f"model_type {model_type!r}: the checkpoint's own code will run (--trust-remote-code)",
+            **values,
+        )
     if auto_map and native:
-        return ok(name, f"model_type {model_type!r} ships its own code, but transformers "
-                  f"{transformers.__version__} has it built in: loaded without that code",
-                  **values)
+        return ok(
+            name,
+            f"model_type {model_type!r} ships its own code, but transformers "
+            f"{transformers.__version__} has it built in: loaded without that code",
+            **values,
+        )
     if auto_map:
-        return failed(name, f"model_type {model_type!r} needs the checkpoint's own code "
-                      f"({', '.join(sorted(auto_map))}) and --trust-remote-code is not given",
-                      "read the .py files in the checkpoint, then add --trust-remote-code",
-                      **values)
+        return failed(
+            name,
+            f"model_type {model_type!r} needs the checkpoint's own code "
+            f"({', '.join(sorted(auto_map))}) and --trust-remote-code is not given",
+            "read the .py files in the checkpoint, then add --trust-remote-code",
+            **values,
+        )
     if not native:
-        return failed(name, f"transformers {transformers.__version__} does not know model_type "
-                      f"{model_type!r} and the checkpoint ships no code for it",
-                      "upgrade transformers (pip install -U transformers)", **values)
-    return ok(name, f"model_type {model_type!r} is built into transformers "
-              f"{transformers.__version__}; no checkpoint code needed", **values)
+        return failed(
+            name,
+            f"transformers {transformers.__version__} does not know model_type "
+            f"{model_type!r} and the checkpoint ships no code for it",
+            "upgrade transformers (pip install -U transformers)",
+            **values,
+        )
+    return ok(
+        name,
+        f"model_type {model_type!r} is built into transformers "
+        f"{transformers.__version__}; no checkpoint code needed",
+        **values,
+    )
 
 
 def config_verdict(config: Config, facts: ModelFacts) -> Verdict:
@@ -148,18 +202,25 @@ def config_verdict(config: Config, facts: ModelFacts) -> Verdict:
 
     try:
         facts.model_config = AutoConfig.from_pretrained(
-            str(facts.directory), trust_remote_code=config.trust_remote_code)
+            str(facts.directory), trust_remote_code=config.trust_remote_code
+        )
     except Exception as exc:  # noqa: BLE001 - every kind means the same: it does not load
-        return failed(name, f"the config does not load: {type(exc).__name__}: "
-                      f"{first_line(exc)}", "check config.json, transformers' version and "
-                      "--trust-remote-code")
+        return failed(
+            name,
+            f"the config does not load: {type(exc).__name__}: {first_line(exc)}",
+            "check config.json, transformers' version and --trust-remote-code",
+        )
     from ..model.loader import checkpoint_dtype
 
     model_config = facts.model_config
     dtype = checkpoint_dtype(model_config)
-    return ok(name, f"{type(model_config).__name__} ({', '.join(model_config.architectures or [])}"
-              f"), checkpoint dtype {str(dtype).removeprefix('torch.')}",
-              config_class=type(model_config).__name__, dtype=str(dtype))
+    return ok(
+        name,
+        f"{type(model_config).__name__} ({', '.join(model_config.architectures or [])}"
+        f"), checkpoint dtype {str(dtype).removeprefix('torch.')}",
+        config_class=type(model_config).__name__,
+        dtype=str(dtype),
+    )
 
 
 def tokenizer_verdict(config: Config, facts: ModelFacts) -> Verdict:
@@ -170,20 +231,30 @@ def tokenizer_verdict(config: Config, facts: ModelFacts) -> Verdict:
 
     try:
         tokenizer = facts.tokenizer = AutoTokenizer.from_pretrained(
-            str(facts.directory), trust_remote_code=config.trust_remote_code)
+            str(facts.directory), trust_remote_code=config.trust_remote_code
+        )
     except Exception as exc:  # noqa: BLE001
-        return failed(name, f"the tokenizer does not load: {type(exc).__name__}: "
-                      f"{first_line(exc)}", "check tokenizer.json / tokenizer_config.json, "
-                      "the tokenizers version and --trust-remote-code")
+        return failed(
+            name,
+            f"the tokenizer does not load: {type(exc).__name__}: {first_line(exc)}",
+            "check tokenizer.json / tokenizer_config.json, "
+            "the tokenizers version and --trust-remote-code",
+        )
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    summary = (f"{type(tokenizer).__name__}, {len(tokenizer)} tokens, "
-               f"{'a' if has_template else 'no'} chat template")
-    values = dict(tokenizer_class=type(tokenizer).__name__, tokens=len(tokenizer),
-                  chat_template=has_template)
+    summary = (
+        f"{type(tokenizer).__name__}, {len(tokenizer)} tokens, "
+        f"{'a' if has_template else 'no'} chat template"
+    )
+    values = dict(
+        tokenizer_class=type(tokenizer).__name__, tokens=len(tokenizer), chat_template=has_template
+    )
     if not has_template:
-        return warning(name, summary + ": /v1/chat/completions will answer 400",
-                       "serve a checkpoint with a chat template, or use /v1/completions",
-                       **values)
+        return warning(
+            name,
+            summary + ": /v1/chat/completions will answer 400",
+            "serve a checkpoint with a chat template, or use /v1/completions",
+            **values,
+        )
     return ok(name, summary, **values)
 
 
@@ -196,27 +267,48 @@ def weights_verdict(facts: ModelFacts) -> Verdict:
     except WeightsError as exc:
         if facts.cached_repo:
             # transformers completes a partial snapshot of the hub's cache when it loads.
-            return warning(name, f"the cached snapshot of {facts.cached_repo} is incomplete: "
-                           f"{exc}; the server will download the rest at start",
-                           f"hf download {facts.cached_repo} ahead, so that the start is not a "
-                           "long silent download", path=str(facts.directory))
-        return failed(name, str(exc), "download the checkpoint again (hf download resumes "
-                      "and completes it)", path=str(facts.directory))
+            return warning(
+                name,
+                f"the cached snapshot of {facts.cached_repo} is incomplete: "
+                f"{exc}; the server will download the rest at start",
+                f"hf download {facts.cached_repo} ahead, so that the start is not a "
+                "long silent download",
+                path=str(facts.directory),
+            )
+        return failed(
+            name,
+            str(exc),
+            "download the checkpoint again (hf download resumes and completes it)",
+            path=str(facts.directory),
+        )
     except OSError as exc:
-        return failed(name, f"cannot read the weights: {exc}", "check the files' permissions",
-                      path=str(facts.directory))
-    described = (f"{human_count(weights.parameters)} parameters" if weights.parameters is not None
-                 else "PyTorch pickles")
-    where = f"{len(weights.files)} shard(s) named by {weights.index}" if weights.index \
+        return failed(
+            name,
+            f"cannot read the weights: {exc}",
+            "check the files' permissions",
+            path=str(facts.directory),
+        )
+    described = (
+        f"{human_count(weights.parameters)} parameters"
+        if weights.parameters is not None
+        else "PyTorch pickles"
+    )
+    where = (
+        f"{len(weights.files)} shard(s) named by {weights.index}"
+        if weights.index
         else weights.files[0].name
-    summary = (f"{where}, all present and whole: {human_bytes(weights.bytes_on_disk)}, "
-               f"{described}")
-    values = dict(files=len(weights.files), bytes=weights.bytes_on_disk,
-                  parameters=weights.parameters)
+    )
+    summary = f"{where}, all present and whole: {human_bytes(weights.bytes_on_disk)}, {described}"
+    values = dict(
+        files=len(weights.files), bytes=weights.bytes_on_disk, parameters=weights.parameters
+    )
     if weights.notes:
-        return warning(name, f"{summary}; but {'; '.join(weights.notes)}",
-                       "check that the shards and the index come from the same download",
-                       **values)
+        return warning(
+            name,
+            f"{summary}; but {'; '.join(weights.notes)}",
+            "check that the shards and the index come from the same download",
+            **values,
+        )
     return ok(name, summary, **values)
 
 
@@ -228,9 +320,12 @@ class DeviceMemory:
     others: dict[str, int] = field(default_factory=dict)  # free bytes of the other GPUs
 
 
-def memory_verdict(config: Config, facts: ModelFacts,
-                   device_memory: Callable[[], DeviceMemory | None],
-                   ram: tuple[int, str] | None = None) -> Verdict:
+def memory_verdict(
+    config: Config,
+    facts: ModelFacts,
+    device_memory: Callable[[], DeviceMemory | None],
+    ram: tuple[int, str] | None = None,
+) -> Verdict:
     """``ram`` (bytes free, where from) is checked too when the device is a GPU."""
     name = "memory"
     if facts.weights is None or facts.model_config is None:
@@ -251,8 +346,9 @@ def memory_verdict(config: Config, facts: ModelFacts,
         stored = getattr(torch, stored, None)
     checkpoint_itemsize = stored.itemsize if isinstance(stored, torch.dtype) else None
     text_config = getattr(facts.model_config, "text_config", None) or facts.model_config
-    weights = facts.weights.bytes_as(itemsize, checkpoint_itemsize,
-                                      tied=bool(getattr(text_config, "tie_word_embeddings", False)))
+    weights = facts.weights.bytes_as(
+        itemsize, checkpoint_itemsize, tied=bool(getattr(text_config, "tie_word_embeddings", False))
+    )
     dtype_name = str(dtype).removeprefix("torch.")
     try:
         context = context_length(facts.model_config, facts.tokenizer, config.max_model_len)
@@ -260,15 +356,26 @@ def memory_verdict(config: Config, facts: ModelFacts,
         context = None
     shape = kv_cache_shape(facts.model_config, itemsize)
     kv = shape.bytes_for(context) if shape is not None and context else None
-    values = dict(device=memory.device, dtype=dtype_name, weights_bytes=weights,
-                  kv_cache_bytes=kv, context_tokens=context, available_bytes=memory.available,
-                  available_source=memory.source, other_devices=memory.others)
+    values = dict(
+        device=memory.device,
+        dtype=dtype_name,
+        weights_bytes=weights,
+        kv_cache_bytes=kv,
+        context_tokens=context,
+        available_bytes=memory.available,
+        available_source=memory.source,
+        other_devices=memory.others,
+    )
     where = f"{memory.device} has {human_bytes(memory.available)} free ({memory.source})"
     if weights > memory.available and not facts.weights.exact:
-        return warning(name, f"the weights may need {human_bytes(weights)} in {dtype_name} but "
-                       f"{where} (PyTorch pickles: sized by their files, an estimate)",
-                       "convert the checkpoint to safetensors for an exact figure, or use a "
-                       "device with more memory", **values)
+        return warning(
+            name,
+            f"the weights may need {human_bytes(weights)} in {dtype_name} but "
+            f"{where} (PyTorch pickles: sized by their files, an estimate)",
+            "convert the checkpoint to safetensors for an exact figure, or use a "
+            "device with more memory",
+            **values,
+        )
     if weights > memory.available:
         fixes = ["use a device with more memory, or a smaller (or quantized) checkpoint"]
         if device.type == "cuda":
@@ -278,25 +385,38 @@ def memory_verdict(config: Config, facts: ModelFacts,
                 fixes.append(f"--device {roomier[0]}, which has room")
         elif itemsize == 4 and checkpoint_itemsize == 2 and weights // 2 <= memory.available:
             fixes.append("--dtype bfloat16 (half the memory; slower on most CPUs)")
-        return failed(name, f"the weights need {human_bytes(weights)} in {dtype_name} but {where}",
-                      "; or ".join(fixes), **values)
+        return failed(
+            name,
+            f"the weights need {human_bytes(weights)} in {dtype_name} but {where}",
+            "; or ".join(fixes),
+            **values,
+        )
     summary = f"weights {human_bytes(weights)} in {dtype_name}"
     if ram is not None and weights > ram[0]:
         # from_pretrained builds the model in host memory before it moves to the GPU.
-        return warning(name, f"{summary} fit {memory.device}, but the load goes through RAM, "
-                       f"which has {human_bytes(ram[0])} free ({ram[1]})",
-                       "free RAM or raise the job's memory limit (--mem under Slurm)", **values)
+        return warning(
+            name,
+            f"{summary} fit {memory.device}, but the load goes through RAM, "
+            f"which has {human_bytes(ram[0])} free ({ram[1]})",
+            "free RAM or raise the job's memory limit (--mem under Slurm)",
+            **values,
+        )
     if kv is None:
-        return ok(name, f"{summary}; {where}; no KV-cache estimate for this attention layout",
-                  **values)
+        return ok(
+            name, f"{summary}; {where}; no KV-cache estimate for this attention layout", **values
+        )
     summary += f" + KV cache of one full context ({context} tokens) {human_bytes(kv)}"
     if weights + kv > memory.available:
         # Leave a tenth of the room: free memory moves, and the suggestion must still hold.
         fits = int((memory.available - weights) * ROOM_SHARE) // shape.bytes_per_token
         fits = fits // 256 * 256 if fits >= 256 else fits
-        return warning(name, f"{summary}, but {where}: a request using the whole context would "
-                       "be refused", f"--max-model-len {fits} (90 % of what is free beside the "
-                       "weights)"
-                       if fits > 0 else "a device with more memory", fitting_tokens=fits,
-                       **values)
+        return warning(
+            name,
+            f"{summary}, but {where}: a request using the whole context would be refused",
+            f"--max-model-len {fits} (90 % of what is free beside the weights)"
+            if fits > 0
+            else "a device with more memory",
+            fitting_tokens=fits,
+            **values,
+        )
     return ok(name, f"{summary}; {where}", **values)

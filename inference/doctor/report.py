@@ -4,12 +4,13 @@ machines."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from enum import Enum
-from typing import Any, Iterable
+from enum import StrEnum
+from typing import Any
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     OK = "ok"
     WARNING = "warning"
     FAILED = "failed"
@@ -75,8 +76,15 @@ def render_text(verdicts: list[Verdict]) -> str:
 
 def render_json(verdicts: list[Verdict]) -> str:
     tally = counts(verdicts)
-    return json.dumps({"ok": tally[Status.FAILED.value] == 0, "counts": tally,
-                       "checks": [v.to_dict() for v in verdicts]}, indent=2, default=str)
+    return json.dumps(
+        {
+            "ok": tally[Status.FAILED.value] == 0,
+            "counts": tally,
+            "checks": [v.to_dict() for v in verdicts],
+        },
+        indent=2,
+        default=str,
+    )
 
 
 def first_line(exc: BaseException) -> str:

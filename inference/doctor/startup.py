@@ -19,8 +19,9 @@ _FALLBACK_CHECKS = {"cuda-driver", "gpu-visibility"}
 class StartupCheckFailed(RuntimeError):
     def __init__(self, verdict: Verdict):
         self.verdict = verdict
-        super().__init__(f"start-up check {verdict.check} failed: {verdict.summary}; "
-                         f"fix: {verdict.fix}")
+        super().__init__(
+            f"start-up check {verdict.check} failed: {verdict.summary}; fix: {verdict.fix}"
+        )
 
 
 # Reading the GPUs at start-up may take long on a node whose GPUs are not in persistence mode.

@@ -16,13 +16,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # The files transformers looks for, in its order: the first present is what it loads.
-CANDIDATES = (("model.safetensors", False), ("model.safetensors.index.json", True),
-              ("pytorch_model.bin", False), ("pytorch_model.bin.index.json", True))
+CANDIDATES = (
+    ("model.safetensors", False),
+    ("model.safetensors.index.json", True),
+    ("pytorch_model.bin", False),
+    ("pytorch_model.bin.index.json", True),
+)
 # Bits per element of every safetensors dtype (safetensors 0.8; F4 and F6 are packed).
-DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-              "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-              "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
-              "C64": 64, "I64": 64, "U64": 64, "F64": 64}
+DTYPE_BITS = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+}
 # Tensors transformers converts to the dtype it loads the model in; others keep theirs.
 CONVERTED = {"F16", "BF16", "F32", "F64"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -62,8 +86,7 @@ class Weights:
         """Whether bytes_as() knows every tensor's size (not so for pickles)."""
         return not self.pickle_bytes
 
-    def bytes_as(self, itemsize: int, checkpoint_itemsize: int | None,
-                 tied: bool = False) -> int:
+    def bytes_as(self, itemsize: int, checkpoint_itemsize: int | None, tied: bool = False) -> int:
         """Bytes the weights take once loaded with floating tensors in ``itemsize`` bytes; with
         ``tied`` a stored output layer is not counted (the model shares the embeddings')."""
         elements = dict(self.safetensors.elements)
@@ -84,12 +107,15 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     with path.open("rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise WeightsError(f"{path.name} is {size} bytes: not a safetensors file (empty or "
-                               "cut short)")
+            raise WeightsError(
+                f"{path.name} is {size} bytes: not a safetensors file (empty or cut short)"
+            )
         (length,) = struct.unpack("<Q", head)
         if length > MAX_HEADER_BYTES or 8 + length > size:
-            raise WeightsError(f"{path.name}: its header claims {length} bytes but the file has "
-                               f"{size}: truncated or not a safetensors file")
+            raise WeightsError(
+                f"{path.name}: its header claims {length} bytes but the file has "
+                f"{size}: truncated or not a safetensors file"
+            )
         try:
             header = json.loads(handle.read(length))
         except ValueError as exc:
@@ -107,12 +133,15 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
             if not isinstance(info["dtype"], str):
                 raise TypeError
         except (KeyError, TypeError, IndexError, ValueError):
-            raise WeightsError(f"{path.name}: tensor {name!r} is described wrongly "
-                               "(dtype, shape or data_offsets)") from None
+            raise WeightsError(
+                f"{path.name}: tensor {name!r} is described wrongly (dtype, shape or data_offsets)"
+            ) from None
     expected = 8 + length + end
     if size != expected:
-        raise WeightsError(f"{path.name} is {size} bytes but its header describes {expected}: "
-                           f"{'truncated (an interrupted download?)' if size < expected else 'has trailing bytes'}")
+        raise WeightsError(
+            f"{path.name} is {size} bytes but its header describes {expected}: "
+            f"{'truncated (an interrupted download?)' if size < expected else 'has trailing bytes'}"
+        )
     return header
 
 
@@ -121,8 +150,9 @@ def read_weights(directory: Path) -> Weights:
     present and whole. Disagreements that do not stop a load become ``notes``."""
     chosen = next(((n, sharded) for n, sharded in CANDIDATES if (directory / n).is_file()), None)
     if chosen is None:
-        raise WeightsError(f"no weights in {directory}: none of "
-                           f"{', '.join(n for n, _ in CANDIDATES)}")
+        raise WeightsError(
+            f"no weights in {directory}: none of {', '.join(n for n, _ in CANDIDATES)}"
+        )
     name, sharded = chosen
     weight_map = None
     if sharded:
@@ -135,10 +165,12 @@ def read_weights(directory: Path) -> Weights:
             raise WeightsError(f"{name} is not a valid index ({exc})") from None
         missing = [n for n in names if not (directory / n).is_file()]
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more"
-                                             if len(missing) > 5 else "")
-            raise WeightsError(f"{len(missing)} of the {len(names)} shards that {name} "
-                               f"names are missing: {shown}")
+            shown = ", ".join(missing[:5]) + (
+                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            )
+            raise WeightsError(
+                f"{len(missing)} of the {len(names)} shards that {name} names are missing: {shown}"
+            )
     else:
         names = [name]
     weights = Weights([], 0, {}, TensorGroup(), 0, name if sharded else None)
@@ -160,11 +192,15 @@ def read_weights(directory: Path) -> Weights:
         else:
             weights.pickle_bytes += path.stat().st_size
     if unknown:
-        weights.notes.append(f"tensors of dtype {', '.join(sorted(unknown))}, which this check "
-                             "cannot size, are left out of the size")
+        weights.notes.append(
+            f"tensors of dtype {', '.join(sorted(unknown))}, which this check "
+            "cannot size, are left out of the size"
+        )
     if weight_map is not None and name.endswith(".safetensors.index.json"):
         absent = [t for t, f in weight_map.items() if weights.tensors.get(t) != f]
         if absent:
-            weights.notes.append(f"{len(absent)} tensor(s) that {name} places in a shard are "
-                                 f"not in it, e.g. {absent[0]} in {weight_map[absent[0]]}")
+            weights.notes.append(
+                f"{len(absent)} tensor(s) that {name} places in a shard are "
+                f"not in it, e.g. {absent[0]} in {weight_map[absent[0]]}"
+            )
     return weights

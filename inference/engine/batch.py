@@ -9,8 +9,9 @@ recurrent layers, legacy tuples) can lose rows but not gain them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -51,13 +52,19 @@ class Batch:
         width = max(self.attention_mask.shape[1], new.attention_mask.shape[1])
         pad_old = width - self.attention_mask.shape[1]
         pad_new = width - new.attention_mask.shape[1]
-        for old_layer, new_layer in zip(self.cache.layers, new.cache.layers):
-            old_layer.keys = torch.cat([left_pad(old_layer.keys, pad_old, -2),
-                                        left_pad(new_layer.keys, pad_new, -2)], dim=0)
-            old_layer.values = torch.cat([left_pad(old_layer.values, pad_old, -2),
-                                          left_pad(new_layer.values, pad_new, -2)], dim=0)
-        self.attention_mask = torch.cat([left_pad(self.attention_mask, pad_old, 1),
-                                         left_pad(new.attention_mask, pad_new, 1)], dim=0)
+        for old_layer, new_layer in zip(self.cache.layers, new.cache.layers, strict=True):
+            old_layer.keys = torch.cat(
+                [left_pad(old_layer.keys, pad_old, -2), left_pad(new_layer.keys, pad_new, -2)],
+                dim=0,
+            )
+            old_layer.values = torch.cat(
+                [left_pad(old_layer.values, pad_old, -2), left_pad(new_layer.values, pad_new, -2)],
+                dim=0,
+            )
+        self.attention_mask = torch.cat(
+            [left_pad(self.attention_mask, pad_old, 1), left_pad(new.attention_mask, pad_new, 1)],
+            dim=0,
+        )
         self.positions = torch.cat([self.positions, new.positions])
         self.last_tokens = torch.cat([self.last_tokens, new.last_tokens])
         self.rows.extend(new.rows)
@@ -97,12 +104,17 @@ class Batch:
 
     def update_eos_suppression(self) -> None:
         """Note the rows that may not end yet: ``ignore_eos``, or fewer than ``min_tokens``."""
-        rows = [i for i, row in enumerate(self.rows)
-                if row.request.params.ignore_eos
-                or len(row.request.output_ids) < row.request.params.min_tokens]
-        self.suppress_eos = (torch.tensor(rows, dtype=torch.long,
-                                          device=self.attention_mask.device)
-                             if rows else None)
+        rows = [
+            i
+            for i, row in enumerate(self.rows)
+            if row.request.params.ignore_eos
+            or len(row.request.output_ids) < row.request.params.min_tokens
+        ]
+        self.suppress_eos = (
+            torch.tensor(rows, dtype=torch.long, device=self.attention_mask.device)
+            if rows
+            else None
+        )
 
 
 def mergeable(cache: Any) -> bool:
@@ -111,20 +123,22 @@ def mergeable(cache: Any) -> bool:
         from transformers.cache_utils import DynamicCache, DynamicLayer
     except ImportError:
         return False
-    return (type(cache) is DynamicCache and bool(getattr(cache, "layers", None))
-            and all(type(layer) is DynamicLayer for layer in cache.layers))
+    return (
+        type(cache) is DynamicCache
+        and bool(getattr(cache, "layers", None))
+        and all(type(layer) is DynamicLayer for layer in cache.layers)
+    )
 
 
-def left_padded(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor,
-                                                                       torch.Tensor]:
+def left_padded(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [B, L] right-aligned with ``pad`` before them, and their attention mask."""
     width = max(len(ids) for ids in sequences)
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, tokens in enumerate(sequences):
         n = len(tokens)
-        ids[i, width - n:] = torch.tensor(tokens, dtype=torch.long)
-        mask[i, width - n:] = 1
+        ids[i, width - n :] = torch.tensor(tokens, dtype=torch.long)
+        mask[i, width - n :] = 1
     return ids, mask
 
 

@@ -10,7 +10,8 @@ not to be one.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 _PROMPT_CONTEXT_TOKENS = 5
 _INCOMPLETE = "\ufffd"
@@ -29,16 +30,17 @@ class IncrementalDetokenizer:
         self.stopped = False  # a stop string was found
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True,
-                                      clean_up_tokenization_spaces=False)
+        return self._tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
 
     def add(self, token_id: int) -> str:
         """Add one generated token; return the text that may now be shown."""
         self._ids.append(token_id)
-        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        full = self._decode(self._ids[self._prefix_offset:])
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
         if len(full) > len(prefix) and not full.endswith(_INCOMPLETE):
-            new_text = full[len(prefix):]
+            new_text = full[len(prefix) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
             self._append(new_text)
@@ -52,13 +54,16 @@ class IncrementalDetokenizer:
         self.text += new_text
         hits = [at for at in (self.text.find(s, search_from) for s in self._stop) if at != -1]
         if hits:
-            self.text = self.text[:min(hits)]
+            self.text = self.text[: min(hits)]
             self.stopped = True
 
     def _take(self, final: bool) -> str:
-        end = len(self.text) if (final or self.stopped) else max(
-            self._emitted, len(self.text) - self._holdback)
-        out = self.text[self._emitted:end]
+        end = (
+            len(self.text)
+            if (final or self.stopped)
+            else max(self._emitted, len(self.text) - self._holdback)
+        )
+        out = self.text[self._emitted : end]
         self._emitted = end
         return out
 
@@ -73,4 +78,6 @@ def decode_output(tokenizer: Any, prompt_ids: Sequence[int], output_ids: Sequenc
     kwargs = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
     prefix = tokenizer.decode(context, **kwargs)
     full = tokenizer.decode(context + list(output_ids), **kwargs)
-    return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(output_ids, **kwargs)
+    return (
+        full[len(prefix) :] if full.startswith(prefix) else tokenizer.decode(output_ids, **kwargs)
+    )

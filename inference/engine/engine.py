@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from loguru import logger
@@ -30,8 +31,14 @@ from loguru import logger
 from ..model.loader import LoadedModel
 from .batch import Batch, Row, left_padded
 from .detokenizer import IncrementalDetokenizer, decode_output
-from .errors import (engine_dead_error, insufficient_memory_error, out_of_memory_error,
-                     shutdown_error, step_failed_error, timeout_error)
+from .errors import (
+    engine_dead_error,
+    insufficient_memory_error,
+    out_of_memory_error,
+    shutdown_error,
+    step_failed_error,
+    timeout_error,
+)
 from .faults import Fault, FaultInjector, middle_layer
 from .memory import KvCacheShape, MemoryProbe, cuda_figures, describe_figures, is_out_of_memory
 from .queue import RequestQueue
@@ -71,10 +78,18 @@ class NullObserver:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, queue: RequestQueue, *, max_batch_size: int,
-                 observer: EngineObserver | None = None,
-                 seed: int | None = None, faults: FaultInjector | None = None,
-                 kv_cache: KvCacheShape | None = None, memory: MemoryProbe | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        queue: RequestQueue,
+        *,
+        max_batch_size: int,
+        observer: EngineObserver | None = None,
+        seed: int | None = None,
+        faults: FaultInjector | None = None,
+        kv_cache: KvCacheShape | None = None,
+        memory: MemoryProbe | None = None,
+    ):
         self.loaded = loaded
         self.queue = queue
         self.max_batch_size = max_batch_size
@@ -177,8 +192,13 @@ class Engine:
 
     def _fail_step(self, exc: Exception, requests: Sequence[GenerationRequest]) -> None:
         logger.opt(exception=exc).error(
-            "{} step failed for {} request(s): {}: {}", self.stage, len(requests),
-            type(exc).__name__, exc, request_ids=[r.request_id for r in requests])
+            "{} step failed for {} request(s): {}: {}",
+            self.stage,
+            len(requests),
+            type(exc).__name__,
+            exc,
+            request_ids=[r.request_id for r in requests],
+        )
         error = step_failed_error(self.stage, exc)
         for request in requests:
             request.fail(error)
@@ -217,10 +237,16 @@ class Engine:
             torch.cuda.empty_cache()
         figures = cuda_figures(device)
         text = describe_figures(figures, device)
-        logger.error("out of memory during {} with {} request(s) in the batch: {}{}", self.stage,
-                     len(failed) + self.running, str(exc).splitlines()[0] if str(exc) else "",
-                     f"; {text}" if text else "", stage=self.stage,
-                     request_ids=[r.request_id for r in failed], memory=figures)
+        logger.error(
+            "out of memory during {} with {} request(s) in the batch: {}{}",
+            self.stage,
+            len(failed) + self.running,
+            str(exc).splitlines()[0] if str(exc) else "",
+            f"; {text}" if text else "",
+            stage=self.stage,
+            request_ids=[r.request_id for r in failed],
+            memory=figures,
+        )
         error = out_of_memory_error(self.stage, exc, text)
         for request in failed:
             request.fail(error)
@@ -250,9 +276,15 @@ class Engine:
         if len(rows) < room:
             live, dead = self.queue.take(room - len(rows))
             self._fail_dead(dead)
-            rows += [Row(r, IncrementalDetokenizer(self.loaded.tokenizer, r.prompt_ids,
-                                                   r.params.stop)
-                         if r.needs_incremental_text else None) for r in live]
+            rows += [
+                Row(
+                    r,
+                    IncrementalDetokenizer(self.loaded.tokenizer, r.prompt_ids, r.params.stop)
+                    if r.needs_incremental_text
+                    else None,
+                )
+                for r in live
+            ]
         if self.memory is not None and self.kv_cache is not None:
             rows = self._admit_by_memory(rows)
         if not rows:
@@ -276,8 +308,11 @@ class Engine:
                     self._preempted[:0] = rows[half:]
                     rows = rows[:half]
                     self._oom_cap = running + half
-                    logger.warning("prefill retried with {} of {} request(s) after running out "
-                                   "of memory", half, len(self._admitting))
+                    logger.warning(
+                        "prefill retried with {} of {} request(s) after running out of memory",
+                        half,
+                        len(self._admitting),
+                    )
         self._admitting = []
         if new_batch is None:
             return
@@ -291,8 +326,11 @@ class Engine:
 
     def _take_preempted(self, room: int) -> list[Row]:
         now = time.perf_counter_ns()
-        dead = [row for row in self._preempted
-                if row.request.cancelled or now >= row.request.deadline_ns]
+        dead = [
+            row
+            for row in self._preempted
+            if row.request.cancelled or now >= row.request.deadline_ns
+        ]
         if dead:
             self._fail_dead([row.request for row in dead])
             self._preempted = [row for row in self._preempted if row not in dead]
@@ -309,9 +347,11 @@ class Engine:
         available = self.memory.available_bytes()
         batch = self._batch
         if batch is not None:  # what the running rows will still add, one token at a time
-            available -= sum(kv.bytes_for(row.request.params.max_tokens
-                                          - row.request.completion_tokens)
-                             for row in batch.rows if not row.done)
+            available -= sum(
+                kv.bytes_for(row.request.params.max_tokens - row.request.completion_tokens)
+                for row in batch.rows
+                if not row.done
+            )
         admitted: list[Row] = []
         for i, row in enumerate(rows):
             request = row.request
@@ -324,18 +364,34 @@ class Engine:
                 self._preempted[:0] = rows[i:]  # wait, in order, for memory to free up
                 break
             self.observer.admission_refused("insufficient_memory")
-            error = insufficient_memory_error(request, kv, need, max(available, 0),
-                                              self.loaded.device)
-            logger.warning("request refused before it ran: {}", error.message,
-                           request_id=request.request_id, trace_id=request.trace_id,
-                           kv_cache_bytes=need, available_bytes=available)
+            error = insufficient_memory_error(
+                request, kv, need, max(available, 0), self.loaded.device
+            )
+            logger.warning(
+                "request refused before it ran: {}",
+                error.message,
+                request_id=request.request_id,
+                trace_id=request.trace_id,
+                kv_cache_bytes=need,
+                available_bytes=available,
+            )
             request.fail(error)
         return admitted
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor, cache: Any, prefill: bool):
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
-                                  "past_key_values": cache, "use_cache": True}
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any,
+        prefill: bool,
+    ):
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "past_key_values": cache,
+            "use_cache": True,
+        }
         if self.loaded.accepts_position_ids:
             kwargs["position_ids"] = position_ids
         if prefill and self.loaded.accepts_logits_to_keep:
@@ -348,14 +404,19 @@ class Engine:
 
     def _forward_with_fault(self, fault: Fault, kwargs: dict[str, Any]):
         self.observer.fault_fired(fault.kind, self.stage)
-        logger.warning("injected fault {} fires in {}", fault.kind, self.stage,
-                       fault=fault.describe(),
-                       request_ids=[r.request_id for r in self.held_requests()])
+        logger.warning(
+            "injected fault {} fires in {}",
+            fault.kind,
+            self.stage,
+            fault=fault.describe(),
+            request_ids=[r.request_id for r in self.held_requests()],
+        )
         if fault.kind == "empty":
             self._force_eos = True
             return self.loaded.model(**kwargs)
         handle = self._fault_layer.register_forward_pre_hook(
-            lambda module, args: self.faults.fire(fault))
+            lambda module, args: self.faults.fire(fault)
+        )
         try:
             return self.loaded.model(**kwargs)
         finally:
@@ -373,24 +434,34 @@ class Engine:
                 request.batch_size_at_prefill = running + len(rows)
         self.stage = "prefill"
         device = self.loaded.device
-        ids, mask = left_padded([row.request.prompt_ids + row.request.output_ids for row in rows],
-                                self.loaded.pad_token_id)
+        ids, mask = left_padded(
+            [row.request.prompt_ids + row.request.output_ids for row in rows],
+            self.loaded.pad_token_id,
+        )
         ids, mask = ids.to(device), mask.to(device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         self._force_eos = False
         output = self._forward(ids, mask, position_ids, None, prefill=True)
         batch = Batch(
-            rows=rows, cache=output.past_key_values, attention_mask=mask,
-            positions=mask.sum(-1), last_tokens=torch.zeros(len(rows), dtype=torch.long,
-                                                            device=device),
-            sampler=self._sampler_for(rows))
+            rows=rows,
+            cache=output.past_key_values,
+            attention_mask=mask,
+            positions=mask.sum(-1),
+            last_tokens=torch.zeros(len(rows), dtype=torch.long, device=device),
+            sampler=self._sampler_for(rows),
+        )
         self._choose_and_accept(batch, output.logits[:, -1, :], "prefill")
         return batch
 
     def _sampler_for(self, rows: Sequence[Row]) -> BatchSampler:
         return BatchSampler.build(
-            [row.request.params for row in rows], [row.request.output_ids for row in rows],
-            self._vocab_size, self.loaded.eos_token_ids, self.loaded.device, self._generator)
+            [row.request.params for row in rows],
+            [row.request.output_ids for row in rows],
+            self._vocab_size,
+            self.loaded.eos_token_ids,
+            self.loaded.device,
+            self._generator,
+        )
 
     def _merge(self, new: Batch) -> None:
         """Append the rows of a freshly prefilled batch to the running one."""
@@ -419,16 +490,25 @@ class Engine:
         self.stage = "decode"
         mask_before, positions_before = batch.attention_mask, batch.positions
         batch.attention_mask = torch.cat(
-            [batch.attention_mask, batch.attention_mask.new_ones((len(batch), 1))], dim=1)
+            [batch.attention_mask, batch.attention_mask.new_ones((len(batch), 1))], dim=1
+        )
         try:
-            output = self._forward(batch.last_tokens[:, None], batch.attention_mask,
-                                   batch.positions[:, None], batch.cache, prefill=False)
+            output = self._forward(
+                batch.last_tokens[:, None],
+                batch.attention_mask,
+                batch.positions[:, None],
+                batch.cache,
+                prefill=False,
+            )
             batch.cache = output.past_key_values
             batch.positions = batch.positions + 1
             self._choose_and_accept(batch, output.logits[:, -1, :], "decode")
         except Exception as exc:
-            if (not is_out_of_memory(exc, self.loaded.device) or len(batch) == 1
-                    or not batch.mergeable):
+            if (
+                not is_out_of_memory(exc, self.loaded.device)
+                or len(batch) == 1
+                or not batch.mergeable
+            ):
                 raise  # not memory, nothing to split, or a cache that cannot be cut back
             batch.rewind(mask_before, positions_before)
             self._out_of_memory(exc, [])
@@ -443,9 +523,12 @@ class Engine:
             row.preempted = True
         self._preempted[:0] = preempted
         self._oom_cap = keep
-        logger.warning("{} request(s) preempted after running out of memory during decode; they "
-                       "are prefilled again when there is room", len(preempted),
-                       request_ids=[row.request.request_id for row in preempted])
+        logger.warning(
+            "{} request(s) preempted after running out of memory during decode; they "
+            "are prefilled again when there is room",
+            len(preempted),
+            request_ids=[row.request.request_id for row in preempted],
+        )
         self._drop_done_rows()
 
     def _choose_and_accept(self, batch: Batch, logits: torch.Tensor, stage: str) -> None:
@@ -462,7 +545,7 @@ class Engine:
         self.observer.step(stage, len(batch))
         eos_ids = self.loaded.eos_token_ids
         suppression_changed = False
-        for row, token in zip(batch.rows, tokens.tolist()):
+        for row, token in zip(batch.rows, tokens.tolist(), strict=True):
             request = row.request
             if row.done:
                 continue

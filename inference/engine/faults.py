@@ -29,8 +29,12 @@ class Fault:
     steps: int = 1  # slow: how many consecutive steps of the stage are slowed
 
     def describe(self) -> dict[str, Any]:
-        return {"fault": self.kind, "stage": self.stage, "seconds": self.seconds,
-                "steps": self.steps}
+        return {
+            "fault": self.kind,
+            "stage": self.stage,
+            "seconds": self.seconds,
+            "steps": self.steps,
+        }
 
 
 def middle_layer(model: Any) -> Any:
@@ -39,8 +43,11 @@ def middle_layer(model: Any) -> Any:
 
     longest = None
     for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) and (
-                longest is None or len(module) > len(longest)):
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and len(module)
+            and (longest is None or len(module) > len(longest))
+        ):
             longest = module
     return longest[len(longest) // 2] if longest is not None else model
 
@@ -105,7 +112,8 @@ class FaultInjector:
 
             raise torch.OutOfMemoryError(
                 "CUDA out of memory. Tried to allocate 20.00 GiB (injected by /debug/fault at "
-                f"{fault.stage})")
+                f"{fault.stage})"
+            )
         elif fault.kind == "crash":
             # A real segmentation fault of this thread, as a driver or kernel bug gives: the
             # fault handler writes every thread's Python stack to stderr, then the process dies.

@@ -110,8 +110,12 @@ def cuda_figures(device: Any) -> dict[str, int]:
 
     try:
         free, total = torch.cuda.mem_get_info(device)
-        return {"allocated": torch.cuda.memory_allocated(device),
-                "reserved": torch.cuda.memory_reserved(device), "free": free, "total": total}
+        return {
+            "allocated": torch.cuda.memory_allocated(device),
+            "reserved": torch.cuda.memory_reserved(device),
+            "free": free,
+            "total": total,
+        }
     except Exception:  # noqa: BLE001 - the figures are a courtesy; never fail over them
         return {}
 
@@ -119,6 +123,8 @@ def cuda_figures(device: Any) -> dict[str, int]:
 def describe_figures(figures: dict[str, int], device: Any) -> str:
     if not figures:
         return ""
-    return (f"{device}: {figures['allocated'] / MIB:.0f} MiB allocated, "
-            f"{figures['reserved'] / MIB:.0f} MiB reserved by PyTorch, "
-            f"{figures['free'] / MIB:.0f} MiB free of {figures['total'] / MIB:.0f} MiB")
+    return (
+        f"{device}: {figures['allocated'] / MIB:.0f} MiB allocated, "
+        f"{figures['reserved'] / MIB:.0f} MiB reserved by PyTorch, "
+        f"{figures['free'] / MIB:.0f} MiB free of {figures['total'] / MIB:.0f} MiB"
+    )

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 # perf_counter_ns() + this = nanoseconds since the epoch (for spans and log lines).
 EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
@@ -138,8 +138,9 @@ class GenerationRequest:
         """End a cancelled request: no event, as nobody listens; False if it had already ended."""
         return self._end()
 
-    def _end(self, reason: str | None = None, text: str = "",
-             error: EngineError | None = None) -> bool:
+    def _end(
+        self, reason: str | None = None, text: str = "", error: EngineError | None = None
+    ) -> bool:
         with self._end_lock:
             if self.finished_ns is not None:
                 return False

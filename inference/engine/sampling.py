@@ -8,8 +8,8 @@ into tensors once per batch composition, not once per step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -31,9 +31,15 @@ class BatchSampler:
     generator: torch.Generator | None
 
     @classmethod
-    def build(cls, params: Sequence[SamplingParams], outputs: Sequence[Sequence[int]],
-              vocab_size: int, eos_ids: Sequence[int], device: torch.device,
-              generator: torch.Generator | None) -> "BatchSampler":
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        outputs: Sequence[Sequence[int]],
+        vocab_size: int,
+        eos_ids: Sequence[int],
+        device: torch.device,
+        generator: torch.Generator | None,
+    ) -> BatchSampler:
         # A temperature this close to 0 is greedy in effect, and dividing by it overflows.
         greedy = [p.temperature < MIN_TEMPERATURE for p in params]
         penalized = any(p.penalized for p in params)
@@ -48,8 +54,10 @@ class BatchSampler:
             freq = torch.tensor([p.frequency_penalty for p in params], device=device)
             pres = torch.tensor([p.presence_penalty for p in params], device=device)
         return cls(
-            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
-                                     device=device),
+            temperature=torch.tensor(
+                [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                device=device,
+            ),
             top_p=torch.tensor([p.top_p for p in params], device=device),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             all_greedy=all(greedy),
@@ -77,9 +85,13 @@ class BatchSampler:
         # row that is not a distribution (every logit -inf or nan) can then not fail the others.
         greedy = self.greedy | ~torch.isfinite(probs).all(dim=-1)
         if bool(greedy.any()):
-            probs = torch.where(greedy[:, None], torch.nn.functional.one_hot(
-                torch.nan_to_num(logits, nan=-float("inf")).argmax(dim=-1),
-                probs.shape[-1]).to(probs.dtype), probs)
+            probs = torch.where(
+                greedy[:, None],
+                torch.nn.functional.one_hot(
+                    torch.nan_to_num(logits, nan=-float("inf")).argmax(dim=-1), probs.shape[-1]
+                ).to(probs.dtype),
+                probs,
+            )
         return torch.multinomial(probs, 1, generator=self.generator).flatten()
 
     def record(self, tokens: torch.Tensor) -> None:

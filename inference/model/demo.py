@@ -21,8 +21,8 @@ from pathlib import Path
 
 # Bump when the recipe changes: a cached copy of an older recipe is then rebuilt.
 RECIPE_VERSION = 2
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"  # noqa: S105 - a token, not a password
+PAD_TOKEN = "<|pad|>"  # noqa: S105 - a token, not a password
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
@@ -33,8 +33,11 @@ CHAT_TEMPLATE = (
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters (what ByteLevel uses)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -42,7 +45,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return {byte: chr(code) for byte, code in zip(printable, codes)}
+    return {byte: chr(code) for byte, code in zip(printable, codes, strict=True)}
 
 
 def _build_tokenizer():
@@ -54,8 +57,9 @@ def _build_tokenizer():
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS_TOKEN,
-                                        pad_token=PAD_TOKEN, model_max_length=2048)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, model_max_length=2048
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -65,9 +69,17 @@ def _build_model(vocab_size: int, eos_id: int, pad_id: int):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
-        eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(20261122)

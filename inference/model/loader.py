@@ -46,12 +46,15 @@ def resolve_device(requested: str):
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ModelLoadError(f"--device {requested}: torch sees no CUDA GPU "
-                                 f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+            raise ModelLoadError(
+                f"--device {requested}: torch sees no CUDA GPU "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda})"
+            )
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise ModelLoadError(f"--device {requested}: only {torch.cuda.device_count()} CUDA "
-                                 "device(s) are visible")
+            raise ModelLoadError(
+                f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
         device = torch.device("cuda", index)
     return device
 
@@ -117,19 +120,27 @@ def load_model(config: Config) -> LoadedModel:
     source = model_source(config)
     local = Path(source).exists()
     try:
-        model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(
+            source, trust_remote_code=config.trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=config.trust_remote_code
+        )
     except Exception as exc:  # transformers raises many kinds; all mean "cannot load"
         where = "directory" if local else "hub id (is the hub reachable from here?)"
-        raise ModelLoadError(f"cannot load the config or tokenizer of {source!r} as a {where}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot load the config or tokenizer of {source!r} as a {where}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     dtype = resolve_dtype(config.dtype, device, checkpoint_dtype(model_config))
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=config.trust_remote_code)
+            source, dtype=dtype, trust_remote_code=config.trust_remote_code
+        )
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the weights of {source!r}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot load the weights of {source!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None:

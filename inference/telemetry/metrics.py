@@ -57,23 +57,34 @@ class InferenceMetrics:
         self.family = {spec.name: _create(spec) for spec in METRICS}
         f = self.family
         self.queue_depth = f["inference_queue_depth"].labels(model=model)
-        self.queue_oldest = f["inference_queue_oldest_enqueue_timestamp_seconds"].labels(model=model)
+        self.queue_oldest = f["inference_queue_oldest_enqueue_timestamp_seconds"].labels(
+            model=model
+        )
         self.running = f["inference_requests_running"].labels(model=model)
         self.in_flight = f["inference_requests_in_flight"].labels(model=model)
         self.heartbeat = f[statedir.HEARTBEAT_METRIC].labels(model=model)
-        self.steps = {stage: f["inference_engine_steps"].labels(model=model, stage=stage)
-                      for stage in ("prefill", "decode")}
+        self.steps = {
+            stage: f["inference_engine_steps"].labels(model=model, stage=stage)
+            for stage in ("prefill", "decode")
+        }
         self.prefill_batch = f["inference_prefill_batch_size"].labels(model=model)
         self.queue_wait = f["inference_queue_wait_seconds"].labels(model=model)
         self.prefill_duration = f["inference_prefill_duration_seconds"].labels(model=model)
         self.prompt_tokens = f["inference_prompt_tokens"].labels(model=model)
         self.generation_tokens = f["inference_generation_tokens"].labels(model=model)
-        self.load_state = {state: f["inference_model_load_state"].labels(model=model, state=state)
-                           for state in LOAD_STATES}
+        self.load_state = {
+            state: f["inference_model_load_state"].labels(model=model, state=state)
+            for state in LOAD_STATES
+        }
         self.stalled_flag = f["inference_engine_stalled"].labels(model=model)
         # Zero-valued series exist from the start, so that rate() and absent() behave.
-        for gauge in (self.queue_depth, self.queue_oldest, self.running, self.in_flight,
-                      self.stalled_flag):
+        for gauge in (
+            self.queue_depth,
+            self.queue_oldest,
+            self.running,
+            self.in_flight,
+            self.stalled_flag,
+        ):
             gauge.set(0)
         for stage in ("prefill", "decode"):
             f["inference_out_of_memory_errors"].labels(model=model, stage=stage)
@@ -126,14 +137,16 @@ class InferenceMetrics:
         self.family["inference_admission_refusals"].labels(model=self.model, reason=reason).inc()
 
     def fault_fired(self, fault: str, stage: str) -> None:
-        self.family["inference_faults_injected"].labels(model=self.model, fault=fault,
-                                                        stage=stage).inc()
+        self.family["inference_faults_injected"].labels(
+            model=self.model, fault=fault, stage=stage
+        ).inc()
 
     # ---- watchdog ----------------------------------------------------------------------------
 
     def stall_timeout(self, seconds: float) -> None:
         self.family["inference_watchdog_stall_timeout_seconds"].labels(model=self.model).set(
-            seconds)
+            seconds
+        )
 
     def stalled(self, stage: str) -> None:
         self.family["inference_engine_stalls"].labels(model=self.model, stage=stage).inc()
@@ -153,19 +166,25 @@ class InferenceMetrics:
 
     def load_started(self, started_at: float) -> None:
         self._set_load_state("loading")
-        self.family["inference_model_load_started_timestamp_seconds"].labels(
-            model=self.model).set(started_at)
+        self.family["inference_model_load_started_timestamp_seconds"].labels(model=self.model).set(
+            started_at
+        )
 
     def load_finished(self, duration_s: float, ok: bool, loaded=None) -> None:
-        self.family["inference_model_load_duration_seconds"].labels(model=self.model).set(duration_s)
+        self.family["inference_model_load_duration_seconds"].labels(model=self.model).set(
+            duration_s
+        )
         self._set_load_state("loaded" if ok else "failed")
         if ok and loaded is not None and loaded.device.type == "cuda":
             self._cuda_device = loaded.device
             self.cuda_memory(loaded.device)
         if ok and loaded is not None:
             self.family["inference_model_info"].labels(
-                model=self.model, architecture=type(loaded.model).__name__,
-                dtype=loaded.dtype_name, device=str(loaded.device)).set(1)
+                model=self.model,
+                architecture=type(loaded.model).__name__,
+                dtype=loaded.dtype_name,
+                device=str(loaded.device),
+            ).set(1)
 
     def _set_load_state(self, current: str) -> None:
         for state, gauge in self.load_state.items():
@@ -173,7 +192,8 @@ class InferenceMetrics:
 
     def build_info(self, version: str, torch_version: str, transformers_version: str) -> None:
         self.family["inference_build_info"].labels(
-            version=version, torch=torch_version, transformers=transformers_version).set(1)
+            version=version, torch=torch_version, transformers=transformers_version
+        ).set(1)
 
     def cuda_memory(self, device) -> None:
         """Sample PyTorch's CUDA allocator for one device (cheap: three counters read)."""
@@ -183,11 +203,14 @@ class InferenceMetrics:
         labels = {"model": self.model, "gpu": gpu}
         f = self.family
         f["inference_torch_cuda_memory_allocated_bytes"].labels(**labels).set(
-            torch.cuda.memory_allocated(device))
+            torch.cuda.memory_allocated(device)
+        )
         f["inference_torch_cuda_memory_reserved_bytes"].labels(**labels).set(
-            torch.cuda.memory_reserved(device))
+            torch.cuda.memory_reserved(device)
+        )
         f["inference_torch_cuda_memory_peak_allocated_bytes"].labels(**labels).set(
-            torch.cuda.max_memory_allocated(device))
+            torch.cuda.max_memory_allocated(device)
+        )
 
     # ---- exposition --------------------------------------------------------------------------
 

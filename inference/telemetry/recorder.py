@@ -52,19 +52,21 @@ def empty_output_reason(generation: GenerationRequest) -> str | None:
 
 
 class RequestRecorder:
-    def __init__(self, metrics: InferenceMetrics | None, tracer: trace.Tracer,
-                 log_prompts: bool = False):
+    def __init__(
+        self, metrics: InferenceMetrics | None, tracer: trace.Tracer, log_prompts: bool = False
+    ):
         self.metrics = metrics
         self.tracer = tracer
         self.log_prompts = log_prompts
 
     def start_span(self, name: str, context, arrival_ns: int) -> Span:
-        return self.tracer.start_span(name, context=context, kind=trace.SpanKind.SERVER,
-                                      start_time=to_epoch_ns(arrival_ns))
+        return self.tracer.start_span(
+            name, context=context, kind=trace.SpanKind.SERVER, start_time=to_epoch_ns(arrival_ns)
+        )
 
     def record(self, done: CompletedRequest) -> None:
         gen = done.generation
-        end_ns = (gen.finished_ns if gen is not None and gen.finished_ns else time.perf_counter_ns())
+        end_ns = gen.finished_ns if gen is not None and gen.finished_ns else time.perf_counter_ns()
         ok = done.status < 400
         empty_reason = empty_output_reason(gen) if ok and gen is not None else None
         if self.metrics is not None:
@@ -75,17 +77,27 @@ class RequestRecorder:
 
     # ---- metrics -----------------------------------------------------------------------------
 
-    def _metrics(self, done: CompletedRequest, gen: GenerationRequest | None, end_ns: int,
-                 ok: bool, empty_reason: str | None) -> None:
+    def _metrics(
+        self,
+        done: CompletedRequest,
+        gen: GenerationRequest | None,
+        end_ns: int,
+        ok: bool,
+        empty_reason: str | None,
+    ) -> None:
         m = self.metrics
         f = m.family
         finish_reason = (gen.finish_reason or "") if (ok and gen is not None) else ""
-        f["inference_requests"].labels(model=m.model, endpoint=done.endpoint,
-                                       status=str(done.status), finish_reason=finish_reason,
-                                       error_type=done.error_type).inc()
+        f["inference_requests"].labels(
+            model=m.model,
+            endpoint=done.endpoint,
+            status=str(done.status),
+            finish_reason=finish_reason,
+            error_type=done.error_type,
+        ).inc()
         f["gen_ai_server_request_duration_seconds"].labels(
-            model=m.model, operation=done.operation, error_type=done.error_type).observe(
-            (end_ns - done.arrival_ns) / 1e9)
+            model=m.model, operation=done.operation, error_type=done.error_type
+        ).observe((end_ns - done.arrival_ns) / 1e9)
         if gen is None:
             return
         m.prompt_tokens.inc(gen.prompt_tokens)
@@ -97,21 +109,24 @@ class RequestRecorder:
             return
         if gen.first_token_ns is not None:
             f["gen_ai_server_time_to_first_token_seconds"].labels(
-                model=m.model, operation=done.operation).observe(
-                (gen.first_token_ns - gen.arrival_ns) / 1e9)
+                model=m.model, operation=done.operation
+            ).observe((gen.first_token_ns - gen.arrival_ns) / 1e9)
             if gen.scheduled_ns is not None:
                 m.prefill_duration.observe((gen.first_token_ns - gen.scheduled_ns) / 1e9)
             if gen.completion_tokens > 1 and gen.last_token_ns:
                 f["gen_ai_server_time_per_output_token_seconds"].labels(
-                    model=m.model, operation=done.operation).observe(
-                    (gen.last_token_ns - gen.first_token_ns) / 1e9 / (gen.completion_tokens - 1))
+                    model=m.model, operation=done.operation
+                ).observe(
+                    (gen.last_token_ns - gen.first_token_ns) / 1e9 / (gen.completion_tokens - 1)
+                )
         if empty_reason is not None:
             f["inference_empty_outputs"].labels(model=m.model, reason=empty_reason).inc()
 
     # ---- spans -------------------------------------------------------------------------------
 
-    def _spans(self, done: CompletedRequest, gen: GenerationRequest | None, end_ns: int,
-               ok: bool) -> None:
+    def _spans(
+        self, done: CompletedRequest, gen: GenerationRequest | None, end_ns: int, ok: bool
+    ) -> None:
         span = done.span
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": done.operation,
@@ -156,8 +171,13 @@ class RequestRecorder:
 
     # ---- the per-request log line --------------------------------------------------------------
 
-    def _log(self, done: CompletedRequest, gen: GenerationRequest | None, end_ns: int,
-             empty_reason: str | None) -> None:
+    def _log(
+        self,
+        done: CompletedRequest,
+        gen: GenerationRequest | None,
+        end_ns: int,
+        empty_reason: str | None,
+    ) -> None:
         fields: dict[str, Any] = {
             "request_id": done.request_id,
             "endpoint": done.endpoint,
@@ -174,9 +194,12 @@ class RequestRecorder:
             fields["error_type"] = done.error_type
             fields["error"] = done.error_message
         if gen is not None:
-            fields.update(finish_reason=gen.finish_reason or "", prompt_tokens=gen.prompt_tokens,
-                          completion_tokens=gen.completion_tokens,
-                          batch_size=gen.batch_size_at_prefill)
+            fields.update(
+                finish_reason=gen.finish_reason or "",
+                prompt_tokens=gen.prompt_tokens,
+                completion_tokens=gen.completion_tokens,
+                batch_size=gen.batch_size_at_prefill,
+            )
             if gen.scheduled_ns is not None:
                 fields["queue_s"] = round((gen.scheduled_ns - gen.arrival_ns) / 1e9, 6)
             if gen.first_token_ns is not None:
@@ -192,5 +215,8 @@ class RequestRecorder:
         else:
             bound.info("request finished")
         if empty_reason is not None:
-            bound.warning("empty output ({}): the completion has no text", empty_reason,
-                          empty_reason=empty_reason)
+            bound.warning(
+                "empty output ({}): the completion has no text",
+                empty_reason,
+                empty_reason=empty_reason,
+            )

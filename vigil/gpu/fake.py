@@ -25,8 +25,15 @@ from typing import Any
 from .backend import BackendUnavailable, GpuLost, GpuProcess, GpuReading, SystemInfo, XidEvent
 
 _READING_FIELDS = {f.name for f in fields(GpuReading)} - {"index", "uuid", "name", "processes"}
-_CONTROL_KEYS = {"missing", "lost_after_reads", "hang_after_reads", "xids", "processes", "uuid",
-                 "name"}
+_CONTROL_KEYS = {
+    "missing",
+    "lost_after_reads",
+    "hang_after_reads",
+    "xids",
+    "processes",
+    "uuid",
+    "name",
+}
 
 
 class FakeFleet:
@@ -43,12 +50,14 @@ class FakeFleet:
         self._gpus = gpus
         self._reads = [0] * len(gpus)
         self._energy = [float(g.get("energy_joules", 0.0)) for g in gpus]
-        self._xids = [XidEvent(i, int(code)) for i, g in enumerate(gpus) for code in g.get("xids", ())]
+        self._xids = [
+            XidEvent(i, int(code)) for i, g in enumerate(gpus) for code in g.get("xids", ())
+        ]
         self._closed = threading.Event()
         self.fail_init = bool(spec.get("fail_init", False))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "FakeFleet":
+    def from_file(cls, path: str | Path) -> FakeFleet:
         return cls(json.loads(Path(path).read_text()))
 
     def init(self) -> None:
@@ -59,9 +68,11 @@ class FakeFleet:
         self._closed.set()
 
     def system_info(self) -> SystemInfo:
-        return SystemInfo(driver_version=str(self.spec.get("driver_version", "")),
-                          cuda_version=str(self.spec.get("cuda_version", "")),
-                          nvml_version=str(self.spec.get("nvml_version", "")))
+        return SystemInfo(
+            driver_version=str(self.spec.get("driver_version", "")),
+            cuda_version=str(self.spec.get("cuda_version", "")),
+            nvml_version=str(self.spec.get("nvml_version", "")),
+        )
 
     def device_count(self) -> int:
         return len(self._gpus)
@@ -81,10 +92,16 @@ class FakeFleet:
             self._energy[index] += float(gpu.get("power_watts", 0.0))
             values["energy_joules"] = self._energy[index]
         if "processes" not in missing:
-            values["processes"] = tuple(GpuProcess(int(p["pid"]), p.get("used_memory_bytes"))
-                                        for p in gpu.get("processes", ()))
-        return GpuReading(index=index, uuid=gpu.get("uuid", f"GPU-fake-{index}"),
-                          name=gpu.get("name", "Fake GPU"), **values)
+            values["processes"] = tuple(
+                GpuProcess(int(p["pid"]), p.get("used_memory_bytes"))
+                for p in gpu.get("processes", ())
+            )
+        return GpuReading(
+            index=index,
+            uuid=gpu.get("uuid", f"GPU-fake-{index}"),
+            name=gpu.get("name", "Fake GPU"),
+            **values,
+        )
 
     def wait_xid(self, timeout_s: float) -> list[XidEvent]:
         if self._xids:

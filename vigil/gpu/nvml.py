@@ -9,8 +9,10 @@ unsupported (utilization) are absent.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import units
 from .backend import BackendUnavailable, GpuLost, GpuProcess, GpuReading, SystemInfo, XidEvent
@@ -18,8 +20,12 @@ from .backend import BackendUnavailable, GpuLost, GpuProcess, GpuReading, System
 # Errors that mean this GPU is gone or unusable (its series go, its up goes to 0) ...
 _LOST_ERRORS = ("NVML_ERROR_GPU_IS_LOST", "NVML_ERROR_GPU_NOT_FOUND", "NVML_ERROR_RESET_REQUIRED")
 # ... and errors of the whole library (the backend is re-initialised).
-_LIBRARY_ERRORS = ("NVML_ERROR_UNINITIALIZED", "NVML_ERROR_DRIVER_NOT_LOADED",
-                   "NVML_ERROR_LIB_RM_VERSION_MISMATCH", "NVML_ERROR_LIBRARY_NOT_FOUND")
+_LIBRARY_ERRORS = (
+    "NVML_ERROR_UNINITIALIZED",
+    "NVML_ERROR_DRIVER_NOT_LOADED",
+    "NVML_ERROR_LIB_RM_VERSION_MISMATCH",
+    "NVML_ERROR_LIBRARY_NOT_FOUND",
+)
 # How long close() waits for an XID wait in progress (waits last a second; a wedged one longer).
 _CLOSE_WAIT_S = 5.0
 
@@ -43,10 +49,8 @@ class NvmlBackend:
         with self._lock:
             if self._nvml is not None:  # a re-initialisation: start from a clean library
                 self._free_events()
-                try:
+                with contextlib.suppress(pynvml.NVMLError):
                     pynvml.nvmlShutdown()
-                except pynvml.NVMLError:
-                    pass
                 self._nvml = None
             try:
                 pynvml.nvmlInit()
@@ -65,10 +69,8 @@ class NvmlBackend:
                 if self._nvml is None:
                     return
                 self._free_events()
-                try:
+                with contextlib.suppress(self._nvml.NVMLError):
                     self._nvml.nvmlShutdown()
-                except self._nvml.NVMLError:
-                    pass
                 self._nvml, self._handles = None, {}
         finally:
             self._wait_lock.release()
@@ -80,10 +82,8 @@ class NvmlBackend:
 
     def _free_events(self) -> None:
         if self._events is not None:
-            try:
+            with contextlib.suppress(Exception):  # freeing is best effort
                 self._nvml.nvmlEventSetFree(self._events)
-            except Exception:  # noqa: BLE001 - freeing is best effort
-                pass
             self._events, self._event_handles = None, {}
 
     def system_info(self) -> SystemInfo:
@@ -92,8 +92,11 @@ class NvmlBackend:
             driver_version=self._optional(lambda: units.text(nvml.nvmlSystemGetDriverVersion()))
             or "",
             cuda_version=self._optional(
-                lambda: units.cuda_version_string(nvml.nvmlSystemGetCudaDriverVersion_v2())) or "",
-            nvml_version=self._optional(lambda: units.text(nvml.nvmlSystemGetNVMLVersion())) or "")
+                lambda: units.cuda_version_string(nvml.nvmlSystemGetCudaDriverVersion_v2())
+            )
+            or "",
+            nvml_version=self._optional(lambda: units.text(nvml.nvmlSystemGetNVMLVersion())) or "",
+        )
 
     def device_count(self) -> int:
         nvml = self._require()
@@ -160,19 +163,27 @@ class NvmlBackend:
         else:  # drivers before v2: total, free and used only
             memory = opt(lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
         if memory is not None:
-            fields.update(memory_total_bytes=int(memory.total), memory_used_bytes=int(memory.used),
-                          memory_free_bytes=int(memory.free))
+            fields.update(
+                memory_total_bytes=int(memory.total),
+                memory_used_bytes=int(memory.used),
+                memory_free_bytes=int(memory.free),
+            )
         temp = opt(lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
         fields["temperature_celsius"] = float(temp) if temp is not None else None
         power = opt(lambda: nvml.nvmlDeviceGetPowerUsage(handle))
         fields["power_watts"] = units.milliwatts_to_watts(power) if power is not None else None
         limit = opt(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle))
-        fields["power_limit_watts"] = units.milliwatts_to_watts(limit) if limit is not None else None
+        fields["power_limit_watts"] = (
+            units.milliwatts_to_watts(limit) if limit is not None else None
+        )
         energy = opt(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle))
-        fields["energy_joules"] = (units.millijoules_to_joules(energy) if energy is not None
-                                   else None)
-        for key, clock in (("sm_clock_hertz", nvml.NVML_CLOCK_SM),
-                           ("memory_clock_hertz", nvml.NVML_CLOCK_MEM)):
+        fields["energy_joules"] = (
+            units.millijoules_to_joules(energy) if energy is not None else None
+        )
+        for key, clock in (
+            ("sm_clock_hertz", nvml.NVML_CLOCK_SM),
+            ("memory_clock_hertz", nvml.NVML_CLOCK_MEM),
+        ):
             mhz = opt(lambda clock=clock: nvml.nvmlDeviceGetClockInfo(handle, clock))
             fields[key] = units.megahertz_to_hertz(mhz) if mhz is not None else None
         reasons = opt(lambda: nvml.nvmlDeviceGetCurrentClocksEventReasons(handle))
@@ -181,25 +192,35 @@ class NvmlBackend:
         fields["clock_event_reasons"] = int(reasons) if reasons is not None else None
         ecc_on = opt(lambda: nvml.nvmlDeviceGetCurrentEccMode(handle))
         if ecc_on:
-            for key, kind in (("ecc_corrected", nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
-                              ("ecc_uncorrected", nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED)):
-                fields[key] = opt(lambda kind=kind: int(nvml.nvmlDeviceGetTotalEccErrors(
-                    handle, kind, nvml.NVML_VOLATILE_ECC)))
+            for key, kind in (
+                ("ecc_corrected", nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
+                ("ecc_uncorrected", nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
+            ):
+                fields[key] = opt(
+                    lambda kind=kind: int(
+                        nvml.nvmlDeviceGetTotalEccErrors(handle, kind, nvml.NVML_VOLATILE_ECC)
+                    )
+                )
         fields["pcie_replays"] = opt(lambda: int(nvml.nvmlDeviceGetPcieReplayCounter(handle)))
         remapped = opt(lambda: nvml.nvmlDeviceGetRemappedRows(handle))
         if remapped is not None:
             corr, unc, pending, failure = remapped
-            fields.update(remapped_rows_correctable=int(corr), remapped_rows_uncorrectable=int(unc),
-                          remapped_rows_pending=bool(pending), remapped_rows_failure=bool(failure))
+            fields.update(
+                remapped_rows_correctable=int(corr),
+                remapped_rows_uncorrectable=int(unc),
+                remapped_rows_pending=bool(pending),
+                remapped_rows_failure=bool(failure),
+            )
         mig = opt(lambda: nvml.nvmlDeviceGetMigMode(handle))
         fields["mig_enabled"] = bool(mig[0]) if mig is not None else None
         procs = opt(lambda: nvml.nvmlDeviceGetComputeRunningProcesses(handle))
         if procs is not None:
             fields["processes"] = tuple(
-                GpuProcess(int(p.pid), _used_memory(p.usedGpuMemory)) for p in procs)
+                GpuProcess(int(p.pid), _used_memory(p.usedGpuMemory)) for p in procs
+            )
         return GpuReading(index=index, uuid=uuid, name=name, **fields)
 
-    # ---- XID events -------------------------------------------------------------------------------
+    # ---- XID events --------------------------------------------------------------------------
     def wait_xid(self, timeout_s: float) -> list[XidEvent]:
         with self._wait_lock:
             nvml = self._require()
