@@ -940,6 +940,23 @@ def fleet_file(tmp_path: Path, fleet: dict) -> str:
     return str(path)
 
 
+def gpu_verdicts(fleet: str, *args: str, **kwargs) -> dict[str, dict]:
+    """The JSON verdicts of cuda-driver and gpu-visibility with the driver's GPUs from ``fleet``."""
+    return verdicts(
+        doctor(
+            "--json",
+            "--fake-gpu-fleet",
+            fleet,
+            "--check",
+            "cuda-driver",
+            "--check",
+            "gpu-visibility",
+            *args,
+            **kwargs,
+        )
+    )
+
+
 def with_gpu(index: int, **changes) -> dict:
     """FLEET with one GPU changed."""
     gpus = [dict(g) for g in FLEET["gpus"]]
@@ -1019,17 +1036,7 @@ def test_a_cpu_build_of_torch_under_a_gpu_fleet_fails_and_names_the_wheel_for_it
     assert lines[4].strip() == "fix: install a CUDA build of torch (see cuda-driver)"
     assert lines[-1] == "0 ok, 0 warning, 2 failed, 0 skipped"
     # With --device auto the server would fall back to the CPU: the build still fails the check.
-    found = verdicts(
-        doctor(
-            "--json",
-            "--fake-gpu-fleet",
-            fleet,
-            "--check",
-            "cuda-driver",
-            "--check",
-            "gpu-visibility",
-        )
-    )
+    found = gpu_verdicts(fleet)
     assert found["cuda-driver"]["status"] == "failed"
     assert found["cuda-driver"]["values"] | {"seconds": 0} == {
         "driver_version": "550.54.15",
@@ -1045,17 +1052,7 @@ def test_a_cpu_build_of_torch_under_a_gpu_fleet_fails_and_names_the_wheel_for_it
 
 def test_a_gpu_lost_from_the_fleet_is_unreadable_and_the_others_still_seen(tmp_path):
     fleet = fleet_file(tmp_path, with_gpu(0, lost_after_reads=0))
-    found = verdicts(
-        doctor(
-            "--json",
-            "--fake-gpu-fleet",
-            fleet,
-            "--check",
-            "cuda-driver",
-            "--check",
-            "gpu-visibility",
-        )
-    )
+    found = gpu_verdicts(fleet)
     visibility = found["gpu-visibility"]
     assert visibility["summary"].startswith(
         "NVML sees 2 GPU(s) (0: (unreadable: fake GPU 0 fell off the bus), "
@@ -1070,19 +1067,7 @@ def test_a_fleet_whose_nvml_fails_to_start_gives_the_no_driver_verdicts(tmp_path
     import torch
 
     fleet = fleet_file(tmp_path, {**FLEET, "fail_init": True})
-    cuda = verdicts(
-        doctor(
-            "--json",
-            "--device",
-            "cuda",
-            "--fake-gpu-fleet",
-            fleet,
-            "--check",
-            "cuda-driver",
-            "--check",
-            "gpu-visibility",
-        )
-    )
+    cuda = gpu_verdicts(fleet, "--device", "cuda")
     assert cuda["cuda-driver"]["status"] == "failed"
     assert cuda["cuda-driver"]["summary"] == (
         "--device cuda but no usable NVIDIA driver (fake fleet set to fail its initialisation)"

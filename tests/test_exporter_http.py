@@ -175,29 +175,19 @@ def test_listens_on_ipv6(tmp_path, host):
         exporter.stop()
 
 
+def run_exporter(*args: str) -> subprocess.CompletedProcess:
+    """The exporter run to its end (these runs end at once, on an error), no GPU backend."""
+    command = [sys.executable, "-m", "exporter", "--gpu-backend", "none", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
 def test_a_busy_port_ends_it_with_one_line_and_status_2(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "exporter",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--state-dir",
-                str(tmp_path / "state"),
-                "--gpu-backend",
-                "none",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
+        result = run_exporter(
+            "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(tmp_path / "state")
         )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
@@ -210,23 +200,7 @@ def test_a_busy_port_ends_it_with_one_line_and_status_2(tmp_path):
 def test_an_unusable_state_directory_ends_it_with_one_line_and_status_2(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "--port",
-            "0",
-            "--gpu-backend",
-            "none",
-            "--state-dir",
-            str(blocker / "state"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    result = run_exporter("--port", "0", "--state-dir", str(blocker / "state"))
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output
