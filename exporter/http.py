@@ -16,6 +16,8 @@ LANDING = f"""<html><head><title>llm-vigil exporter</title></head><body>
 <h1>llm-vigil exporter {__version__}</h1><p><a href="/metrics">Metrics</a></p></body></html>
 """.encode()
 TEXT = "text/plain; charset=utf-8"
+# A connection that sends nothing for this long is closed (its thread ends).
+CLIENT_TIMEOUT_S = 60.0
 
 
 def metrics_app(registry) -> Callable:
@@ -47,7 +49,7 @@ def _send(start_response, status: str, body: bytes, content_type: str) -> list[b
     return [body]
 
 
-def start_server(host: str, port: int, registry):
+def start_server(host: str, port: int, registry, client_timeout: float = CLIENT_TIMEOUT_S):
     """Listen on host:port and serve in a daemon thread; OSError when the address cannot be had.
 
     The returned server has ``server_port``, ``shutdown()`` and ``server_close()``."""
@@ -55,4 +57,21 @@ def start_server(host: str, port: int, registry):
     # Routed from here on (a request that came first got prometheus_client's plain app: the
     # metrics, whatever its path).
     server.set_app(metrics_app(registry))
+    server.RequestHandlerClass = _with_timeout(server.RequestHandlerClass, client_timeout)
     return server
+
+
+def _with_timeout(handler: type, seconds: float) -> type:
+    """prometheus_client's handler, but a client that sends nothing for ``seconds`` is dropped:
+    its handler waits with no limit, so idle or stalled clients would pile up threads."""
+
+    class TimedHandler(handler):
+        timeout = seconds
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except TimeoutError:  # nothing came in time: drop the connection
+                self.close_connection = True
+
+    return TimedHandler

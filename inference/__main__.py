@@ -8,6 +8,8 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from vigil import extras
+
 from .config import Config, ConfigError, load_config
 from .listen import bind_tcp
 
@@ -78,6 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(argv)
     except ConfigError as exc:
         print(f"python -m inference: error: {exc}", file=sys.stderr)
+        return 2
+    missing = extras.missing_serve_modules()
+    if missing:  # a light install: the doctor runs, the server cannot
+        print(
+            f"python -m inference: error: serving needs {', '.join(missing)}, which this "
+            f"install lacks: {extras.SERVE_INSTALL} adds them",
+            file=sys.stderr,
+        )
         return 2
     from .telemetry.logs import setup_logging
 

@@ -203,9 +203,10 @@ class Watchdog:
         )
         error = stalled_error(stall.stage, seconds, threshold)
         for request in self.service.queue.drain() + pending:
-            if not request.ended:
-                request.cancel()  # the engine drops it if it ever moves again
-                request.fail(error)  # a no-op if the engine ended it meanwhile
+            # Failed first, then cancelled: were it cancelled first, an engine that moves again
+            # in between would end it as cancelled, and the client would get no answer.
+            if request.fail(error):
+                request.cancel()  # the engine drops the row if it ever moves again
 
     def _exit_later(self) -> None:
         time.sleep(EXIT_GRACE_S)

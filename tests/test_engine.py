@@ -272,3 +272,52 @@ def test_the_engine_leaves_alone_a_request_another_thread_ended(loaded):
         assert isinstance(after[-1], Finished)
     finally:
         engine.stop()
+
+
+def test_a_stalled_request_keeps_its_503_when_the_engine_wakes_as_it_is_cancelled(loaded):
+    """The watchdog fails a stalled request before it cancels it: an engine that moves again
+    between the two, and ends the cancelled row, cannot take the client's 503 away."""
+    from types import SimpleNamespace
+
+    from inference.watchdog import Watchdog
+
+    class WakesAtCancel(GenerationRequest):
+        def cancel(self) -> None:
+            super().cancel()
+            self.end_cancelled()  # what the engine does with a cancelled row at its next step
+
+    queue = RequestQueue(16)
+    engine = Engine(loaded, queue, max_batch_size=4)
+    real_forward = engine._forward
+    decoding, release = threading.Event(), threading.Event()
+
+    def hanging_forward(*args, **kwargs):
+        if not kwargs.get("prefill"):
+            decoding.set()
+            release.wait(30)
+        return real_forward(*args, **kwargs)
+
+    engine._forward = hanging_forward
+    request = WakesAtCancel(
+        request_id="stalled",
+        prompt_ids=loaded.tokenizer("stalled")["input_ids"],
+        params=SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True),
+        stream=True,
+        deadline_ns=time.perf_counter_ns() + 60 * 10**9,
+    )
+    events: list = []
+    request.emit = events.append
+    service = SimpleNamespace(state="loaded", engine=engine, queue=queue, metrics=None)
+    watchdog = Watchdog(service, stall_timeout=1.0, load_timeout=60.0, on_stall="report")
+    engine.start()
+    try:
+        queue.put(request)
+        assert decoding.wait(30)
+        watchdog.check(time.perf_counter_ns() + 5 * 10**9)  # five seconds on: a stall
+        assert watchdog.stall is not None and watchdog.stall.stage == "decode"
+        failed = [e for e in events if isinstance(e, Failed)]
+        assert [e.error.code for e in failed] == ["engine_stalled"], events
+        assert request.cancelled and request.error is failed[0].error
+    finally:
+        release.set()
+        engine.stop()

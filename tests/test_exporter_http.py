@@ -129,6 +129,19 @@ def test_a_failing_exposition_is_a_500_and_other_routes_still_answer():
         server.server_close()
 
 
+def test_a_client_that_sends_nothing_is_dropped_and_others_still_served():
+    """An idle or stalled connection does not hold its thread for ever."""
+    server = start_server("127.0.0.1", 0, CollectorRegistry(), client_timeout=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=30) as idle:
+            assert idle.recv(1) == b""  # closed by the server, not by our own 30 s timeout
+        base = f"http://127.0.0.1:{server.server_port}"
+        assert requests.get(base + "/metrics", timeout=10).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _ipv6_loopback() -> bool:
     if not socket.has_ipv6:
         return False

@@ -110,3 +110,51 @@ def test_inference_never_imports_the_exporter():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# Runs a module as ``python -m`` would, where the serve extra's modules cannot be found.
+_LIGHT_RUN = textwrap.dedent("""
+    import importlib.abc, runpy, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {blocked!r}:
+                raise ImportError(f"{{name}} is not installed (simulated light install)")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    sys.argv = {argv!r}
+    runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+""")
+SERVE_EXTRA = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "huggingface_hub",
+    "opentelemetry",
+    "starlette",
+    "uvicorn",
+)
+
+
+def _light_run(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    code = _LIGHT_RUN.format(blocked=SERVE_EXTRA, argv=[module, *args], module=module)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_the_server_on_a_light_install_names_the_extra_it_needs(tmp_path):
+    result = _light_run("inference", "--model", "demo", "--state-dir", str(tmp_path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "pip install 'llm-vigil[serve]'" in result.stderr and "torch" in result.stderr
+
+
+def test_the_stack_on_a_light_install_runs_without_the_inference_process(tmp_path):
+    result = _light_run("vigil.stack", "--run-dir", str(tmp_path), "--stop-after", "3")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "skipped: inference: needs" in output and "llm-vigil[serve]" in output
+    assert "  exporter " in output and "  inference " not in output

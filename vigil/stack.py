@@ -3,12 +3,13 @@ compose, each logging into a file, stopped together on Ctrl-C.
 
     python -m vigil.stack [--model demo] [--device auto] [--run-dir DIR] [-- INFERENCE ARGS...]
 
-Parts: the inference process (the embedded demo model unless --model says otherwise), the
-exporter (probing the inference process), and Prometheus (alerts/prometheus.yml with
-alerts/*.rules.yml) and Alertmanager (alerts/alertmanager.yml) when they are installed. The
-inference process is restarted when it exits (the watchdog exits with 75 on a stall), as
-compose's restart policy does. Ports are those of alerts/prometheus.yml: inference 8000,
-exporter 9400, Prometheus 9090, Alertmanager 9093, all on 127.0.0.1.
+Parts: the inference process (the embedded demo model unless --model says otherwise; left out,
+with a line that says why, on a light install without the serve extra), the exporter (probing
+the inference process), and Prometheus (alerts/prometheus.yml with alerts/*.rules.yml) and
+Alertmanager (alerts/alertmanager.yml) when they are installed. The inference process is
+restarted when it exits (the watchdog exits with 75 on a stall), as compose's restart policy
+does. Ports are those of alerts/prometheus.yml: inference 8000, exporter 9400, Prometheus 9090,
+Alertmanager 9093, all on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from . import extras
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "alerts"
@@ -78,29 +81,37 @@ def plan(args: argparse.Namespace, run_dir: Path) -> tuple[list[Part], list[str]
     logs.mkdir(parents=True, exist_ok=True)
     state = run_dir / "state"
     python = sys.executable
-    parts = [
-        Part(
-            "inference",
-            [
-                python,
-                "-m",
+    parts = []
+    missing = []
+    lacking = extras.missing_serve_modules()
+    if lacking:  # a light install: the exporter and the rest watch whatever serves on :8000
+        missing.append(f"inference: needs {', '.join(lacking)} ({extras.SERVE_INSTALL})")
+    else:
+        parts.append(
+            Part(
                 "inference",
-                "--model",
-                args.model,
-                "--device",
-                args.device,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "8000",
-                "--state-dir",
-                str(state),
-                *args.inference_args,
-            ],
-            "http://127.0.0.1:8000/v1",
-            logs / "inference.log",
-            restart=True,
-        ),
+                [
+                    python,
+                    "-m",
+                    "inference",
+                    "--model",
+                    args.model,
+                    "--device",
+                    args.device,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "8000",
+                    "--state-dir",
+                    str(state),
+                    *args.inference_args,
+                ],
+                "http://127.0.0.1:8000/v1",
+                logs / "inference.log",
+                restart=True,
+            )
+        )
+    parts += [
         Part(
             "exporter",
             [
@@ -120,7 +131,6 @@ def plan(args: argparse.Namespace, run_dir: Path) -> tuple[list[Part], list[str]
             logs / "exporter.log",
         ),
     ]
-    missing = []
     prometheus = _binary("prometheus")
     if prometheus:
         parts.append(

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
+from vigil import extras
+
 from .report import Verdict, failed, ok, skipped, warning
 
 DISTRIBUTION = "llm-vigil"
@@ -31,23 +33,8 @@ CRITICAL = {
     "numpy",
 }
 MINIMUM_PYTHON = (3, 11)
-# A light install (pip install llm-vigil: the exporter, the doctor's host checks) lacks what the
-# server runs on; this adds it.
-SERVE_INSTALL = "pip install 'llm-vigil[serve]'"
-# The modules that extra brings (and their own dependencies): a check needing one of them is
-# skipped on a light install, not failed.
-SERVE_MODULES = frozenset(
-    {
-        "torch",
-        "transformers",
-        "tokenizers",
-        "safetensors",
-        "huggingface_hub",
-        "opentelemetry",
-        "starlette",
-        "uvicorn",
-    }
-)
+# A check needing one of the serve extra's modules is skipped on a light install, not failed.
+SERVE_INSTALL, SERVE_MODULES = extras.SERVE_INSTALL, extras.SERVE_MODULES
 
 
 def python_verdict() -> Verdict:
