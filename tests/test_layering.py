@@ -11,17 +11,10 @@ import textwrap
 
 import pytest
 
+from vigil.extras import SERVE_MODULES
+
 # What a light install (pip install llm-vigil, without the serve extra) lacks.
-SERVE_ONLY = (
-    "inference",
-    "torch",
-    "transformers",
-    "opentelemetry",
-    "tokenizers",
-    "safetensors",
-    "starlette",
-    "uvicorn",
-)
+SERVE_ONLY = ("inference", *sorted(SERVE_MODULES))
 
 # Imports ``package`` and every module under it in a fresh interpreter where ``blocked`` cannot
 # be found; each attempt is recorded with the module that made it, even one the importer catches.
@@ -126,20 +119,12 @@ _LIGHT_RUN = textwrap.dedent("""
     sys.argv = {argv!r}
     runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
 """)
-SERVE_EXTRA = (
-    "torch",
-    "transformers",
-    "tokenizers",
-    "safetensors",
-    "huggingface_hub",
-    "opentelemetry",
-    "starlette",
-    "uvicorn",
-)
 
 
 def _light_run(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    code = _LIGHT_RUN.format(blocked=SERVE_EXTRA, argv=[module, *args], module=module)
+    code = _LIGHT_RUN.format(
+        blocked=tuple(sorted(SERVE_MODULES)), argv=[module, *args], module=module
+    )
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False
     )
