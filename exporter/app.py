@@ -13,6 +13,7 @@ from loguru import logger
 from prometheus_client import CollectorRegistry
 
 from vigil import statedir
+from vigil.engines import parse_target
 from vigil.gpu.fake import FakeFleet
 from vigil.gpu.nvml import NvmlBackend
 
@@ -96,7 +97,8 @@ def build_exporter(config: ExporterConfig) -> Exporter:
     directory = InferenceDirectory(state_dir, retention=config.dead_process_retention)
     probers = [
         TargetProber(
-            url,
+            target.url,
+            engine=target.engine,
             interval=config.probe_interval,
             timeout=config.probe_timeout,
             canary_interval=config.canary_interval,
@@ -104,7 +106,7 @@ def build_exporter(config: ExporterConfig) -> Exporter:
             canary_max_tokens=config.canary_max_tokens,
             api_key=config.target_api_key,
         )
-        for url in config.target
+        for target in map(parse_target, config.target)
     ]
     backend = _backend(config)
     poller = (

@@ -264,6 +264,15 @@ EXPORTER_METRICS: tuple[MetricSpec, ...] = (
         ("target",),
         "1 when the last canary completion came back with no text.",
     ),
+    M(
+        "vigil_target_info",
+        "gauge",
+        "",
+        ("target", "engine", "source"),
+        "Always 1 once the target's engine is known: engine vigil, vllm, sglang or tgi; source "
+        "configured (named in --target ENGINE=URL) or recognised (from the metric names of its "
+        "/metrics).",
+    ),
     # ---- the exporter itself ------------------------------------------------------------------
     M(
         "vigil_exporter_build_info",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
+from vigil.engines import parse_target
 from vigil.options import (
     ConfigError,
     Option,
@@ -22,15 +22,8 @@ ENV_PREFIX = "VIGIL_EXPORTER_"
 __all__ = ["ExporterConfig", "ConfigError", "OPTIONS", "load_config"]
 
 
-def _url(text: str) -> str:
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host")
-    try:
-        _ = parts.port  # raises ValueError for a port outside 0-65535
-    except ValueError:
-        raise ValueError("must have a port from 0 to 65535") from None
-    return text.rstrip("/")
+def _target(text: str) -> str:
+    return str(parse_target(text))
 
 
 def _non_negative_float(text: str) -> float:
@@ -51,10 +44,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "target",
-        _url,
-        "Base URL of an OpenAI-compatible server to probe (repeat the flag for several; the "
-        "variable takes a comma-separated list).",
-        metavar="URL",
+        _target,
+        "Base URL of an OpenAI-compatible server to probe, optionally after its engine "
+        "(vigil, vllm, sglang, tgi: vllm=http://127.0.0.1:8000; else recognised from its "
+        "/metrics). Repeat the flag for several; the variable takes a comma-separated list.",
+        metavar="[ENGINE=]URL",
         multiple=True,
     ),
     Option(

@@ -3,8 +3,10 @@
 Every ``interval`` seconds: ``GET /health`` and ``GET /ready``; every ``canary_interval``
 seconds: a streamed ``POST /v1/completions`` of a few tokens, timed to its first token. Any
 OpenAI-compatible server can be a target (vLLM and SGLang too; a server without ``/ready``
-shows its 404 there). The model for the canary is ``canary_model``, or the first that
-``GET /v1/models`` lists. Results are kept for the collector; nothing here runs on the scrape.
+shows its 404 there). A target's engine (vigil, vllm, sglang, tgi) is the one ``--target``
+names, or else recognised from the metric names of its ``GET /metrics``. The model for the
+canary is ``canary_model``, or the first that ``GET /v1/models`` lists. Results are kept for the
+collector; nothing here runs on the scrape.
 """
 
 from __future__ import annotations
@@ -19,10 +21,17 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from loguru import logger
 
+from vigil.engines import recognise
+
 CHECKS = ("health", "ready", "canary")
 USER_AGENT = "llm-vigil-exporter/0.1 (probe)"
 CANARY_PROMPT = "Say hello."
 MAX_BODY_BYTES = 1 << 20
+# An engine's /metrics (vLLM's histograms per model) is larger than an API answer.
+METRICS_MAX_BYTES = 16 << 20
+# A target whose engine is not named is recognised at start, then checked again this often
+# (an engine replaced behind the same address).
+RECOGNISE_EVERY_S = 600.0
 
 
 def target_label(url: str) -> str:
@@ -51,6 +60,8 @@ class TargetState:
     label: str
     results: dict[str, CheckResult] = field(default_factory=dict)
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    engine: str | None = None  # vigil, vllm, sglang, tgi; None: not known (yet)
+    engine_source: str = ""  # configured (named in --target) or recognised (from /metrics)
 
 
 class TargetProber:
@@ -64,6 +75,7 @@ class TargetProber:
         canary_max_tokens: int = 2,
         api_key: str | None = None,
         clock: Callable[[], float] = time.time,
+        engine: str | None = None,
     ):
         self.url = url.rstrip("/")
         self.label = target_label(url)
@@ -78,7 +90,10 @@ class TargetProber:
         self._state = TargetState(
             self.label,
             counts={(check, result): 0 for check in CHECKS for result in ("success", "failure")},
+            engine=engine,
+            engine_source="configured" if engine else "",
         )
+        self._next_recognition = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._model: str | None = canary_model
@@ -107,6 +122,10 @@ class TargetProber:
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def run_once(self) -> None:
+        # The engine: until it is recognised, every round; then now and again.
+        due = time.monotonic() >= self._next_recognition
+        if self._state.engine_source != "configured" and due and self._recognise():
+            self._next_recognition = time.monotonic() + RECOGNISE_EVERY_S
         self._record("health", self._get("/health"))
         self._record("ready", self._get("/ready"))
         if self.canary_interval > 0 and time.monotonic() >= self._next_canary:
@@ -145,7 +164,9 @@ class TargetProber:
             "" if response.status_code == 200 else f"HTTP {response.status_code}",
         )
 
-    def _within_deadline(self, response: requests.Response, start: float):
+    def _within_deadline(
+        self, response: requests.Response, start: float, limit: int = MAX_BODY_BYTES
+    ):
         """The body's chunks as they arrive; ProbeTimeout once the whole check has taken longer
         than the timeout (requests' own timeout bounds each read, not the whole answer: a
         server that drips a byte at a time would hold the probe for ever) or the body is huge."""
@@ -159,9 +180,29 @@ class TargetProber:
             size += len(chunk)
             if time.monotonic() - start > self.timeout:
                 raise ProbeTimeout(f"the answer took longer than {self.timeout:g} s")
-            if size > MAX_BODY_BYTES:
-                raise ProbeTimeout(f"the answer is larger than {MAX_BODY_BYTES} bytes")
+            if size > limit:
+                raise ProbeTimeout(f"the answer is larger than {limit} bytes")
             yield chunk
+
+    def _recognise(self) -> bool:
+        """Tell the engine from the names in its /metrics; whether it could (an engine known
+        before is kept when /metrics cannot be read now)."""
+        start = time.monotonic()
+        try:
+            with self.session.get(self.url + "/metrics", timeout=self.timeout, stream=True) as r:
+                body = b"".join(self._within_deadline(r, start, METRICS_MAX_BYTES))
+                r.raise_for_status()
+        except (requests.RequestException, ProbeTimeout) as exc:
+            logger.debug("cannot read /metrics of {}: {}", self.label, _short(exc))
+            return False
+        engine = recognise(body.decode("utf-8", "replace"))
+        if engine is None:
+            return False
+        if engine != self._state.engine:
+            logger.info("target {} serves with {}", self.label, engine, engine=engine)
+            with self._lock:
+                self._state.engine, self._state.engine_source = engine, "recognised"
+        return True
 
     def _discover_model(self) -> str:
         start = time.monotonic()

@@ -77,6 +77,11 @@ def test_exposition_passes_promtool_is_documented_and_holds_no_private_data(stac
         "inference_requests_total",
         "vigil_exporter_collector_success",
     } <= names
+    # The target was not named an engine: recognised from its /metrics as this project's own.
+    assert (
+        f'vigil_target_info{{engine="vigil",source="recognised",target="{server.base_url}"}} 1.0'
+        in text
+    )
     # No prompt, command line or environment in any label.
     for secret in ("my secret prompt", "--demo-dir", str(server.state_dir), "PATH="):
         assert secret not in text

@@ -11,6 +11,7 @@ from exporter.catalog import CLOCK_EVENT_REASONS
 from exporter.config import ConfigError, ExporterConfig, load_config
 from exporter.probe import target_label
 from exporter.procview import ProcessLocator
+from vigil.engines import Target, parse_target
 from vigil.gpu import units
 from vigil.procfs import innermost_pid, read_stat
 from vigil.statedir import Identity
@@ -56,6 +57,16 @@ def test_config_flags_environment_and_defaults():
     )
     assert config.target == ("http://c:3",)
     assert load_config([], environ={}) == ExporterConfig()
+    # a target may name its engine
+    config = load_config(
+        [], environ={"VIGIL_EXPORTER_TARGET": "vllm=http://a:8000/,http://b:1/x?k=v=w"}
+    )
+    assert config.target == ("vllm=http://a:8000", "http://b:1/x?k=v=w")
+    assert [parse_target(t) for t in config.target] == [
+        Target("http://a:8000", "vllm"),
+        Target("http://b:1/x?k=v=w", None),
+    ]
+    assert parse_target("sglang=https://gpu-node").port == 443
 
 
 @pytest.mark.parametrize(
@@ -67,6 +78,13 @@ def test_config_flags_environment_and_defaults():
             "--target: 'localhost:8000' is not valid (must be an http",
         ),
         (["--port", "70000"], {}, "--port"),
+        (
+            ["--target", "ollama=http://a:11434"],
+            {},
+            "--target: 'ollama=http://a:11434' is not valid (must name a known engine "
+            "(vigil, vllm, sglang, tgi), not 'ollama')",
+        ),
+        (["--target", "vllm=a:8000"], {}, "must be an http:// or https:// URL with a host"),
         ([], {"VIGIL_EXPORTER_PROBE_INTERVAL": "0"}, "VIGIL_EXPORTER_PROBE_INTERVAL"),
         (
             [],

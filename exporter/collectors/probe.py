@@ -21,10 +21,15 @@ class ProbeCollector:
             "vigil_probe_checks",
             "vigil_probe_canary_time_to_first_token_seconds",
             "vigil_probe_canary_empty",
+            "vigil_target_info",
         )
         fams = {name: family(name) for name in names}
         for prober in self.probers:
             state = prober.state()
+            if state.engine is not None:
+                fams["vigil_target_info"].add_metric(
+                    [state.label, state.engine, state.engine_source], 1.0
+                )
             for check, result in sorted(state.results.items()):
                 labels = [state.label, check]
                 fams["vigil_probe_success"].add_metric(labels, 1.0 if result.success else 0.0)
