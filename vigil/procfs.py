@@ -34,6 +34,9 @@ class ProcStat:
     threads: int
     start_ticks: int  # clock ticks after boot
     resident_bytes: int
+    # Defaults so that figures made by hand (tests) need not name them.
+    ppid: int = 0  # the parent's pid in the reader's pid namespace; 0: none or outside it
+    comm: str = ""  # the command name (short, truncated by the kernel), not the command line
 
 
 class ProcUnreadable(Exception):
@@ -45,9 +48,11 @@ def parse_stat(raw: bytes, pid: int) -> ProcStat | None:
     """The fields of one ``/proc/<pid>/stat`` line; None for a process being torn down."""
     # The command name (field 2) may hold spaces, parentheses and any bytes: split after the
     # last ')'.
-    rest = raw[raw.rindex(b")") + 2 :].decode("ascii", "replace").split()
+    close = raw.rindex(b")")
+    rest = raw[close + 2 :].decode("ascii", "replace").split()
     if len(rest) < 22:
         return None
+    open_ = raw.find(b"(")
     return ProcStat(
         pid=pid,
         state=STATES.get(rest[0], "unknown"),
@@ -55,6 +60,8 @@ def parse_stat(raw: bytes, pid: int) -> ProcStat | None:
         threads=int(rest[17]),
         start_ticks=int(rest[19]),
         resident_bytes=int(rest[21]) * PAGE_SIZE,
+        ppid=int(rest[1]),
+        comm=raw[open_ + 1 : close].decode("utf-8", "replace") if 0 <= open_ < close else "",
     )
 
 
