@@ -22,6 +22,7 @@ from .collectors.inference import InferenceCollector
 from .collectors.probe import ProbeCollector
 from .collectors.processes import ProcessCollector
 from .config import ConfigError, ExporterConfig
+from .engine_processes import EngineProcessWatcher
 from .gpu.poller import GpuPoller
 from .http import start_server
 from .inference_dir import InferenceDirectory
@@ -36,6 +37,7 @@ class Exporter:
     probers: list[TargetProber]
     poller: GpuPoller | None
     registry: CollectorRegistry
+    engines: EngineProcessWatcher
     server: Any = None
     port: int = 0
 
@@ -46,6 +48,7 @@ class Exporter:
             self.poller.start()
         for prober in self.probers:
             prober.start()
+        self.engines.start()
         try:
             self.server = start_server(self.config.host, self.config.port, self.registry)
         except OSError as exc:
@@ -57,6 +60,7 @@ class Exporter:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+        self.engines.stop()
         for prober in self.probers:
             prober.stop()
         if self.poller is not None:
@@ -115,18 +119,30 @@ def build_exporter(config: ExporterConfig) -> Exporter:
         else None
     )
 
+    engines = EngineProcessWatcher(probers)
+
     def pid_models() -> dict[int, str]:
-        return {v.stat.pid: v.identity.model for v in directory.views() if v.stat is not None}
+        """Host pid -> model, for the GPUs' per-process memory: the engines' processes, and
+        our own inference processes (which win where both are known)."""
+        models = {
+            stat.pid: view.model or view.target
+            for view in engines.views()
+            for stat in view.processes
+        }
+        models.update(
+            {v.stat.pid: v.identity.model for v in directory.views() if v.stat is not None}
+        )
+        return models
 
     collectors: list = [
         ("inference", InferenceCollector(directory)),
-        ("processes", ProcessCollector(directory)),
+        ("processes", ProcessCollector(directory, engines)),
     ]
     if poller is not None:
         collectors.append(("gpu", GpuCollector(poller, pid_models)))
     if probers:
         collectors.append(("probe", ProbeCollector(probers)))
-    return Exporter(config, directory, probers, poller, build_registry(collectors))
+    return Exporter(config, directory, probers, poller, build_registry(collectors), engines)
 
 
 def serve(config: ExporterConfig) -> int:

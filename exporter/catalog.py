@@ -207,6 +207,32 @@ EXPORTER_METRICS: tuple[MetricSpec, ...] = (
         "while the engine is idle too: pair it with in-flight requests).",
     ),
     M(
+        "vigil_engine_processes",
+        "gauge",
+        "processes",
+        ("target", "engine"),
+        "Processes found behind a local target's port (the listener and its descendants, e.g. "
+        "vLLM's API server, EngineCore and workers); 0 when none is found (the exporter's log "
+        "says why: nothing listens, another network namespace, no permission). Their /proc view "
+        "is in the vigil_process_* series, with the target's model and the host's pid.",
+    ),
+    M(
+        "vigil_engine_process_info",
+        "gauge",
+        "",
+        ("target", "engine", "model", "pid", "role", "comm"),
+        "Always 1 for each process behind a local target: role listener (holds the port) or "
+        "child (a descendant), comm its process name from /proc.",
+    ),
+    M(
+        "vigil_engine_restarts",
+        "counter",
+        "restarts",
+        ("target", "engine"),
+        "Times the process listening on a local target's port was replaced by another (a "
+        "restart of the engine), since the exporter started.",
+    ),
+    M(
         "vigil_process_unclean_exits",
         "counter",
         "processes",

@@ -62,6 +62,7 @@ class TargetState:
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     engine: str | None = None  # vigil, vllm, sglang, tgi; None: not known (yet)
     engine_source: str = ""  # configured (named in --target) or recognised (from /metrics)
+    model: str | None = None  # what GET /v1/models lists first; None while not known
 
 
 class TargetProber:
@@ -92,6 +93,7 @@ class TargetProber:
             counts={(check, result): 0 for check in CHECKS for result in ("success", "failure")},
             engine=engine,
             engine_source="configured" if engine else "",
+            model=canary_model,
         )
         self._next_recognition = 0.0
         self._lock = threading.Lock()
@@ -126,6 +128,8 @@ class TargetProber:
         due = time.monotonic() >= self._next_recognition
         if self._state.engine_source != "configured" and due and self._recognise():
             self._next_recognition = time.monotonic() + RECOGNISE_EVERY_S
+        if self._state.model is None and self.canary_interval == 0:
+            self._learn_model()  # the canary learns it otherwise
         self._record("health", self._get("/health"))
         self._record("ready", self._get("/ready"))
         if self.canary_interval > 0 and time.monotonic() >= self._next_canary:
@@ -204,6 +208,12 @@ class TargetProber:
                 self._state.engine, self._state.engine_source = engine, "recognised"
         return True
 
+    def _learn_model(self) -> None:
+        try:
+            self._discover_model()
+        except (requests.RequestException, ProbeTimeout, ValueError) as exc:
+            logger.debug("no model listed by {}: {}", self.label, _short(exc))
+
     def _discover_model(self) -> str:
         start = time.monotonic()
         with self.session.get(
@@ -215,7 +225,10 @@ class TargetProber:
         models = listing.get("data") if isinstance(listing, dict) else None
         if not models or not isinstance(models[0], dict) or "id" not in models[0]:
             raise ValueError("GET /v1/models lists no model")
-        return str(models[0]["id"])
+        model = str(models[0]["id"])
+        with self._lock:
+            self._state.model = model
+        return model
 
     def _canary(self) -> CheckResult:
         start = time.monotonic()

@@ -181,3 +181,53 @@ def test_exporter_bad_configuration_exits_2(tmp_path):
     )
     assert result.returncode == 2
     assert "--target: 'nope' is not valid" in result.stderr
+
+
+def test_an_engine_without_a_shared_state_directory_is_found_from_its_port(tmp_path, demo_dir):
+    """Our own server, its state directory not shared with the exporter, watched as a foreign
+    engine is: the exporter finds the listening process from the target's port, publishes its
+    /proc view with the served model, and sees it stopped (SIGSTOP)."""
+    (tmp_path / "engine").mkdir()
+    server = start_server(tmp_path / "engine", demo_dir)
+    exporter = start_exporter(
+        tmp_path,
+        tmp_path / "exporter-state",  # not the server's: no identity, no metrics files
+        "--target",
+        f"vigil={server.base_url}",
+        "--gpu-backend",
+        "none",
+        "--probe-interval",
+        "0.5",
+        "--canary-interval",
+        "0",
+    )
+    pid = str(server.process.pid)
+    try:
+
+        def has(line: str) -> bool:
+            return line in exporter.metrics_text()
+
+        engine = f'engine="vigil",target="{server.base_url}"'
+        exporter.wait_for(
+            lambda: (
+                has(f"vigil_engine_processes{{{engine}}} 1.0")
+                and has(f'vigil_process_alive{{model="demo",pid="{pid}"}} 1.0')
+            ),
+            30,
+            "the engine's process found from its port, with its model",
+        )
+        info = exporter.sample(
+            "vigil_engine_process_info", pid=pid, role="listener", model="demo", engine="vigil"
+        )
+        assert info == 1.0
+        assert exporter.sample("vigil_engine_restarts_total", engine="vigil") == 0.0
+        server.process.send_signal(signal.SIGSTOP)
+        exporter.wait_for(
+            lambda: has(f'vigil_process_state{{model="demo",pid="{pid}",state="stopped"}} 1.0'),
+            30,
+            "the stopped engine process",
+        )
+    finally:
+        exporter.stop()
+        server.process.send_signal(signal.SIGCONT)
+        server.stop()
