@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from . import engines
+
 ALERTS_DIR = Path(__file__).resolve().parent
 README = ALERTS_DIR / "README.md"
 PARAMETERS_TABLE_HEADER = "| Parameter | Default | Meaning |"
@@ -51,6 +53,17 @@ PARAMETERS: dict[str, Parameter] = {
         "60", "Seconds without engine progress while requests are in flight that count as a hang."
     ),
     "hang_for": Parameter("30s", "How long a heartbeat-based hang must last."),
+    "engine_hang_for": Parameter(
+        "1m",
+        "How long an engine (any: vLLM, SGLang, TGI, ours) must have had requests running or "
+        "waiting and no forward pass finishing (its progress rate over 1m at 0) to count as "
+        "hung: with that 1m window, at least 2 minutes without progress, longer than one long "
+        "prefill and shorter than vLLM's and SGLang's own 300 s timeouts.",
+    ),
+    "kv_full_ratio": Parameter(
+        "0.98", "Share of an engine's KV-cache pool in use that counts as full (with a queue)."
+    ),
+    "kv_full_for": Parameter("5m", "How long the KV cache must stay full while requests wait."),
     "probe_for": Parameter("1m", "How long a failing probe must fail."),
     "busy_cpu_ratio": Parameter("0.9", "CPU cores' share a process must use to count as busy."),
     "disk_sleep_for": Parameter("2m", "How long a process may sit in uninterruptible wait."),
@@ -147,6 +160,23 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
                 "restarted right after); the waiting requests were answered 503 engine_stalled. "
                 "The stall report in the log holds every thread's stack and the requests' trace "
                 "ids."
+            ),
+        ),
+        Alert(
+            name="InferenceEngineNoProgress",
+            for_=p["engine_hang_for"],
+            severity="critical",
+            cause="hang",
+            expr="""(vigil:engine_requests_running + vigil:engine_requests_waiting) > 0
+            and on (engine, instance, model)
+            vigil:engine_progress:rate1m == 0""",
+            summary="{{ $labels.engine }} engine of {{ $labels.model }} makes no progress",
+            description=(
+                "{{ $value }} requests run or wait on {{ $labels.model }} ({{ $labels.engine }}) "
+                "at {{ $labels.instance }}, and no forward pass has finished for over "
+                f"{p['engine_hang_for']} plus a minute: the engine is hung (a collective that "
+                "never returns, a wedged GPU, a frozen process). Any engine: the hang layer "
+                "for the servers whose own watchdog we do not run."
             ),
         ),
         Alert(
@@ -358,17 +388,35 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             ),
         ),
     ]
+    vram.append(
+        Alert(
+            name="InferenceKvCacheFull",
+            for_=p["kv_full_for"],
+            severity="warning",
+            cause="kv_cache",
+            expr=f"""vigil:engine_kv_cache_usage_ratio > {p["kv_full_ratio"]}
+            and on (engine, instance, model)
+            vigil:engine_requests_waiting > 0""",
+            summary="KV cache of {{ $labels.model }} full while requests wait",
+            description=(
+                "{{ $value | humanizePercentage }} of the KV-cache pool of {{ $labels.model }} "
+                "({{ $labels.engine }}) on {{ $labels.instance }} is in use and requests queue "
+                "behind it: the engine preempts or refuses work. Add capacity, shorten "
+                "contexts (--max-model-len) or lower the batch."
+            ),
+        )
+    )
     serving = [
         Alert(
             name="InferenceQueueBacklog",
             for_=p["backlog_for"],
             severity="warning",
             cause="backlog",
-            expr=f"max by (instance, model, pid) (inference_queue_depth) > {p['queue_depth_max']}",
+            expr=f"vigil:engine_requests_waiting > {p['queue_depth_max']}",
             summary="Queue backlog on {{ $labels.model }}",
             description=(
-                "{{ $value }} requests wait in the queue of process {{ $labels.pid }} on "
-                "{{ $labels.instance }}."
+                "{{ $value }} requests wait in the queue of {{ $labels.model }} "
+                "({{ $labels.engine }}) on {{ $labels.instance }}."
             ),
         ),
         Alert(
@@ -390,8 +438,7 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             for_=p["latency_for"],
             severity="warning",
             cause="latency",
-            expr=f"""histogram_quantile(0.95, sum by (instance, model, le) (rate(gen_ai_server_time_to_first_token_seconds_bucket[5m])))
-            > {p["ttft_p95_max"]}""",
+            expr=f'vigil:engine_time_to_first_token_seconds{{quantile="0.95"}} > {p["ttft_p95_max"]}',
             summary="Time to first token over its objective on {{ $labels.model }}",
             description=(
                 "p95 time to first token on {{ $labels.instance }} is "
@@ -404,8 +451,7 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             for_=p["latency_for"],
             severity="warning",
             cause="latency",
-            expr=f"""histogram_quantile(0.95, sum by (instance, model, le) (rate(gen_ai_server_request_duration_seconds_bucket[5m])))
-            > {p["latency_p95_max"]}""",
+            expr=f'vigil:engine_request_duration_seconds{{quantile="0.95"}} > {p["latency_p95_max"]}',
             summary="Request duration over its objective on {{ $labels.model }}",
             description=(
                 "p95 request duration on {{ $labels.instance }} is "
@@ -421,8 +467,8 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             expr=_error_ratio(p["error_ratio_warning"]),
             summary="Many requests fail on {{ $labels.model }}",
             description=(
-                "{{ $value | humanizePercentage }} of the requests to {{ $labels.model }} on "
-                "{{ $labels.instance }} ended with a 5xx."
+                "{{ $value | humanizePercentage }} of the requests to {{ $labels.model }} "
+                "({{ $labels.engine }}) on {{ $labels.instance }} failed in the engine."
             ),
         ),
         Alert(
@@ -433,8 +479,8 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             expr=_error_ratio(p["error_ratio_critical"]),
             summary="Most requests fail on {{ $labels.model }}",
             description=(
-                "{{ $value | humanizePercentage }} of the requests to {{ $labels.model }} on "
-                "{{ $labels.instance }} ended with a 5xx."
+                "{{ $value | humanizePercentage }} of the requests to {{ $labels.model }} "
+                "({{ $labels.engine }}) on {{ $labels.instance }} failed in the engine."
             ),
         ),
         Alert(
@@ -651,17 +697,19 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
         ),
     ]
     alerts_by_file = {"hangs": hangs, "vram": vram, "serving": serving, "gpus": gpus, "meta": meta}
-    return {
+    files = {
         stem: [
             {"name": f"vigil-{stem}", "rules": [alert.rule(p["runbook_base"]) for alert in alerts]}
         ]
         for stem, alerts in alerts_by_file.items()
     }
+    # The recording rules that map every engine to one vocabulary, which the alerts above read.
+    files["engines"] = engines.recording_groups()
+    return files
 
 
 def _error_ratio(threshold: str) -> str:
-    return f"""sum by (instance, model) (rate(inference_requests_total{{status=~"5.."}}[5m]))
-    / sum by (instance, model) (rate(inference_requests_total[5m])) > {threshold}"""
+    return f"""vigil:engine_request_errors:rate5m / vigil:engine_requests:rate5m > {threshold}"""
 
 
 def defaults() -> dict[str, str]:
@@ -693,6 +741,7 @@ def alert_names() -> list[str]:
         for body in groups(defaults()).values()
         for group in body
         for rule in group["rules"]
+        if "alert" in rule
     ]
 
 
