@@ -95,7 +95,8 @@ VLLM = Profile(
     waiting="vllm:num_requests_waiting",
     # Prompt and generated tokens, both counted at every engine iteration: a chunked prefill
     # moves the prompt counter, decoding the generation counter.
-    progress='rate({__name__=~"vllm:(prompt|generation)_tokens_total"}[1m])',
+    progress="(rate(vllm:generation_tokens_total[1m]) or label_replace(rate("
+    'vllm:prompt_tokens_total[1m]), "vigil_signal", "prompt", "", ""))',
     generation_tokens="rate(vllm:generation_tokens_total[1m])",
     kv_usage='{__name__=~"vllm:(kv|gpu)_cache_usage_perc"}',
     ttft_buckets="rate(vllm:time_to_first_token_seconds_bucket[5m])",

@@ -22,11 +22,17 @@ from conftest import (
 
 from alerts.rules import ALERTS_DIR, render
 
-HANG_ALERTS = ("InferenceEngineStalled", "InferenceHeartbeatStale", "InferenceBusyWithoutProgress")
+HANG_ALERTS = (
+    "InferenceEngineStalled",
+    "InferenceHeartbeatStale",
+    "InferenceBusyWithoutProgress",
+    "InferenceEngineNoProgress",
+)
 # Short windows so that the test takes about two minutes; the shipped defaults are in the files.
 TEST_PARAMETERS = {
     "stall_window": "15s",
     "hang_for": "3s",
+    "engine_hang_for": "3s",
     "heartbeat_max_age": "6",
     "probe_for": "60s",
     "oom_window": "30s",

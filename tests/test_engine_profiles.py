@@ -1,0 +1,211 @@
+"""The engine profiles under promtool: each engine's series, named and labelled exactly as that
+engine exposes them, recorded into the one vocabulary (alerts/engines.py), and the any-engine
+hang alert on them: it fires when work is pending and no forward pass finishes, and stays quiet
+for an idle engine, for one long prefill, and for generation that is slow but moves."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alerts.rules import ALERTS_DIR, defaults, groups, render
+
+PROMTOOL = shutil.which("promtool")
+pytestmark = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)"
+)
+STEP = "15s"  # the scrape and evaluation interval of these tests
+
+# One fixture per profile and release family. Each series is named and labelled as the engine
+# exposes it; the sources are those cited in alerts/engines.py.
+ENGINES = {
+    # vLLM V1 >= 0.9.2 (vllm/v1/metrics/loggers.py @0.33.0: model_name and engine on every
+    # series; counters scrape with _total).
+    "vllm": {
+        "labels": 'instance="gpu1:8000",job="vllm",model_name="glm",engine="0"',
+        "running": "vllm:num_requests_running",
+        "waiting": "vllm:num_requests_waiting",
+        "progress": ["vllm:generation_tokens_total", "vllm:prompt_tokens_total"],
+        "kv": "vllm:kv_cache_usage_perc",
+        "at": {"instance": "gpu1:8000", "model": "glm", "engine": "vllm"},
+    },
+    # vLLM 0.8.0-0.8.2 (no engine label yet) with the KV gauge of its time,
+    # vllm:gpu_cache_usage_perc (removed in 0.12.0).
+    "vllm-0.8": {
+        "labels": 'instance="gpu2:8000",job="vllm",model_name="glm"',
+        "running": "vllm:num_requests_running",
+        "waiting": "vllm:num_requests_waiting",
+        "progress": ["vllm:generation_tokens_total", "vllm:prompt_tokens_total"],
+        "kv": "vllm:gpu_cache_usage_perc",
+        "at": {"instance": "gpu2:8000", "model": "glm", "engine": "vllm"},
+    },
+    # SGLang 0.4.10+ scheduler gauges (model_name, engine_type, tp_rank, pp_rank;
+    # observability/metrics_collector.py @0.5.23); the KV pool's used tokens are republished
+    # every decode log interval while it decodes.
+    "sglang": {
+        "labels": 'instance="gpu1:30000",job="sglang",model_name="glm",engine_type="unified",'
+        'tp_rank="0",pp_rank="0"',
+        "running": "sglang:num_running_reqs",
+        "waiting": "sglang:num_queue_reqs",
+        "progress": ["sglang:num_used_tokens"],
+        "kv": "sglang:token_usage",
+        "at": {"instance": "gpu1:30000", "model": "glm", "engine": "sglang"},
+    },
+    # TGI v3 router (router/src/server.rs, backends/v3/src/backend.rs @v3.3.7): no model label;
+    # counters scrape WITHOUT _total (metrics-exporter-prometheus 0.15.3).
+    "tgi": {
+        "labels": 'instance="gpu1:3000",job="tgi"',
+        "running": "tgi_batch_current_size",
+        "waiting": "tgi_queue_size",
+        "progress": ['tgi_batch_inference_count{method="decode"}'],
+        "kv": None,
+        "at": {"instance": "gpu1:3000", "engine": "tgi"},
+    },
+    # This project's process, published by the exporter (inference/telemetry/catalog.py).
+    "vigil": {
+        "labels": 'instance="n1:9400",job="vigil-exporter",model="glm",pid="7"',
+        "running": "inference_requests_running",
+        "waiting": "inference_queue_depth",
+        "progress": ['inference_engine_steps_total{stage="decode"}'],
+        "kv": None,
+        "at": {"instance": "n1:9400", "model": "glm", "engine": "vigil"},
+    },
+}
+
+
+def _series(name: str, labels: str) -> str:
+    if "{" in name:  # a name with labels of its own
+        base, own = name[:-1].split("{", 1)
+        return f"{base}{{{labels},{own}}}"
+    return f"{name}{{{labels}}}"
+
+
+def _input(engine: dict, running: str, waiting: str, progress: str, kv: str = "0.5x40") -> list:
+    labels = engine["labels"]
+    series = [
+        {"series": _series(engine["running"], labels), "values": running},
+        {"series": _series(engine["waiting"], labels), "values": waiting},
+    ]
+    series += [{"series": _series(name, labels), "values": progress} for name in engine["progress"]]
+    if engine["kv"]:
+        series.append({"series": _series(engine["kv"], labels), "values": kv})
+    return series
+
+
+def _alert_labels(name: str) -> dict:
+    return next(
+        rule["labels"]
+        for body in groups(defaults()).values()
+        for group in body
+        for rule in group["rules"]
+        if rule.get("alert") == name
+    )
+
+
+def _run(tmp_path: Path, tests: list[dict]) -> None:
+    rule_files = []
+    for name in sorted(render()):
+        data = yaml.safe_load((ALERTS_DIR / name).read_text())
+        for group in data["groups"]:
+            for rule in group["rules"]:
+                rule.pop("annotations", None)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        rule_files.append(str(path))
+    path = tmp_path / "tests.yml"
+    path.write_text(
+        yaml.safe_dump({"rule_files": rule_files, "evaluation_interval": STEP, "tests": tests})
+    )
+    result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+# 40 samples of 15 s: ten minutes. Work is pending throughout (1 running, 2 waiting).
+PENDING = ("1x40", "2x40")
+SCENARIOS = {
+    # The engine stops at minute 2: no forward pass finishes for 8 minutes.
+    "hung": ("0+20x8 160x32", True),
+    # Idle: nothing pending, nothing moves.
+    "idle": ("0x40", False),
+    # One forward pass of 105 s (a long prefill of an unchunked prompt), then decoding.
+    "long prefill": ("0+20x8 160x6 180+20x26", False),
+    # Slow generation: one step every 30 s.
+    "slow but moving": (
+        "0 0 1 1 2 2 3 3 4 4 5 5 6 6 7 7 8 8 9 9 10 10 11 11 12 12 13 13 14 14 "
+        "15 15 16 16 17 17 18 18 19 19",
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_the_hang_alert_holds_for_every_engine(tmp_path, scenario):
+    progress, fires = SCENARIOS[scenario]
+    labels = _alert_labels("InferenceEngineNoProgress")
+    tests = []
+    for name, engine in ENGINES.items():
+        running, waiting = ("0x40", "0x40") if scenario == "idle" else PENDING
+        tests.append(
+            {
+                "interval": STEP,
+                "name": f"{name}: {scenario}",
+                "input_series": _input(engine, running, waiting, progress),
+                "alert_rule_test": [
+                    {
+                        "eval_time": "10m",
+                        "alertname": "InferenceEngineNoProgress",
+                        "exp_alerts": [{"exp_labels": {**labels, **engine["at"]}}] if fires else [],
+                    },
+                    # Not before two minutes without progress (the hang begins at 2m).
+                    {
+                        "eval_time": "3m45s",
+                        "alertname": "InferenceEngineNoProgress",
+                        "exp_alerts": [],
+                    },
+                ],
+            }
+        )
+    _run(tmp_path, tests)
+
+
+def test_every_engine_is_recorded_in_the_vocabulary(tmp_path):
+    tests = []
+    for name, engine in ENGINES.items():
+        at = engine["at"]
+        selector = ",".join(f'{k}="{v}"' for k, v in at.items())
+        expected = [
+            ("vigil:engine_requests_running", 1.0),
+            ("vigil:engine_requests_waiting", 2.0),
+        ]
+        if engine["kv"]:
+            expected.append(("vigil:engine_kv_cache_usage_ratio", 0.5))
+        checks = [
+            {
+                "expr": f"{record}{{{selector}}}",
+                "eval_time": "5m",
+                "exp_samples": [{"labels": f"{record}{{{selector}}}", "value": value}],
+            }
+            for record, value in expected
+        ]
+        # Progress: above zero while the engine steps (the rate itself depends on the engine's
+        # unit: tokens for vLLM, KV-pool updates for SGLang, forward passes for TGI and ours).
+        checks.append(
+            {
+                "expr": f"vigil:engine_progress:rate1m{{{selector}}} > bool 0",
+                "eval_time": "5m",
+                "exp_samples": [{"labels": f"{{{selector}}}", "value": 1}],
+            }
+        )
+        tests.append(
+            {
+                "interval": STEP,
+                "name": f"{name}: vocabulary",
+                "input_series": _input(engine, *PENDING, "0+20x40"),
+                "promql_expr_test": checks,
+            }
+        )
+    _run(tmp_path, tests)
