@@ -4,6 +4,7 @@ and killed (SIGKILL)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -186,22 +187,29 @@ def test_exporter_bad_configuration_exits_2(tmp_path):
 def test_an_engine_without_a_shared_state_directory_is_found_from_its_port(tmp_path, demo_dir):
     """Our own server, its state directory not shared with the exporter, watched as a foreign
     engine is: the exporter finds the listening process from the target's port, publishes its
-    /proc view with the served model, and sees it stopped (SIGSTOP)."""
+    /proc view with the served model, ties its GPU memory (a fake GPU reporting that pid) to the
+    model, and sees it stopped (SIGSTOP)."""
     (tmp_path / "engine").mkdir()
     server = start_server(tmp_path / "engine", demo_dir)
+    pid = str(server.process.pid)
+    fleet = json.loads(FLEET.read_text())
+    fleet["gpus"][0]["processes"] = [{"pid": server.process.pid, "used_memory_bytes": 7e9}]
+    fleet_path = tmp_path / "fleet.json"
+    fleet_path.write_text(json.dumps(fleet))
     exporter = start_exporter(
         tmp_path,
         tmp_path / "exporter-state",  # not the server's: no identity, no metrics files
         "--target",
         f"vigil={server.base_url}",
         "--gpu-backend",
-        "none",
+        "fake",
+        "--fake-gpu-fleet",
+        str(fleet_path),
         "--probe-interval",
         "0.5",
         "--canary-interval",
         "0",
     )
-    pid = str(server.process.pid)
     try:
 
         def has(line: str) -> bool:
@@ -221,6 +229,14 @@ def test_an_engine_without_a_shared_state_directory_is_found_from_its_port(tmp_p
         )
         assert info == 1.0
         assert exporter.sample("vigil_engine_restarts_total", engine="vigil") == 0.0
+
+        def gpu_memory() -> float | None:
+            try:
+                return exporter.sample("vigil_gpu_process_memory_used_bytes", pid=pid, model="demo")
+            except KeyError:
+                return None
+
+        exporter.wait_for(lambda: gpu_memory() == 7e9, 30, "the engine's GPU memory, its model's")
         server.process.send_signal(signal.SIGSTOP)
         exporter.wait_for(
             lambda: has(f'vigil_process_state{{model="demo",pid="{pid}",state="stopped"}} 1.0'),
