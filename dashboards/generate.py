@@ -11,6 +11,12 @@ Conventions (checked by tests/test_dashboards.py): one datasource variable per d
 panel. Logs come from Loki with the low-cardinality labels ``service`` and ``level``; request and
 trace ids are JSON fields of the line (the Loki datasource's ``trace_id`` derived field links a
 line to its trace in Tempo).
+
+The Overview and Hang forensics boards hold for every engine (vigil, vLLM, SGLang, TGI): their
+engine-agnostic panels read the engine vocabulary recorded by alerts/engines.py
+(``vigil:engine_*``, labels ``engine``, ``instance``, ``model``; the recording rules carry their
+own windows, so those panels need no ``rate``), chosen with an ``engine`` variable. Their panels
+on this project's own richer series say so in their description (ENGINE_VIGIL_ONLY).
 """
 
 from __future__ import annotations
@@ -26,6 +32,15 @@ LOKI_DATASOURCE = {"type": "loki", "uid": "${loki_datasource}"}
 INSTANCE_FILTER = 'instance=~"$instance"'
 INSTANCE_MODEL_FILTER = INSTANCE_FILTER + ',model=~"$model"'
 INSTANCE_GPU_FILTER = INSTANCE_FILTER + ',gpu=~"$gpu"'
+# The engine vocabulary (alerts/engines.py) for the engines, instances and models chosen.
+ENGINE_FILTER = INSTANCE_FILTER + ',engine=~"$engine",model=~"$model"'
+ENGINE_VOCABULARY = "vigil:engine_requests_running"  # every engine has it: the variables' source
+ENGINE_LEGEND = "{{engine}} {{model}}"
+ENGINE_VIGIL_ONLY = "Only this project's inference process (engine vigil) fills this panel."
+FOREIGN_PROCESSES = (
+    "Other engines' processes (vLLM, SGLang, TGI) appear when the exporter finds them from "
+    "the target's port."
+)
 RATE_INTERVAL = "$__rate_interval"
 GPU_LEGEND = "{{gpu}} {{gpu_name}}"
 GRID_COLUMNS = 24  # the width of Grafana's grid
@@ -33,10 +48,16 @@ GRID_COLUMNS = 24  # the width of Grafana's grid
 
 class Board:
     def __init__(
-        self, uid: str, title: str, description: str, loki: bool = False, gpu: bool = False
+        self,
+        uid: str,
+        title: str,
+        description: str,
+        loki: bool = False,
+        gpu: bool = False,
+        engines: bool = False,
     ):
         self.uid, self.title, self.description = uid, title, description
-        self.loki, self.gpu = loki, gpu
+        self.loki, self.gpu, self.engines = loki, gpu, engines
         self.panels: list[dict] = []
         self._next_x = self._row_y = 0
         self._row_height = 0
@@ -64,6 +85,8 @@ class Board:
         cuda_only: bool = False,
         instant: bool = False,
         mappings: list | None = None,
+        overrides: list | None = None,
+        transformations: list | None = None,
     ) -> None:
         """Add a panel; ``targets`` are (query, legend) pairs."""
         datasource = LOKI_DATASOURCE if logs else PROMETHEUS_DATASOURCE
@@ -77,7 +100,7 @@ class Board:
             "gridPos": self._place(width, height),
             "fieldConfig": {
                 "defaults": {"unit": unit, **({"mappings": mappings} if mappings else {})},
-                "overrides": [],
+                "overrides": overrides or [],
             },
             "options": {},
             "targets": [
@@ -91,6 +114,8 @@ class Board:
                 for index, (expr, legend) in enumerate(targets)
             ],
         }
+        if transformations:
+            panel["transformations"] = transformations
         if cuda_only:
             panel["tags"] = ["cuda-only"]  # read by the tests: empty on a machine without CUDA
         self.panels.append(panel)
@@ -117,14 +142,32 @@ class Board:
                     "hide": 0,
                 }
             )
-        variables.append(
-            _query_variable("instance", "label_values(vigil_exporter_build_info, instance)")
-        )
-        variables.append(
-            _query_variable(
-                "model", f"label_values(inference_model_info{{{INSTANCE_FILTER}}}, model)"
+        if self.engines:
+            # The exporters, and the engines scraped on their own port (their instance is not
+            # an exporter's); the models every engine serves.
+            sources = f"vigil_exporter_build_info|{ENGINE_VOCABULARY}"
+            variables.append(
+                _query_variable("instance", f'label_values({{__name__=~"{sources}"}}, instance)')
             )
-        )
+            variables.append(
+                _query_variable("engine", f"label_values({ENGINE_VOCABULARY}, engine)")
+            )
+            variables.append(
+                _query_variable(
+                    "model",
+                    f"label_values({ENGINE_VOCABULARY}"
+                    f'{{{INSTANCE_FILTER},engine=~"$engine"}}, model)',
+                )
+            )
+        else:
+            variables.append(
+                _query_variable("instance", "label_values(vigil_exporter_build_info, instance)")
+            )
+            variables.append(
+                _query_variable(
+                    "model", f"label_values(inference_model_info{{{INSTANCE_FILTER}}}, model)"
+                )
+            )
         if self.gpu:
             variables.append(
                 _query_variable("gpu", f"label_values(vigil_gpu_up{{{INSTANCE_FILTER}}}, gpu)")
@@ -179,27 +222,43 @@ def _query_variable(name: str, query: str) -> dict:
     }
 
 
-def _quantiles(metric: str, labels: str) -> list[tuple[str, str]]:
+def _engine_quantiles(series: str) -> list[tuple[str, str]]:
+    """The vocabulary's recorded p50 and p95 (over 5 minutes) per engine and model: the highest
+    over the chosen instances, since quantiles cannot be added."""
     return [
         (
-            f"histogram_quantile({quantile}, sum by (le, model) "
-            f"(rate({metric}_bucket{{{labels}}}[{RATE_INTERVAL}])))",
-            f"p{int(quantile * 100)} {{{{model}}}}",
+            f'max by (engine, model) ({series}{{{ENGINE_FILTER},quantile="{quantile}"}})',
+            f"{name} {ENGINE_LEGEND}",
         )
-        for quantile in (0.5, 0.95, 0.99)
+        for quantile, name in (("0.5", "p50"), ("0.95", "p95"))
     ]
+
+
+def _engine_sum(series: str, by: str = "engine, model") -> str:
+    return f"sum by ({by}) ({series}{{{ENGINE_FILTER}}})"
+
+
+RIGHT_AXIS_B = [  # the second query (refId B) on its own axis, at the right
+    {
+        "matcher": {"id": "byFrameRefID", "options": "B"},
+        "properties": [{"id": "custom.axisPlacement", "value": "right"}],
+    }
+]
 
 
 def overview() -> Board:
     board = Board(
         "vigil-overview",
         "llm-vigil / Overview",
-        "Is it serving, how fast, what fails, and the alerts firing now.",
+        "Is it serving, how fast, what fails, and the alerts firing now, for every engine "
+        "(vigil, vLLM, SGLang, TGI) through the engine vocabulary; this project's own process "
+        "adds its richer panels.",
+        engines=True,
     )
     board.panel(
         "stat",
         "Serving",
-        "The black-box probe's verdict per target and check: 1 when "
+        "The black-box probe's verdict per target, whatever its engine: 1 when "
         "/health, /ready and a canary completion all succeed, 0 when any fails.",
         "none",
         [(f"min by (target) (vigil_probe_success{{{INSTANCE_FILTER}}})", "{{target}}")],
@@ -218,12 +277,14 @@ def overview() -> Board:
     board.panel(
         "stat",
         "In flight",
-        "Requests accepted and not yet answered (waiting plus running), per model.",
+        "Requests the engine holds, running in the batch plus waiting for a slot, per engine "
+        "and model.",
         "short",
         [
             (
-                f"sum by (model) (inference_requests_in_flight{{{INSTANCE_MODEL_FILTER}}})",
-                "{{model}}",
+                f"{_engine_sum('vigil:engine_requests_running')} + "
+                f"{_engine_sum('vigil:engine_requests_waiting')}",
+                ENGINE_LEGEND,
             )
         ],
         width=6,
@@ -247,21 +308,20 @@ def overview() -> Board:
     )
     board.panel(
         "timeseries",
-        "Request rate by status",
-        "Finished requests per second by model and HTTP status.",
+        "Request and error rates",
+        "Finished requests per second (failed ones included) and the requests the engine "
+        "failed, per engine and model, over 5 minutes (recorded).",
         "reqps",
         [
-            (
-                f"sum by (model, status) "
-                f"(rate(inference_requests_total{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))",
-                "{{model}} {{status}}",
-            )
+            (_engine_sum("vigil:engine_requests:rate5m"), "finished " + ENGINE_LEGEND),
+            (_engine_sum("vigil:engine_request_errors:rate5m"), "failed " + ENGINE_LEGEND),
         ],
     )
     board.panel(
         "timeseries",
         "Errors by type",
-        "Failed or refused requests per second by error type (HTTP 4xx and 5xx).",
+        "Failed or refused requests per second by error type (HTTP 4xx and 5xx). "
+        + ENGINE_VIGIL_ONLY,
         "reqps",
         [
             (
@@ -274,66 +334,88 @@ def overview() -> Board:
     board.panel(
         "timeseries",
         "Time to first token",
-        "p50, p95 and p99 of the time from arrival to the "
-        "first token (queue and prefill included).",
+        "p50 and p95 over 5 minutes of the time from arrival to the first token (queue and "
+        "prefill included), per engine and model, the highest over the instances chosen. TGI "
+        "has none.",
         "s",
-        _quantiles("gen_ai_server_time_to_first_token_seconds", INSTANCE_MODEL_FILTER),
+        _engine_quantiles("vigil:engine_time_to_first_token_seconds"),
         width=8,
     )
     board.panel(
         "timeseries",
-        "Time per output token",
-        "p50, p95 and p99 of the time between output tokens after the first.",
+        "Inter-token latency",
+        "p50 and p95 over 5 minutes of the time between output tokens, per engine and model, "
+        "the highest over the instances chosen (TGI's is its mean time per token, prefill "
+        "included).",
         "s",
-        _quantiles("gen_ai_server_time_per_output_token_seconds", INSTANCE_MODEL_FILTER),
+        _engine_quantiles("vigil:engine_inter_token_latency_seconds"),
         width=8,
     )
     board.panel(
         "timeseries",
         "Request duration",
-        "p50, p95 and p99 of the end-to-end duration.",
+        "p50 and p95 over 5 minutes of the end-to-end duration, per engine and model, the "
+        "highest over the instances chosen.",
         "s",
-        _quantiles("gen_ai_server_request_duration_seconds", INSTANCE_MODEL_FILTER),
+        _engine_quantiles("vigil:engine_request_duration_seconds"),
         width=8,
     )
     board.panel(
         "timeseries",
-        "Tokens per second",
-        "Generated and prompt tokens per second, per model.",
+        "Generated tokens per second",
+        "Generated tokens per second per engine and model, over 1 minute (recorded); the "
+        "prompt tokens come from this project's inference process (engine vigil) only.",
         "short",
         [
-            (
-                f"sum by (model) (rate(inference_generation_tokens_total"
-                f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))",
-                "generated {{model}}",
-            ),
+            (_engine_sum("vigil:engine_generation_tokens:rate1m"), "generated " + ENGINE_LEGEND),
             (
                 f"sum by (model) (rate(inference_prompt_tokens_total"
                 f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))",
-                "prompt {{model}}",
+                "prompt vigil {{model}}",
             ),
         ],
+        width=8,
     )
     board.panel(
         "timeseries",
-        "Queue",
-        "Requests waiting for a batch slot, and the running batch, per process.",
+        "Progress",
+        "The work the engine's forward passes did per second, over 1 minute: engine steps "
+        "(vigil), batch calls (TGI), prompt and generated tokens (vLLM), tokens or KV updates "
+        "(SGLang). 0 means no forward pass finished for a minute.",
         "short",
+        [(_engine_sum("vigil:engine_progress:rate1m"), ENGINE_LEGEND)],
+        width=8,
+    )
+    board.panel(
+        "timeseries",
+        "KV-cache usage",
+        "Share of the KV-cache pool in use, per engine and model, the highest over the "
+        "instances chosen; near 1 new requests wait. This project's inference process has no "
+        "pool (its cache grows per request, see admission control): no engine vigil here.",
+        "percentunit",
         [
             (
-                f"sum by (model, pid) (inference_queue_depth{{{INSTANCE_MODEL_FILTER}}})",
-                "queued {{model}} pid {{pid}}",
-            ),
-            (
-                f"sum by (model, pid) (inference_requests_running{{{INSTANCE_MODEL_FILTER}}})",
-                "running {{model}} pid {{pid}}",
-            ),
+                f"max by (engine, model) (vigil:engine_kv_cache_usage_ratio{{{ENGINE_FILTER}}})",
+                ENGINE_LEGEND,
+            )
+        ],
+        width=8,
+    )
+    board.panel(
+        "timeseries",
+        "Requests running and waiting",
+        "Requests in the running batch and requests queued for a slot, per engine and model.",
+        "short",
+        [
+            (_engine_sum("vigil:engine_requests_running"), "running " + ENGINE_LEGEND),
+            (_engine_sum("vigil:engine_requests_waiting"), "waiting " + ENGINE_LEGEND),
         ],
     )
     board.panel(
         "timeseries",
         "Oldest queued request",
-        "How long the oldest waiting request has waited; 0 when nothing waits.",
+        "How long the oldest waiting request has waited; 0 when nothing waits. "
+        + ENGINE_VIGIL_ONLY,
         "s",
         [
             (
@@ -349,7 +431,8 @@ def overview() -> Board:
         "timeseries",
         "Stalls, out-of-memory errors, empty outputs",
         "Engine stalls found by the "
-        "watchdog, out-of-memory errors and successful completions without text, per second.",
+        "watchdog, out-of-memory errors and successful completions without text, per second. "
+        + ENGINE_VIGIL_ONLY,
         "cps",
         [
             (
@@ -527,17 +610,83 @@ def hang_forensics() -> Board:
     board = Board(
         "vigil-hang-forensics",
         "llm-vigil / Hang forensics",
-        "Is the engine moving? "
-        "Heartbeat, process state, probes, and the stall reports and slow or failed "
-        "requests from the logs, each linked to its trace.",
+        "Is the engine moving? For every engine: progress against the pending work, KV-cache "
+        "usage and the engine's processes; for this project's own process also the heartbeat, "
+        "the stall flag and the stall reports, slow and failed requests from the logs, each "
+        "linked to its trace; probes of every target.",
         loki=True,
+        engines=True,
+    )
+    by = "engine, instance, model"
+    board.panel(
+        "timeseries",
+        "Progress against pending work",
+        "Pending work (requests running plus waiting, left axis) and the work the engine's "
+        "forward passes did per second over 1 minute (right axis), per engine, instance and "
+        "model. Pending above 0 with progress at 0 is a hang (InferenceEngineNoProgress); both "
+        "at 0 is idle.",
+        "short",
+        [
+            (
+                f"{_engine_sum('vigil:engine_requests_running', by)} + "
+                f"{_engine_sum('vigil:engine_requests_waiting', by)}",
+                "pending {{engine}} {{model}} {{instance}}",
+            ),
+            (
+                _engine_sum("vigil:engine_progress:rate1m", by),
+                "progress {{engine}} {{model}} {{instance}}",
+            ),
+        ],
+        overrides=RIGHT_AXIS_B,
+    )
+    board.panel(
+        "timeseries",
+        "KV-cache usage",
+        "Share of the KV-cache pool in use per engine, instance and model: a full pool keeps "
+        "requests waiting (InferenceKvCacheFull). This project's inference process has no pool "
+        "(its cache grows per request): no engine vigil here.",
+        "percentunit",
+        [
+            (
+                f"max by ({by}) (vigil:engine_kv_cache_usage_ratio{{{ENGINE_FILTER}}})",
+                "{{engine}} {{model}} {{instance}}",
+            )
+        ],
+    )
+    board.panel(
+        "table",
+        "Engine processes",
+        "The processes the exporter finds behind each local target's port (the listener and "
+        "its descendants: an API server, engine core, workers), with their /proc state and the "
+        "CPU cores each uses now (the value). A busy hang burns a core with no progress; a "
+        "process in disk_sleep is often stuck in the driver.",
+        "short",
+        [
+            (
+                "max by (instance, target, engine, model, role, comm, pid, state) ("
+                f"vigil_engine_process_info{{{ENGINE_FILTER}}} "
+                f"* on (instance, pid) group_left (state) "
+                f"(vigil_process_state{{{INSTANCE_FILTER}}} == 1) "
+                f"* on (instance, pid) group_left () "
+                f"rate(vigil_process_cpu_seconds_total{{{INSTANCE_FILTER}}}[{RATE_INTERVAL}]))",
+                "",
+            )
+        ],
+        width=24,
+        instant=True,
+        transformations=[
+            {
+                "id": "organize",
+                "options": {"excludeByName": {"Time": True}, "renameByName": {"Value": "CPU"}},
+            }
+        ],
     )
     board.panel(
         "timeseries",
         "Heartbeat age",
         "Seconds since the engine's last prefill or decode step, "
         "computed by the exporter at scrape time. It grows while idle too: read it with the "
-        "requests in flight beside it.",
+        "requests in flight beside it. " + ENGINE_VIGIL_ONLY,
         "s",
         [
             (
@@ -550,15 +699,16 @@ def hang_forensics() -> Board:
         "timeseries",
         "Requests in flight",
         "Requests accepted and not yet answered, per "
-        "process: with a growing heartbeat age, a hang.",
+        "process: with a growing heartbeat age, a hang. " + ENGINE_VIGIL_ONLY,
         "short",
         [(f"inference_requests_in_flight{{{INSTANCE_MODEL_FILTER}}}", "{{model}} pid {{pid}}")],
     )
     board.panel(
         "state-timeline",
         "Process state",
-        "The inference process's state from /proc (running, "
-        "sleeping, disk_sleep: uninterruptible, often in the driver; stopped; zombie).",
+        "Each inference process's state from /proc (running, "
+        "sleeping, disk_sleep: uninterruptible, often in the driver; stopped; zombie). "
+        + FOREIGN_PROCESSES,
         "none",
         [
             (
@@ -570,7 +720,8 @@ def hang_forensics() -> Board:
     board.panel(
         "timeseries",
         "CPU",
-        "CPU cores each inference process uses: a full core with no heartbeat is a busy hang.",
+        "CPU cores each inference process uses: a full core with no heartbeat or progress is a "
+        "busy hang. " + FOREIGN_PROCESSES,
         "short",
         [
             (
@@ -582,7 +733,7 @@ def hang_forensics() -> Board:
     board.panel(
         "timeseries",
         "Probe results",
-        "The exporter's checks of each target: /health, /ready "
+        "The exporter's checks of each target, whatever its engine: /health, /ready "
         "and the canary completion (1 success, 0 failure).",
         "none",
         [(f"vigil_probe_success{{{INSTANCE_FILTER}}}", "{{check}} {{target}}")],
@@ -590,7 +741,8 @@ def hang_forensics() -> Board:
     board.panel(
         "timeseries",
         "Canary latency",
-        "Duration of the last canary completion and its time to first token.",
+        "Duration of the last canary completion and its time to first token, per target, "
+        "whatever its engine.",
         "s",
         [
             (
@@ -606,7 +758,8 @@ def hang_forensics() -> Board:
     board.panel(
         "timeseries",
         "Engine stalled",
-        "1 while the watchdog holds the engine stalled; stalls counted by stage.",
+        "1 while the watchdog holds the engine stalled; stalls counted by stage. "
+        + ENGINE_VIGIL_ONLY,
         "short",
         [
             (
@@ -624,7 +777,8 @@ def hang_forensics() -> Board:
         "timeseries",
         "Process alive and exits",
         "1 while the inference process exists; unclean "
-        "exits (crash, kill, watchdog exit 75) counted per model.",
+        "exits (crash, kill, watchdog exit 75) counted per model, for this project's inference "
+        "processes (engine vigil) only. " + FOREIGN_PROCESSES,
         "short",
         [
             (f"vigil_process_alive{{{INSTANCE_MODEL_FILTER}}}", "alive pid {{pid}}"),
@@ -638,7 +792,8 @@ def hang_forensics() -> Board:
         "logs",
         "Stall reports",
         "The watchdog's ERROR line: stage, the engine thread's line, "
-        "every thread's stack (threads) and the requests with their trace ids.",
+        "every thread's stack (threads) and the requests with their trace ids. "
+        + ENGINE_VIGIL_ONLY,
         "none",
         [('{service="inference"} |= "stall report" | json', "")],
         logs=True,
@@ -648,7 +803,8 @@ def hang_forensics() -> Board:
     board.panel(
         "logs",
         "Slowest requests",
-        "Requests that took more than 10 s; the trace_id field links to the trace.",
+        "Requests that took more than 10 s; the trace_id field links to the trace. "
+        + ENGINE_VIGIL_ONLY,
         "none",
         [('{service="inference"} | json | message = "request finished" | duration_s > 10', "")],
         logs=True,
@@ -656,7 +812,7 @@ def hang_forensics() -> Board:
     board.panel(
         "logs",
         "Failed requests",
-        "Requests answered with a 5xx, with their error and trace id.",
+        "Requests answered with a 5xx, with their error and trace id. " + ENGINE_VIGIL_ONLY,
         "none",
         [('{service="inference"} | json | status >= 500', "")],
         logs=True,

@@ -1,6 +1,6 @@
-"""The Grafana dashboards: conventions, every PromQL query returning data from a real Prometheus
-after real traffic, every metric in the reference, every LogQL query parsed by Grafana's own
-LogQL grammar."""
+"""The Grafana dashboards: conventions, every PromQL query and every variable returning data from
+a real Prometheus after real traffic, every metric in the reference or recorded by the rules,
+every LogQL query parsed by Grafana's own LogQL grammar."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from conftest import start_exporter, start_prometheus, start_server
 
 from dashboards.generate import DASHBOARDS_DIR, render
@@ -21,7 +22,30 @@ from tools.metrics_reference import all_metric_names
 REPO = Path(__file__).resolve().parents[1]
 FLEET = Path(__file__).parent / "data" / "fake_fleet.json"
 LEZER = REPO / ".cache" / "npm" / "node_modules" / "@grafana" / "lezer-logql"
-PROM_VARS = {"$instance": ".*", "$model": ".*", "$gpu": ".*", "$__rate_interval": "1m"}
+PROM_VARS = {
+    "$instance": ".*",
+    "$engine": ".*",
+    "$model": ".*",
+    "$gpu": ".*",
+    "$__rate_interval": "1m",
+}
+# The boards whose engine-agnostic panels read the engine vocabulary (alerts/engines.py).
+ENGINE_BOARDS = ("overview.json", "hang-forensics.json")
+# Series only this project's inference process has (besides the vocabulary it feeds).
+OWN_SERIES = (
+    "inference_",
+    "gen_ai_",
+    "vigil_process_heartbeat_age_seconds",
+    "vigil_process_unclean_exits",
+)
+# Panels that cannot have data in the real-traffic test, with the reason. Each must come back
+# empty (or be taken off this list), and its query must return data once its series is swapped
+# for a stand-in with the same labels: the filters and aggregation are exercised all the same.
+EXPECTED_EMPTY = {
+    ("overview.json", "KV-cache usage"): "no engine with a KV pool in this test",
+    ("hang-forensics.json", "KV-cache usage"): "no engine with a KV pool in this test",
+}
+STAND_INS = {"vigil:engine_kv_cache_usage_ratio": "vigil:engine_requests_running"}
 LOKI_VARS = {
     "$service": "inference",
     "$level": "error",
@@ -53,6 +77,17 @@ def substitute(expr: str, values: dict[str, str]) -> str:
     return expr
 
 
+def recorded_names() -> set[str]:
+    """The series the committed rule files record (Prometheus loads alerts/*.rules.yml)."""
+    return {
+        rule["record"]
+        for path in sorted((REPO / "alerts").glob("*.rules.yml"))
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
+
+
 def test_the_four_dashboards():
     # That the committed files are current: tests/test_generated_files.py.
     assert set(render()) == {"overview.json", "gpus.json", "hang-forensics.json", "logs.json"}
@@ -80,21 +115,75 @@ def test_dashboard_conventions():
     assert "gpu" in {v["name"] for v in gpu_board["templating"]["list"]}
 
 
+def test_the_engine_boards_hold_for_every_engine():
+    """Overview and Hang forensics choose engines and read the vocabulary for their
+    engine-agnostic panels; a panel on this project's own series says that only engine vigil
+    fills it, one on the processes seen from /proc that other engines' appear there too."""
+    for name in ENGINE_BOARDS:
+        board = boards()[name]
+        variables = {v["name"]: v for v in board["templating"]["list"]}
+        engine = variables["engine"]
+        assert engine["definition"] == "label_values(vigil:engine_requests_running, engine)"
+        assert engine["multi"] and engine["includeAll"] and engine["allValue"] == ".*"
+        names = [v["name"] for v in board["templating"]["list"]]
+        assert names.index("instance") < names.index("engine") < names.index("model"), names
+        vocabulary = 0
+        for panel in board["panels"]:
+            where = f"{name} / {panel['title']}"
+            exprs = [target["expr"] for target in panel["targets"]]
+            read = set().union(*(metric_names(expr) for expr in exprs))
+            if any(n.startswith("vigil:engine_") for n in read):
+                vocabulary += 1
+                for expr in exprs:
+                    if "vigil:engine_" in expr:
+                        assert 'engine=~"$engine"' in expr, where
+                        assert not re.search(r"vigil:engine_\w*:rate\w*\{[^}]*\}\[", expr), where
+            own = any(n.startswith(OWN_SERIES) for n in read) or any(
+                'service="inference"' in expr for expr in exprs
+            )
+            if own:
+                assert "(engine vigil)" in panel["description"], where
+            process = any(
+                n.startswith("vigil_process_") and not n.startswith(OWN_SERIES) for n in read
+            )
+            if process and "vigil_engine_process_info" not in read:  # that one is every engine's
+                assert "Other engines' processes" in panel["description"], where
+        assert vocabulary >= 2, name
+    overview = {p["title"] for p in boards()["overview.json"]["panels"]}
+    assert {
+        "In flight",
+        "Request and error rates",
+        "Time to first token",
+        "Inter-token latency",
+        "Request duration",
+        "Generated tokens per second",
+        "Progress",
+        "KV-cache usage",
+        "Requests running and waiting",
+    } <= overview
+    hang = {p["title"] for p in boards()["hang-forensics.json"]["panels"]}
+    assert {"Progress against pending work", "Engine processes", "KV-cache usage"} <= hang
+
+
 def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression reads (label matchers and groupings removed)."""
+    """The metric names a PromQL expression reads (label matchers and groupings removed; the
+    names a ``__name__`` matcher lists, recorded names with their colons included)."""
+    named = {
+        name for pattern in re.findall(r'__name__=~?"([^"]*)"', expr) for name in pattern.split("|")
+    }
     expr = re.sub(r"\{[^}]*\}", "", expr)
     expr = re.sub(r"\b(by|on|without|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
     expr = re.sub(r"\[[^\]]*\]", "", expr)
     functions = {"histogram_quantile", "sort_desc", "label_values"}
-    return {
+    return named | {
         w
-        for w in re.findall(r"\b[a-zA-Z_][a-zA-Z0-9_]*\b", expr)
+        for w in re.findall(r"(?<![\w:])[a-zA-Z_:][a-zA-Z0-9_:]*(?![\w:])", expr)
         if ("_" in w or w.isupper()) and w not in functions
     }
 
 
 def test_every_metric_used_is_in_the_reference():
-    known = all_metric_names() | {"ALERTS"}
+    known = all_metric_names() | recorded_names() | {"ALERTS"}
     for _board, panel, expr in queries("prometheus"):
         assert metric_names(expr) - known == set(), (panel["title"], metric_names(expr) - known)
     for board in boards().values():
@@ -102,6 +191,14 @@ def test_every_metric_used_is_in_the_reference():
             if variable["type"] == "query":
                 assert metric_names(variable["definition"]) - known == set(), variable["name"]
     assert metric_names('sum by (le) (rate(a_b_bucket{x="y"}[1m])) / c_d') == {"a_b_bucket", "c_d"}
+    assert metric_names(
+        'sum by (m) (vigil:e_f:rate1m{m=~"$m"}) + a_b * on (p) group_left (s) c_d'
+    ) == {"vigil:e_f:rate1m", "a_b", "c_d"}
+    assert metric_names("vigil:e_f:rate1m + a_b") == {"vigil:e_f:rate1m", "a_b"}
+    assert metric_names('label_values({__name__=~"a_b|vigil:c_d"}, instance)') == {
+        "a_b",
+        "vigil:c_d",
+    }
 
 
 def test_every_logql_query_parses():
@@ -197,16 +294,49 @@ scrape_configs:
         )
         prometheus.wait_for("count(inference_empty_outputs_total)", lambda v: v is not None)
         prometheus.wait_for("count(vigil_gpu_xid_errors_total)", lambda v: v is not None)
+        # The vocabulary our own process feeds (the rules evaluate every second).
+        for series in ("vigil:engine_request_errors:rate5m", "vigil:engine_progress:rate1m"):
+            prometheus.wait_for(f'count({series}{{engine="vigil"}})', lambda v: v is not None)
+        prometheus.wait_for("count(vigil_engine_process_info)", lambda v: v is not None)
         time.sleep(3)
-        empty = []
+        empty, filled, stand_in_empty = [], [], []
         cuda = torch.cuda.is_available()
         for board, panel, expr in queries("prometheus"):
             if "cuda-only" in panel.get("tags", []) and not cuda:
                 continue
-            result = prometheus.query(substitute(expr, PROM_VARS))
-            if not result:
-                empty.append(f"{board} / {panel['title']}: {expr}")
+            where = f"{board} / {panel['title']}: {expr}"
+            result = prometheus.query(substitute(expr, PROM_VARS))  # a bad query raises here
+            reason = EXPECTED_EMPTY.get((board, panel["title"]))
+            if reason is None:
+                if not result:
+                    empty.append(where)
+                continue
+            if result:
+                filled.append(f"{where} (listed as empty: {reason})")
+            swapped = expr
+            for series, stand_in in STAND_INS.items():
+                swapped = swapped.replace(series, stand_in)
+            assert swapped != expr, f"{where}: no stand-in for its series"
+            if not prometheus.query(substitute(swapped, PROM_VARS)):
+                stand_in_empty.append(where)
         assert empty == [], "queries without data:\n" + "\n".join(empty)
+        assert filled == [], "listed as empty, yet with data:\n" + "\n".join(filled)
+        assert stand_in_empty == [], "empty with a stand-in series:\n" + "\n".join(stand_in_empty)
+        seen = {(board, panel["title"]) for board, panel, _expr in queries("prometheus")}
+        assert set(EXPECTED_EMPTY) <= seen
+        # Every query variable has values (label_values(selector, label) as a PromQL count).
+        for name, board in boards().items():
+            for variable in board["templating"]["list"]:
+                if variable["type"] != "query":
+                    continue
+                selector, label = re.fullmatch(
+                    r"label_values\((.+), (\w+)\)", variable["definition"]
+                ).groups()
+                query = substitute(f"count by ({label}) ({selector})", PROM_VARS)
+                values = {r["metric"].get(label) for r in prometheus.query(query)}
+                assert values - {None, ""}, f"{name}: variable {variable['name']}: {query}"
+                if variable["name"] == "engine":
+                    assert "vigil" in values, values
     finally:
         prometheus.stop()
         exporter.stop()
