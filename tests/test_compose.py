@@ -16,6 +16,13 @@
 - Grafana's data sources have their fixed uids, and the Loki derived field extracts the trace id
   from a real log line of the inference process and links to Tempo.
 - Alloy labels streams with service and level only: never trace_id or request_id.
+- The vLLM and SGLang overrides (compose/docker-compose.vllm.yml, .sglang.yml), merged with the
+  base file by the Compose specification's merge rules (implemented below and checked on the
+  specification's own examples; the CLI renders them too where it is installed), are valid
+  Compose documents in which our inference service is not started, the engine runs from a
+  pinned image with the GPU reserved, the HF cache, a health check on /health and loopback
+  listeners, the exporter targets the engine, and Prometheus loads a configuration that
+  promtool accepts, with the engine's scrape job (the one vigil.stack writes for --engine).
 """
 
 from __future__ import annotations
@@ -43,7 +50,14 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = REPO / "compose"
 BASE = COMPOSE_DIR / "docker-compose.yml"
 CPU = COMPOSE_DIR / "docker-compose.cpu.yml"
-COMPOSE_FILES = [BASE, CPU]
+# Engines watched instead of our inference process: override file, service, port, model variable.
+ENGINE_OVERRIDES = {
+    "vllm": (COMPOSE_DIR / "docker-compose.vllm.yml", 8000, "VLLM_MODEL"),
+    "sglang": (COMPOSE_DIR / "docker-compose.sglang.yml", 30000, "SGLANG_MODEL"),
+}
+COMPOSE_FILES = [BASE, CPU, *(path for path, _, _ in ENGINE_OVERRIDES.values())]
+# The default model of the engine overrides: the architecture of AutoGLM-Phone-9B.
+ENGINE_DEFAULT_MODEL = "zai-org/GLM-4.1V-9B-Thinking"
 ALERTS = REPO / "alerts"
 ALLOY_CONFIG = COMPOSE_DIR / "alloy" / "config.alloy"
 DATASOURCES_DIR = COMPOSE_DIR / "grafana" / "provisioning" / "datasources"
@@ -295,7 +309,9 @@ def _render(tmp_path: Path, files: list[Path], password: str | None) -> subproce
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("COMPOSE_") and k not in ("GRAFANA_ADMIN_PASSWORD", "VIGIL_MODEL")
+        if not k.startswith("COMPOSE_")
+        and k
+        not in ("GRAFANA_ADMIN_PASSWORD", "VIGIL_MODEL", "VLLM_MODEL", "SGLANG_MODEL", "HF_TOKEN")
     }
     if password is not None:
         env["GRAFANA_ADMIN_PASSWORD"] = password
@@ -1204,3 +1220,292 @@ def test_alloy_reads_this_project_and_parses_every_service_level(base):
     alloy = base["services"]["alloy"]
     (socket,) = [m for m in mounts(alloy) if m.source == "/var/run/docker.sock"]
     assert socket.read_only
+
+
+# --- (h) vLLM and SGLang instead of our inference process -----------------------------------
+
+
+def _volume_key(entry: Any) -> str:
+    if isinstance(entry, str):
+        parts = entry.split(":")
+        return parts[1] if len(parts) > 1 else parts[0]
+    return str(entry["target"])
+
+
+def _port_key(entry: Any) -> Any:
+    if isinstance(entry, (str, int)):
+        return str(entry)
+    return (entry.get("host_ip"), entry["target"], entry.get("published"), entry.get("protocol"))
+
+
+# The unique resources of a service, by their unique key (the specification's merge page).
+_UNIQUE_KEYS = {
+    "volumes": _volume_key,
+    "ports": _port_key,
+    "secrets": lambda e: e if isinstance(e, str) else e.get("target", e["source"]),
+    "configs": lambda e: e if isinstance(e, str) else e.get("target", e["source"]),
+}
+
+
+def merge_compose(base: Any, override: Any, path: tuple[str, ...] = ()) -> Any:
+    """Two Compose files merged as the Compose specification says (reference/compose-file/
+    merge): a mapping merges key by key; a sequence appends the override's items, except
+    `command`, `entrypoint` and `healthcheck.test`, which the override replaces, and the unique
+    resources (volumes, ports, secrets, configs), where an item with the same unique key
+    replaces the base's; `!reset` removes a key and `!override` replaces its value whole. Enough
+    for the files here (no `extends`, `include`, or list-form environment in an override)."""
+    if isinstance(override, Tagged):
+        assert override.tag == "!override", f"{'.'.join(path)}: {override.tag} is handled above"
+        return untag(override.value)
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            if isinstance(value, Tagged) and value.tag == "!reset":
+                merged.pop(key, None)
+            elif key in merged:
+                merged[key] = merge_compose(merged[key], value, (*path, str(key)))
+            else:
+                merged[key] = untag(value)
+        return merged
+    if isinstance(base, list) and isinstance(override, list):
+        in_service = len(path) == 3 and path[0] == "services"
+        if (in_service and path[-1] in ("command", "entrypoint")) or path[-2:] == (
+            "healthcheck",
+            "test",
+        ):
+            return untag(override)
+        if in_service and path[-1] in _UNIQUE_KEYS:
+            key_of = _UNIQUE_KEYS[path[-1]]
+            merged_list = list(base)
+            for item in untag(override):
+                same = [i for i, old in enumerate(merged_list) if key_of(old) == key_of(item)]
+                if same:
+                    merged_list[same[0]] = item
+                else:
+                    merged_list.append(item)
+            return merged_list
+        return [*base, *untag(override)]
+    return untag(override)
+
+
+def merged_compose(*paths: Path) -> dict[str, Any]:
+    doc = load_compose(paths[0])
+    for path in paths[1:]:
+        doc = merge_compose(doc, load_compose(path))
+    return untag(doc)
+
+
+def started(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services `up` starts with no profile enabled: those that have no profiles."""
+    return {name: s for name, s in services(doc).items() if not s.get("profiles")}
+
+
+def test_the_merge_follows_the_compose_specification():
+    """The examples of the specification's merge page, and what the CPU override does."""
+
+    def merge_text(base: str, override: str) -> dict[str, Any]:
+        load = lambda text: yaml.load(text, Loader=_ComposeLoader)  # noqa: E731, S506
+        return untag(merge_compose(load(base), load(override)))
+
+    assert merge_text(
+        "services: {foo: {key1: value1, key2: value2}}",
+        "services: {foo: {key2: VALUE, key3: value3}}",
+    ) == {"services": {"foo": {"key1": "value1", "key2": "VALUE", "key3": "value3"}}}
+    assert merge_text("services: {foo: {DNS: [1.1.1.1]}}", "services: {foo: {DNS: [8.8.8.8]}}") == {
+        "services": {"foo": {"DNS": ["1.1.1.1", "8.8.8.8"]}}
+    }
+    assert merge_text(
+        "services: {foo: {command: [echo, foo], healthcheck: {test: [CMD, a], retries: 2}}}",
+        "services: {foo: {command: [echo, bar], healthcheck: {test: [CMD, b]}}}",
+    ) == {
+        "services": {
+            "foo": {"command": ["echo", "bar"], "healthcheck": {"test": ["CMD", "b"], "retries": 2}}
+        }
+    }
+    assert merge_text(
+        "services: {foo: {volumes: ['./a:/data:ro', 'v:/cache']}}",
+        "services: {foo: {volumes: ['./b:/data:ro', './c:/etc/c:ro']}}",
+    ) == {"services": {"foo": {"volumes": ["./b:/data:ro", "v:/cache", "./c:/etc/c:ro"]}}}
+    assert merge_text(
+        "services: {foo: {deploy: {x: 1}, depends_on: {a: {condition: c}}, ports: ['1:1']}}",
+        "services: {foo: {deploy: !reset {}, depends_on: !override {b: {condition: d}}}}",
+    ) == {"services": {"foo": {"depends_on": {"b": {"condition": "d"}}, "ports": ["1:1"]}}}
+
+    cpu = merged_compose(BASE, CPU)
+    for name in ("inference", "exporter"):
+        assert "deploy" not in cpu["services"][name]
+    assert cpu["services"]["inference"]["build"] == {
+        **load_compose(BASE)["services"]["inference"]["build"],
+        "args": {"TORCH_INDEX_URL": "https://download.pytorch.org/whl/cpu"},
+    }
+    assert (
+        cpu["services"]["exporter"]["command"]
+        == load_compose(BASE)["services"]["exporter"]["command"]
+    )
+
+
+@pytest.fixture(scope="module", params=sorted(ENGINE_OVERRIDES))
+def engine(request) -> SimpleNamespace:
+    """One engine override, merged with the base file."""
+    name = request.param
+    path, port, variable = ENGINE_OVERRIDES[name]
+    doc = merged_compose(BASE, path)
+    return SimpleNamespace(
+        name=name,
+        path=path,
+        port=port,
+        variable=variable,
+        url=f"http://127.0.0.1:{port}",
+        doc=doc,
+        service=doc["services"][name],
+    )
+
+
+@needs_check_jsonschema
+def test_each_engine_override_merges_into_a_valid_compose_document(engine, tmp_path: Path):
+    merged = tmp_path / f"{engine.name}.merged.json"
+    merged.write_text(json.dumps(engine.doc, indent=1), encoding="utf-8")
+    result = _validate(merged)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_our_inference_service_is_not_started_with_an_engine(engine, base):
+    running = started(engine.doc)
+    assert "inference" in services(engine.doc) and "inference" not in running, (
+        "the override must leave our inference service out of `up`"
+    )
+    assert set(running) == (set(services(base)) - {"inference"}) | {engine.name}
+    for name, service in running.items():
+        for dependency in service.get("depends_on") or {}:
+            assert dependency in running, (
+                f"{name} depends on {dependency}, which `up` does not start: compose would "
+                "refuse, or start it"
+            )
+    assert engine.doc["services"]["exporter"]["depends_on"] == {
+        engine.name: {"condition": "service_started"}
+    }
+
+
+def test_the_engine_runs_from_a_pinned_image_on_the_gpu_with_the_hf_cache(engine):
+    service = engine.service
+    name, tag = _split_image(service["image"])
+    assert name == {"vllm": "vllm/vllm-openai", "sglang": "lmsysorg/sglang"}[engine.name]
+    assert tag and _VERSION_TAG.match(tag) and "$" not in service["image"], service["image"]
+    assert not service.get("build")
+    devices = _gpu_devices(service)
+    assert [(d["driver"], d.get("count"), d["capabilities"]) for d in devices] == [
+        ("nvidia", 1, ["gpu"])
+    ]
+    (cache,) = [m for m in mounts(service) if m.target == "/root/.cache/huggingface"]
+    assert cache.kind == "volume" and cache.source in engine.doc["volumes"]
+    assert environment(service)["HF_TOKEN"] == "${HF_TOKEN:-}"
+    command = command_list(service)
+    model_flag = {"vllm": "--model", "sglang": "--model-path"}[engine.name]
+    assert flag_values(command, model_flag) == [f"${{{engine.variable}:-{ENGINE_DEFAULT_MODEL}}}"]
+    if engine.name == "sglang":
+        # SGLang serves /metrics only with it (docs/engines-research.md).
+        assert "--enable-metrics" in command
+        assert command_list({"command": service["entrypoint"]}) == [
+            "python3",
+            "-m",
+            "sglang.launch_server",
+        ]
+
+
+def test_the_engine_listens_on_loopback_and_is_health_checked_on_health(engine):
+    service = engine.service
+    assert service.get("network_mode") == "host" and "ports" not in service
+    assert http_endpoints(service) == [f"127.0.0.1:{engine.port}"]
+    for name, other in started(engine.doc).items():
+        if str(other.get("restart", "no")) == "no":
+            continue
+        addresses = listen_addresses(other)
+        assert addresses, f"{name}: no explicit listen address (it would listen on all)"
+        wide = [f"{where}={a}" for where, a in addresses if not _is_loopback(a)]
+        assert not wide, f"{name} listens beyond loopback: {wide}"
+        assert "ports" not in other and other.get("network_mode") == "host", name
+    test = service["healthcheck"]["test"]
+    assert test[0] == "CMD", test
+    assert re.findall(r"https?://[^'\"\s]+", " ".join(test)) == [f"{engine.url}/health"]
+    assert service.get("restart") == "unless-stopped"
+
+
+def test_the_exporter_probes_the_engine(engine, base):
+    from vigil.engines import parse_target
+
+    exporter = engine.doc["services"]["exporter"]
+    assert exporter.get("pid") == "host", "the exporter finds the engine's processes by port"
+    (target,) = flag_values(command_list(exporter), "--target")
+    parsed = parse_target(target)
+    assert (parsed.engine, parsed.url) == (engine.name, engine.url)
+    assert parsed.url == f"http://{http_endpoints(engine.service)[0]}"
+    # Everything else as in the base file.
+    ours = command_list(base["services"]["exporter"])
+    assert command_list(exporter) == [target if arg == ours[-1] else arg for arg in ours]
+    assert ours[-2] == "--target"
+
+
+def test_prometheus_loads_the_engine_config_beside_the_alerts(engine, base):
+    """compose/prometheus/<engine>.yml is alerts/prometheus.yml with the rule files reached from
+    its mount and a scrape job for the engine: exactly what vigil.stack writes for --engine."""
+    from vigil.stack import prometheus_config, render_prometheus_config
+
+    prometheus = engine.doc["services"]["prometheus"]
+    path = config_file_of(prometheus)
+    assert path == COMPOSE_DIR / "prometheus" / f"{engine.name}.yml"
+    ours = command_list(base["services"]["prometheus"])
+    assert [a for a in command_list(prometheus) if not a.startswith("--config.file=")] == [
+        a for a in ours if not a.startswith("--config.file=")
+    ]
+    assert all(m.read_only for m in mounts(prometheus) if m.kind == "bind")
+    expected = prometheus_config(engine.name, engine.url, ["../alerts/*.rules.yml"])
+    actual = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert actual == expected, (
+        f"{path.relative_to(REPO)} differs from alerts/prometheus.yml plus the {engine.name} "
+        "job; it should read:\n" + render_prometheus_config(expected, "")
+    )
+    (job,) = [j for j in actual["scrape_configs"] if j["job_name"] == engine.name]
+    assert [t for sc in job["static_configs"] for t in sc["targets"]] == http_endpoints(
+        engine.service
+    )
+
+
+@pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)"
+)
+def test_promtool_accepts_the_engine_config_as_the_container_sees_it(engine, tmp_path: Path):
+    prometheus = engine.doc["services"]["prometheus"]
+    (config,) = flag_values(command_list(prometheus), "--config.file")
+    container_view(prometheus, tmp_path)
+    config_path = tmp_path / config.lstrip("/")
+    assert config_path.is_file(), f"{config} is not mounted"
+    rule_files = yaml.safe_load(config_path.read_text(encoding="utf-8"))["rule_files"]
+    expected = {p.name for p in ALERTS.glob("*.rules.yml")}
+    assert _globbed(config_path.parent, rule_files) == expected, (
+        "the container does not see every alerts/*.rules.yml from the engine config"
+    )
+    result = subprocess.run(
+        [PROMTOOL, "check", "config", str(config_path)], capture_output=True, text=True, timeout=120
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"SUCCESS: {len(expected)} rule files found" in output, output
+
+
+@needs_compose_cli
+def test_compose_renders_the_engine_overrides(engine, tmp_path: Path):
+    rendered = _rendered(tmp_path, [BASE, engine.path])
+    assert "inference" not in rendered["services"] or rendered["services"]["inference"].get(
+        "profiles"
+    )
+    service = rendered["services"][engine.name]
+    assert service["image"] == engine.service["image"]
+    assert _gpu_devices(service)
+    assert ENGINE_DEFAULT_MODEL in service["command"]
+    exporter = rendered["services"]["exporter"]
+    assert flag_values(exporter["command"], "--target") == [f"{engine.name}={engine.url}"]
+    assert set(exporter["depends_on"]) == {engine.name}
+    assert (
+        f"--config.file=/etc/vigil/prometheus/{engine.name}.yml"
+        in (rendered["services"]["prometheus"]["command"])
+    )
