@@ -17,6 +17,7 @@ from vigil.engines import parse_target
 from vigil.gpu.fake import FakeFleet
 from vigil.gpu.nvml import NvmlBackend
 
+from .collectors.engines import EngineStateCollector
 from .collectors.gpu import GpuCollector
 from .collectors.inference import InferenceCollector
 from .collectors.probe import ProbeCollector
@@ -24,6 +25,7 @@ from .collectors.processes import ProcessCollector
 from .config import ConfigError, ExporterConfig
 from .engine_processes import EngineProcessWatcher
 from .gpu.poller import GpuPoller
+from .hang_dumps import HangDumper
 from .http import start_server
 from .inference_dir import InferenceDirectory
 from .probe import TargetProber
@@ -38,6 +40,7 @@ class Exporter:
     poller: GpuPoller | None
     registry: CollectorRegistry
     engines: EngineProcessWatcher
+    dumper: HangDumper | None = None
     server: Any = None
     port: int = 0
 
@@ -49,6 +52,8 @@ class Exporter:
         for prober in self.probers:
             prober.start()
         self.engines.start()
+        if self.dumper is not None:
+            self.dumper.start()
         try:
             self.server = start_server(self.config.host, self.config.port, self.registry)
         except OSError as exc:
@@ -60,6 +65,8 @@ class Exporter:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+        if self.dumper is not None:
+            self.dumper.stop()
         self.engines.stop()
         for prober in self.probers:
             prober.stop()
@@ -140,9 +147,21 @@ def build_exporter(config: ExporterConfig) -> Exporter:
     ]
     if poller is not None:
         collectors.append(("gpu", GpuCollector(poller, pid_models)))
+    dumper = (
+        HangDumper(
+            probers,
+            engines,
+            after=config.hang_dump_after,
+            interval=config.hang_dump_interval,
+            py_spy=config.py_spy,
+        )
+        if config.hang_dumps and probers
+        else None
+    )
     if probers:
         collectors.append(("probe", ProbeCollector(probers)))
-    return Exporter(config, directory, probers, poller, build_registry(collectors), engines)
+        collectors.append(("engines", EngineStateCollector(probers, dumper)))
+    return Exporter(config, directory, probers, poller, build_registry(collectors), engines, dumper)
 
 
 def serve(config: ExporterConfig) -> int:

@@ -299,6 +299,65 @@ EXPORTER_METRICS: tuple[MetricSpec, ...] = (
         "configured (named in --target ENGINE=URL) or recognised (from the metric names of its "
         "/metrics).",
     ),
+    # ---- the engines' own state, read from their /metrics by the exporter -----------------
+    M(
+        "vigil_engine_metrics_up",
+        "gauge",
+        "",
+        ("target", "engine"),
+        "1 when the exporter's last read of the target's own /metrics succeeded (within "
+        "--probe-timeout), 0 when it failed (a frozen engine does not answer): the engine's "
+        "last known requests then stay published and its progress stands still.",
+    ),
+    M(
+        "vigil_engine_requests_running",
+        "gauge",
+        "requests",
+        ("target", "engine", "model"),
+        "Requests in the engine's running batch, from its own gauge (vigil "
+        "inference_requests_running, vLLM num_requests_running, SGLang num_running_reqs, TGI "
+        "tgi_batch_current_size), summed per model; the last known value while /metrics cannot "
+        "be read. model: the engine's model label, or the model GET /v1/models lists (TGI).",
+    ),
+    M(
+        "vigil_engine_requests_waiting",
+        "gauge",
+        "requests",
+        ("target", "engine", "model"),
+        "Requests queued for a slot, from the engine's own gauge (vigil inference_queue_depth, "
+        "vLLM num_requests_waiting, SGLang num_queue_reqs, TGI tgi_queue_size), summed per "
+        "model; the last known value while /metrics cannot be read.",
+    ),
+    M(
+        "vigil_engine_progress",
+        "counter",
+        "",
+        ("target", "engine", "model"),
+        "Work the engine's forward passes did, as the exporter saw it: every increase of its "
+        "progress counters (vigil forward passes, vLLM prompt and generated tokens, SGLang "
+        "generated tokens, TGI prefill and decode calls) plus one per change of SGLang's "
+        "num_used_tokens. Kept by the exporter, so it never decreases, across engine restarts "
+        "too; flat while /metrics cannot be read. With requests pending, a flat rate means a "
+        "hung engine.",
+    ),
+    M(
+        "vigil_engine_last_progress_timestamp_seconds",
+        "gauge",
+        "seconds",
+        ("target", "engine", "model"),
+        "Unix time at which the exporter last saw the engine's progress move (before any, when "
+        "it first read the model's series).",
+    ),
+    M(
+        "vigil_engine_hang_dumps",
+        "counter",
+        "dumps",
+        ("target", "engine", "result"),
+        "Hang reports written with --hang-dumps (work pending and no progress for "
+        "--hang-dump-after seconds), result: ok (at least one Python stack read with py-spy), "
+        "failed (py-spy ran and read none), unavailable (no py-spy, no ptrace permission, a "
+        "target on another host, or no process found behind its port).",
+    ),
     # ---- the exporter itself ------------------------------------------------------------------
     M(
         "vigil_exporter_build_info",

@@ -11,6 +11,7 @@ from vigil.options import (
     ConfigError,
     Option,
     OptionSet,
+    boolean,
     optional_str,
     port,
     positive_float,
@@ -31,6 +32,12 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise ValueError("must be zero or a positive number of seconds")
     return value
+
+
+def _executable(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must name an executable (a name looked up on PATH, or a path)")
+    return text
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -121,6 +128,35 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SECONDS",
     ),
     Option(
+        "hang_dumps",
+        boolean,
+        "Dump the Python stacks of a local target's engine processes with py-spy when it hangs "
+        "(work pending and no progress for --hang-dump-after seconds) and log them in one "
+        "'engine hang report' line at ERROR. Needs ptrace permission (in a container: cap_add "
+        "SYS_PTRACE and pid: host).",
+        flag_only=True,
+    ),
+    Option(
+        "hang_dump_after",
+        positive_float,
+        "Seconds of work pending (requests running or waiting) and no progress in a target's "
+        "/metrics before its engine counts as hung.",
+        metavar="SECONDS",
+    ),
+    Option(
+        "hang_dump_interval",
+        positive_float,
+        "Seconds between two hang reports of the same target, at most.",
+        metavar="SECONDS",
+    ),
+    Option(
+        "py_spy",
+        _executable,
+        "The py-spy executable for the hang reports (default: py-spy on PATH, else beside the "
+        "exporter's Python).",
+        metavar="PATH",
+    ),
+    Option(
         "log_level",
         str,
         "Lowest log level written.",
@@ -146,6 +182,10 @@ class ExporterConfig:
     gpu_interval: float = 2.0
     gpu_max_age: float = 30.0
     dead_process_retention: float = 600.0
+    hang_dumps: bool = False
+    hang_dump_after: float = 120.0
+    hang_dump_interval: float = 600.0
+    py_spy: str = "py-spy"
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

@@ -4,9 +4,10 @@ Every ``interval`` seconds: ``GET /health`` and ``GET /ready``; every ``canary_i
 seconds: a streamed ``POST /v1/completions`` of a few tokens, timed to its first token. Any
 OpenAI-compatible server can be a target (vLLM and SGLang too; a server without ``/ready``
 shows its 404 there). A target's engine (vigil, vllm, sglang, tgi) is the one ``--target``
-names, or else recognised from the metric names of its ``GET /metrics``. The model for the
-canary is ``canary_model``, or the first that ``GET /v1/models`` lists. Results are kept for the
-collector; nothing here runs on the scrape.
+names, or else recognised from the metric names of its ``GET /metrics``. Once the engine is
+known, its ``/metrics`` is read every round for its requests and progress
+(exporter/engine_state.py). The model for the canary is ``canary_model``, or the first that
+``GET /v1/models`` lists. Results are kept for the collector; nothing here runs on the scrape.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from loguru import logger
 
-from vigil.engines import recognise
+from vigil.engines import SERIES, recognise
+
+from .engine_state import EngineSnapshot, EngineStateTracker
 
 CHECKS = ("health", "ready", "canary")
 USER_AGENT = "llm-vigil-exporter/0.1 (probe)"
@@ -63,6 +66,7 @@ class TargetState:
     engine: str | None = None  # vigil, vllm, sglang, tgi; None: not known (yet)
     engine_source: str = ""  # configured (named in --target) or recognised (from /metrics)
     model: str | None = None  # what GET /v1/models lists first; None while not known
+    engine_state: EngineSnapshot | None = None  # from its /metrics; None until first read
 
 
 class TargetProber:
@@ -101,6 +105,7 @@ class TargetProber:
         self._model: str | None = canary_model
         self._next_canary = 0.0
         self._canaries = 0
+        self._tracker: EngineStateTracker | None = None
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name=f"probe {self.label}", daemon=True).start()
@@ -110,9 +115,11 @@ class TargetProber:
 
     def state(self) -> TargetState:
         with self._lock:
-            return replace(
+            tracker = self._tracker
+            state = replace(
                 self._state, results=dict(self._state.results), counts=dict(self._state.counts)
             )
+        return replace(state, engine_state=tracker.snapshot() if tracker is not None else None)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -124,10 +131,17 @@ class TargetProber:
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def run_once(self) -> None:
-        # The engine: until it is recognised, every round; then now and again.
+        # The engine: until it is recognised, every round; then now and again. Its /metrics,
+        # read once for both, then says what it is doing.
         due = time.monotonic() >= self._next_recognition
-        if self._state.engine_source != "configured" and due and self._recognise():
+        recognising = self._state.engine_source != "configured" and due
+        metrics: bytes | str | None = None  # the body, or why it could not be read
+        if recognising or self._state.engine is not None:
+            metrics = self._fetch_metrics()
+        if recognising and isinstance(metrics, bytes) and self._recognise(metrics):
             self._next_recognition = time.monotonic() + RECOGNISE_EVERY_S
+        if metrics is not None:
+            self._track(metrics)
         if self._state.model is None and self.canary_interval == 0:
             self._learn_model()  # the canary learns it otherwise
         self._record("health", self._get("/health"))
@@ -188,9 +202,8 @@ class TargetProber:
                 raise ProbeTimeout(f"the answer is larger than {limit} bytes")
             yield chunk
 
-    def _recognise(self) -> bool:
-        """Tell the engine from the names in its /metrics; whether it could (an engine known
-        before is kept when /metrics cannot be read now)."""
+    def _fetch_metrics(self) -> bytes | str:
+        """The target's /metrics, read within the timeout and the size limit; else why not."""
         start = time.monotonic()
         try:
             with self.session.get(self.url + "/metrics", timeout=self.timeout, stream=True) as r:
@@ -198,7 +211,27 @@ class TargetProber:
                 r.raise_for_status()
         except (requests.RequestException, ProbeTimeout) as exc:
             logger.debug("cannot read /metrics of {}: {}", self.label, _short(exc))
-            return False
+            return _short(exc)
+        return body
+
+    def _track(self, metrics: bytes | str) -> None:
+        """Feed the engine's state with this round's /metrics (or its failure)."""
+        engine = self._state.engine
+        if engine not in SERIES:
+            return
+        tracker = self._tracker
+        if tracker is None or tracker.engine != engine:  # first known, or another engine now
+            tracker = EngineStateTracker(self.label, engine, self.clock)
+            with self._lock:
+                self._tracker = tracker
+        if isinstance(metrics, bytes):
+            tracker.observe(metrics.decode("utf-8", "replace"))
+        else:
+            tracker.failed(metrics)
+
+    def _recognise(self, body: bytes) -> bool:
+        """Tell the engine from the names in its /metrics; whether it could (an engine known
+        before is kept when /metrics cannot be read now)."""
         engine = recognise(body.decode("utf-8", "replace"))
         if engine is None:
             return False

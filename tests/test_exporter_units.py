@@ -92,12 +92,33 @@ def test_config_flags_environment_and_defaults():
             "unknown environment variable(s) VIGIL_EXPORTER_TARGETS",
         ),
         (["--gpu-backend", "fake"], {}, "--gpu-backend fake needs --fake-gpu-fleet"),
+        (
+            ["--hang-dump-after", "0"],
+            {},
+            "--hang-dump-after: '0' is not valid (must be a positive number of seconds)",
+        ),
+        ([], {"VIGIL_EXPORTER_HANG_DUMP_INTERVAL": "soon"}, "VIGIL_EXPORTER_HANG_DUMP_INTERVAL"),
+        ([], {"VIGIL_EXPORTER_HANG_DUMPS": "maybe"}, "(must be true or false)"),
+        (["--py-spy", " "], {}, "--py-spy: ' ' is not valid (must name an executable"),
     ],
 )
 def test_config_errors_name_the_option(argv, environ, message):
     with pytest.raises(ConfigError) as error:
         load_config(argv, environ=environ)
     assert message in str(error.value)
+
+
+def test_hang_dump_options():
+    config = load_config([], environ={})
+    assert not config.hang_dumps and config.py_spy == "py-spy"
+    assert (config.hang_dump_after, config.hang_dump_interval) == (120.0, 600.0)
+    config = load_config(
+        ["--hang-dumps", "--hang-dump-after", "30", "--py-spy", "/opt/py-spy/bin/py-spy"],
+        environ={"VIGIL_EXPORTER_HANG_DUMP_INTERVAL": "900"},
+    )
+    assert config.hang_dumps and config.hang_dump_after == 30.0
+    assert config.hang_dump_interval == 900.0 and config.py_spy == "/opt/py-spy/bin/py-spy"
+    assert load_config([], environ={"VIGIL_EXPORTER_HANG_DUMPS": "true"}).hang_dumps
 
 
 def test_target_label_drops_credentials_query_and_slash():

@@ -29,6 +29,75 @@ _SIGNATURES = {
 }
 
 
+@dataclass(frozen=True)
+class EngineSeries:
+    """The series of an engine's own /metrics that say whether it has work and whether its
+    forward passes complete: what the exporter reads itself (exporter/engine_state.py), and the
+    same names the recording rules map (alerts/engines.py), where each profile cites its source.
+
+    Names are as scraped (a counter with the suffix it is exposed with, if any)."""
+
+    running: str  # gauge: requests in the running batch
+    waiting: str  # gauge: requests queued for a slot
+    # Counters that move with the forward passes: each increase is progress.
+    progress_counters: tuple[str, ...]
+    # Gauges the engine republishes while it steps: each change of value is progress.
+    progress_gauges: tuple[str, ...] = ()
+    model_label: str | None = None  # the label holding the served model's name (None: none)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(
+            (self.running, self.waiting, *self.progress_counters, *self.progress_gauges)
+        )
+
+
+SERIES: dict[str, EngineSeries] = {
+    # This project's inference process (inference/telemetry/catalog.py): prometheus_client in
+    # multiprocess mode, gauges per live pid (a pid label), forward passes by stage.
+    "vigil": EngineSeries(
+        running="inference_requests_running",
+        waiting="inference_queue_depth",
+        progress_counters=("inference_engine_steps_total",),
+        model_label="model",
+    ),
+    # vLLM V1 (vllm-project/vllm vllm/v1/metrics/loggers.py: num_requests_running :527,
+    # num_requests_waiting :537, prompt_tokens :747, generation_tokens :798 @0.33.0), 0.8.0 to
+    # 0.33.0. Both token counters move at every engine iteration (a chunked prefill moves the
+    # prompt one, decoding the generation one); every series carries model_name and, from 0.8.3,
+    # engine (the engine-core index: summed per model). Counters scrape with _total.
+    "vllm": EngineSeries(
+        running="vllm:num_requests_running",
+        waiting="vllm:num_requests_waiting",
+        progress_counters=("vllm:generation_tokens_total", "vllm:prompt_tokens_total"),
+        model_label="model_name",
+    ),
+    # SGLang (sgl-project/sglang python/sglang/srt/observability/metrics_collector.py
+    # num_running_reqs :364, num_queue_reqs :370, num_used_tokens :432, generation_tokens :1860
+    # @0.5.23; srt/metrics/collector.py up to 0.5.9), 0.4.5 to 0.5.23, with --enable-metrics.
+    # The token counter moves once per finished request, so each change of num_used_tokens,
+    # which the scheduler republishes every decode log interval while it decodes, counts too.
+    "sglang": EngineSeries(
+        running="sglang:num_running_reqs",
+        waiting="sglang:num_queue_reqs",
+        progress_counters=("sglang:generation_tokens_total",),
+        progress_gauges=("sglang:num_used_tokens",),
+        model_label="model_name",
+    ),
+    # TGI (huggingface/text-generation-inference backends/v3/src/backend.rs: batch_current_size
+    # :170,290, batch_inference_count :305-381; queue.rs: queue_size :143,158 @v3.3.7), v1.4.0 to
+    # v3.3.7. Router metrics with no model label; counters scrape WITHOUT _total
+    # (metrics-exporter-prometheus render()). batch_inference_count counts the prefill and
+    # decode calls of the batch (label method).
+    "tgi": EngineSeries(
+        running="tgi_batch_current_size",
+        waiting="tgi_queue_size",
+        progress_counters=("tgi_batch_inference_count",),
+        model_label=None,
+    ),
+}
+
+
 def recognise(exposition: str) -> str | None:
     """The engine whose metrics these are, or None when no signature (or several) is found."""
     found = [engine for engine, signature in _SIGNATURES.items() if signature.search(exposition)]
