@@ -146,7 +146,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "hang_dump_interval",
         positive_float,
-        "Seconds between two hang reports of the same target, at most.",
+        "At most one hang report per target in this many seconds (while it stays hung, one "
+        "more after each interval).",
         metavar="SECONDS",
     ),
     Option(

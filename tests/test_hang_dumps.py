@@ -308,7 +308,7 @@ def test_a_frozen_engine_keeps_its_pending_work_published_and_is_reported_with_i
     labels = {"target": server.base_url, "engine": "vigil", "model": "demo"}
     sockets = []
     try:
-        for i in range(3):
+        for i in range(4):
             body = {"model": "demo", "prompt": f"long {i}", "max_tokens": 1900, "ignore_eos": True}
             sockets.append(_open_request(server.base_url, body))
 
