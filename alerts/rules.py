@@ -60,6 +60,12 @@ PARAMETERS: dict[str, Parameter] = {
         "hung: with that 1m window, at least 2 minutes without progress, longer than one long "
         "prefill and shorter than vLLM's and SGLang's own 300 s timeouts.",
     ),
+    "engine_progress_window": Parameter(
+        "1m",
+        "Window over which the exporter's view of an engine's progress "
+        "(vigil_engine_progress_total) must not move, for an engine Prometheus cannot scrape "
+        "itself (frozen, or no scrape job of its own).",
+    ),
     "kv_full_ratio": Parameter(
         "0.98", "Share of an engine's KV-cache pool in use that counts as full (with a queue)."
     ),
@@ -167,16 +173,29 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             for_=p["engine_hang_for"],
             severity="critical",
             cause="hang",
-            expr="""(vigil:engine_requests_running + vigil:engine_requests_waiting) > 0
+            expr=f"""(
+            (vigil:engine_requests_running + vigil:engine_requests_waiting) > 0
             and on (engine, instance, model)
-            vigil:engine_progress:rate1m == 0""",
+            vigil:engine_progress:rate1m == 0
+            )
+            or
+            (
+            sum by (instance, target, engine, model) (vigil_engine_requests_running)
+            + sum by (instance, target, engine, model) (vigil_engine_requests_waiting) > 0
+            and on (instance, target, engine, model)
+            sum by (instance, target, engine, model) (increase(vigil_engine_progress_total[{p["engine_progress_window"]}])) == 0
+            unless on (engine, model)
+            vigil:engine_progress:rate1m
+            )""",
             summary="{{ $labels.engine }} engine of {{ $labels.model }} makes no progress",
             description=(
                 "{{ $value }} requests run or wait on {{ $labels.model }} ({{ $labels.engine }}) "
                 "at {{ $labels.instance }}, and no forward pass has finished for over "
                 f"{p['engine_hang_for']} plus a minute: the engine is hung (a collective that "
                 "never returns, a wedged GPU, a frozen process). Any engine: the hang layer "
-                "for the servers whose own watchdog we do not run."
+                "for the servers whose own watchdog we do not run. Seen by Prometheus from the "
+                "engine's own metrics or, when it cannot scrape them (a frozen engine), by the "
+                "exporter ({{ $labels.target }})."
             ),
         ),
         Alert(

@@ -209,3 +209,62 @@ def test_every_engine_is_recorded_in_the_vocabulary(tmp_path):
             }
         )
     _run(tmp_path, tests)
+
+
+# The exporter's own view of a target (exporter/engine_state.py), published under its job.
+EXPORTER_VIEW = 'instance="n1:9400",job="vigil-exporter",target="http://127.0.0.1:8000",engine="vllm",model="glm"'
+
+
+def test_an_engine_prometheus_cannot_scrape_is_seen_hung_through_the_exporter(tmp_path):
+    """A frozen engine answers no scrape (its own series go stale), but the exporter keeps
+    publishing its last pending work and a progress counter that no longer moves."""
+    labels = _alert_labels("InferenceEngineNoProgress")
+    pending = [
+        {"series": f"vigil_engine_requests_running{{{EXPORTER_VIEW}}}", "values": "1x40"},
+        {"series": f"vigil_engine_requests_waiting{{{EXPORTER_VIEW}}}", "values": "2x40"},
+    ]
+    at = {
+        "instance": "n1:9400",
+        "target": "http://127.0.0.1:8000",
+        "engine": "vllm",
+        "model": "glm",
+    }
+    vllm = ENGINES["vllm"]["labels"]
+
+    def alert_test(name: str, extra: list, progress: str, fires: bool) -> dict:
+        return {
+            "interval": STEP,
+            "name": name,
+            "input_series": pending
+            + [{"series": f"vigil_engine_progress_total{{{EXPORTER_VIEW}}}", "values": progress}]
+            + extra,
+            "alert_rule_test": [
+                {
+                    "eval_time": "10m",
+                    "alertname": "InferenceEngineNoProgress",
+                    "exp_alerts": [{"exp_labels": {**labels, **at}}] if fires else [],
+                }
+            ],
+        }
+
+    # vLLM's own series stop at minute 2 (it answers no scrape); the exporter's view goes on.
+    frozen = [
+        {"series": f"vllm:num_requests_running{{{vllm}}}", "values": "1x8"},
+        {"series": f"vllm:generation_tokens_total{{{vllm}}}", "values": "0+20x8"},
+    ]
+    # Prometheus sees the engine progress itself: the exporter's stale view does not count.
+    moving = [
+        {"series": f"vllm:num_requests_running{{{vllm}}}", "values": "1x40"},
+        {"series": f"vllm:num_requests_waiting{{{vllm}}}", "values": "2x40"},
+        {"series": f"vllm:generation_tokens_total{{{vllm}}}", "values": "0+20x40"},
+    ]
+    _run(
+        tmp_path,
+        [
+            alert_test("frozen: only the exporter sees it", frozen, "0+20x8 160x32", True),
+            alert_test("exporter-only engine, moving", [], "0+20x40", False),
+            alert_test(
+                "the exporter's view lags, the engine moves", moving, "0+20x8 160x32", False
+            ),
+        ],
+    )
