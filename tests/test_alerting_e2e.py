@@ -7,9 +7,14 @@ long legitimate generation and an idle period raise no hang notification."""
 
 from __future__ import annotations
 
+import shutil
+import signal
+import sys
 import threading
 import time
+from pathlib import Path
 
+import pytest
 import requests
 import yaml
 from conftest import (
@@ -218,4 +223,101 @@ def test_hang_and_oom_reach_a_person_and_legitimate_work_does_not(tmp_path, demo
         manager.stop()
         exporter.stop()
         server.stop()
+        receiver.stop()
+
+
+def test_a_frozen_foreign_engine_reaches_a_person_with_its_stacks(tmp_path, demo_dir):
+    """Our own server watched as a foreign engine is (its state directory not shared, Prometheus
+    scraping its /metrics in a job of its own): the exporter finds its pid from the port;
+    SIGSTOP on it stops every scrape of it, yet the any-engine hang alert reaches the receiver
+    through the exporter's view, and the exporter logs the py-spy stacks of the stopped process."""
+    if shutil.which("py-spy") is None and not (Path(sys.executable).parent / "py-spy").exists():
+        pytest.skip("py-spy is not installed (pip install py-spy)")
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    parameters = {**TEST_PARAMETERS, "engine_progress_window": "5s", "engine_hang_for": "3s"}
+    for name, text in render(parameters).items():
+        (rules_dir / name).write_text(text)
+    receiver = WebhookReceiver()
+    (tmp_path / "engine").mkdir()
+    server = start_server(
+        tmp_path / "engine", demo_dir, "--enable-fault-injection", "--stall-timeout", "3600"
+    )
+    target = f"vigil={server.base_url}"
+    exporter = start_exporter(
+        tmp_path,
+        tmp_path / "exporter-state",
+        *("--target", target, "--gpu-backend", "none", "--canary-interval", "0"),
+        *("--probe-interval", "0.5", "--hang-dumps", "--hang-dump-after", "3"),
+    )
+    manager = start_alertmanager(tmp_path, alertmanager_config(receiver.url))
+    config = yaml.safe_load(
+        prometheus_config(
+            rules_dir,
+            exporter.base_url.removeprefix("http://"),
+            manager.base_url.removeprefix("http://"),
+        )
+    )
+    config["scrape_configs"].append(
+        {"job_name": "vigil", "static_configs": [{"targets": [server.base_url[7:]]}]}
+    )
+    prometheus = start_prometheus(tmp_path, yaml.safe_dump(config), "--rules.alert.resend-delay=1s")
+    pid = str(server.process.pid)
+    try:
+        receiver.wait_for("Watchdog", timeout=60)
+        # A request held mid-decode (the engine hangs in a forward pass), then the whole process
+        # frozen: no scrape of it answers any more.
+        requests.post(
+            server.url("/debug/fault"),
+            timeout=10,
+            json={"fault": "hang", "stage": "decode", "seconds": None},
+        ).raise_for_status()
+        threading.Thread(
+            target=lambda: requests.post(
+                server.url("/v1/completions"),
+                timeout=120,
+                json={"model": "demo", "prompt": "go on", "max_tokens": 64},
+            ),
+            daemon=True,
+        ).start()
+
+        def seen(name: str, **labels: str) -> bool:
+            try:
+                return exporter.sample(name, **labels) >= 1
+            except KeyError:
+                return False
+
+        exporter.wait_for(
+            lambda: seen("vigil_engine_requests_running", engine="vigil", model="demo"),
+            30,
+            "the request seen running by the exporter",
+        )
+        exporter.wait_for(
+            lambda: seen("vigil_engine_process_info", pid=pid, role="listener"),
+            30,
+            "the engine's process found from its port",
+        )
+        frozen_at = time.time()
+        server.process.send_signal(signal.SIGSTOP)
+        notice = receiver.wait_for(
+            "InferenceEngineNoProgress", "firing", timeout=90, after=frozen_at
+        )
+        assert notice["labels"]["engine"] == "vigil" and notice["labels"]["model"] == "demo"
+        assert notice["labels"]["target"] == server.base_url
+        assert notice["labels"]["severity"] == "critical"
+
+        def reports() -> list[dict]:
+            return [
+                line for line in exporter.logs() if line["message"].startswith("engine hang report")
+            ]
+
+        exporter.wait_for(lambda: reports() != [], 60, "the engine hang report")
+        report = reports()[0]
+        assert report["level"] == "ERROR" and report["target"] == server.base_url
+        (listener,) = [p for p in report["processes"] if str(p["pid"]) == pid]
+        assert "stack" in listener and "engine" in listener["stack"], listener
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        for part in (prometheus, manager, exporter, server):
+            part.stop()
         receiver.stop()
