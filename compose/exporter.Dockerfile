@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # The companion exporter's image: the light install (`pip install .`: prometheus-client,
-# nvidia-ml-py, requests, loguru, ...; no torch, transformers or OpenTelemetry).
+# nvidia-ml-py, requests, loguru, ...; no torch, transformers or OpenTelemetry) with py-spy
+# (the [dumps] extra) for its hang reports of foreign engines.
 # Built by compose with the repository root as context (the root .dockerignore sends only what
 # pip needs):  docker compose -f compose/docker-compose.yml build exporter
 #
@@ -24,7 +25,7 @@ COPY vigil ./vigil
 COPY alerts ./alerts
 COPY dashboards ./dashboards
 # Not editable: the venv holds its own copy, and /src stays behind in this stage.
-RUN /opt/venv/bin/pip install .
+RUN /opt/venv/bin/pip install ".[dumps]"
 
 # --- the image: the base and the venv, nothing of the build --------------------------------
 FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d

@@ -729,7 +729,9 @@ def test_the_exporter_image_gets_the_light_install(pyproject):
         return [w for args in installs for w in args if not w.startswith("-")]
 
     exporter = targets("exporter")
-    assert exporter == ["."], f"the exporter image installs {exporter}"
+    assert exporter in (["."], [".[dumps]"]), f"the exporter image installs {exporter}"
+    dumps = _requirement_names(pyproject["project"]["optional-dependencies"]["dumps"])
+    assert not dumps & SERVE_ONLY, f"the [dumps] extra requires {sorted(dumps & SERVE_ONLY)}"
     inference = targets("inference")
     assert ".[serve]" in inference, f"the inference image installs {inference}"
 
@@ -1439,10 +1441,13 @@ def test_the_exporter_probes_the_engine(engine, base):
     parsed = parse_target(target)
     assert (parsed.engine, parsed.url) == (engine.name, engine.url)
     assert parsed.url == f"http://{http_endpoints(engine.service)[0]}"
-    # Everything else as in the base file.
+    # Everything else as in the base file, with the engine's hang reports on, which (like finding
+    # the engine's processes, another user's) need root with CAP_SYS_PTRACE.
     ours = command_list(base["services"]["exporter"])
-    assert command_list(exporter) == [target if arg == ours[-1] else arg for arg in ours]
+    expected = [target if arg == ours[-1] else arg for arg in ours] + ["--hang-dumps"]
+    assert command_list(exporter) == expected
     assert ours[-2] == "--target"
+    assert exporter.get("user") == "0" and exporter.get("cap_add") == ["SYS_PTRACE"]
 
 
 def test_prometheus_loads_the_engine_config_beside_the_alerts(engine, base):
