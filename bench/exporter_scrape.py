@@ -10,6 +10,12 @@ CPU time over the phase, background threads included, divided by the scrapes) ag
 it uses over an equal time without scrapes (the baseline), and its resident memory (VmRSS,
 VmHWM). Goals: p99 under 50 ms, resident memory under 80 MB.
 
+With ``--foreign`` the four servers are watched as foreign engines are (vLLM, say): each has
+a state directory of its own, none shared with the exporter, and the exporter's targets name
+their engine (``vigil=URL``). The exporter then finds each server's processes from its port and
+reads each server's /metrics every probe round (the shipped 15 s) instead of the state
+directory's files.
+
 "Other load" is the CPU that processes outside this benchmark took meanwhile, in cores (the
 machine may be shared).
 
@@ -161,7 +167,7 @@ def scrape_phase(url: str, pid: int, scrapes: int, rate: float, meter: CpuMeter)
     }
 
 
-def start_exporter(workdir: Path, fleet_path: Path, servers: list) -> tuple:
+def start_exporter(workdir: Path, fleet_path: Path, servers: list, foreign: bool) -> tuple:
     """The exporter as a subprocess, and its URL once /metrics answers."""
     import subprocess
 
@@ -182,7 +188,7 @@ def start_exporter(workdir: Path, fleet_path: Path, servers: list) -> tuple:
         "WARNING",
     ]
     for server in servers:
-        command += ["--target", server.url]
+        command += ["--target", f"vigil={server.url}" if foreign else server.url]
     log_path = workdir / "exporter.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -207,6 +213,11 @@ def main(argv=None) -> int:
     parser.add_argument("--scrapes", type=int, default=400)
     parser.add_argument("--rate", type=float, default=10.0, help="scrapes per second")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument(
+        "--foreign",
+        action="store_true",
+        help="the servers as foreign engines: no shared state directory, found from their ports",
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="vigil-bench-exporter-") as tmp:
@@ -214,22 +225,26 @@ def main(argv=None) -> int:
         servers = []
         exporter = None
         try:
-            for _ in range(args.servers):
-                server = Server(args.demo_dir, workdir, free_port(), ["--log-level", "WARNING"])
+            for index in range(args.servers):
+                extra = ["--log-level", "WARNING"]
+                if args.foreign:  # a state directory of its own (the last --state-dir wins)
+                    extra += ["--state-dir", str(workdir / f"engine-{index}")]
+                server = Server(args.demo_dir, workdir, free_port(), extra)
                 servers.append(server)
             for server in servers:
                 server.wait_ready(300)
             fleet_path = workdir / "fleet.json"
             fleet_path.write_text(json.dumps(fleet(args.gpus)))
-            exporter, url = start_exporter(workdir, fleet_path, servers)
+            exporter, url = start_exporter(workdir, fleet_path, servers, args.foreign)
             # The bench, its servers and the exporter are "ours"; other processes' CPU is shown.
             meter = CpuMeter(lambda: [s.process.pid for s in servers] + [exporter.pid])
-            time.sleep(2)  # the first GPU poll and probes
+            time.sleep(5 if args.foreign else 2)  # the first GPU poll, probes and discoveries
             text = requests.get(url + "/metrics", timeout=10).text
             processes = text.count("vigil_process_alive{")
             gpus = text.count("vigil_gpu_up{")
             print(
-                f"exporter scrape: {gpus} fake GPUs, {processes} inference processes, "
+                f"exporter scrape: {gpus} fake GPUs, {processes} inference processes"
+                f"{' (foreign engines, found from their ports)' if args.foreign else ''}, "
                 f"{args.scrapes} scrapes at {args.rate:g}/s per phase"
             )
             results = {"idle": scrape_phase(url, exporter.pid, args.scrapes, args.rate, meter)}
