@@ -233,6 +233,23 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             ),
         ),
         Alert(
+            name="InferenceEngineFrozen",
+            for_=p["hang_for"],
+            severity="critical",
+            cause="hang",
+            expr="""max by (instance, model) (rate(vigil_process_cpu_seconds_total[2m])) == 0
+            and on (instance, model)
+            sum by (instance, model) (vigil_engine_requests_running + vigil_engine_requests_waiting) > 0""",
+            summary="{{ $labels.model }}'s engine processes use no CPU with work pending",
+            description=(
+                "Requests run or wait on {{ $labels.model }} (as the exporter on "
+                "{{ $labels.instance }} last read them), yet none of its engine's processes has "
+                "used any CPU for 2 minutes: the engine is frozen (stopped, deadlocked, asleep on "
+                "a lock), not busy. A serving engine uses CPU while it works, even when the GPU "
+                "does the compute."
+            ),
+        ),
+        Alert(
             name="InferenceProcessInDriverWait",
             for_=p["disk_sleep_for"],
             severity="warning",

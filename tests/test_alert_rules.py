@@ -79,6 +79,25 @@ CASES: dict[str, tuple[dict, dict]] = {
             "10m",
         ),
     ),
+    "InferenceEngineFrozen": (
+        case(
+            {
+                f"vigil_process_cpu_seconds_total{{{PROCESS}}}": "100x10",
+                f'vigil_engine_requests_running{{{MODEL},target="http://a:8000",engine="vllm"}}': "1x10",
+                f'vigil_engine_requests_waiting{{{MODEL},target="http://a:8000",engine="vllm"}}': "0x10",
+            },
+            "10m",
+            [AT_MODEL],
+        ),
+        case(
+            {
+                f"vigil_process_cpu_seconds_total{{{PROCESS}}}": "0+30x10",
+                f'vigil_engine_requests_running{{{MODEL},target="http://a:8000",engine="vllm"}}': "1x10",
+                f'vigil_engine_requests_waiting{{{MODEL},target="http://a:8000",engine="vllm"}}': "0x10",
+            },
+            "10m",
+        ),
+    ),
     "InferenceHeartbeatStale": (
         case(
             {
