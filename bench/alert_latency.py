@@ -25,11 +25,8 @@ import argparse
 import statistics
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import requests
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,20 +107,7 @@ def one_round(mode: str, demo_dir: str, workdir: Path) -> float:
     )
     try:
         receiver.wait_for("Watchdog", timeout=120)
-        requests.post(
-            server.url("/debug/fault"),
-            timeout=10,
-            json={"fault": "hang", "stage": "decode", "seconds": None},
-        )
-        started = time.time()
-        threading.Thread(
-            target=lambda: requests.post(
-                server.url("/v1/completions"),
-                timeout=300,
-                json={"model": "demo", "prompt": "hello", "max_tokens": 16},
-            ),
-            daemon=True,
-        ).start()
+        started = server.hang_a_request()
         fired = receiver.wait_for("InferenceEngineStalled", timeout=300, after=started)
         return fired["received_at"] - started
     finally:

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,25 @@ class Server:
             if raw.strip():
                 lines.append(json.loads(raw))
         return lines
+
+    def hang_a_request(self, seconds: float | None = None, max_tokens: int = 16) -> float:
+        """Arm a decode hang (the server runs with --enable-fault-injection), send a completion
+        that meets it in a background thread, and return when the hang was armed (Unix time)."""
+        requests.post(
+            self.url("/debug/fault"),
+            timeout=10,
+            json={"fault": "hang", "stage": "decode", "seconds": seconds},
+        ).raise_for_status()
+        armed = time.time()
+        threading.Thread(
+            target=lambda: requests.post(
+                self.url("/v1/completions"),
+                timeout=600,
+                json={"model": "demo", "prompt": "hello", "max_tokens": max_tokens},
+            ),
+            daemon=True,
+        ).start()
+        return armed
 
     def metrics_text(self) -> str:
         response = requests.get(self.url("/metrics"), timeout=10)

@@ -267,19 +267,7 @@ def test_a_frozen_foreign_engine_reaches_a_person_with_its_stacks(tmp_path, demo
         receiver.wait_for("Watchdog", timeout=60)
         # A request held mid-decode (the engine hangs in a forward pass), then the whole process
         # frozen: no scrape of it answers any more.
-        requests.post(
-            server.url("/debug/fault"),
-            timeout=10,
-            json={"fault": "hang", "stage": "decode", "seconds": None},
-        ).raise_for_status()
-        threading.Thread(
-            target=lambda: requests.post(
-                server.url("/v1/completions"),
-                timeout=120,
-                json={"model": "demo", "prompt": "go on", "max_tokens": 64},
-            ),
-            daemon=True,
-        ).start()
+        server.hang_a_request(max_tokens=64)
 
         def seen(name: str, **labels: str) -> bool:
             try:
