@@ -187,16 +187,24 @@ class EngineStateTracker:
                 ", ".join(sorted(self.series.names)),
             )
 
-    def failed(self, error: str) -> None:
-        """A /metrics read that failed: the last known state stays, progress does not move."""
+    def failed(self, error: str, gone: bool = False) -> None:
+        """A /metrics read that failed: the last known state stays, progress does not move (a
+        frozen engine). ``gone``: nothing answers at its address (connection refused: stopped or
+        crashed, not hung), so its requests are no longer known."""
         with self._lock:
             was_up, self._up, self._error = self._up, False, error
+            if gone:
+                for model in self._models.values():
+                    model.running = model.waiting = None
+                    model.pending_since = None
         if was_up is not False:
             logger.warning(
-                "cannot read the /metrics of {} ({}): its last known requests stay published "
-                "and its progress stands still",
+                "cannot read the /metrics of {} ({}): {}",
                 self.target,
                 error,
+                "nothing answers there, its requests are no longer known"
+                if gone
+                else "its last known requests stay published and its progress stands still",
             )
 
     def snapshot(self) -> EngineSnapshot:

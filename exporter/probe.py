@@ -227,7 +227,8 @@ class TargetProber:
         if isinstance(metrics, bytes):
             tracker.observe(metrics.decode("utf-8", "replace"))
         else:
-            tracker.failed(metrics)
+            # Refused (nothing listens): gone, not frozen; a timeout keeps the last state.
+            tracker.failed(metrics, gone=metrics.startswith("ConnectionError"))
 
     def _recognise(self, body: bytes) -> bool:
         """Tell the engine from the names in its /metrics; whether it could (an engine known

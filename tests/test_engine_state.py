@@ -281,6 +281,19 @@ def test_a_failed_read_keeps_the_last_requests_and_stops_progress():
     assert tracker.snapshot().up
 
 
+def test_an_engine_that_refuses_connections_is_gone_not_hung():
+    """Connection refused: nothing listens (stopped or crashed), so its requests are no longer
+    known and it is not reported hung; its progress total stays."""
+    tracker, clock = _tracker("vllm")
+    tracker.observe(vllm())
+    clock.now += 1
+    tracker.observe(vllm(g0=1100))
+    tracker.failed("ConnectionError: connection refused", gone=True)
+    (state,) = tracker.snapshot().models
+    assert (state.running, state.waiting, state.progress_total) == (None, None, 100.0)
+    assert state.stalled_for(clock.now + 600) in (None, 0.0)
+
+
 def test_a_stall_counts_from_when_work_arrived_not_from_the_last_progress():
     tracker, clock = _tracker("tgi")
     tracker.observe(tgi(run=0, queue=0))
@@ -377,10 +390,10 @@ def test_the_probe_reads_the_engine_and_the_collector_publishes_it():
         assert ("vigil_engine_last_progress_timestamp_seconds", target) in published
     finally:
         engine.stop()
-    prober.run_once()  # nothing answers now
+    prober.run_once()  # nothing answers now (refused): gone, not frozen
     published = _published(collector)
     assert published[("vigil_engine_metrics_up", target[:1] + target[2:])] == 0.0
-    assert published[("vigil_engine_requests_running", target)] == 4.0
+    assert ("vigil_engine_requests_running", target) not in published
     assert published[("vigil_engine_progress_total", target)] == 5.0
 
 
