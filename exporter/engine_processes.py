@@ -45,6 +45,7 @@ class _Tracked:
     stats: dict[int, ProcStat] = field(default_factory=dict)
     restarts: int = 0
     discovered_at: float = float("-inf")
+    last_problem: str | None = None  # the problem last logged, so that it is logged once
 
 
 def is_local(host: str) -> bool:
@@ -126,7 +127,10 @@ class EngineProcessWatcher:
         listener = tracked.found.pid if tracked.found is not None else None
         stats = self._read(tracked.stats) if listener is not None else {}
         gone = listener is None or listener not in stats
-        if not gone and now - tracked.discovered_at < self.discover_interval:
+        # A listener that went away is looked for again at once; when none was found, only
+        # after the discovery interval (a scan of every process's descriptors is dear).
+        due = now - tracked.discovered_at >= self.discover_interval
+        if not due and (not gone or listener is None):
             tracked.stats = stats
             return
         port = urlsplit(prober.url).port or (443 if prober.url.startswith("https") else 80)
@@ -134,9 +138,11 @@ class EngineProcessWatcher:
         tracked.found, tracked.discovered_at = found, now
         tracked.stats = {stat.pid: stat for stat in found.processes}
         if found.pid is None or found.pid not in tracked.stats:
-            if found.problem and (listener is not None or tracked.listener_start is None):
+            if found.problem and found.problem != tracked.last_problem:  # each problem once
                 logger.warning("no processes for target {}: {}", prober.label, found.problem)
+            tracked.last_problem = found.problem
             return
+        tracked.last_problem = None
         start = (found.pid, tracked.stats[found.pid].start_ticks)
         if tracked.listener_start is not None and start != tracked.listener_start:
             tracked.restarts += 1

@@ -61,3 +61,23 @@ def test_local_addresses_are_told_from_others():
     assert is_local("127.0.0.1") and is_local("localhost")
     assert not is_local("192.0.2.1")  # TEST-NET-1: never an address of this machine
     assert not is_local("no-such-host.invalid")
+
+
+def test_an_engine_not_found_is_looked_for_again_only_after_the_interval(tmp_path, monkeypatch):
+    """Nothing listens yet (an engine still loading): one scan of every process's descriptors
+    per discovery interval, not one a second."""
+    from exporter import engine_processes
+
+    proc = tmp_path / "proc"
+    write_tables(proc, [])
+    scans = []
+    real = engine_processes.find_engine_processes
+    monkeypatch.setattr(
+        engine_processes,
+        "find_engine_processes",
+        lambda *args, **kwargs: scans.append(1) or real(*args, **kwargs),
+    )
+    watcher = _watcher(proc, "http://127.0.0.1:8000")
+    for _ in range(10):
+        (view,) = watcher.refresh()
+    assert len(scans) == 1 and view.listener is None and "nothing listens" in view.problem
