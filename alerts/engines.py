@@ -54,7 +54,7 @@ class Profile:
     itl_buckets: str | None
     duration_buckets: str
     requests: str  # per-second rate of finished requests, failed ones included
-    errors: str  # per-second rate of requests the engine failed
+    errors: str | None  # per-second rate of requests the engine failed
 
     def by_model(self, aggregation: str, expr: str, extra: str = "") -> str:
         by = f"instance, model{extra}"
@@ -93,10 +93,13 @@ VLLM = Profile(
     model_label="model_name",
     running="vllm:num_requests_running",
     waiting="vllm:num_requests_waiting",
-    # Prompt and generated tokens, both counted at every engine iteration: a chunked prefill
-    # moves the prompt counter, decoding the generation counter.
-    progress="(rate(vllm:generation_tokens_total[1m]) or label_replace(rate("
-    'vllm:prompt_tokens_total[1m]), "vigil_signal", "prompt", "", ""))',
+    # Generated tokens (counted at every iteration that decodes), prompt tokens (counted when a
+    # request's prefill is done: IterationStats.update_from_output), and the KV-cache usage,
+    # republished at every step and changed by every prefill chunk.
+    progress="(rate(vllm:generation_tokens_total[1m])"
+    ' or label_replace(rate(vllm:prompt_tokens_total[1m]), "vigil_signal", "prompt", "", "")'
+    ' or label_replace(changes(vllm:kv_cache_usage_perc[1m]) / 60, "vigil_signal", "kv", "", "")'
+    ' or label_replace(changes(vllm:gpu_cache_usage_perc[1m]) / 60, "vigil_signal", "kv", "", ""))',
     generation_tokens="rate(vllm:generation_tokens_total[1m])",
     kv_usage='{__name__=~"vllm:(kv|gpu)_cache_usage_perc"}',
     ttft_buckets="rate(vllm:time_to_first_token_seconds_bucket[5m])",
@@ -131,7 +134,9 @@ SGLANG = Profile(
     "or rate(sglang:time_per_output_token_seconds_bucket[5m]))",
     duration_buckets="rate(sglang:e2e_request_latency_seconds_bucket[5m])",
     requests="rate(sglang:num_requests_total[5m])",
-    errors="rate(sglang:num_aborted_requests_total[5m])",
+    # No engine-failure counter: num_aborted_requests counts client aborts and disconnects too,
+    # and http_responses_total has no model_name. Absent rather than wrong.
+    errors=None,
 )
 
 # TGI (huggingface/text-generation-inference router and backends/v3), v1.4.0 to v3.3.7. Router
@@ -152,8 +157,9 @@ TGI = Profile(
     itl_buckets="rate(tgi_request_mean_time_per_token_duration_bucket[5m])",
     duration_buckets="rate(tgi_request_duration_bucket[5m])",
     requests="(rate(tgi_request_success[5m]) or rate(tgi_request_failure[5m]))",
-    # The engine's failures, not the client's (validation, template) nor back-pressure.
-    errors='rate(tgi_request_failure{err=~"generation|incomplete|dropped"}[5m])',
+    # The engine's failures, not the client's (validation, template; dropped: the client went
+    # away) nor back-pressure (overloaded).
+    errors='rate(tgi_request_failure{err=~"generation|incomplete"}[5m])',
 )
 
 PROFILES = (VIGIL, VLLM, SGLANG, TGI)

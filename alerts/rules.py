@@ -56,9 +56,16 @@ PARAMETERS: dict[str, Parameter] = {
     "engine_hang_for": Parameter(
         "1m",
         "How long an engine (any: vLLM, SGLang, TGI, ours) must have had requests running or "
-        "waiting and no forward pass finishing (its progress rate over 1m at 0) to count as "
-        "hung: with that 1m window, at least 2 minutes without progress, longer than one long "
-        "prefill and shorter than vLLM's and SGLang's own 300 s timeouts.",
+        "waiting (for engine_pending_window already) and no forward pass finishing (its "
+        "progress rate over 1m at 0) to count as hung: with that 1m window, at least 2 minutes "
+        "without progress (3 when the hang is the first work of an idle engine), longer than "
+        "one long prefill and shorter than vLLM's and SGLang's own 300 s timeouts.",
+    ),
+    "engine_pending_window": Parameter(
+        "2m",
+        "How long an engine must have had requests running or waiting, without a break, before "
+        "no progress can count as a hang: a prefill that starts on an idle engine (whose "
+        "progress rate is already 0) has this long before the alert's for begins.",
     ),
     "engine_progress_window": Parameter(
         "1m",
@@ -174,18 +181,19 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             severity="critical",
             cause="hang",
             expr=f"""(
-            (vigil:engine_requests_running + vigil:engine_requests_waiting) > 0
+            min_over_time((vigil:engine_requests_running + vigil:engine_requests_waiting)[{p["engine_pending_window"]}:]) > 0
             and on (engine, instance, model)
             vigil:engine_progress:rate1m == 0
             )
             or
             (
-            sum by (instance, target, engine, model) (vigil_engine_requests_running)
-            + sum by (instance, target, engine, model) (vigil_engine_requests_waiting) > 0
+            label_replace(
+            min_over_time((sum by (instance, target, engine, model) (vigil_engine_requests_running) + sum by (instance, target, engine, model) (vigil_engine_requests_waiting))[{p["engine_pending_window"]}:]) > 0
             and on (instance, target, engine, model)
-            sum by (instance, target, engine, model) (increase(vigil_engine_progress_total[{p["engine_progress_window"]}])) == 0
-            unless on (engine, model)
-            vigil:engine_progress:rate1m
+            sum by (instance, target, engine, model) (increase(vigil_engine_progress_total[{p["engine_progress_window"]}])) == 0,
+            "address", "$1", "target", "https?://([^/]+).*")
+            unless on (engine, address)
+            label_replace(vigil:engine_progress:rate1m, "address", "$1", "instance", "(.*)")
             )""",
             summary="{{ $labels.engine }} engine of {{ $labels.model }} makes no progress",
             description=(

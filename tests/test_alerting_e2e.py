@@ -38,6 +38,7 @@ TEST_PARAMETERS = {
     "stall_window": "15s",
     "hang_for": "3s",
     "engine_hang_for": "3s",
+    "engine_pending_window": "5s",
     "heartbeat_max_age": "6",
     "probe_for": "60s",
     "oom_window": "30s",
@@ -235,7 +236,12 @@ def test_a_frozen_foreign_engine_reaches_a_person_with_its_stacks(tmp_path, demo
         pytest.skip("py-spy is not installed (pip install py-spy)")
     rules_dir = tmp_path / "rules"
     rules_dir.mkdir()
-    parameters = {**TEST_PARAMETERS, "engine_progress_window": "5s", "engine_hang_for": "3s"}
+    parameters = {
+        **TEST_PARAMETERS,
+        "engine_pending_window": "5s",
+        "engine_progress_window": "5s",
+        "engine_hang_for": "3s",
+    }
     for name, text in render(parameters).items():
         (rules_dir / name).write_text(text)
     receiver = WebhookReceiver()

@@ -1405,7 +1405,7 @@ def test_the_engine_runs_from_a_pinned_image_on_the_gpu_with_the_hf_cache(engine
     model_flag = {"vllm": "--model", "sglang": "--model-path"}[engine.name]
     assert flag_values(command, model_flag) == [f"${{{engine.variable}:-{ENGINE_DEFAULT_MODEL}}}"]
     if engine.name == "sglang":
-        # SGLang serves /metrics only with it (docs/engines-research.md).
+        # SGLang serves /metrics only with it (docs/engines.md).
         assert "--enable-metrics" in command
         assert command_list({"command": service["entrypoint"]}) == [
             "python3",

@@ -124,19 +124,24 @@ def _run(tmp_path: Path, tests: list[dict]) -> None:
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
-# 40 samples of 15 s: ten minutes. Work is pending throughout (1 running, 2 waiting).
+# 40 samples of 15 s: ten minutes. Scenario -> (running, waiting, progress, fires).
 PENDING = ("1x40", "2x40")
+ARRIVES_AT_2M = ("0x8 1x32", "0x40")  # an idle engine gets one request at minute 2
 SCENARIOS = {
-    # The engine stops at minute 2: no forward pass finishes for 8 minutes.
-    "hung": ("0+20x8 160x32", True),
+    # Work pending throughout; the engine stops at minute 2: no forward pass for 8 minutes.
+    "hung": (*PENDING, "0+20x8 160x32", True),
     # Idle: nothing pending, nothing moves.
-    "idle": ("0x40", False),
+    "idle": ("0x40", "0x40", "0x40", False),
     # One forward pass of 105 s (a long prefill of an unchunked prompt), then decoding.
-    "long prefill": ("0+20x8 160x6 180+20x26", False),
+    "long prefill": (*PENDING, "0+20x8 160x6 180+20x26", False),
+    # The same prefill as the first work of an idle engine, whose progress rate is already 0.
+    "long prefill from idle": (*ARRIVES_AT_2M, "0x15 20+20x24", False),
+    # The first request of an idle engine hangs in its prefill.
+    "hung from idle": (*ARRIVES_AT_2M, "0x40", True),
     # Slow generation: one step every 30 s.
     "slow but moving": (
-        "0 0 1 1 2 2 3 3 4 4 5 5 6 6 7 7 8 8 9 9 10 10 11 11 12 12 13 13 14 14 "
-        "15 15 16 16 17 17 18 18 19 19",
+        *PENDING,
+        " ".join(f"{n} {n}" for n in range(20)),
         False,
     ),
 }
@@ -144,11 +149,10 @@ SCENARIOS = {
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_the_hang_alert_holds_for_every_engine(tmp_path, scenario):
-    progress, fires = SCENARIOS[scenario]
+    running, waiting, progress, fires = SCENARIOS[scenario]
     labels = _alert_labels("InferenceEngineNoProgress")
     tests = []
     for name, engine in ENGINES.items():
-        running, waiting = ("0x40", "0x40") if scenario == "idle" else PENDING
         tests.append(
             {
                 "interval": STEP,
@@ -160,7 +164,7 @@ def test_the_hang_alert_holds_for_every_engine(tmp_path, scenario):
                         "alertname": "InferenceEngineNoProgress",
                         "exp_alerts": [{"exp_labels": {**labels, **engine["at"]}}] if fires else [],
                     },
-                    # Not before two minutes without progress (the hang begins at 2m).
+                    # Not before two minutes without progress (the hangs begin at 2m).
                     {
                         "eval_time": "3m45s",
                         "alertname": "InferenceEngineNoProgress",
@@ -212,7 +216,9 @@ def test_every_engine_is_recorded_in_the_vocabulary(tmp_path):
 
 
 # The exporter's own view of a target (exporter/engine_state.py), published under its job.
-EXPORTER_VIEW = 'instance="n1:9400",job="vigil-exporter",target="http://127.0.0.1:8000",engine="vllm",model="glm"'
+EXPORTER_VIEW = (
+    'instance="n1:9400",job="vigil-exporter",target="http://gpu1:8000",engine="vllm",model="glm"'
+)
 
 
 def test_an_engine_prometheus_cannot_scrape_is_seen_hung_through_the_exporter(tmp_path):
@@ -225,7 +231,8 @@ def test_an_engine_prometheus_cannot_scrape_is_seen_hung_through_the_exporter(tm
     ]
     at = {
         "instance": "n1:9400",
-        "target": "http://127.0.0.1:8000",
+        "target": "http://gpu1:8000",
+        "address": "gpu1:8000",
         "engine": "vllm",
         "model": "glm",
     }

@@ -1,6 +1,6 @@
 """The engines' own state as the exporter reads it from their /metrics: requests running and
 waiting and the progress it keeps, on literal expositions written as each engine writes them
-(names, types and labels from docs/engines-research.md), then through a real HTTP server."""
+(names, types and labels from docs/engines.md), then through a real HTTP server."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 
 # vLLM 0.33.0, V1 engine with two engine cores (data parallel): prometheus_client in one
 # process, so counters come with _total and a _created gauge; model_name and engine on every
-# series (vllm/v1/metrics/loggers.py :527, :537, :747, :798; docs/engines-research.md). The
+# series (vllm/v1/metrics/loggers.py :527, :537, :747, :798; docs/engines.md). The
 # iteration_tokens_total histogram has _total in its base name and must not be taken for a
 # counter.
 VLLM = """\
@@ -99,7 +99,7 @@ def sglang(run=2, used=1000, gen=300) -> str:
 
 # TGI v3.3.7's router: metrics-exporter-prometheus 0.15.3 render(): counters under their bare
 # name, WITHOUT _total; a blank line between families; no model label (backends/v3/src
-# backend.rs :170, :305-381, queue.rs :143; docs/engines-research.md).
+# backend.rs :170, :305-381, queue.rs :143; docs/engines.md).
 TGI = """\
 # HELP tgi_batch_current_size Current batch size
 # TYPE tgi_batch_current_size gauge
@@ -197,7 +197,9 @@ def test_vllm_two_engine_cores_are_summed_per_model_and_both_token_counters_move
     assert set(readings) == {LLAMA, "other"}
     assert readings[LLAMA].running == 5.0 and readings[LLAMA].waiting == 1.0
     assert sorted(readings[LLAMA].counters.values()) == [50.0, 100.0, 500.0, 1000.0]
-    assert readings[LLAMA].gauges == {}  # neither _created nor the _total histogram
+    # The KV-cache gauge per engine core (its changes are progress); neither _created nor the
+    # _total histogram.
+    assert sorted(readings[LLAMA].gauges.values()) == [0.4, 0.42]
     tracker, clock = _tracker("vllm")
     tracker.observe(vllm())
     first = _model(tracker, LLAMA)

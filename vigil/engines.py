@@ -63,13 +63,17 @@ SERIES: dict[str, EngineSeries] = {
     ),
     # vLLM V1 (vllm-project/vllm vllm/v1/metrics/loggers.py: num_requests_running :527,
     # num_requests_waiting :537, prompt_tokens :747, generation_tokens :798 @0.33.0), 0.8.0 to
-    # 0.33.0. Both token counters move at every engine iteration (a chunked prefill moves the
-    # prompt one, decoding the generation one); every series carries model_name and, from 0.8.3,
-    # engine (the engine-core index: summed per model). Counters scrape with _total.
+    # 0.33.0. The generation counter moves at every iteration that decodes, the prompt counter
+    # when a request's prefill is done (IterationStats.update_from_output), the KV-cache gauge at
+    # every step a prefill chunk or a decode changes it; every series carries model_name and,
+    # from 0.8.3, engine (the engine-core index: summed per model). Counters scrape with _total.
     "vllm": EngineSeries(
         running="vllm:num_requests_running",
         waiting="vllm:num_requests_waiting",
         progress_counters=("vllm:generation_tokens_total", "vllm:prompt_tokens_total"),
+        # Republished at every step; every prefill chunk changes it (the prompt counter moves
+        # only once the prefill is done).
+        progress_gauges=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
         model_label="model_name",
     ),
     # SGLang (sgl-project/sglang python/sglang/srt/observability/metrics_collector.py

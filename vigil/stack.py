@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "alerts"
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
 
-# Where each engine serves its Prometheus metrics (docs/engines-research.md, "How each engine's
+# Where each engine serves its Prometheus metrics (docs/engines.md, "How each engine's
 # exposition works"), said when the engine's /metrics does not answer.
 METRICS_HINTS = {
     "vigil": "our inference process serves /metrics on its API port (--port)",
