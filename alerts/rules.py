@@ -279,12 +279,17 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             and on (instance, target)
             max by (instance, target) (vigil_probe_success{check="health"}) == 1
             and on (instance, target)
-            max by (instance, target) (vigil_probe_success{check="ready"}) == 1""",
+            (
+            max by (instance, target) (vigil_probe_success{check="ready"}) == 1
+            or
+            max by (instance, target) (vigil_probe_http_status{check="ready"}) == 404
+            )""",
             summary="Canary completions fail on {{ $labels.target }} while it says it is ready",
             description=(
                 "The exporter on {{ $labels.instance }} gets no completion from "
-                "{{ $labels.target }} although its /health and /ready answer 200: it looks "
-                "alive and does not serve (or its queue is so full that the canary times out)."
+                "{{ $labels.target }} although its /health and /ready answer 200 (or it has no "
+                "/ready, as vLLM, SGLang and TGI): it looks alive and does not serve (or its "
+                "queue is so full that the canary times out)."
             ),
         ),
         Alert(

@@ -275,3 +275,44 @@ def test_an_engine_prometheus_cannot_scrape_is_seen_hung_through_the_exporter(tm
             ),
         ],
     )
+
+
+def test_the_canary_alert_holds_for_engines_without_ready(tmp_path):
+    """vLLM, SGLang and TGI answer /ready with 404: their failing canary fires the alert."""
+    labels = _alert_labels("InferenceProbeFailing")
+    probe = 'instance="n1:9400",job="vigil-exporter",target="http://gpu1:8000"'
+
+    def case(ready_status: str, fires: bool) -> dict:
+        return {
+            "interval": STEP,
+            "name": f"/ready answers {ready_status}",
+            "input_series": [
+                {"series": f'vigil_probe_success{{{probe},check="canary"}}', "values": "0x40"},
+                {"series": f'vigil_probe_success{{{probe},check="health"}}', "values": "1x40"},
+                {"series": f'vigil_probe_success{{{probe},check="ready"}}', "values": "0x40"},
+                {
+                    "series": f'vigil_probe_http_status{{{probe},check="ready"}}',
+                    "values": f"{ready_status}x40",
+                },
+            ],
+            "alert_rule_test": [
+                {
+                    "eval_time": "10m",
+                    "alertname": "InferenceProbeFailing",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                **labels,
+                                "instance": "n1:9400",
+                                "target": "http://gpu1:8000",
+                            }
+                        }
+                    ]
+                    if fires
+                    else [],
+                }
+            ],
+        }
+
+    # 404: no /ready at all (a foreign engine); 503: our server still loading its model.
+    _run(tmp_path, [case("404", True), case("503", False)])
