@@ -58,14 +58,14 @@ PARAMETERS: dict[str, Parameter] = {
         "How long an engine (any: vLLM, SGLang, TGI, ours) must have had requests running or "
         "waiting (for engine_pending_window already) and no forward pass finishing (its "
         "progress rate over 1m at 0) to count as hung: with that 1m window, at least 2 minutes "
-        "without progress (3 when the hang is the first work of an idle engine), longer than "
-        "one long prefill and shorter than vLLM's and SGLang's own 300 s timeouts.",
+        "without progress while work waits, longer than one long prefill and shorter than "
+        "vLLM's and SGLang's own 300 s timeouts.",
     ),
     "engine_pending_window": Parameter(
-        "2m",
+        "1m",
         "How long an engine must have had requests running or waiting, without a break, before "
-        "no progress can count as a hang: a prefill that starts on an idle engine (whose "
-        "progress rate is already 0) has this long before the alert's for begins.",
+        "no progress can count as a hang: a prefill that is an idle engine's first work (its "
+        "progress rate already 0) then has this long plus engine_hang_for (2 minutes).",
     ),
     "engine_progress_window": Parameter(
         "1m",
