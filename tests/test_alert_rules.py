@@ -567,10 +567,14 @@ def _promtool_test(series: dict[str, str], eval_time: str, expected: dict[str, l
     }
 
 
-def _run_promtool(tmp_path: Path, tests: list[dict], rule_files: list[str]) -> None:
+def _run_promtool(
+    tmp_path: Path, tests: list[dict], rule_files: list[str], evaluation_interval: str = "1m"
+) -> None:
     path = tmp_path / "tests.yml"
     path.write_text(
-        yaml.safe_dump({"rule_files": rule_files, "evaluation_interval": "1m", "tests": tests})
+        yaml.safe_dump(
+            {"rule_files": rule_files, "evaluation_interval": evaluation_interval, "tests": tests}
+        )
     )
     result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

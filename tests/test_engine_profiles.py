@@ -5,19 +5,12 @@ for an idle engine, for one long prefill, and for generation that is slow but mo
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
+from test_alert_rules import _labels_only_rules, _rule_labels, _run_promtool, needs_promtool
 
-from alerts.rules import ALERTS_DIR, defaults, groups, render
-
-PROMTOOL = shutil.which("promtool")
-pytestmark = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)"
-)
+pytestmark = needs_promtool
 STEP = "15s"  # the scrape and evaluation interval of these tests
 
 # One fixture per profile and release family. Each series is named and labelled as the engine
@@ -96,32 +89,8 @@ def _input(engine: dict, running: str, waiting: str, progress: str, kv: str = "0
     return series
 
 
-def _alert_labels(name: str) -> dict:
-    return next(
-        rule["labels"]
-        for body in groups(defaults()).values()
-        for group in body
-        for rule in group["rules"]
-        if rule.get("alert") == name
-    )
-
-
 def _run(tmp_path: Path, tests: list[dict]) -> None:
-    rule_files = []
-    for name in sorted(render()):
-        data = yaml.safe_load((ALERTS_DIR / name).read_text())
-        for group in data["groups"]:
-            for rule in group["rules"]:
-                rule.pop("annotations", None)
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(data))
-        rule_files.append(str(path))
-    path = tmp_path / "tests.yml"
-    path.write_text(
-        yaml.safe_dump({"rule_files": rule_files, "evaluation_interval": STEP, "tests": tests})
-    )
-    result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    _run_promtool(tmp_path, tests, _labels_only_rules(tmp_path), evaluation_interval=STEP)
 
 
 # 40 samples of 15 s: ten minutes. Scenario -> (running, waiting, progress, fires).
@@ -150,7 +119,7 @@ SCENARIOS = {
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_the_hang_alert_holds_for_every_engine(tmp_path, scenario):
     running, waiting, progress, fires = SCENARIOS[scenario]
-    labels = _alert_labels("InferenceEngineNoProgress")
+    labels = _rule_labels()["InferenceEngineNoProgress"]
     tests = []
     for name, engine in ENGINES.items():
         tests.append(
@@ -224,7 +193,7 @@ EXPORTER_VIEW = (
 def test_an_engine_prometheus_cannot_scrape_is_seen_hung_through_the_exporter(tmp_path):
     """A frozen engine answers no scrape (its own series go stale), but the exporter keeps
     publishing its last pending work and a progress counter that no longer moves."""
-    labels = _alert_labels("InferenceEngineNoProgress")
+    labels = _rule_labels()["InferenceEngineNoProgress"]
     pending = [
         {"series": f"vigil_engine_requests_running{{{EXPORTER_VIEW}}}", "values": "1x40"},
         {"series": f"vigil_engine_requests_waiting{{{EXPORTER_VIEW}}}", "values": "2x40"},
@@ -279,7 +248,7 @@ def test_an_engine_prometheus_cannot_scrape_is_seen_hung_through_the_exporter(tm
 
 def test_the_canary_alert_holds_for_engines_without_ready(tmp_path):
     """vLLM, SGLang and TGI answer /ready with 404: their failing canary fires the alert."""
-    labels = _alert_labels("InferenceProbeFailing")
+    labels = _rule_labels()["InferenceProbeFailing"]
     probe = 'instance="n1:9400",job="vigil-exporter",target="http://gpu1:8000"'
 
     def case(ready_status: str, fires: bool) -> dict:
