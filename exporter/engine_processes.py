@@ -24,6 +24,7 @@ from loguru import logger
 from vigil.netproc import PROC, EngineProcesses, find_engine_processes
 from vigil.procfs import ProcStat, ProcUnreadable, read_stat
 
+from .background import start_repeating
 from .probe import TargetProber
 
 
@@ -86,20 +87,19 @@ class EngineProcessWatcher:
         if not self.probers:
             return
         self.refresh()
-        threading.Thread(target=self._loop, name="engine-processes", daemon=True).start()
+        start_repeating(
+            "engine-processes",
+            self.interval,
+            self.refresh,
+            self._stop,
+            "refreshing the engines' processes",
+        )
 
     def stop(self) -> None:
         self._stop.set()
 
     def views(self) -> tuple[EngineView, ...]:
         return self._views  # replaced whole by refresh(): no lock on the scrape
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.refresh()
-            except Exception:  # noqa: BLE001 - keep watching whatever one pass met
-                logger.exception("refreshing the engines' processes failed")
 
     def refresh(self) -> tuple[EngineView, ...]:
         views = []

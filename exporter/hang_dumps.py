@@ -38,6 +38,7 @@ from loguru import logger
 
 from vigil.procfs import ProcStat
 
+from .background import start_repeating
 from .engine_processes import EngineProcessWatcher, EngineView
 from .engine_state import ModelState
 from .probe import TargetProber
@@ -170,7 +171,13 @@ class HangDumper:
             return
         if find_py_spy(self.py_spy) is None:  # said now, not first when an engine hangs
             self._warn_py_spy_missing()
-        threading.Thread(target=self._loop, name="hang-dumps", daemon=True).start()
+        start_repeating(
+            "hang-dumps",
+            self.check_every,
+            self.check,
+            self._stop,
+            "checking the engines for a hang",
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -179,13 +186,6 @@ class HangDumper:
         """(target, engine, result) -> hang reports written."""
         with self._lock:
             return dict(self._counts)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.check_every):
-            try:
-                self.check()
-            except Exception:  # noqa: BLE001 - keep watching whatever one check met
-                logger.exception("checking the engines for a hang failed")
 
     def check(self) -> list[threading.Thread]:
         """Start a report for each target hung now and not reported within the interval; the

@@ -24,6 +24,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from vigil import statedir
 from vigil.statedir import Identity, read_identities
 
+from .background import start_repeating
 from .procview import ProcessLocator, ProcStat, ProcUnreadable
 
 # Files of a pid with no identity file (the process exited cleanly, or its identity is not
@@ -67,19 +68,16 @@ class InferenceDirectory:
     # ---- the watcher thread -----------------------------------------------------------------
     def start(self, interval: float = 1.0) -> None:
         self.refresh()
-        threading.Thread(
-            target=self._loop, args=(interval,), name="process-watcher", daemon=True
-        ).start()
+        start_repeating(
+            "process-watcher",
+            interval,
+            self.refresh,
+            self._stop,
+            "refreshing the inference processes",
+        )
 
     def stop(self) -> None:
         self._stop.set()
-
-    def _loop(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            try:
-                self.refresh()
-            except Exception:  # noqa: BLE001 - keep watching whatever one pass met
-                logger.exception("refreshing the inference processes failed")
 
     # ---- one pass ----------------------------------------------------------------------------
     def refresh(self) -> tuple[ProcessView, ...]:
