@@ -18,7 +18,8 @@ Every vocabulary series carries ``engine`` (vigil, vllm, sglang, tgi), ``instanc
 
 Where an engine has no such metric the series is absent for it (TGI has no time to first token,
 our own process no KV-cache pool). The names, types and labels of each engine come from its own
-source, cited per profile below; docs/metrics.md says which releases each profile covers.
+source, cited per profile below; docs/metrics.md says which releases each profile covers. The
+gauges and the model label are those the exporter reads itself (vigil/engines.py SERIES).
 Metrics are scraped from the engine itself (its API port, GET /metrics), except ours, which the
 exporter publishes from the state directory.
 """
@@ -26,6 +27,8 @@ exporter publishes from the state directory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from vigil.engines import SERIES
 
 QUANTILES = ("0.5", "0.95")
 
@@ -66,9 +69,9 @@ VIGIL = Profile(
     engine="vigil",
     releases="this repository",
     sources="inference/telemetry/catalog.py",
-    model_label="model",
-    running="inference_requests_running",
-    waiting="inference_queue_depth",
+    model_label=SERIES["vigil"].model_label,
+    running=SERIES["vigil"].running,
+    waiting=SERIES["vigil"].waiting,
     # Forward passes (prefill and decode steps), published every 0.25 s while the engine steps.
     progress="rate(inference_engine_steps_total[1m])",
     # Counted when a request ends: a smoothed figure, not a progress signal.
@@ -90,9 +93,9 @@ VLLM = Profile(
     engine="vllm",
     releases="0.8.0 to 0.33.0 (V1 engine; older names included where they changed)",
     sources="vllm-project/vllm vllm/v1/metrics/loggers.py, vllm/v1/metrics/buckets.py",
-    model_label="model_name",
-    running="vllm:num_requests_running",
-    waiting="vllm:num_requests_waiting",
+    model_label=SERIES["vllm"].model_label,
+    running=SERIES["vllm"].running,
+    waiting=SERIES["vllm"].waiting,
     # Generated tokens (counted at every iteration that decodes), prompt tokens (counted when a
     # request's prefill is done: IterationStats.update_from_output), and the KV-cache usage,
     # republished at every step and changed by every prefill chunk.
@@ -122,9 +125,9 @@ SGLANG = Profile(
     engine="sglang",
     releases="0.4.5 to 0.5.23",
     sources="sgl-project/sglang python/sglang/srt/observability/metrics_collector.py",
-    model_label="model_name",
-    running="sglang:num_running_reqs",
-    waiting="sglang:num_queue_reqs",
+    model_label=SERIES["sglang"].model_label,
+    running=SERIES["sglang"].running,
+    waiting=SERIES["sglang"].waiting,
     progress="(rate(sglang:generation_tokens_total[1m]) or label_replace(changes("
     'sglang:num_used_tokens[1m]) / 60, "vigil_signal", "kv", "", ""))',
     generation_tokens="rate(sglang:generation_tokens_total[1m])",
@@ -147,9 +150,9 @@ TGI = Profile(
     engine="tgi",
     releases="v1.4.0 to v3.3.7 (KV usage from v2.3.1)",
     sources="huggingface/text-generation-inference router/src/server.rs, backends/v3/src",
-    model_label=None,
-    running="tgi_batch_current_size",
-    waiting="tgi_queue_size",
+    model_label=SERIES["tgi"].model_label,
+    running=SERIES["tgi"].running,
+    waiting=SERIES["tgi"].waiting,
     progress="rate(tgi_batch_inference_count[1m])",  # prefill and decode calls of the batch
     generation_tokens="rate(tgi_request_generated_tokens_sum[1m])",
     kv_usage="(tgi_batch_current_max_tokens / tgi_batch_max_total_tokens)",
