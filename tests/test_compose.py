@@ -401,6 +401,23 @@ PROMTOOL = shutil.which("promtool")
 AMTOOL = shutil.which("amtool")
 
 
+def _check_config_sees_every_rule_file(config_path: Path, where: str) -> None:
+    """The Prometheus configuration, as the container sees it, reaches every alerts/*.rules.yml
+    and promtool accepts it with all of them."""
+    rule_files = yaml.safe_load(config_path.read_text(encoding="utf-8"))["rule_files"]
+    expected = {p.name for p in ALERTS.glob("*.rules.yml")}
+    assert expected, "alerts/ holds no rules file"
+    assert _globbed(config_path.parent, rule_files) == expected, (
+        f"the container does not see every alerts/*.rules.yml{where}"
+    )
+    result = subprocess.run(
+        [PROMTOOL, "check", "config", str(config_path)], capture_output=True, text=True, timeout=120
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"SUCCESS: {len(expected)} rule files found" in output, output
+
+
 def _globbed(config_dir: Path, patterns: list[str]) -> set[str]:
     names = set()
     for pattern in patterns:
@@ -421,19 +438,7 @@ def test_promtool_accepts_the_prometheus_config_compose_mounts(base, tmp_path: P
         "Prometheus must load alerts/prometheus.yml itself (one copy for both stacks)"
     )
 
-    rule_files = yaml.safe_load(config_path.read_text(encoding="utf-8"))["rule_files"]
-    expected = {p.name for p in ALERTS.glob("*.rules.yml")}
-    assert expected, "alerts/ holds no rules file"
-    assert _globbed(config_path.parent, rule_files) == expected, (
-        "the container does not see every alerts/*.rules.yml"
-    )
-
-    result = subprocess.run(
-        [PROMTOOL, "check", "config", str(config_path)], capture_output=True, text=True, timeout=120
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert f"SUCCESS: {len(expected)} rule files found" in output, output
+    _check_config_sees_every_rule_file(config_path, "")
 
 
 @pytest.mark.skipif(
@@ -1484,17 +1489,7 @@ def test_promtool_accepts_the_engine_config_as_the_container_sees_it(engine, tmp
     container_view(prometheus, tmp_path)
     config_path = tmp_path / config.lstrip("/")
     assert config_path.is_file(), f"{config} is not mounted"
-    rule_files = yaml.safe_load(config_path.read_text(encoding="utf-8"))["rule_files"]
-    expected = {p.name for p in ALERTS.glob("*.rules.yml")}
-    assert _globbed(config_path.parent, rule_files) == expected, (
-        "the container does not see every alerts/*.rules.yml from the engine config"
-    )
-    result = subprocess.run(
-        [PROMTOOL, "check", "config", str(config_path)], capture_output=True, text=True, timeout=120
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert f"SUCCESS: {len(expected)} rule files found" in output, output
+    _check_config_sees_every_rule_file(config_path, " from the engine config")
 
 
 @needs_compose_cli
