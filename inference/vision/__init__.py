@@ -1,0 +1,1 @@
+"""Vision-language chat: image parts of OpenAI messages, decoded and prepared for the model."""
