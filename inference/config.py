@@ -129,6 +129,39 @@ OPTIONS: tuple[Option, ...] = (
         metavar="BYTES",
     ),
     Option(
+        "max_image_pixels",
+        optional_positive_int,
+        "Vision-language models: pixels of an image after the processor's resize (its "
+        "max_pixels, as in vLLM's and SGLang's --mm-processor-kwargs); a larger image is "
+        "scaled down to fit. Defaults to the model's own processor setting.",
+        metavar="PIXELS",
+    ),
+    Option(
+        "max_images_per_request",
+        positive_int,
+        "Most images in one request; more get 400.",
+        metavar="N",
+    ),
+    Option(
+        "max_image_header_pixels",
+        positive_int,
+        "An image whose header declares more pixels than this is refused before it is decoded "
+        "(a decompression bomb); keep it well above --max-image-pixels.",
+        metavar="PIXELS",
+    ),
+    Option(
+        "max_image_bytes",
+        positive_int,
+        "Largest encoded image (a data: URL's payload or a download) in bytes.",
+        metavar="BYTES",
+    ),
+    Option(
+        "image_fetch_timeout",
+        positive_float,
+        "Seconds an http(s) image URL may take to download, whole; past it the request gets 400.",
+        metavar="SECONDS",
+    ),
+    Option(
         "seed",
         optional_int,
         "Seed for sampling, for reproducible runs (default: random).",
@@ -194,7 +227,12 @@ class Config:
     max_queue: int = 64
     request_timeout: float = 120.0
     max_tokens_limit: int = 4096
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024  # room for a few base64 screenshots
+    max_image_pixels: int | None = None
+    max_images_per_request: int = 10
+    max_image_header_pixels: int = 100_000_000
+    max_image_bytes: int = 20 * 1024 * 1024
+    image_fetch_timeout: float = 10.0
     seed: int | None = None
     log_level: str = "INFO"
     log_prompts: bool = False

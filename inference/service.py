@@ -25,6 +25,7 @@ from .engine.memory import CudaMemory, kv_cache_shape
 from .engine.queue import RequestQueue
 from .model.loader import LoadedModel, load_model
 from .telemetry.metrics import InferenceMetrics
+from .vision.preprocess import Preprocessing
 from .watchdog import Watchdog
 
 
@@ -45,6 +46,7 @@ class InferenceService:
         self.engine: Engine | None = None
         self._loader: threading.Thread | None = None
         self.faults = FaultInjector() if config.enable_fault_injection else None
+        self.preprocessing = Preprocessing()  # requests' images being decoded, for the watchdog
         self.watchdog = Watchdog(
             self,
             stall_timeout=config.stall_timeout,

@@ -39,10 +39,11 @@ EXIT_GRACE_S = 1.0  # time for the 503s to reach the clients before the process 
 
 @dataclass
 class Stall:
-    stage: str  # load, schedule (pending work the engine does not take), prefill, decode
+    stage: str  # load, schedule (pending work the engine does not take), vision, prefill, decode
     since_ns: int  # perf_counter_ns of the last progress (or of the oldest pending arrival)
     detected_ns: int
     engine_iterations: int = 0  # the engine loop's count when the stall was seen
+    preprocessing: Any = None  # the PreprocessJob that hangs, for a stall in preprocessing
 
     def stalled_for_s(self, now_ns: int | None = None) -> float:
         return ((now_ns or time.perf_counter_ns()) - self.since_ns) / 1e9
@@ -69,6 +70,8 @@ def thread_stacks() -> list[dict[str, Any]]:
 def _request_stage(request: GenerationRequest) -> str:
     if request.scheduled_ns is None:
         return "queued"
+    if request.vision_started_ns is not None and request.vision_finished_ns is None:
+        return "vision"
     return "prefill" if request.first_token_ns is None else "decode"
 
 
@@ -133,6 +136,10 @@ class Watchdog:
         engine = service.engine
         if engine is None or not engine.alive:
             return
+        if self.stall is not None and self.stall.preprocessing is not None:
+            if not service.preprocessing.running(self.stall.preprocessing):
+                self._recovered(now_ns)  # the stuck job returned
+            return
         if self.stall is not None:
             # Moving again: a step completed, or the loop came round (a failed step ends there).
             if (
@@ -142,6 +149,12 @@ class Watchdog:
                 self._recovered(now_ns)
             return
         pending = service.queue.snapshot() + engine.held_requests()
+        job = service.preprocessing.oldest()
+        if job is not None and (now_ns - job.started_ns) / 1e9 > self.stall_timeout:
+            # A request's images stuck in decoding or in the processor (a worker thread).
+            stall = Stall("vision", job.started_ns, now_ns, engine.iterations, preprocessing=job)
+            self._stalled(stall, pending, job.thread_id)
+            return
         if not pending:
             return
         since = max(engine.last_progress_ns, min(r.arrival_ns for r in pending))
@@ -182,7 +195,15 @@ class Watchdog:
                 if len(last) >= 2
                 else ""
             )
+        job = stall.preprocessing
+        if job is not None:  # not yet a queued request: name it from its preprocessing job
+            where = f"{where} (preprocessing the images of request {job.request_id})"
         logger.bind(
+            **(
+                {"preprocessing": {"request_id": job.request_id, "trace_id": job.trace_id}}
+                if job is not None
+                else {}
+            ),
             stage=stall.stage,
             stalled_for_s=round(seconds, 3),
             stall_timeout_s=threshold,
@@ -202,6 +223,7 @@ class Watchdog:
             else "answering 503 until it moves again",
         )
         error = stalled_error(stall.stage, seconds, threshold)
+        self.service.preprocessing.fail_all(error)
         for request in self.service.queue.drain() + pending:
             # Failed first, then cancelled: were it cancelled first, an engine that moves again
             # in between would end it as cancelled, and the client would get no answer.

@@ -307,7 +307,11 @@ def test_a_stalled_request_keeps_its_503_when_the_engine_wakes_as_it_is_cancelle
     )
     events: list = []
     request.emit = events.append
-    service = SimpleNamespace(state="loaded", engine=engine, queue=queue, metrics=None)
+    from inference.vision.preprocess import Preprocessing
+
+    service = SimpleNamespace(
+        state="loaded", engine=engine, queue=queue, metrics=None, preprocessing=Preprocessing()
+    )
     watchdog = Watchdog(service, stall_timeout=1.0, load_timeout=60.0, on_stall="report")
     engine.start()
     try:

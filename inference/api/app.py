@@ -14,6 +14,7 @@ import hmac
 import json
 import math
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +35,10 @@ from ..engine.queue import QueueFull
 from ..engine.request import Event, Failed, Finished, GenerationRequest, TextDelta
 from ..model.loader import LoadedModel
 from ..telemetry.recorder import CompletedRequest, RequestRecorder
+from ..vision.content import ChatContent, ContentError, read_messages
+from ..vision.images import ImageLimits
+from ..vision.inputs import VisionInputs
+from ..vision.preprocess import ImageFailure, decode_images, run_processor, template_prompt
 from .errors import ApiError, from_validation_error
 from .prompts import chat_prompt_ids, completion_prompt_ids, sampling_params
 from .responses import ChunkWriter, completion_body
@@ -149,6 +154,12 @@ class InferenceApi:
         self.config = service.config
         self.recorder = recorder
         self._tokenizer_lock = asyncio.Lock()
+        self._processor_lock = threading.Lock()
+        self._image_limits = ImageLimits(
+            max_header_pixels=self.config.max_image_header_pixels,
+            max_bytes=self.config.max_image_bytes,
+            fetch_timeout_s=self.config.image_fetch_timeout,
+        )
 
     # ---- plain routes ------------------------------------------------------------------------
 
@@ -172,6 +183,13 @@ class InferenceApi:
             parsed = FaultRequest.model_validate(body)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
+        loaded = self.service.loaded
+        if parsed.stage == "vision" and (loaded is None or not loaded.accepts_images):
+            raise ApiError(
+                400,
+                "stage 'vision' needs a vision-language model; this one has no vision tower",
+                param="stage",
+            )
         fault = Fault(
             parsed.fault,
             parsed.stage,
@@ -384,11 +402,25 @@ class InferenceApi:
     ) -> None:
         """Tokenize the prompt and put the generation request on the engine's queue (a 429 when
         it is full); its events arrive on ``call.events``."""
-        # Tokenizing a long prompt takes a while: off the event loop, one at a time (a fast
-        # tokenizer is not safe to share between threads; the engine has its own).
-        build = chat_prompt_ids if call.endpoint == "chat" else completion_prompt_ids
-        async with self._tokenizer_lock:
-            prompt_ids, prompt_text = await run_in_threadpool(build, loaded, parsed)
+        vision = None
+        if call.endpoint == "chat":
+            content = self._read_content(parsed, loaded)
+            if content.has_images:
+                prompt_ids, prompt_text, vision = await self._preprocess(
+                    call, loaded, content, deadline_ns, trace_id
+                )
+            else:
+                # Tokenizing a long prompt takes a while: off the event loop, one at a time (a
+                # fast tokenizer is not safe to share between threads; the engine has its own).
+                async with self._tokenizer_lock:
+                    prompt_ids, prompt_text = await run_in_threadpool(
+                        chat_prompt_ids, loaded, content.messages
+                    )
+        else:
+            async with self._tokenizer_lock:
+                prompt_ids, prompt_text = await run_in_threadpool(
+                    completion_prompt_ids, loaded, parsed
+                )
         if self.recorder.log_prompts:
             call.record.prompt_text = prompt_text
         params = sampling_params(loaded, parsed, len(prompt_ids), self.config.max_tokens_limit)
@@ -410,6 +442,7 @@ class InferenceApi:
             emit=emit,
             arrival_ns=call.arrival_ns,
             trace_id=trace_id,
+            vision=vision,
         )
         try:
             self.service.queue.put(generation)
@@ -425,6 +458,95 @@ class InferenceApi:
         call.record.generation = generation
         if self.service.metrics is not None:
             self.service.metrics.in_flight.inc()
+
+    def _read_content(self, parsed: ChatCompletionRequest, loaded: LoadedModel) -> ChatContent:
+        """The messages' text and image parts; a 400 for a bad part, an image for a text-only
+        model, or more images than allowed."""
+        try:
+            content = read_messages(parsed.messages, loaded.name, loaded.accepts_images)
+        except ContentError as exc:
+            raise ApiError(400, f"'{exc.param}': {exc.message}", param=exc.param) from None
+        limit = self.config.max_images_per_request
+        if len(content.images) > limit:
+            raise ApiError(
+                400,
+                f"the request has {len(content.images)} images; at most {limit} may be "
+                "provided in one request (--max-images-per-request)",
+                param="messages",
+                code="too_many_images",
+            )
+        return content
+
+    async def _preprocess(
+        self,
+        call: _Call,
+        loaded: LoadedModel,
+        content: ChatContent,
+        deadline_ns: int,
+        trace_id: str,
+    ) -> tuple[list[int], str, VisionInputs]:
+        """Decode the images and run the processor in a worker thread, within the deadline."""
+        preprocessing = self.service.preprocessing
+        job = preprocessing.begin(call.request_id, trace_id)
+        limits = self._image_limits
+        lock = self._processor_lock
+
+        def work() -> tuple[list[int], str, VisionInputs]:
+            job.thread_id = threading.get_ident()
+            try:
+                images = decode_images(content, limits)
+                with lock:  # the processor's tokenizer is not safe to share between threads
+                    prompt = template_prompt(loaded.processor, content.messages)
+                    ids, vision = run_processor(loaded.processor, prompt, images, job.started_ns)
+                return ids, prompt, vision
+            finally:
+                preprocessing.end(job)  # here, not in the API: a hung job stays in view
+
+        loop = asyncio.get_running_loop()
+        stalled: asyncio.Future = loop.create_future()
+
+        def notify(error: Any) -> None:  # the watchdog declared a stall: answer now
+            def settle() -> None:
+                if not stalled.done():
+                    stalled.set_result(error)
+
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to answer
+                loop.call_soon_threadsafe(settle)
+
+        job.notify = notify
+        remaining = (deadline_ns - time.perf_counter_ns()) / 1e9
+        worker = asyncio.ensure_future(run_in_threadpool(work))
+        try:
+            done, _ = await asyncio.wait(
+                {worker, stalled}, timeout=max(remaining, 0), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stalled.cancel()
+        if worker in done:
+            try:
+                return worker.result()
+            except ImageFailure as exc:
+                code = getattr(exc.error, "code", None)
+                raise ApiError(
+                    400, f"'{exc.param}': {exc.error}", param=exc.param, code=code
+                ) from None
+        # The worker thread runs on; what it returns is dropped.
+        worker.add_done_callback(lambda future: future.cancelled() or future.exception())
+        if stalled in done:
+            error = stalled.result()
+            raise ApiError(
+                error.status,
+                error.message,
+                error_type=error.error_type,
+                code=error.code,
+                headers={"Retry-After": "5"},
+            )
+        raise ApiError(
+            504,
+            "preprocessing the request's images did not finish within its deadline",
+            error_type="timeout",
+            code="deadline_exceeded",
+        )
 
     async def _respond(
         self,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..engine.request import SamplingParams
 from ..model.loader import LoadedModel
 from .errors import ApiError
 from .schemas import ChatCompletionRequest, CompletionRequest, _GenerationParams
 
 
-def chat_prompt_ids(loaded: LoadedModel, body: ChatCompletionRequest) -> tuple[list[int], str]:
+def chat_prompt_ids(loaded: LoadedModel, messages: list[dict[str, Any]]) -> tuple[list[int], str]:
+    """Token ids of a chat prompt without images (``messages`` as read by read_messages)."""
     if not loaded.has_chat_template:
         raise ApiError(
             400,
@@ -16,19 +19,11 @@ def chat_prompt_ids(loaded: LoadedModel, body: ChatCompletionRequest) -> tuple[l
             "/v1/completions with a prompt instead",
             param="messages",
         )
-    messages = []
-    for index, message in enumerate(body.messages):
-        try:
-            text = message.text()
-        except ValueError as exc:
-            raise ApiError(
-                400, f"'messages[{index}].content': {exc}", param=f"messages[{index}].content"
-            ) from None
-        messages.append({"role": message.role, "content": text})
+    owner = loaded.tokenizer
+    if not getattr(owner, "chat_template", None) and loaded.processor is not None:
+        owner = loaded.processor  # the template came with the processor only
     try:
-        prompt = loaded.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        prompt = owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # noqa: BLE001 - templates raise what they like (jinja errors)
         raise ApiError(
             400, f"the model's chat template rejected the messages: {exc}", param="messages"

@@ -34,26 +34,6 @@ class ChatMessage(BaseModel):
             raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
         return role
 
-    def text(self) -> str:
-        """The message's text; refuses parts this text-only server cannot read."""
-        if self.content is None:
-            raise ValueError("content is required")
-        if isinstance(self.content, str):
-            return self.content
-        pieces = []
-        for part in self.content:
-            kind = part.get("type")
-            if kind != "text":
-                raise ValueError(
-                    f"content parts of type {kind!r} are not supported by this "
-                    "text-only model; send text parts"
-                )
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise ValueError("a text content part needs a string 'text'")
-            pieces.append(text)
-        return "".join(pieces)
-
 
 class StreamOptions(_Strict):
     include_usage: bool = False
@@ -162,7 +142,7 @@ class FaultRequest(_Strict):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     fault: Literal["hang", "slow", "oom", "empty", "crash"]
-    stage: Literal["prefill", "decode"] = "prefill"
+    stage: Literal["vision", "prefill", "decode"] = "prefill"
     # hang: how long (null: until the process stops); slow: the delay added to each step.
     seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     steps: Annotated[int, Field(ge=1, le=1_000_000)] = 1  # slow: how many steps are slowed

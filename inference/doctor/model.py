@@ -38,14 +38,18 @@ def _looks_like_path(text: str) -> bool:
 def source_verdict(config: Config, facts: ModelFacts, offline: bool = False) -> Verdict:
     """Where the checkpoint is. ``offline`` (the start-up checks) never asks the hub."""
     name = "model-source"
-    if config.model == "demo":
-        from ..model.demo import demo_model_path, ensure_demo_model
+    if config.model in ("demo", "demo-vl"):
+        from ..model.demo import demo_model_path
+        from ..model.demo_vl import demo_vl_model_path
+        from ..model.loader import DEMO_MODELS
 
-        built = not (demo_model_path(config.demo_dir) / "build.json").is_file()
-        facts.directory = ensure_demo_model(config.demo_dir)
+        path = (demo_model_path if config.model == "demo" else demo_vl_model_path)(config.demo_dir)
+        built = not (path / "build.json").is_file()
+        facts.directory = DEMO_MODELS[config.model](config.demo_dir)
         return ok(
             name,
-            f"the embedded demo model at {facts.directory}" + (" (built now)" if built else ""),
+            f"the embedded {config.model} model at {facts.directory}"
+            + (" (built now)" if built else ""),
             path=str(facts.directory),
         )
     path = Path(config.model).expanduser()

@@ -117,6 +117,16 @@ class Batch:
         )
 
 
+def prefill_groups(rows: Sequence[Row]) -> list[list[Row]]:
+    """How new rows are prefilled: the text-only ones together, each one with images alone (its
+    vision encoder pass and its long prompt of image tokens are its own; its decode then joins
+    the shared batch)."""
+    text = [row for row in rows if row.request.vision is None]
+    groups = [text] if text else []
+    groups += [[row] for row in rows if row.request.vision is not None]
+    return groups
+
+
 def mergeable(cache: Any) -> bool:
     """True for a DynamicCache made only of plain full-attention layers."""
     try:

@@ -29,7 +29,7 @@ import torch
 from loguru import logger
 
 from ..model.loader import LoadedModel
-from .batch import Batch, Row, left_padded
+from .batch import Batch, Row, left_padded, prefill_groups
 from .detokenizer import IncrementalDetokenizer, decode_output
 from .errors import (
     engine_dead_error,
@@ -44,6 +44,12 @@ from .memory import KvCacheShape, MemoryProbe, cuda_figures, describe_figures, i
 from .queue import RequestQueue
 from .request import EngineError, GenerationRequest, TextDelta
 from .sampling import BatchSampler
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward pass returns (``cache`` since transformers 5.x renamed it)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 class EngineObserver(Protocol):
@@ -96,6 +102,11 @@ class Engine:
         self.observer = observer or NullObserver()
         self.faults = faults
         self._fault_layer = middle_layer(loaded.model) if faults is not None else None
+        self._vision_fault_layer = (
+            loaded.vision.middle_block()
+            if faults is not None and loaded.vision is not None
+            else None
+        )
         self._force_eos = False  # an injected empty output, for the prefill under way
         self.kv_cache = kv_cache
         self.memory = memory  # admission control runs only with both an estimate and a probe
@@ -290,39 +301,50 @@ class Engine:
         if not rows:
             return
         self._admitting = [row.request for row in rows]
-        new_batch = None
+        groups = prefill_groups(rows)
+        formed = 0
+        for index, group in enumerate(groups):
+            if self._batch is not None and not self._batch.mergeable:
+                # A cache that cannot grow: the other groups wait for the batch to drain.
+                self._preempted[:0] = [row for later in groups[index:] for row in later]
+                break
+            new_batch = self._prefill_with_retry(group, running + formed)
+            if new_batch is None:
+                continue
+            formed += len(new_batch)
+            self.observer.batch_formed(len(new_batch))
+            if self._batch is None:
+                self._batch = new_batch
+            else:
+                self._merge(new_batch)
+        self._admitting = []
+        if self._batch is not None and not self._drop_done_rows():
+            self.observer.running_changed(len(self._batch))
+
+    def _prefill_with_retry(self, rows: list[Row], running: int) -> Batch | None:
+        """Prefill a group; out of memory, retry it in halves (the rest waits, preempted)."""
+        attempted = len(rows)
         while rows:
             try:
-                new_batch = self._prefill(rows)
-                break
+                return self._prefill(rows)
             except Exception as exc:  # noqa: BLE001 - only the new group fails; the batch goes on
                 if not is_out_of_memory(exc, self.loaded.device):
                     self._fail_step(exc, [row.request for row in rows])
-                    rows = []
-                elif len(rows) == 1:  # out of memory, alone: answer it
+                    return None
+                if len(rows) == 1:  # out of memory, alone: answer it
                     self._out_of_memory(exc, [rows[0].request])
-                    rows = []
-                else:
-                    self._out_of_memory(exc, [])
-                    half = len(rows) // 2
-                    self._preempted[:0] = rows[half:]
-                    rows = rows[:half]
-                    self._oom_cap = running + half
-                    logger.warning(
-                        "prefill retried with {} of {} request(s) after running out of memory",
-                        half,
-                        len(self._admitting),
-                    )
-        self._admitting = []
-        if new_batch is None:
-            return
-        self.observer.batch_formed(len(new_batch))
-        if self._batch is None:
-            self._batch = new_batch
-        else:
-            self._merge(new_batch)
-        if not self._drop_done_rows():
-            self.observer.running_changed(len(self._batch))
+                    return None
+                self._out_of_memory(exc, [])
+                half = len(rows) // 2
+                self._preempted[:0] = rows[half:]
+                rows = rows[:half]
+                self._oom_cap = running + half
+                logger.warning(
+                    "prefill retried with {} of {} request(s) after running out of memory",
+                    half,
+                    attempted,
+                )
+        return None
 
     def _take_preempted(self, room: int) -> list[Row]:
         now = time.perf_counter_ns()
@@ -385,24 +407,32 @@ class Engine:
         position_ids: torch.Tensor,
         cache: Any,
         prefill: bool,
+        **extra: Any,
     ):
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "past_key_values": cache,
+            self.loaded.cache_argument: cache,
             "use_cache": True,
+            **extra,
         }
         if self.loaded.accepts_position_ids:
             kwargs["position_ids"] = position_ids
         if prefill and self.loaded.accepts_logits_to_keep:
             kwargs["logits_to_keep"] = 1
+        return self._run_stage(self.loaded.model, kwargs, self._fault_layer)
+
+    def _run_stage(self, module: Any, kwargs: dict[str, Any], fault_layer: Any):
+        """``module(**kwargs)``, firing a fault armed for the current stage inside it."""
         if self.faults is not None and self.faults.pending:
             fault = self.faults.take(self.stage)
             if fault is not None:
-                return self._forward_with_fault(fault, kwargs)
-        return self.loaded.model(**kwargs)
+                return self._forward_with_fault(fault, module, kwargs, fault_layer)
+        return module(**kwargs)
 
-    def _forward_with_fault(self, fault: Fault, kwargs: dict[str, Any]):
+    def _forward_with_fault(
+        self, fault: Fault, module: Any, kwargs: dict[str, Any], fault_layer: Any
+    ):
         self.observer.fault_fired(fault.kind, self.stage)
         logger.warning(
             "injected fault {} fires in {}",
@@ -413,12 +443,10 @@ class Engine:
         )
         if fault.kind == "empty":
             self._force_eos = True
-            return self.loaded.model(**kwargs)
-        handle = self._fault_layer.register_forward_pre_hook(
-            lambda module, args: self.faults.fire(fault)
-        )
+            return module(**kwargs)
+        handle = fault_layer.register_forward_pre_hook(lambda layer, args: self.faults.fire(fault))
         try:
-            return self.loaded.model(**kwargs)
+            return module(**kwargs)
         finally:
             handle.remove()
 
@@ -432,6 +460,8 @@ class Engine:
             if request.scheduled_ns is None:
                 request.scheduled_ns = now
                 request.batch_size_at_prefill = running + len(rows)
+        vision = rows[0].request.vision
+        features = self._encode_images(rows[0].request) if vision is not None else None
         self.stage = "prefill"
         device = self.loaded.device
         ids, mask = left_padded(
@@ -439,19 +469,53 @@ class Engine:
             self.loaded.pad_token_id,
         )
         ids, mask = ids.to(device), mask.to(device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         self._force_eos = False
-        output = self._forward(ids, mask, position_ids, None, prefill=True)
+        if features is None:
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            positions = mask.sum(-1)
+            output = self._forward(ids, mask, position_ids, None, prefill=True)
+        else:  # one request with images: its 3-D positions, its encoded images
+            request = rows[0].request
+            token_types = vision.mm_token_type_ids + [0] * len(request.output_ids)
+            position_ids, positions = self.loaded.vision.positions(
+                ids,
+                torch.tensor([token_types], dtype=torch.long, device=device),
+                vision.image_grid_thw.to(device),
+                mask,
+            )
+            output = self._forward(
+                ids, mask, position_ids, None, prefill=True, mm_encoder_outputs={"image": features}
+            )
         batch = Batch(
             rows=rows,
-            cache=output.past_key_values,
+            cache=returned_cache(output),
             attention_mask=mask,
-            positions=mask.sum(-1),
+            positions=positions,
             last_tokens=torch.zeros(len(rows), dtype=torch.long, device=device),
             sampler=self._sampler_for(rows),
         )
         self._choose_and_accept(batch, output.logits[:, -1, :], "prefill")
         return batch
+
+    def _encode_images(self, request: GenerationRequest) -> Any:
+        """Run the vision tower on one request's images (the stage ``vision``)."""
+        self.stage = "vision"
+        vision, tower = request.vision, self.loaded.vision
+        device = self.loaded.device
+        request.vision_started_ns = time.perf_counter_ns()
+        features = self._run_stage(
+            tower.encode,
+            {
+                "pixel_values": vision.pixel_values.to(device),
+                "image_grid_thw": vision.image_grid_thw.to(device),
+            },
+            self._vision_fault_layer,
+        )
+        now = time.perf_counter_ns()
+        request.vision_finished_ns = now
+        self.last_progress_ns = now  # the tower's pass is progress: the watchdog sees it move
+        self.observer.step("vision", 1)
+        return features
 
     def _sampler_for(self, rows: Sequence[Row]) -> BatchSampler:
         return BatchSampler.build(
@@ -500,7 +564,7 @@ class Engine:
                 batch.cache,
                 prefill=False,
             )
-            batch.cache = output.past_key_values
+            batch.cache = returned_cache(output)
             batch.positions = batch.positions + 1
             self._choose_and_accept(batch, output.logits[:, -1, :], "decode")
         except Exception as exc:

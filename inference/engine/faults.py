@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FAULTS = ("hang", "slow", "oom", "empty", "crash")
-STAGES = ("prefill", "decode")
+STAGES = ("vision", "prefill", "decode")  # vision: in the vision tower (VL models only)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 # perf_counter_ns() + this = nanoseconds since the epoch (for spans and log lines).
 EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
@@ -78,6 +79,7 @@ class GenerationRequest:
     emit: Callable[[Event], None] = lambda event: None
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
     trace_id: str = ""  # for the watchdog's stall report and the engine's log lines
+    vision: Any = None  # VisionInputs for a request with images (inference/vision/inputs.py)
 
     # Set by ``cancel`` (the API layer, the watchdog), read by the engine between steps.
     cancelled: bool = False
@@ -94,6 +96,8 @@ class GenerationRequest:
     last_token_ns: int | None = None  # the last token kept in output_ids (EOS is not kept)
     finished_ns: int | None = None
     batch_size_at_prefill: int = 0
+    vision_started_ns: int | None = None  # the vision encoder ran on this request's images
+    vision_finished_ns: int | None = None
 
     _end_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 

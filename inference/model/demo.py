@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # Bump when the recipe changes: a cached copy of an older recipe is then rebuilt.
@@ -48,7 +49,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {byte: chr(code) for byte, code in zip(printable, codes, strict=True)}
 
 
-def _build_tokenizer():
+def build_byte_tokenizer(chat_template: str = CHAT_TEMPLATE, special_tokens: tuple[str, ...] = ()):
+    """A byte-level tokenizer (token id == byte value), then EOS, PAD and ``special_tokens``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -60,8 +62,24 @@ def _build_tokenizer():
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, model_max_length=2048
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if special_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def printable_head(head) -> None:
+    """Zero the output rows of unprintable bytes and special tokens and sharpen the others, so
+    that the random model writes printable ASCII (in place, under no_grad)."""
+    import torch
+
+    printable = torch.zeros(head.shape[0], dtype=torch.bool)
+    printable[0x20:0x7F] = True
+    printable[ord("\n")] = True
+    head[~printable] = 0.0
+    # Sharpen the printable rows: their logits then dwarf the zeros of the others, so that
+    # sampling at temperature 1 also writes printable text.
+    head[printable] *= 25.0
 
 
 def _build_model(vocab_size: int, eos_id: int, pad_id: int):
@@ -88,14 +106,7 @@ def _build_model(vocab_size: int, eos_id: int, pad_id: int):
     finally:
         torch.random.set_rng_state(generator_state)
     with torch.no_grad():
-        head = model.lm_head.weight
-        printable = torch.zeros(head.shape[0], dtype=torch.bool)
-        printable[0x20:0x7F] = True
-        printable[ord("\n")] = True
-        head[~printable] = 0.0
-        # Sharpen the printable rows: their logits then dwarf the zeros of the others, so that
-        # sampling at temperature 1 also writes printable text.
-        head[printable] *= 25.0
+        printable_head(model.lm_head.weight)
     model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
     return model
 
@@ -105,22 +116,30 @@ def demo_model_path(cache_root: str | os.PathLike) -> Path:
 
 
 def ensure_demo_model(cache_root: str | os.PathLike) -> Path:
-    """Return the directory of the demo checkpoint, building it there first if it is missing.
+    """Return the directory of the demo checkpoint, building it there first if it is missing."""
+    return build_once(demo_model_path(cache_root), RECIPE_VERSION, _save_demo)
+
+
+def _save_demo(staging: Path) -> None:
+    tokenizer = build_byte_tokenizer()
+    model = _build_model(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+
+
+def build_once(target: Path, recipe_version: int, save: Callable[[Path], None]) -> Path:
+    """Build a checkpoint with ``save(directory)`` into ``target`` unless it is there already.
 
     The build writes into a temporary sibling and renames it into place, so that two processes
     starting together, or a build killed half-way, never leave a partial checkpoint behind.
     """
-    target = demo_model_path(cache_root)
     if (target / "build.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=target.parent))
     try:
-        tokenizer = _build_tokenizer()
-        model = _build_model(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "build.json").write_text(json.dumps({"recipe_version": RECIPE_VERSION}))
+        save(staging)
+        (staging / "build.json").write_text(json.dumps({"recipe_version": recipe_version}))
         try:
             staging.rename(target)
         except OSError:

@@ -86,6 +86,11 @@ QUEUE_WAIT_BUCKETS = (
     300.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Ours (the GenAI conventions' server metrics are request duration, time to first token and time
+# per output token only: semantic-conventions-genai docs/gen-ai/gen-ai-metrics.md): up to vLLM's and
+# Open-AutoGLM's 10 images per prompt, and image tokens from a thumbnail to a 5 MP screenshot.
+IMAGES_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
+IMAGE_TOKENS_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 M = MetricSpec
@@ -169,6 +174,40 @@ METRICS: tuple[MetricSpec, ...] = (
         "first token ended the sequence), stop_at_start (a stop string matched at once), "
         "empty_after_decode (tokens that decode to no text).",
     ),
+    # ---- images (vision-language models) ----------------------------------------------------
+    M(
+        "inference_request_images",
+        "histogram",
+        "images",
+        ("model",),
+        "Images in a request that has any, counted once its images were preprocessed.",
+        IMAGES_BUCKETS,
+    ),
+    M(
+        "inference_request_image_tokens",
+        "histogram",
+        "tokens",
+        ("model",),
+        "Prompt tokens that stand for a request's images (after the processor's resize).",
+        IMAGE_TOKENS_BUCKETS,
+    ),
+    M(
+        "inference_image_preprocess_duration_seconds",
+        "histogram",
+        "seconds",
+        ("model",),
+        "Time to decode a request's images and run the model's processor on them (resize, "
+        "patches, prompt placeholders), before the request is queued.",
+        TIME_TO_FIRST_TOKEN_BUCKETS,
+    ),
+    M(
+        "inference_vision_encoder_duration_seconds",
+        "histogram",
+        "seconds",
+        ("model",),
+        "Time the vision tower took on a request's images (the engine's vision stage).",
+        TIME_TO_FIRST_TOKEN_BUCKETS,
+    ),
     # ---- scheduler --------------------------------------------------------------------------
     M(
         "inference_queue_depth",
@@ -222,7 +261,8 @@ METRICS: tuple[MetricSpec, ...] = (
         "counter",
         "steps",
         ("model", "stage"),
-        "Forward passes of the engine by stage (prefill, decode).",
+        "Forward passes of the engine by stage (vision: the vision tower on one request's "
+        "images; prefill, decode).",
     ),
     # ---- defences: stalls, memory, faults -----------------------------------------------------
     M(
@@ -240,7 +280,8 @@ METRICS: tuple[MetricSpec, ...] = (
         "stalls",
         ("model", "stage"),
         "Stalls the watchdog reported, by stage: load, schedule (pending work the engine did not "
-        "take), prefill, decode.",
+        "take), vision (a request's images stuck in preprocessing or in the vision tower), "
+        "prefill, decode.",
     ),
     M(
         "inference_watchdog_stall_timeout_seconds",
@@ -254,8 +295,8 @@ METRICS: tuple[MetricSpec, ...] = (
         "counter",
         "errors",
         ("model", "stage"),
-        "Out-of-memory errors caught during a batch, by stage (prefill, decode); the batch was "
-        "retried in smaller parts or its requests answered with 503 out_of_memory.",
+        "Out-of-memory errors caught during a batch, by stage (vision, prefill, decode); the batch "
+        "was retried in smaller parts or its requests answered with 503 out_of_memory.",
     ),
     M(
         "inference_admission_refusals",

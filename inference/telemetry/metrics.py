@@ -21,7 +21,8 @@ from ..engine.request import to_epoch_ns
 from .catalog import METRICS, MetricSpec
 
 LOAD_STATES = ("loading", "loaded", "failed")
-STALL_STAGES = ("load", "schedule", "prefill", "decode")
+STALL_STAGES = ("load", "schedule", "vision", "prefill", "decode")
+STEP_STAGES = ("vision", "prefill", "decode")
 CUDA_SAMPLE_EVERY_STEPS = 64
 HEARTBEAT_PUBLISH_S = 0.25
 
@@ -65,12 +66,16 @@ class InferenceMetrics:
         self.heartbeat = f[statedir.HEARTBEAT_METRIC].labels(model=model)
         self.steps = {
             stage: f["inference_engine_steps"].labels(model=model, stage=stage)
-            for stage in ("prefill", "decode")
+            for stage in STEP_STAGES
         }
         self.prefill_batch = f["inference_prefill_batch_size"].labels(model=model)
         self.queue_wait = f["inference_queue_wait_seconds"].labels(model=model)
         self.prefill_duration = f["inference_prefill_duration_seconds"].labels(model=model)
         self.prompt_tokens = f["inference_prompt_tokens"].labels(model=model)
+        self.request_images = f["inference_request_images"].labels(model=model)
+        self.request_image_tokens = f["inference_request_image_tokens"].labels(model=model)
+        self.image_preprocess = f["inference_image_preprocess_duration_seconds"].labels(model=model)
+        self.vision_encoder = f["inference_vision_encoder_duration_seconds"].labels(model=model)
         self.generation_tokens = f["inference_generation_tokens"].labels(model=model)
         self.load_state = {
             state: f["inference_model_load_state"].labels(model=model, state=state)
@@ -86,7 +91,7 @@ class InferenceMetrics:
             self.stalled_flag,
         ):
             gauge.set(0)
-        for stage in ("prefill", "decode"):
+        for stage in STEP_STAGES:
             f["inference_out_of_memory_errors"].labels(model=model, stage=stage)
         for stage in STALL_STAGES:
             f["inference_engine_stalls"].labels(model=model, stage=stage)

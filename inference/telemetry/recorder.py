@@ -100,11 +100,19 @@ class RequestRecorder:
         ).observe((end_ns - done.arrival_ns) / 1e9)
         if gen is None:
             return
+        vision = gen.vision
+        if vision is not None:
+            m.request_images.observe(vision.images)
+            m.request_image_tokens.observe(vision.image_tokens)
+            m.image_preprocess.observe(vision.preprocess_seconds)
+            if gen.vision_started_ns is not None and gen.vision_finished_ns is not None:
+                m.vision_encoder.observe((gen.vision_finished_ns - gen.vision_started_ns) / 1e9)
         m.prompt_tokens.inc(gen.prompt_tokens)
         m.generation_tokens.inc(gen.completion_tokens)
         # A request that timed out or was abandoned in the queue waited until it ended: leaving
         # it out would hide the worst waits exactly when the server is overloaded.
-        m.queue_wait.observe(((gen.scheduled_ns or end_ns) - gen.arrival_ns) / 1e9)
+        queued_ns = gen.vision.preprocess_finished_ns if gen.vision is not None else gen.arrival_ns
+        m.queue_wait.observe(((gen.scheduled_ns or end_ns) - queued_ns) / 1e9)
         if not ok:
             return
         if gen.first_token_ns is not None:
@@ -153,8 +161,28 @@ class RequestRecorder:
 
     def _child_spans(self, parent: Span, gen: GenerationRequest, end_ns: int) -> None:
         context = trace.set_span_in_context(parent)
+        vision = gen.vision
+        if vision is not None:  # before the queue: the images were decoded and processed
+            child = self.tracer.start_span(
+                "preprocess", context=context, start_time=to_epoch_ns(vision.preprocess_started_ns)
+            )
+            child.set_attributes(
+                {
+                    "inference.images": vision.images,
+                    "inference.image_tokens": vision.image_tokens,
+                    "inference.image_bytes": vision.encoded_bytes,
+                }
+            )
+            child.end(end_time=to_epoch_ns(vision.preprocess_finished_ns))
+            if gen.vision_started_ns is not None:
+                child = self.tracer.start_span(
+                    "vision encode", context=context, start_time=to_epoch_ns(gen.vision_started_ns)
+                )
+                child.set_attribute("inference.images", vision.images)
+                child.end(end_time=to_epoch_ns(gen.vision_finished_ns or end_ns))
+        queue_start = vision.preprocess_finished_ns if vision is not None else gen.arrival_ns
         queue_end = gen.scheduled_ns or end_ns
-        phases = [("queue wait", gen.arrival_ns, queue_end)]
+        phases = [("queue wait", queue_start, queue_end)]
         if gen.scheduled_ns is not None:
             prefill_end = gen.first_token_ns or end_ns
             phases.append(("prefill", gen.scheduled_ns, prefill_end))
@@ -204,9 +232,23 @@ class RequestRecorder:
                 fields["queue_s"] = round((gen.scheduled_ns - gen.arrival_ns) / 1e9, 6)
             if gen.first_token_ns is not None:
                 fields["ttft_s"] = round((gen.first_token_ns - gen.arrival_ns) / 1e9, 6)
+            vision = gen.vision
+            if vision is not None:  # counts and timings; never the images themselves
+                fields.update(
+                    images=vision.images,
+                    image_tokens=vision.image_tokens,
+                    preprocess_s=round(vision.preprocess_seconds, 6),
+                )
+                if gen.vision_started_ns is not None and gen.vision_finished_ns is not None:
+                    fields["vision_encode_s"] = round(
+                        (gen.vision_finished_ns - gen.vision_started_ns) / 1e9, 6
+                    )
             if self.log_prompts:
                 fields["prompt"] = done.prompt_text
                 fields["output"] = gen.text
+                if vision is not None:  # their sizes, not their bytes
+                    fields["image_sizes"] = [f"{w}x{h}" for w, h in vision.image_sizes]
+                    fields["image_bytes"] = vision.encoded_bytes
         bound = logger.bind(**fields)
         if done.status >= 500:
             bound.error("request failed: {}", done.error_message)
