@@ -43,8 +43,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "model",
         str,
-        "Model to serve: 'demo' (a tiny model built locally on first use), a local directory, "
-        "or a hub id (needs the hub to be reachable).",
+        "Model to serve: 'demo' (a tiny model built locally on first use), 'demo-vl' (a tiny "
+        "GLM-4.1V vision-language model, likewise), a local directory, or a hub id (needs the "
+        "hub to be reachable).",
         metavar="MODEL",
     ),
     Option(

@@ -62,7 +62,7 @@ CASES = [
             ],
         },
         400,
-        "not supported by this text-only model",
+        "the model 'demo' is text-only: it cannot read image parts",
     ),
     ("max-tokens-zero", CHAT, chat_body(max_tokens=0), 400, "'max_tokens' must be at least 1"),
     ("max-tokens-negative", CHAT, chat_body(max_tokens=-5), 400, "at least 1, got -5"),

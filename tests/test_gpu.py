@@ -44,6 +44,95 @@ def test_batched_greedy_answers_match_on_cuda(server_factory):
         assert list(pool.map(run, prompts * 2)) == alone * 2
 
 
+# ---- the vision-language demo model on CUDA ---------------------------------------------------
+
+
+def _screenshot_url(colour: tuple[int, int, int], size: tuple[int, int]) -> str:
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, colour)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((20, 40, size[0] - 20, 120), fill=(255, 255, 255))
+    draw.ellipse((size[0] // 3, size[1] // 3, size[0] // 2, size[1] // 2), fill=(0, 0, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_demo_vl_batched_image_and_text_answers_match_on_cuda(server_factory):
+    """Image requests (vision tower and 3-D positions on the GPU) batched with text requests
+    give the same greedy answers as each alone."""
+    import concurrent.futures
+
+    server = server_factory("--device", "cuda", "--dtype", "float32", model="demo-vl")
+    client = openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0, timeout=120)
+    images = [
+        _screenshot_url((30, 120, 200), (540, 1200)),
+        _screenshot_url((200, 40, 40), (1080, 2400)),
+        _screenshot_url((10, 160, 60), (800, 600)),
+    ]
+    messages = [
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": f"step {i}"},
+                ],
+            }
+        ]
+        for i, url in enumerate(images)
+    ] + [[{"role": "user", "content": "text only"}], [{"role": "user", "content": "more text"}]]
+
+    def run(conversation) -> str:
+        response = client.chat.completions.create(
+            model="demo-vl",
+            messages=conversation,
+            max_tokens=32,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert response.usage.completion_tokens == 32
+        return response.choices[0].message.content
+
+    alone = [run(m) for m in messages]
+    with concurrent.futures.ThreadPoolExecutor(len(messages)) as pool:
+        assert list(pool.map(run, messages * 2)) == alone * 2
+    assert server.sample("inference_model_info", device="cuda:0") == 1
+    assert server.sample("inference_vision_encoder_duration_seconds_count") == 9
+    batch_sizes = [line.get("batch_size", 0) for line in server.logs() if "images" in line]
+    assert max(batch_sizes) > 1  # image requests did share the batch
+
+
+def test_demo_vl_in_half_precision_on_cuda(server_factory):
+    server = server_factory("--device", "cuda", model="demo-vl")  # auto: bfloat16 on CUDA
+    client = openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0, timeout=120)
+    url = _screenshot_url((90, 90, 90), (1080, 2400))
+    stream = client.chat.completions.create(
+        model="demo-vl",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "what is on the screen?"},
+                ],
+            }
+        ],
+        max_tokens=64,
+        temperature=0.0,
+        top_p=0.85,
+        frequency_penalty=0.2,
+        stream=True,
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text
+    assert server.sample("inference_model_info", device="cuda:0", dtype="bfloat16") == 1
+
+
 # ---- out of memory and admission control on a real GPU ---------------------------------------
 
 MIB = 2**20
@@ -69,7 +158,8 @@ def wide_kv_model(tmp_path_factory, demo_dir):
         num_attention_heads=64,
         num_key_value_heads=64,
         head_dim=128,
-        max_position_embeddings=131072,
+        # Longer than any GPU's memory holds at 1 MiB per token (an H200 has 139 GiB).
+        max_position_embeddings=1 << 20,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
@@ -93,7 +183,7 @@ def _wide_server(server_factory, wide_kv_model, *extra):
         "--device",
         "cuda",
         "--max-tokens-limit",
-        "131072",
+        str(1 << 20),
         "--served-model-name",
         "wide",
         "--request-timeout",

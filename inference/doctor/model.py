@@ -354,6 +354,7 @@ def memory_verdict(
         itemsize, checkpoint_itemsize, tied=bool(getattr(text_config, "tie_word_embeddings", False))
     )
     dtype_name = str(dtype).removeprefix("torch.")
+    vision = facts.weights.vision_bytes_as(itemsize)
     try:
         context = context_length(facts.model_config, facts.tokenizer, config.max_model_len)
     except ModelLoadError:
@@ -364,6 +365,7 @@ def memory_verdict(
         device=memory.device,
         dtype=dtype_name,
         weights_bytes=weights,
+        vision_weights_bytes=vision,
         kv_cache_bytes=kv,
         context_tokens=context,
         available_bytes=memory.available,
@@ -396,6 +398,8 @@ def memory_verdict(
             **values,
         )
     summary = f"weights {human_bytes(weights)} in {dtype_name}"
+    if vision:
+        summary += f" (the vision tower's {human_bytes(vision)} included)"
     if ram is not None and weights > ram[0]:
         # from_pretrained builds the model in host memory before it moves to the GPU.
         return warning(

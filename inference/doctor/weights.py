@@ -76,6 +76,7 @@ class Weights:
     index: str | None  # the index file, when sharded
     notes: list[str] = field(default_factory=list)  # oddities that do not stop a load
     lm_head: tuple[int, str] | None = None  # elements and dtype of lm_head.weight, if stored
+    vision: TensorGroup = field(default_factory=TensorGroup)  # the vision tower's share
 
     @property
     def parameters(self) -> int | None:
@@ -86,19 +87,34 @@ class Weights:
         """Whether bytes_as() knows every tensor's size (not so for pickles)."""
         return not self.pickle_bytes
 
+    def vision_bytes_as(self, itemsize: int) -> int:
+        """Bytes of the vision tower's weights once loaded (0 for a text-only model)."""
+        return _sized(self.vision.elements, itemsize)
+
     def bytes_as(self, itemsize: int, checkpoint_itemsize: int | None, tied: bool = False) -> int:
         """Bytes the weights take once loaded with floating tensors in ``itemsize`` bytes; with
         ``tied`` a stored output layer is not counted (the model shares the embeddings')."""
         elements = dict(self.safetensors.elements)
         if tied and self.lm_head is not None:
             elements[self.lm_head[1]] -= self.lm_head[0]
-        total = 0
-        for dtype, count in elements.items():
-            total += count * itemsize if dtype in CONVERTED else count * DTYPE_BITS[dtype] // 8
+        total = _sized(elements, itemsize)
         if self.pickle_bytes:
             scale = itemsize / checkpoint_itemsize if checkpoint_itemsize else 1.0
             total += int(self.pickle_bytes * scale)
         return total
+
+
+def _sized(elements: dict[str, int], itemsize: int) -> int:
+    return sum(
+        count * itemsize if dtype in CONVERTED else count * DTYPE_BITS[dtype] // 8
+        for dtype, count in elements.items()
+    )
+
+
+def is_vision_tensor(name: str) -> bool:
+    """A tensor of the vision tower: ``model.visual.*`` in GLM-4.1V and Qwen-VL checkpoints
+    saved by transformers 5, ``visual.*`` in older ones."""
+    return name.startswith(("model.visual.", "visual."))
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
@@ -187,6 +203,8 @@ def read_weights(directory: Path) -> Weights:
                     unknown.add(info["dtype"])
                     continue
                 weights.safetensors.add(info["dtype"], count)
+                if is_vision_tensor(tensor):
+                    weights.vision.add(info["dtype"], count)
                 if tensor == "lm_head.weight":
                     weights.lm_head = (count, info["dtype"])
         else:
