@@ -453,6 +453,57 @@ def overview() -> Board:
         ],
         width=24,
     )
+    board.panel(
+        "timeseries",
+        "Images per request",
+        "Requests with images per second, and the mean images and image tokens (prompt tokens "
+        "that stand for the images, after the processor's resize) per such request; a "
+        "vision-language model's cost grows with the tokens. " + ENGINE_VIGIL_ONLY,
+        "short",
+        [
+            (
+                f"sum by (model) (rate(inference_request_images_count"
+                f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}]))",
+                "image requests/s {{model}}",
+            ),
+            (
+                f"sum by (model) (rate(inference_request_images_sum"
+                f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}])) / sum by (model) "
+                f"(rate(inference_request_images_count{{{INSTANCE_MODEL_FILTER}}}"
+                f"[{RATE_INTERVAL}]))",
+                "images/request {{model}}",
+            ),
+            (
+                f"sum by (model) (rate(inference_request_image_tokens_sum"
+                f"{{{INSTANCE_MODEL_FILTER}}}[{RATE_INTERVAL}])) / sum by (model) "
+                f"(rate(inference_request_image_tokens_count{{{INSTANCE_MODEL_FILTER}}}"
+                f"[{RATE_INTERVAL}]))",
+                "image tokens/request {{model}}",
+            ),
+        ],
+    )
+    board.panel(
+        "timeseries",
+        "Image preprocessing and vision encoder, p95",
+        "95th percentile of the time to decode a request's images and run the model's "
+        "processor (before the queue), and of the vision tower's pass on them (the engine's "
+        "vision stage). " + ENGINE_VIGIL_ONLY,
+        "s",
+        [
+            (
+                f"histogram_quantile(0.95, sum by (model, le) (rate("
+                f"inference_image_preprocess_duration_seconds_bucket{{{INSTANCE_MODEL_FILTER}}}"
+                f"[{RATE_INTERVAL}])))",
+                "preprocess {{model}}",
+            ),
+            (
+                f"histogram_quantile(0.95, sum by (model, le) (rate("
+                f"inference_vision_encoder_duration_seconds_bucket{{{INSTANCE_MODEL_FILTER}}}"
+                f"[{RATE_INTERVAL}])))",
+                "vision encoder {{model}}",
+            ),
+        ],
+    )
     return board
 
 

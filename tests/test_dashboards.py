@@ -233,10 +233,27 @@ def test_every_logql_query_parses():
     assert json.loads(broken.stdout) != [None]
 
 
+def image_message(colour: str) -> list[dict]:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (540, 1200), colour).save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]
+
+
 def test_every_promql_query_returns_data_after_real_traffic(tmp_path, demo_dir):
     import torch
 
     server = start_server(tmp_path, demo_dir, "--enable-fault-injection")
+    vision_dir = tmp_path / "vision"
+    vision_dir.mkdir()
+    vision = start_server(
+        vision_dir, demo_dir, "--state-dir", str(server.state_dir), model="demo-vl"
+    )
     exporter = start_exporter(
         tmp_path,
         server.state_dir,
@@ -281,6 +298,20 @@ scrape_configs:
                 == 200
             )
         assert requests.post(url, timeout=60, json={"model": "demo"}).status_code == 400
+        # The vision-language server beside it, in the same state directory: the image panels.
+        for colour in ("red", "blue", "green"):
+            assert (
+                requests.post(
+                    vision.url("/v1/chat/completions"),
+                    timeout=60,
+                    json={
+                        "model": "demo-vl",
+                        "max_tokens": 4,
+                        "messages": [{"role": "user", "content": image_message(colour)}],
+                    },
+                ).status_code
+                == 200
+            )
         requests.post(server.url("/debug/fault"), timeout=10, json={"fault": "empty"})
         requests.post(url, timeout=60, json={"model": "demo", "prompt": "e", "max_tokens": 4})
         requests.post(
@@ -341,3 +372,4 @@ scrape_configs:
         prometheus.stop()
         exporter.stop()
         server.stop()
+        vision.stop()
