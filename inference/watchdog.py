@@ -67,6 +67,11 @@ def thread_stacks() -> list[dict[str, Any]]:
     return stacks
 
 
+def thread_name(name: str) -> str:
+    """``engine`` -> "engine thread"; a name that says thread already is kept."""
+    return name if name.lower().endswith("thread") else f"{name} thread"
+
+
 def _request_stage(request: GenerationRequest) -> str:
     if request.scheduled_ns is None:
         return "queued"
@@ -150,9 +155,10 @@ class Watchdog:
             return
         pending = service.queue.snapshot() + engine.held_requests()
         job = service.preprocessing.oldest()
-        if job is not None and (now_ns - job.started_ns) / 1e9 > self.stall_timeout:
+        if job is not None and (now_ns - job.watched_from_ns) / 1e9 > self.stall_timeout:
             # A request's images stuck in decoding or in the processor (a worker thread).
-            stall = Stall("vision", job.started_ns, now_ns, engine.iterations, preprocessing=job)
+            since = job.watched_from_ns
+            stall = Stall("vision", since, now_ns, engine.iterations, preprocessing=job)
             self._stalled(stall, pending, job.thread_id)
             return
         if not pending:
@@ -191,7 +197,7 @@ class Watchdog:
         if culprit is not None:
             last = culprit["stack"].strip().splitlines()
             where = (
-                f"; the {culprit['thread']} thread is at {last[-2].strip()}"
+                f"; the {thread_name(culprit['thread'])} is at {last[-2].strip()}"
                 if len(last) >= 2
                 else ""
             )

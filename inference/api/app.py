@@ -38,7 +38,13 @@ from ..telemetry.recorder import CompletedRequest, RequestRecorder
 from ..vision.content import ChatContent, ContentError, read_messages
 from ..vision.images import ImageLimits
 from ..vision.inputs import VisionInputs
-from ..vision.preprocess import ImageFailure, decode_images, run_processor, template_prompt
+from ..vision.preprocess import (
+    ImageFailure,
+    decode_images,
+    read_images,
+    run_processor,
+    template_prompt,
+)
 from .errors import ApiError, from_validation_error
 from .prompts import chat_prompt_ids, completion_prompt_ids, sampling_params
 from .responses import ChunkWriter, completion_body
@@ -184,10 +190,12 @@ class InferenceApi:
         except ValidationError as exc:
             raise from_validation_error(exc) from None
         loaded = self.service.loaded
-        if parsed.stage == "vision" and (loaded is None or not loaded.accepts_images):
+        if parsed.stage in ("preprocess", "vision") and (
+            loaded is None or not loaded.accepts_images
+        ):
             raise ApiError(
                 400,
-                "stage 'vision' needs a vision-language model; this one has no vision tower",
+                f"stage {parsed.stage!r} needs a vision-language model; this one reads text only",
                 param="stage",
             )
         fault = Fault(
@@ -494,7 +502,10 @@ class InferenceApi:
         def work() -> tuple[list[int], str, VisionInputs]:
             job.thread_id = threading.get_ident()
             try:
-                images = decode_images(content, limits)
+                encoded = read_images(content, limits)
+                job.watched_from_ns = time.perf_counter_ns()
+                self._preprocess_fault()
+                images = decode_images(content, encoded, limits)
                 with lock:  # the processor's tokenizer is not safe to share between threads
                     prompt = template_prompt(loaded.processor, content.messages)
                     ids, vision = run_processor(loaded.processor, prompt, images, job.started_ns)
@@ -547,6 +558,21 @@ class InferenceApi:
             error_type="timeout",
             code="deadline_exceeded",
         )
+
+    def _preprocess_fault(self) -> None:
+        """Fire a fault armed for stage preprocess here, in the worker thread."""
+        faults = self.service.faults
+        if faults is None or not faults.pending:
+            return
+        fault = faults.take("preprocess")
+        if fault is None:
+            return
+        from loguru import logger
+
+        logger.warning("injected fault {} fires in preprocess", fault.kind, fault=fault.describe())
+        if self.service.metrics is not None:
+            self.service.metrics.fault_fired(fault.kind, "preprocess")
+        faults.fire(fault)
 
     async def _respond(
         self,

@@ -142,7 +142,9 @@ class FaultRequest(_Strict):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     fault: Literal["hang", "slow", "oom", "empty", "crash"]
-    stage: Literal["vision", "prefill", "decode"] = "prefill"
+    # preprocess: in the worker thread that decodes a request's images and runs the processor
+    # (hang and slow only); vision: in the vision tower.
+    stage: Literal["preprocess", "vision", "prefill", "decode"] = "prefill"
     # hang: how long (null: until the process stops); slow: the delay added to each step.
     seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     steps: Annotated[int, Field(ge=1, le=1_000_000)] = 1  # slow: how many steps are slowed
@@ -153,4 +155,6 @@ class FaultRequest(_Strict):
             raise ValueError("a slow fault needs 'seconds', the delay added to each step")
         if self.fault in ("oom", "empty", "crash") and self.seconds is not None:
             raise ValueError(f"'seconds' has no meaning for a {self.fault} fault")
+        if self.stage == "preprocess" and self.fault not in ("hang", "slow"):
+            raise ValueError("stage 'preprocess' takes a hang or a slow fault only")
         return self

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 FAULTS = ("hang", "slow", "oom", "empty", "crash")
-STAGES = ("vision", "prefill", "decode")  # vision: in the vision tower (VL models only)
+# preprocess: the worker thread that decodes a request's images (hang and slow only); vision:
+# the vision tower. Both for vision-language models only.
+STAGES = ("preprocess", "vision", "prefill", "decode")
 
 
 @dataclass(frozen=True)

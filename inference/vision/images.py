@@ -70,8 +70,25 @@ class DecodedImage:
     source: str  # "data" or "http"
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes  # the file as received (PNG, JPEG, ...)
+    source: str  # "data" or "http"
+    origin: str  # where it came from, for messages
+
+
 def load_image(url: str, limits: ImageLimits) -> DecodedImage:
     """The image ``url`` names, decoded to RGB within ``limits``; ImageError says why not."""
+    return decode_image(read_image_bytes(url, limits), limits)
+
+
+def decode_image(encoded: EncodedImage, limits: ImageLimits) -> DecodedImage:
+    """Decode an image's bytes to RGB within ``limits`` (local work: no network)."""
+    return _decode(encoded.data, encoded.source, encoded.origin, limits)
+
+
+def read_image_bytes(url: str, limits: ImageLimits) -> EncodedImage:
+    """The bytes ``url`` names: a data URL's payload, or a download (bounded by ``limits``)."""
     scheme = _scheme(url)
     if scheme == "data":
         data, source, origin = _decode_data_url(url, limits), "data", "the data URL's image"
@@ -90,7 +107,7 @@ def load_image(url: str, limits: ImageLimits) -> DecodedImage:
         raise ImageError(
             f"unsupported image URL scheme {scheme!r}: {_ACCEPTED}", "invalid_image_url"
         )
-    return _decode(data, source, origin, limits)
+    return EncodedImage(data, source, origin)
 
 
 def describe_url(url: str) -> str:

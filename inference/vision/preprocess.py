@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .content import ChatContent
-from .images import DecodedImage, ImageLimits, load_image
+from .images import (
+    DecodedImage,
+    EncodedImage,
+    ImageError,
+    ImageLimits,
+    decode_image,
+    read_image_bytes,
+)
 from .inputs import VisionInputs
 
 
@@ -26,6 +33,9 @@ class PreprocessJob:
     trace_id: str
     started_ns: int
     thread_id: int | None = None  # the worker thread doing it, once it runs
+    # When the local work (decoding, the processor) began: what the watchdog times. Downloads
+    # come before it, bounded by their own deadline: a slow image server is not a stall.
+    watched_from_ns: int | None = None
     # Set by the API: called (from the watchdog's thread) to answer the request with an error.
     notify: Callable[[Any], None] | None = None
 
@@ -60,8 +70,10 @@ class Preprocessing:
                 job.notify(error)
 
     def oldest(self) -> PreprocessJob | None:
+        """The job whose local work began first (None if none is at it)."""
         with self._lock:
-            return min(self._jobs.values(), key=lambda j: j.started_ns, default=None)
+            watched = [j for j in self._jobs.values() if j.watched_from_ns is not None]
+        return min(watched, key=lambda j: j.watched_from_ns, default=None)
 
 
 class ImageFailure(Exception):
@@ -73,14 +85,26 @@ class ImageFailure(Exception):
         self.param = param
 
 
-def decode_images(content: ChatContent, limits: ImageLimits) -> list[DecodedImage]:
-    """Every image of the request, in order; ImageFailure names the first bad one."""
-    from .images import ImageError
-
-    decoded = []
+def read_images(content: ChatContent, limits: ImageLimits) -> list[EncodedImage]:
+    """Every image's bytes, in order (data URLs and downloads); ImageFailure names the first
+    bad one."""
+    encoded = []
     for part in content.images:
         try:
-            decoded.append(load_image(part.url, limits))
+            encoded.append(read_image_bytes(part.url, limits))
+        except ImageError as exc:
+            raise ImageFailure(exc, f"{part.param}.image_url") from None
+    return encoded
+
+
+def decode_images(
+    content: ChatContent, encoded: list[EncodedImage], limits: ImageLimits
+) -> list[DecodedImage]:
+    """The images decoded, in order; ImageFailure names the first bad one."""
+    decoded = []
+    for part, image in zip(content.images, encoded, strict=True):
+        try:
+            decoded.append(decode_image(image, limits))
         except ImageError as exc:
             raise ImageFailure(exc, f"{part.param}.image_url") from None
     return decoded
