@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .demo import EOS_TOKEN, build_byte_tokenizer, build_once, printable_head
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 IMAGE_TOKENS = (
     "<|image|>",
     "<|begin_of_image|>",
@@ -76,7 +76,9 @@ def _config(tokenizer):
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
-            "max_position_embeddings": 8192,
+            # Room for Open-AutoGLM's requests: its Chinese system prompt alone is 7,909 bytes
+            # (a token each here), and it asks for 3,000 tokens; its vLLM command serves 25,480.
+            "max_position_embeddings": 32768,
             # GLM-4.1V's rotary layout scaled down: half the head rotates, split 2:3:3 over
             # time, height and width (the real model: 8:12:12 of 64).
             "rope_parameters": {
