@@ -163,7 +163,8 @@ class Watchdog:
             return
         if not pending:
             return
-        since = max(engine.last_progress_ns, min(r.arrival_ns for r in pending))
+        # Pending work is timed from when it reached the queue (a download before is not ours).
+        since = max(engine.last_progress_ns, min(r.queued_ns for r in pending))
         if (now_ns - since) / 1e9 <= self.stall_timeout:
             return
         stage = engine.stage if engine.stage != "idle" else "schedule"

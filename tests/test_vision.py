@@ -765,12 +765,6 @@ def test_a_hang_in_preprocessing_is_a_stall_in_stage_vision(stalling):
     assert _post(server, _small_request(url)).status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: the watchdog times a queued request from its arrival "
-    "(inference/watchdog.py, check: since = max(last progress, min arrival_ns)), so the "
-    "download it deliberately does not time is counted once the request reaches the engine",
-)
 def test_a_slow_image_download_is_not_a_stall(stalling):
     """An image URL that takes 3 s, within --image-fetch-timeout (30 s) but past the stall
     timeout (1 s), and a vision tower that takes half a second on it (a slow step injected,

@@ -102,6 +102,13 @@ class GenerationRequest:
     _end_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
+    def queued_ns(self) -> int:
+        """When it was put on the queue: after its images were preprocessed (downloads
+        included, which have their own deadline), else on arrival."""
+        vision = self.vision
+        return vision.preprocess_finished_ns if vision is not None else self.arrival_ns
+
+    @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 

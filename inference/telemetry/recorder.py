@@ -111,8 +111,7 @@ class RequestRecorder:
         m.generation_tokens.inc(gen.completion_tokens)
         # A request that timed out or was abandoned in the queue waited until it ended: leaving
         # it out would hide the worst waits exactly when the server is overloaded.
-        queued_ns = gen.vision.preprocess_finished_ns if gen.vision is not None else gen.arrival_ns
-        m.queue_wait.observe(((gen.scheduled_ns or end_ns) - queued_ns) / 1e9)
+        m.queue_wait.observe(((gen.scheduled_ns or end_ns) - gen.queued_ns) / 1e9)
         if not ok:
             return
         if gen.first_token_ns is not None:
@@ -180,9 +179,8 @@ class RequestRecorder:
                 )
                 child.set_attribute("inference.images", vision.images)
                 child.end(end_time=to_epoch_ns(gen.vision_finished_ns or end_ns))
-        queue_start = vision.preprocess_finished_ns if vision is not None else gen.arrival_ns
         queue_end = gen.scheduled_ns or end_ns
-        phases = [("queue wait", queue_start, queue_end)]
+        phases = [("queue wait", gen.queued_ns, queue_end)]
         if gen.scheduled_ns is not None:
             prefill_end = gen.first_token_ns or end_ns
             phases.append(("prefill", gen.scheduled_ns, prefill_end))
@@ -229,7 +227,7 @@ class RequestRecorder:
                 batch_size=gen.batch_size_at_prefill,
             )
             if gen.scheduled_ns is not None:
-                fields["queue_s"] = round((gen.scheduled_ns - gen.arrival_ns) / 1e9, 6)
+                fields["queue_s"] = round((gen.scheduled_ns - gen.queued_ns) / 1e9, 6)
             if gen.first_token_ns is not None:
                 fields["ttft_s"] = round((gen.first_token_ns - gen.arrival_ns) / 1e9, 6)
             vision = gen.vision
