@@ -151,6 +151,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="PIXELS",
     ),
     Option(
+        "max_request_image_pixels",
+        positive_int,
+        "Pixels that all the images of one request may declare together; a request over it "
+        "is refused before its images are decoded (decoding takes memory and time).",
+        metavar="PIXELS",
+    ),
+    Option(
         "max_image_bytes",
         positive_int,
         "Largest encoded image (a data: URL's payload or a download) in bytes.",
@@ -231,7 +238,8 @@ class Config:
     max_body_bytes: int = 32 * 1024 * 1024  # room for a few base64 screenshots
     max_image_pixels: int | None = None
     max_images_per_request: int = 10
-    max_image_header_pixels: int = 100_000_000
+    max_image_header_pixels: int = 50_000_000  # Pillow warns of a bomb at 89 M
+    max_request_image_pixels: int = 100_000_000
     max_image_bytes: int = 20 * 1024 * 1024
     image_fetch_timeout: float = 10.0
     seed: int | None = None

@@ -231,6 +231,8 @@ class Watchdog:
         )
         error = stalled_error(stall.stage, seconds, threshold)
         self.service.preprocessing.fail_all(error)
+        if stall.preprocessing is not None:
+            return  # the engine itself moves: its requests go on (unless the process exits)
         for request in self.service.queue.drain() + pending:
             # Failed first, then cancelled: were it cancelled first, an engine that moves again
             # in between would end it as cancelled, and the client would get no answer.

@@ -434,14 +434,22 @@ def _bad_cases(good_url: str) -> list[tuple[str, dict, str, str | None, str]]:
             "image_too_large",
             "too large",
         ),
-        # ... and the server's header limit (--max-image-header-pixels, 100 MP) one that
-        # Pillow only warns of.
+        # ... and the server's header limit (--max-image-header-pixels, 50 MP) one that Pillow
+        # would decode.
         (
-            "bomb 11000x10000",
-            body(data_url(header_bomb_png(11000, 10000))),
+            "bomb 8000x7000",
+            body(data_url(header_bomb_png(8000, 7000))),
             PARAM,
             "image_too_large",
-            "11000x10000",
+            "8000x7000",
+        ),
+        # Three images each under the limit, over --max-request-image-pixels (100 MP) together.
+        (
+            "too many pixels together",
+            body(*[data_url(header_bomb_png(6000, 6000))] * 3),
+            "messages[1].content[3].image_url",
+            "image_too_large",
+            "per request",
         ),
         (
             "second image bad",
@@ -761,8 +769,34 @@ def test_a_hang_in_preprocessing_is_a_stall_in_stage_vision(stalling):
     assert "preprocessing the images of request hangs-in-preprocess" in report["message"]
     assert _sample(server, "inference_engine_stalls_total", stage="vision") == stalls_before + 1
     assert _sample(server, "inference_faults_injected_total", fault="hang", stage="preprocess") == 1
+    # The engine itself moves: a text request is served meanwhile, another image request is
+    # told that preprocessing is stalled.
+    if _health(server).status_code == 503:
+        text = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        assert _post(server, text, "text-beside-a-stall").status_code == 200
+        refused = _post(server, _small_request(url), "image-beside-a-stall")
+        assert refused.status_code in (200, 503)  # 200 only if the hang ended just then
+        if refused.status_code == 503:
+            assert "preprocessing is stalled" in refused.json()["error"]["message"]
     _wait_healthy(server)
     assert _post(server, _small_request(url)).status_code == 200
+
+
+def test_prefill_and_decode_faults_fire_in_the_language_model(stalling):
+    """A vision-language model's tower has as many blocks as its text model (demo-vl) or more
+    (Qwen2.5-VL-7B): prefill and decode faults must still fire where those stages run."""
+    server = stalling
+    _wait_healthy(server)
+    text = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    for stage in ("prefill", "decode"):
+        armed = requests.post(
+            server.url("/debug/fault"), json={"fault": "oom", "stage": stage}, timeout=10
+        )
+        assert armed.status_code == 200, armed.text
+        response = _post(server, text, f"oom-at-{stage}")
+        assert response.status_code == 503, (stage, response.text)
+        assert response.json()["error"]["code"] == "out_of_memory"
+        assert _post(server, text).status_code == 200  # and it serves on
 
 
 def test_a_slow_image_download_is_not_a_stall(stalling):

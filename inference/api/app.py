@@ -36,7 +36,7 @@ from ..engine.request import Event, Failed, Finished, GenerationRequest, TextDel
 from ..model.loader import LoadedModel
 from ..telemetry.recorder import CompletedRequest, RequestRecorder
 from ..vision.content import ChatContent, ContentError, read_messages
-from ..vision.images import ImageLimits
+from ..vision.images import EncodedImage, ImageLimits
 from ..vision.inputs import VisionInputs
 from ..vision.preprocess import (
     ImageFailure,
@@ -160,9 +160,10 @@ class InferenceApi:
         self.config = service.config
         self.recorder = recorder
         self._tokenizer_lock = asyncio.Lock()
-        self._processor_lock = threading.Lock()
+        self._preprocess_slot = asyncio.Lock()
         self._image_limits = ImageLimits(
             max_header_pixels=self.config.max_image_header_pixels,
+            max_request_pixels=self.config.max_request_image_pixels,
             max_bytes=self.config.max_image_bytes,
             fetch_timeout_s=self.config.image_fetch_timeout,
         )
@@ -389,7 +390,7 @@ class InferenceApi:
                 headers={"Retry-After": "5"},
             )
         stall = self.service.watchdog.stall
-        if stall is not None:
+        if stall is not None and stall.preprocessing is None:
             raise ApiError(
                 503,
                 f"the engine is stalled in {stall.stage} (no progress for "
@@ -493,25 +494,68 @@ class InferenceApi:
         deadline_ns: int,
         trace_id: str,
     ) -> tuple[list[int], str, VisionInputs]:
-        """Decode the images and run the processor in a worker thread, within the deadline."""
+        """Download the images (worker threads, in parallel), then decode them and run the
+        processor (one request at a time), within the deadline.
+
+        One at a time: decoding and the processor are CPU work, and running them for many
+        requests at once only makes each slower; and so a request's local work is timed alone
+        (the watchdog's view), never its wait for the slot."""
         preprocessing = self.service.preprocessing
+        stall = self.service.watchdog.stall
+        if stall is not None:  # a request's images are stuck in preprocessing: no slot comes
+            raise ApiError(
+                503,
+                f"image preprocessing is stalled (no progress for {stall.stalled_for_s():.1f} "
+                "s); requests without images are served; retry later",
+                error_type="server_unavailable",
+                code="engine_stalled",
+                headers={"Retry-After": "5"},
+            )
+        if preprocessing.count() + len(self.service.queue) >= self.config.max_queue:
+            raise ApiError(  # the queue's limit, counted before the costly work
+                429,
+                f"{preprocessing.count()} requests' images are being prepared and "
+                f"{len(self.service.queue)} requests wait (limit {self.config.max_queue}); "
+                "retry later",
+                error_type="rate_limit_exceeded",
+                code="queue_full",
+                headers={"Retry-After": str(self._retry_after())},
+            )
         job = preprocessing.begin(call.request_id, trace_id)
         limits = self._image_limits
-        lock = self._processor_lock
+        local_started = False
 
-        def work() -> tuple[list[int], str, VisionInputs]:
+        def download() -> tuple[list[EncodedImage], int]:
             job.thread_id = threading.get_ident()
+            started = time.perf_counter_ns()
+            return read_images(content, limits), started
+
+        def local_work(encoded: list[EncodedImage]) -> tuple[list[int], str, VisionInputs]:
+            job.thread_id = threading.get_ident()
+            job.watched_from_ns = time.perf_counter_ns()
             try:
-                encoded = read_images(content, limits)
-                job.watched_from_ns = time.perf_counter_ns()
                 self._preprocess_fault()
                 images = decode_images(content, encoded, limits)
-                with lock:  # the processor's tokenizer is not safe to share between threads
-                    prompt = template_prompt(loaded.processor, content.messages)
-                    ids, vision = run_processor(loaded.processor, prompt, images, job.started_ns)
+                prompt = template_prompt(loaded.processor, content.messages)
+                ids, vision = run_processor(loaded.processor, prompt, images, job.watched_from_ns)
                 return ids, prompt, vision
             finally:
                 preprocessing.end(job)  # here, not in the API: a hung job stays in view
+
+        async def run() -> tuple[list[int], str, VisionInputs]:
+            nonlocal local_started
+            try:
+                encoded, download_started = await run_in_threadpool(download)
+                downloaded = time.perf_counter_ns()
+                async with self._preprocess_slot:
+                    local_started = True
+                    ids, prompt, vision = await run_in_threadpool(local_work, encoded)
+                if any(image.source == "http" for image in encoded):
+                    vision.download_ns = (download_started, downloaded)
+                return ids, prompt, vision
+            finally:
+                if not local_started:
+                    preprocessing.end(job)
 
         loop = asyncio.get_running_loop()
         stalled: asyncio.Future = loop.create_future()
@@ -526,7 +570,7 @@ class InferenceApi:
 
         job.notify = notify
         remaining = (deadline_ns - time.perf_counter_ns()) / 1e9
-        worker = asyncio.ensure_future(run_in_threadpool(work))
+        worker = asyncio.ensure_future(run())
         try:
             done, _ = await asyncio.wait(
                 {worker, stalled}, timeout=max(remaining, 0), return_when=asyncio.FIRST_COMPLETED
@@ -541,7 +585,9 @@ class InferenceApi:
                 raise ApiError(
                     400, f"'{exc.param}': {exc.error}", param=exc.param, code=code
                 ) from None
-        # The worker thread runs on; what it returns is dropped.
+        # Not wanted any more: out of the slot's line; a thread at work runs on, its result
+        # dropped (a hung one keeps its job in the watchdog's view).
+        worker.cancel()
         worker.add_done_callback(lambda future: future.cancelled() or future.exception())
         if stalled in done:
             error = stalled.result()

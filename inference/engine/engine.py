@@ -101,7 +101,12 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.observer = observer or NullObserver()
         self.faults = faults
-        self._fault_layer = middle_layer(loaded.model) if faults is not None else None
+        # Prefill and decode faults fire in the language model (a VL model's vision tower may
+        # have as many blocks, or more, and runs only in stage vision).
+        language_model = loaded.vision.language_model() if loaded.vision is not None else None
+        self._fault_layer = (
+            middle_layer(language_model or loaded.model) if faults is not None else None
+        )
         self._vision_fault_layer = (
             loaded.vision.middle_block()
             if faults is not None and loaded.vision is not None
@@ -460,6 +465,7 @@ class Engine:
             if request.scheduled_ns is None:
                 request.scheduled_ns = now
                 request.batch_size_at_prefill = running + len(rows)
+        self._force_eos = False  # before the vision stage, where an empty fault may fire
         vision = rows[0].request.vision
         features = self._encode_images(rows[0].request) if vision is not None else None
         self.stage = "prefill"
@@ -469,7 +475,6 @@ class Engine:
             self.loaded.pad_token_id,
         )
         ids, mask = ids.to(device), mask.to(device)
-        self._force_eos = False
         if features is None:
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             positions = mask.sum(-1)
@@ -503,6 +508,7 @@ class Engine:
         vision, tower = request.vision, self.loaded.vision
         device = self.loaded.device
         request.vision_started_ns = time.perf_counter_ns()
+        request.vision_finished_ns = None  # a preempted request's images are encoded again
         features = self._run_stage(
             tower.encode,
             {

@@ -32,6 +32,10 @@ class VisionTower:
             hasattr(core, name) for name in ("get_image_features", "get_rope_index", "visual")
         )
 
+    def language_model(self) -> Any:
+        """The text model (its decoder layers), or None where the family names it otherwise."""
+        return getattr(self.core, "language_model", None)
+
     def middle_block(self) -> Any:
         """The vision block in the middle of the tower (for fault injection)."""
         blocks = getattr(self.encoder, "blocks", None)

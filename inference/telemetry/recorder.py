@@ -161,6 +161,11 @@ class RequestRecorder:
     def _child_spans(self, parent: Span, gen: GenerationRequest, end_ns: int) -> None:
         context = trace.set_span_in_context(parent)
         vision = gen.vision
+        if vision is not None and vision.download_ns is not None:
+            child = self.tracer.start_span(
+                "image download", context=context, start_time=to_epoch_ns(vision.download_ns[0])
+            )
+            child.end(end_time=to_epoch_ns(vision.download_ns[1]))
         if vision is not None:  # before the queue: the images were decoded and processed
             child = self.tracer.start_span(
                 "preprocess", context=context, start_time=to_epoch_ns(vision.preprocess_started_ns)

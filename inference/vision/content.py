@@ -40,6 +40,12 @@ class ChatContent:
         return bool(self.images)
 
 
+def _shown(value: Any, limit: int = 40) -> str:
+    """A client's value in an error message, cut short (it is echoed and logged)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _image_part(part: dict[str, Any], param: str) -> ImagePart:
     spec = part.get("image_url")
     if isinstance(spec, str):  # some clients send the URL itself
@@ -54,7 +60,7 @@ def _image_part(part: dict[str, Any], param: str) -> ImagePart:
     detail = spec.get("detail", "auto")
     if detail not in DETAILS:
         raise ContentError(
-            f"'detail' must be one of {', '.join(DETAILS)}, got {detail!r}",
+            f"'detail' must be one of {', '.join(DETAILS)}, got {_shown(detail)}",
             f"{param}.image_url.detail",
         )
     return ImagePart(url, detail, param)
@@ -97,7 +103,7 @@ def read_messages(messages: list[Any], model: str, accepts_images: bool) -> Chat
                 parts.append({"type": "image"})
             else:
                 raise ContentError(
-                    f"content parts of type {kind!r} are not supported; send 'text'"
+                    f"content parts of type {_shown(kind)} are not supported; send 'text'"
                     + (" or 'image_url'" if accepts_images else "")
                     + " parts",
                     where,

@@ -54,6 +54,8 @@ class ImageLimits:
     max_header_pixels: int = 50_000_000  # refused from the header, before decoding
     max_bytes: int = 20 * 1024 * 1024  # encoded bytes of one image (data URL payload or download)
     fetch_timeout_s: float = 10.0  # the whole http(s) download, not just the connect
+    # All the images of one request together, from their headers: what decoding may cost.
+    max_request_pixels: int = 100_000_000
 
     def __post_init__(self) -> None:
         if self.max_header_pixels <= 0 or self.max_bytes <= 0 or self.fetch_timeout_s <= 0:
@@ -85,6 +87,37 @@ def load_image(url: str, limits: ImageLimits) -> DecodedImage:
 def decode_image(encoded: EncodedImage, limits: ImageLimits) -> DecodedImage:
     """Decode an image's bytes to RGB within ``limits`` (local work: no network)."""
     return _decode(encoded.data, encoded.source, encoded.origin, limits)
+
+
+def declared_size(encoded: EncodedImage) -> tuple[int, int] | None:
+    """(width, height) from the image's header, decoding no pixels; None when it cannot be
+    read (decode_image then says why)."""
+    try:
+        with Image.open(BytesIO(encoded.data), formats=list(FORMATS)) as image:
+            return image.size
+    except Exception:  # noqa: BLE001 - any unreadable header: decode_image explains it
+        return None
+
+
+def check_request_pixels(sizes: list[tuple[int, int] | None], limits: ImageLimits) -> int | None:
+    """The index of the image with which the request's images declare more pixels together
+    than ``limits`` allow (None when within); raises nothing."""
+    total = 0
+    for index, size in enumerate(sizes):
+        if size is not None:
+            total += size[0] * size[1]
+            if total > limits.max_request_pixels:
+                return index
+    return None
+
+
+def request_pixels_error(sizes: list[tuple[int, int] | None], limits: ImageLimits) -> ImageError:
+    total = sum(w * h for w, h in (s for s in sizes if s is not None))
+    return ImageError(
+        f"images too large together: the request's images declare {total} pixels, over the "
+        f"limit of {limits.max_request_pixels} pixels per request",
+        "image_too_large",
+    )
 
 
 def read_image_bytes(url: str, limits: ImageLimits) -> EncodedImage:

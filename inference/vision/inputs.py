@@ -16,8 +16,9 @@ class VisionInputs:
     image_tokens: int  # prompt tokens that stand for image patches
     image_sizes: tuple[tuple[int, int], ...]  # (width, height) of each image as received
     encoded_bytes: int  # the images' bytes as received (PNG, JPEG, ...)
-    preprocess_started_ns: int  # perf_counter_ns: decoding the images began
+    preprocess_started_ns: int  # perf_counter_ns: decoding the images began (after downloads)
     preprocess_finished_ns: int  # perf_counter_ns: the processor's tensors were ready
+    download_ns: tuple[int, int] | None = None  # start and end of its http(s) downloads
 
     @property
     def preprocess_seconds(self) -> float:

@@ -21,8 +21,11 @@ from .images import (
     EncodedImage,
     ImageError,
     ImageLimits,
+    check_request_pixels,
+    declared_size,
     decode_image,
     read_image_bytes,
+    request_pixels_error,
 )
 from .inputs import VisionInputs
 
@@ -69,6 +72,10 @@ class Preprocessing:
             if job.notify is not None:
                 job.notify(error)
 
+    def count(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
     def oldest(self) -> PreprocessJob | None:
         """The job whose local work began first (None if none is at it)."""
         with self._lock:
@@ -101,7 +108,13 @@ def decode_images(
     content: ChatContent, encoded: list[EncodedImage], limits: ImageLimits
 ) -> list[DecodedImage]:
     """The images decoded, in order; ImageFailure names the first bad one."""
-    decoded = []
+    # Every header first: a request whose images are too large together decodes none of them.
+    sizes = [declared_size(image) for image in encoded]
+    over = check_request_pixels(sizes, limits)
+    if over is not None:
+        error = request_pixels_error(sizes, limits)
+        raise ImageFailure(error, f"{content.images[over].param}.image_url")
+    decoded: list[DecodedImage] = []
     for part, image in zip(content.images, encoded, strict=True):
         try:
             decoded.append(decode_image(image, limits))
