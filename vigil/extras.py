@@ -19,6 +19,7 @@ SERVE_MODULES = frozenset(
         "opentelemetry",
         "starlette",
         "uvicorn",
+        "PIL",  # Pillow: the images of vision-language requests
     }
 )
 
