@@ -18,6 +18,13 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
+# Servers the tests start log every deprecation (py.warnings); Server.stop() fails on one. The
+# last entry wins: transformers' own GLM-4.1V processor hands numpy a tensor (not our code).
+SERVER_WARNINGS = (
+    "default::DeprecationWarning,default::PendingDeprecationWarning,default::FutureWarning,"
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+_DEPRECATIONS = ("DeprecationWarning", "FutureWarning")
 _LISTENING = re.compile(r"listening on http://([^:]+):(\d+)")
 
 
@@ -118,7 +125,18 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.assert_no_deprecations()
         return self.process.returncode
+
+    def assert_no_deprecations(self) -> None:
+        """A deprecation the process logged (Python's warnings, as py.warnings log lines)."""
+        text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        found = [
+            line[:400]
+            for line in text.splitlines()
+            if '"py.warnings"' in line and any(kind in line for kind in _DEPRECATIONS)
+        ]
+        assert not found, "deprecation warnings in " + str(self.log_path) + ":\n" + "\n".join(found)
 
 
 def start_server(
@@ -148,6 +166,7 @@ def start_server(
         *args,
     ]
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_INFERENCE_")}
+    child_env["PYTHONWARNINGS"] = SERVER_WARNINGS
     child_env.update(env or {})
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -230,6 +249,7 @@ def start_exporter(tmp_path: Path, state_dir: Path, *args: str) -> Server:
         *args,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_EXPORTER_")}
+    env["PYTHONWARNINGS"] = SERVER_WARNINGS
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     exporter = Server(process, log_path, state_dir)
