@@ -71,7 +71,8 @@ CASES = [
     ("max-tokens-float", CHAT, chat_body(max_tokens=1.5), 400, "'max_tokens'"),
     ("temperature-string", CHAT, chat_body(temperature="hot"), 400, "'temperature'"),
     ("temperature-too-high", CHAT, chat_body(temperature=5), 400, "'temperature'"),
-    ("top-p-zero", CHAT, chat_body(top_p=0), 400, "'top_p'"),
+    ("top-p-negative", CHAT, chat_body(top_p=-0.1), 400, "'top_p'"),
+    ("logit-bias", CHAT, chat_body(logit_bias={"50": 10}), 400, "logit_bias is not supported"),
     ("stream-not-bool", CHAT, chat_body(stream="yes"), 400, "'stream'"),
     ("n-two", CHAT, chat_body(n=2), 400, "only n=1"),
     ("too-many-stops", CHAT, chat_body(stop=["a", "b", "c", "d", "e"]), 400, "at most 4"),
@@ -190,10 +191,21 @@ def test_bad_input_never_breaks_the_server(server):
     assert server_errors == []
 
 
-def test_wrong_method_is_405(server):
+def test_wrong_method_is_405_with_allow(server):
     response = requests.get(server.url(CHAT), timeout=5)
     assert response.status_code == 405
-    assert "error" in response.json()
+    assert response.headers["Allow"] == "POST"
+    assert "use POST" in response.json()["error"]["message"]
+
+
+def test_a_nan_temperature_is_named_as_not_a_number(server):
+    # Python's JSON reader takes the NaN literal, as many clients write it.
+    body = '{"model": "demo", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}'
+    response = requests.post(
+        server.url(CHAT), data=body, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 400
+    assert "'temperature': Input should be a finite number" in response.json()["error"]["message"]
 
 
 def test_slow_upload_is_bounded_by_the_deadline(server):

@@ -184,3 +184,76 @@ def test_bearer_token_auth(server_factory):
     # Probes stay open: a supervisor has no key.
     assert requests.get(secured.url("/health"), timeout=5).status_code == 200
     assert requests.get(secured.url("/metrics"), timeout=5).status_code == 200
+
+
+# ---- OpenAI's contract, as its API description and the official client expect ------------------
+
+
+def test_null_parameters_are_read_as_left_out(server):
+    chat = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 4,
+        "stream": None,
+        "stream_options": None,
+        "temperature": None,
+        "top_p": None,
+        "stop": None,
+        "n": None,
+        "logprobs": None,
+        "logit_bias": None,
+        "tools": None,
+        "response_format": None,
+        "seed": None,
+        "user": None,
+    }
+    response = requests.post(server.url("/v1/chat/completions"), json=chat, timeout=60)
+    assert response.status_code == 200, response.text
+    completion = {"model": "demo", "prompt": "x", "max_tokens": 4, "echo": None, "suffix": None}
+    response = requests.post(server.url("/v1/completions"), json=completion, timeout=60)
+    assert response.status_code == 200, response.text
+    left_out = requests.post(
+        server.url("/v1/completions"), json={"model": "demo", "prompt": None}, timeout=60
+    )
+    assert left_out.status_code == 400
+    assert left_out.json()["error"]["message"] == "'prompt' is a required property"
+
+
+def test_chat_messages_carry_a_null_refusal(server):
+    body = {"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    message = requests.post(server.url("/v1/chat/completions"), json=body, timeout=60).json()[
+        "choices"
+    ][0]["message"]
+    assert "refusal" in message and message["refusal"] is None
+    client = openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0)
+    reply = client.chat.completions.create(model="demo", messages=body["messages"], max_tokens=2)
+    assert reply.choices[0].message.refusal is None
+
+
+def test_completions_default_to_16_tokens_and_chat_to_the_context(server):
+    client = openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0, timeout=120)
+    completion = client.completions.create(
+        model="demo", prompt="count", extra_body={"ignore_eos": True}
+    )
+    assert completion.usage.completion_tokens == 16  # OpenAI's default for completions
+    chat = client.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": "go"}],
+        stop=["\n", " ", "e"],
+    )
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_top_p_zero_is_greedy(server):
+    client = openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0, timeout=120)
+
+    def answer(**sampling) -> str:
+        return (
+            client.completions.create(model="demo", prompt="greedy?", max_tokens=12, **sampling)
+            .choices[0]
+            .text
+        )
+
+    greedy = answer(temperature=0)
+    assert answer(top_p=0, temperature=1.5) == greedy
+    assert answer(top_p=0) == greedy

@@ -817,8 +817,20 @@ def build_app(service: InferenceService, recorder: RequestRecorder) -> Starlette
         ).response()
 
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        allowed = next(
+            (
+                ", ".join(sorted(route.methods or ()))
+                for route in routes
+                if route.path == request.url.path
+            ),
+            "",
+        )
         return ApiError(
-            405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed"
+            405,
+            f"{request.method} is not allowed on {request.url.path}"
+            + (f"; use {allowed}" if allowed else ""),
+            code="method_not_allowed",
+            headers={"Allow": allowed} if allowed else None,
         ).response()
 
     async def api_error(request: Request, exc: ApiError) -> Response:

@@ -9,6 +9,8 @@ from ..model.loader import LoadedModel
 from .errors import ApiError
 from .schemas import ChatCompletionRequest, CompletionRequest, _GenerationParams
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
 
 def chat_prompt_ids(loaded: LoadedModel, messages: list[dict[str, Any]]) -> tuple[list[int], str]:
     """Token ids of a chat prompt without images (``messages`` as read by read_messages)."""
@@ -67,7 +69,10 @@ def sampling_params(
         )
     requested = body.requested_max_tokens
     name = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
-    if requested is None:
+    if requested is None and not isinstance(body, ChatCompletionRequest):
+        # OpenAI's completions default: 16 tokens (chat's is the rest of the context).
+        max_tokens = min(COMPLETIONS_DEFAULT_MAX_TOKENS, max_tokens_limit, context - prompt_tokens)
+    elif requested is None:
         max_tokens = min(max_tokens_limit, context - prompt_tokens)
     else:
         if requested < 1:
@@ -95,11 +100,15 @@ def sampling_params(
             f"'min_tokens' ({body.min_tokens}) is above the maximum of {max_tokens} tokens",
             param="min_tokens",
         )
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if top_p == 0.0:  # nothing may be sampled but the most likely token: greedy
+        temperature, top_p = 0.0, 1.0
     return SamplingParams(
         max_tokens=max_tokens,
         min_tokens=body.min_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
+        temperature=temperature,
+        top_p=top_p,
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         stop=body.stop_sequences,

@@ -23,7 +23,7 @@ def completion_body(
     if endpoint == "chat":
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": gen.text},
+            "message": {"role": "assistant", "content": gen.text, "refusal": None},
             "logprobs": None,
             "finish_reason": gen.finish_reason,
         }

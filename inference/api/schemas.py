@@ -44,10 +44,11 @@ class _GenerationParams(_Strict):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     min_tokens: Annotated[int, Field(ge=0)] = 0
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
+    # 0 is greedy, as OpenAI's API takes it.
+    top_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -55,6 +56,23 @@ class _GenerationParams(_Strict):
     ignore_eos: bool = False
     seed: int | None = None  # accepted; a server-wide --seed makes sampling reproducible
     user: str | None = None
+    logit_bias: dict[str, Any] | None = None  # refused unless empty: not implemented
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, body: Any) -> Any:
+        """OpenAI's API description marks most parameters nullable, and clients send null for
+        "not set": a null is read as the parameter left out."""
+        if isinstance(body, dict):
+            return {key: value for key, value in body.items() if value is not None}
+        return body
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, bias: dict[str, Any] | None) -> dict[str, Any] | None:
+        if bias:
+            raise ValueError("logit_bias is not supported")
+        return bias
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _GenerationParams:
