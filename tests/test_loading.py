@@ -141,3 +141,17 @@ def test_demo_tokenizer_accepts_any_text(demo_dir):
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
     assert chat == "<|user|>\nhi\n<|assistant|>\n"
+
+
+def test_a_max_model_len_above_the_models_limit_is_refused_at_start(server_factory):
+    import requests
+
+    server = server_factory("--max-model-len", "99999", ready=False)
+    server.wait_for(
+        lambda: requests.get(server.url("/ready"), timeout=5).json().get("state") == "failed",
+        120,
+        "the load to fail",
+    )
+    error = requests.get(server.url("/ready"), timeout=5).json()["error"]
+    assert "--max-model-len 99999 is above the model's limit of 2048 tokens" in error
+    assert "max_position_embeddings" in error

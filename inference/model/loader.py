@@ -87,15 +87,22 @@ def resolve_dtype(requested: str, device, checkpoint_dtype):
 
 
 def context_length(model_config, tokenizer, override: int | None) -> int:
-    """Tokens of one full context: the override, else the config's, else the tokenizer's."""
-    if override:
-        return override
+    """Tokens of one full context: the override (never above the model's position limit),
+    else the config's, else the tokenizer's."""
     # A vision-language config keeps the text model's length in its text config.
     text_config = getattr(model_config, "text_config", None)
     for attr in ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length"):
         value = getattr(text_config, attr, None) or getattr(model_config, attr, None)
         if isinstance(value, int) and value > 0:
-            return value
+            if override and override > value:
+                # Positions past the model's own limit are garbage, or an index error mid-run.
+                raise ModelLoadError(
+                    f"--max-model-len {override} is above the model's limit of {value} tokens "
+                    f"({attr} in its config); use at most {value}"
+                )
+            return override or value
+    if override:
+        return override
     value = getattr(tokenizer, "model_max_length", None)
     if isinstance(value, int) and 0 < value < 10**7:
         return value
