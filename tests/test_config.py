@@ -94,3 +94,38 @@ def test_port_in_use_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "words"),
+    [
+        (["--port", "abc"], {}, "--port: 'abc' is not valid (must be a TCP port from 0 to 65535)"),
+        ([], {"VIGIL_INFERENCE_PORT": "abc"}, "must be a TCP port"),
+        ([], {"VIGIL_INFERENCE_MAX_BATCH_SIZE": "x"}, "'x' is not valid (must be a positive"),
+        ([], {"VIGIL_INFERENCE_STALL_TIMEOUT": "soon"}, "must be a positive number of seconds"),
+        ([], {"VIGIL_INFERENCE_SEED": "1.5"}, "must be an integer"),
+    ],
+)
+def test_bad_values_say_what_is_wanted_never_a_type_name(argv, environ, words):
+    with pytest.raises(ConfigError) as caught:
+        load_config(argv, environ=environ)
+    message = str(caught.value)
+    assert words in message
+    assert "positive_int" not in message and "expected port" not in message
+
+
+def test_the_doctors_help_into_a_closed_pipe_ends_without_a_traceback():
+    # `python -m inference doctor --help | head -1`: the reader leaves after one line.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "inference", "doctor", "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        bufsize=0,
+    )
+    first = process.stdout.read(6)
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert first == b"usage:"
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr.decode()
+    assert process.returncode in (0, 141)  # 0 if all of it fitted in the pipe before

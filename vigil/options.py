@@ -19,22 +19,29 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the option."""
 
 
+def _number(text: str, kind: type, expected: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"must be {expected}") from None
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int, "a positive integer")
     if value <= 0:
         raise ValueError("must be a positive integer")
     return value
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float, "a positive number of seconds")
     if not value > 0 or value == float("inf"):
         raise ValueError("must be a positive number of seconds")
     return value
 
 
 def port(text: str) -> int:
-    value = int(text)
+    value = _number(text, int, "a TCP port from 0 to 65535")
     if not 0 <= value <= 65535:
         raise ValueError("must be a TCP port from 0 to 65535")
     return value
@@ -58,7 +65,7 @@ def optional_positive_int(text: str) -> int | None:
 
 
 def optional_int(text: str) -> int | None:
-    return int(text) if text else None
+    return _number(text, int, "an integer") if text else None
 
 
 @dataclass(frozen=True)
@@ -170,5 +177,7 @@ def _convert(option: Option, raw: str, source: str) -> Any:
     try:
         return option.type(raw)
     except ValueError as exc:
-        reason = str(exc) if "must" in str(exc) else f"expected {option.type.__name__.lstrip('_')}"
+        # Converters say what they want ("must be ..."); anything else is said plainly, never
+        # with a function's name.
+        reason = str(exc) if "must" in str(exc) else f"not a valid value for {source}"
         raise ConfigError(f"{source}: {raw!r} is not valid ({reason})") from None

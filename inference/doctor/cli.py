@@ -10,6 +10,7 @@ fleet (the exporter's format) instead of NVML: for tests and demos on machines w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -59,6 +60,15 @@ def _doctor_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The doctor; ``argv`` defaults to the command line (the vigil-doctor script)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `... | head` closed the pipe: stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for such a tool
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _doctor_parser()
     own, server_argv = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     if own.help:
