@@ -16,6 +16,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from ..engine.request import GenerationRequest, to_epoch_ns
 from .metrics import InferenceMetrics
+from .refusals import RefusalLog, is_refusal
 
 OPERATIONS = {"chat": "chat", "completions": "text_completion"}
 
@@ -58,6 +59,7 @@ class RequestRecorder:
         self.metrics = metrics
         self.tracer = tracer
         self.log_prompts = log_prompts
+        self.refusals = RefusalLog()  # a storm of 429s logs a summary, not a line each
 
     def start_span(self, name: str, context, arrival_ns: int) -> Span:
         return self.tracer.start_span(
@@ -253,7 +255,13 @@ class RequestRecorder:
                     fields["image_sizes"] = [f"{w}x{h}" for w, h in vision.image_sizes]
                     fields["image_bytes"] = vision.encoded_bytes
         bound = logger.bind(**fields)
-        if done.status >= 500:
+        if is_refusal(done.status, started=gen is not None):
+            if done.status >= 500:
+                full = lambda: bound.error("request failed: {}", done.error_message)  # noqa: E731
+            else:
+                full = lambda: bound.warning("request rejected: {}", done.error_message)  # noqa: E731
+            self.refusals.refused(full, done.error_type or str(done.status))
+        elif done.status >= 500:
             bound.error("request failed: {}", done.error_message)
         elif done.status >= 400:
             bound.warning("request rejected: {}", done.error_message)
