@@ -225,3 +225,41 @@ def test_slow_upload_is_bounded_by_the_deadline(server):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert b"did not arrive within" in reply
+
+
+def test_a_huge_prompt_is_refused_before_tokenizing_and_holds_nobody_up(server):
+    """A prompt of millions of characters (under the body limit) cannot fit the context
+    whatever its tokens: it is refused at once, and a small request beside it is not held up
+    behind its tokenization."""
+    import concurrent.futures
+
+    huge = "word " * 1_500_000  # 7.5 MB
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        big = pool.submit(
+            requests.post,
+            server.url("/v1/completions"),
+            json={"model": "demo", "prompt": huge, "max_tokens": 4},
+            timeout=120,
+        )
+        small = pool.submit(
+            requests.post, server.url(CHAT), json=chat_body(max_tokens=2), timeout=120
+        )
+        refused, served = big.result(), small.result()
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert "7500000 characters, at least" in error["message"]
+    assert served.status_code == 200
+    # The same check for chat: the templated prompt, and a flood of tiny messages.
+    chat = requests.post(
+        server.url(CHAT),
+        json={"model": "demo", "messages": [{"role": "user", "content": huge}]},
+        timeout=120,
+    )
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+    many = requests.post(
+        server.url(CHAT),
+        json={"model": "demo", "messages": [{"role": "user", "content": "x"}] * 5000},
+        timeout=120,
+    )
+    assert many.status_code == 400 and "5000 messages" in many.json()["error"]["message"]

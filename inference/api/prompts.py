@@ -22,6 +22,8 @@ def chat_prompt_ids(loaded: LoadedModel, messages: list[dict[str, Any]]) -> tupl
             param="messages",
         )
     owner = loaded.tokenizer
+    if len(messages) > loaded.context_length:  # each message costs a token at least
+        raise too_long(loaded, f"{len(messages)} messages", len(messages), "messages")
     if not getattr(owner, "chat_template", None) and loaded.processor is not None:
         owner = loaded.processor  # the template came with the processor only
     try:
@@ -30,9 +32,29 @@ def chat_prompt_ids(loaded: LoadedModel, messages: list[dict[str, Any]]) -> tupl
         raise ApiError(
             400, f"the model's chat template rejected the messages: {exc}", param="messages"
         ) from None
+    refuse_before_tokenizing(loaded, prompt, "messages")
     # The template wrote any special tokens (BOS and the like) itself.
     ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return ids, prompt
+
+
+def refuse_before_tokenizing(loaded: LoadedModel, text: str, param: str) -> None:
+    """A 400 for a text too long for the context whatever its tokens, before tokenizing it: a
+    megabyte prompt would otherwise hold the tokenizer (and every request behind it) for
+    seconds only to be refused."""
+    at_least = -(-len(text) // max(loaded.max_token_chars, 1))
+    if at_least >= loaded.context_length:
+        raise too_long(loaded, f"{len(text)} characters", at_least, param)
+
+
+def too_long(loaded: LoadedModel, size: str, at_least: int, param: str) -> ApiError:
+    return ApiError(
+        400,
+        f"This model's maximum context length is {loaded.context_length} tokens, but the "
+        f"prompt has {size}, at least {at_least} tokens; shorten the prompt",
+        param=param,
+        code="context_length_exceeded",
+    )
 
 
 def completion_prompt_ids(loaded: LoadedModel, body: CompletionRequest) -> tuple[list[int], str]:
@@ -48,6 +70,7 @@ def completion_prompt_ids(loaded: LoadedModel, body: CompletionRequest) -> tuple
             )
         return list(prompt), loaded.tokenizer.decode(prompt)
     text = prompt[0] if isinstance(prompt, list) else prompt
+    refuse_before_tokenizing(loaded, text, "prompt")
     ids = loaded.tokenizer(text)["input_ids"]
     return ids, text
 

@@ -39,6 +39,9 @@ class LoadedModel:
     has_chat_template: bool
     # The forward's KV-cache argument: "cache" (transformers 5.x) or "past_key_values" (older).
     cache_argument: str = "past_key_values"
+    # The most characters of text one token stands for (its longest vocabulary entry): a text
+    # of n characters is at least n / this many tokens, known before tokenizing it.
+    max_token_chars: int = 1
     processor: Any = None  # the model's processor (images and chat template); VL models only
     vision: Any = None  # a VisionTower; VL models only
 
@@ -199,6 +202,7 @@ def load_model(config: Config) -> LoadedModel:
         accepts_position_ids="position_ids" in parameters,
         accepts_logits_to_keep="logits_to_keep" in parameters,
         cache_argument="cache" if "cache" in parameters else "past_key_values",
+        max_token_chars=max((len(token) for token in tokenizer.get_vocab()), default=1),
         has_chat_template=bool(
             getattr(tokenizer, "chat_template", None) or getattr(processor, "chat_template", None)
         ),
