@@ -147,8 +147,12 @@ class TargetProber:
         self._record("health", self._get("/health"))
         self._record("ready", self._get("/ready"))
         if self.canary_interval > 0 and time.monotonic() >= self._next_canary:
-            self._next_canary = time.monotonic() + self.canary_interval
-            self._record("canary", self._canary())
+            result = self._canary()
+            # A failed canary is tried again at the next round, not a canary interval later:
+            # at start-up the server is not listening yet, and the probe alert must not stay
+            # pending for a minute once it is.
+            self._next_canary = time.monotonic() + (self.canary_interval if result.success else 0)
+            self._record("canary", result)
 
     def _record(self, check: str, result: CheckResult) -> None:
         with self._lock:

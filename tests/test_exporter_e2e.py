@@ -247,3 +247,25 @@ def test_an_engine_without_a_shared_state_directory_is_found_from_its_port(tmp_p
         exporter.stop()
         server.process.send_signal(signal.SIGCONT)
         server.stop()
+
+
+def test_a_failed_canary_is_tried_again_at_the_next_round(server_factory):
+    """The exporter starts before the server listens: its first canary fails, and the next
+    probe round tries again instead of waiting a whole canary interval (60 s), so the probe
+    alert does not stay pending at every start."""
+    from conftest import free_port
+
+    from exporter.probe import TargetProber
+
+    port = free_port()
+    prober = TargetProber(f"http://127.0.0.1:{port}", canary_interval=60, canary_model="demo")
+    prober.run_once()
+    assert not prober.state().results["canary"].success  # nothing listens yet
+    server = server_factory("--port", str(port))
+    server.wait_ready()
+    prober.run_once()
+    state = prober.state()
+    assert state.results["canary"].success, state.results["canary"].error
+    assert state.counts[("canary", "failure")] == 1 and state.counts[("canary", "success")] == 1
+    prober.run_once()  # a success waits the canary interval again
+    assert prober.state().counts[("canary", "success")] == 1
