@@ -29,7 +29,7 @@ from inference.config import Config
 from inference.engine.engine import Engine
 from inference.engine.queue import RequestQueue
 from inference.engine.request import Failed, Finished, GenerationRequest, SamplingParams
-from inference.model.demo import build_byte_tokenizer, printable_head
+from inference.model.demo import build_byte_tokenizer, seeded_printable_model
 from inference.model.loader import LoadedModel, load_model, set_max_pixels
 from inference.vision.content import read_messages
 from inference.vision.images import ImageLimits
@@ -189,23 +189,13 @@ def _build_qwen(family: str, directory: Path) -> None:
     """A tiny checkpoint of ``family`` saved like a real one: config, seeded random weights, a
     byte-level tokenizer with the family's special tokens and chat template, the image
     processor."""
-    from transformers import GenerationConfig
 
     tokenizer = build_byte_tokenizer(QWEN_CHAT_TEMPLATE, QWEN_TOKENS)
     config, model_class, image_processor = _qwen_config(family, tokenizer)
-    generator_state = torch.random.get_rng_state()
     # A seed whose greedy choices in these tests all win by at least 0.2 (logits of 50 to 90), so
     # that float rounding (a padded batch, another CPU's kernels) cannot flip a near tie.
-    torch.manual_seed(20261132)
-    try:
-        model = model_class(config).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
-    with torch.no_grad():
-        printable_head(model.lm_head.weight)
-    eos = config.text_config.eos_token_id
-    model.generation_config = GenerationConfig(
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+    model = seeded_printable_model(
+        model_class, config, 20261132, config.text_config.eos_token_id, tokenizer.pad_token_id
     )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -82,9 +82,26 @@ def printable_head(head) -> None:
     head[printable] *= 25.0
 
 
-def _build_model(vocab_size: int, eos_id: int, pad_id: int):
+def seeded_printable_model(model_class, config, seed: int, eos_id, pad_id: int):
+    """``model_class(config)`` with weights drawn from ``seed`` (the caller's random state left
+    as it was), its output head made to write printable text, and its generation config."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = model_class(config).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    with torch.no_grad():
+        printable_head(model.lm_head.weight)
+    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
+    return model
+
+
+def _build_model(vocab_size: int, eos_id: int, pad_id: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -99,16 +116,7 @@ def _build_model(vocab_size: int, eos_id: int, pad_id: int):
         bos_token_id=None,
         tie_word_embeddings=False,
     )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(20261122)
-    try:
-        model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
-    with torch.no_grad():
-        printable_head(model.lm_head.weight)
-    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
-    return model
+    return seeded_printable_model(LlamaForCausalLM, config, 20261122, eos_id, pad_id)
 
 
 def demo_model_path(cache_root: str | os.PathLike) -> Path:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .demo import EOS_TOKEN, build_byte_tokenizer, build_once, printable_head
+from .demo import EOS_TOKEN, build_byte_tokenizer, build_once, seeded_printable_model
 
 RECIPE_VERSION = 3
 IMAGE_TOKENS = (
@@ -117,22 +117,14 @@ def _config(tokenizer):
 
 
 def _save(staging: Path) -> None:
-    import torch
-    from transformers import GenerationConfig, Glm4vForConditionalGeneration
+    from transformers import Glm4vForConditionalGeneration
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
     tokenizer = build_byte_tokenizer(CHAT_TEMPLATE, IMAGE_TOKENS + ROLE_TOKENS)
     config = _config(tokenizer)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(20261129)
-    try:
-        model = Glm4vForConditionalGeneration(config).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
-    with torch.no_grad():
-        printable_head(model.lm_head.weight)
-    eos = config.eos_token_id
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=config.pad_token_id)
+    model = seeded_printable_model(
+        Glm4vForConditionalGeneration, config, 20261129, config.eos_token_id, config.pad_token_id
+    )
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     # GLM-4.1V's image processor (patch 14, merge 2, temporal patch 2, CLIP normalisation), with
