@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -25,28 +26,40 @@ PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 
 
+@contextlib.contextmanager
+def serve_traced(config: Config):
+    """An in-process server for ``config`` whose spans land in memory: (its URL, the spans)."""
+    exporter = InMemorySpanExporter()
+    provider = build_tracer_provider(SimpleSpanProcessor(exporter))
+    service = InferenceService(config)
+    app = build_app(service, RequestRecorder(None, provider.get_tracer("test")))
+    service.start()
+    try:
+        assert service.wait_loaded(120), service.load_error
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_config=None))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.started
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}", exporter
+        finally:
+            server.should_exit = True
+            thread.join(10)
+    finally:
+        service.stop()
+
+
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory, demo_dir):
     """An in-process server whose spans land in memory."""
-    exporter = InMemorySpanExporter()
-    provider = build_tracer_provider(SimpleSpanProcessor(exporter))
     config = Config(demo_dir=demo_dir, state_dir=str(tmp_path_factory.mktemp("state")))
-    service = InferenceService(config)
-    recorder = RequestRecorder(None, provider.get_tracer("test"))
-    app = build_app(service, recorder)
-    service.start()
-    assert service.wait_loaded(120), service.load_error
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", exporter
-    server.should_exit = True
-    thread.join(10)
-    service.stop()
+    with serve_traced(config) as served:
+        yield served
 
 
 def test_request_span_with_children_and_genai_attributes(traced):

@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import socket
-import threading
 import time
 import uuid
 
 import openai
 import pytest
 import requests
-import uvicorn
 from conftest import free_port, start_server
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from vision_fixtures import (
     PHONE,
     TricklingImageServer,
@@ -116,14 +111,10 @@ def demo_vl_dir(demo_dir) -> str:
 def traced(tmp_path_factory, demo_dir, demo_vl_dir):
     """An in-process demo-vl server whose spans land in memory, started with a small
     ``max_image_pixels`` (20,000; the shared server keeps the model's own budget)."""
-    from inference.api.app import build_app
-    from inference.config import Config
-    from inference.service import InferenceService
-    from inference.telemetry.recorder import RequestRecorder
-    from inference.telemetry.tracing import build_tracer_provider
+    from test_traces_and_logs import serve_traced
 
-    exporter = InMemorySpanExporter()
-    provider = build_tracer_provider(SimpleSpanProcessor(exporter))
+    from inference.config import Config
+
     config = Config(
         model="demo-vl",
         served_model_name=MODEL,
@@ -131,23 +122,8 @@ def traced(tmp_path_factory, demo_dir, demo_vl_dir):
         state_dir=str(tmp_path_factory.mktemp("traced-state")),
         max_image_pixels=20_000,
     )
-    service = InferenceService(config)
-    app = build_app(service, RequestRecorder(None, provider.get_tracer("test")))
-    service.start()
-    assert service.wait_loaded(120), service.load_error
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", exporter
-    server.should_exit = True
-    thread.join(10)
-    service.stop()
+    with serve_traced(config) as served:
+        yield served
 
 
 def _client(server, timeout: float = 120) -> openai.OpenAI:
