@@ -111,6 +111,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=16, help="measured rounds of bare, c=1 and c=N (default: 16)"
     )
+    add_server_options(parser)
+    args = parser.parse_args(argv)
+    for name in ("max_tokens", "c1_requests", "concurrency", "requests_per_thread", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_server_options(parser, args)
+    return args
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """The options start_server and the rounds read (shared with bench/vision_overhead.py)."""
     parser.add_argument(
         "--quiet-cores",
         type=float,
@@ -139,13 +150,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (server log, state dir)"
     )
-    args = parser.parse_args(argv)
-    for name in ("max_tokens", "c1_requests", "concurrency", "requests_per_thread", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def check_server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.port and args.port not in PORTS:
         parser.error("--port must be in 18100-18199")
-    return args
 
 
 def free_port() -> int:
@@ -339,9 +348,9 @@ class Clients:
         return tokens, time.perf_counter() - started
 
 
-def server_durations(log_path: Path) -> dict[str, float]:
-    """duration_s of each request from the server's per-request JSON log lines."""
-    durations = {}
+def server_records(log_path: Path) -> dict[str, dict]:
+    """The server's per-request JSON log lines (those with a duration_s), by request id."""
+    records = {}
     with open(log_path, encoding="utf-8", errors="replace") as log:
         for line in log:
             try:
@@ -349,11 +358,16 @@ def server_durations(log_path: Path) -> dict[str, float]:
             except ValueError:
                 continue
             if isinstance(record, dict) and record.get("request_id") and "duration_s" in record:
-                durations[record["request_id"]] = float(record["duration_s"])
-    return durations
+                records[record["request_id"]] = record
+    return records
 
 
-def _median(values: list[float]) -> float:
+def server_durations(log_path: Path) -> dict[str, float]:
+    """duration_s of each request from the server's per-request JSON log lines."""
+    return {rid: float(r["duration_s"]) for rid, r in server_records(log_path).items()}
+
+
+def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
@@ -491,7 +505,7 @@ def main(argv=None) -> int:
             f"{statistics.median(gaps) * 1e3:.1f} ms, max {gaps[-1] * 1e3:.1f} ms, against "
             f"{per_request * 1e3:.0f} ms per request ({len(gaps)} requests, all rounds)"
         )
-    a, b = _median(c1_bare), _median(cn_c1)
+    a, b = median(c1_bare), median(cn_c1)
     a_ci, b_ci = median_ci(c1_bare), median_ci(cn_c1)
     print(
         f"ratio of totals: c=1/bare {total['c1'][2] / total['bare'][2]:.3f}, c={n}/c=1 "

@@ -89,7 +89,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -101,7 +100,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _benchutil, serving_efficiency
 
 from _benchutil import PROMPTS, CpuMeter, median_ci  # noqa: E402
-from serving_efficiency import PORTS, start_server  # noqa: E402
+from serving_efficiency import (  # noqa: E402
+    add_server_options,
+    check_server_options,
+    median,
+    server_records,
+    start_server,
+)
 
 GOAL_BARE_VS_SERVER = 0.9
 IMAGE_QUESTION = "What is on this screen? Describe the next action to take."
@@ -175,33 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=12, help="measured rounds of the four modes (default: 12)"
     )
-    parser.add_argument(
-        "--quiet-cores",
-        type=float,
-        default=0.25,
-        help="a round in which other processes used more CPU than this many cores is left out "
-        "of the figures when enough rounds are quiet (default: 0.25)",
-    )
-    parser.add_argument(
-        "--port", type=int, default=0, help="server port (default: a free one in 18100-18199)"
-    )
-    parser.add_argument(
-        "--ready-timeout",
-        type=float,
-        default=180.0,
-        help="seconds to wait for GET /ready to answer 200 (default: 180)",
-    )
-    parser.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for python -m inference (repeatable, e.g. "
-        "--server-arg=--log-level=WARNING)",
-    )
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the temporary directory (server log, state dir)"
-    )
+    add_server_options(parser)
     args = parser.parse_args(argv)
     for name in (
         "max_tokens",
@@ -223,8 +202,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not (16 <= width <= 8000 and 16 <= height <= 8000):
         parser.error("--image-size: each side must be 16-8000 pixels")
     args.width, args.height = width, height
-    if args.port and args.port not in PORTS:
-        parser.error("--port must be in 18100-18199")
+    check_server_options(parser, args)
     return args
 
 
@@ -541,20 +519,6 @@ def bare_generate(loaded, inputs, max_tokens: int) -> float:
 # ---- the server's log --------------------------------------------------------------------------
 
 
-def server_records(log_path: Path) -> dict[str, dict[str, Any]]:
-    """The per-request JSON log lines (those with a duration_s), by request id."""
-    records: dict[str, dict[str, Any]] = {}
-    with open(log_path, encoding="utf-8", errors="replace") as log:
-        for line in log:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("request_id") and "duration_s" in record:
-                records[record["request_id"]] = record
-    return records
-
-
 def own_seconds(records: dict[str, dict[str, Any]], ids: list[str]) -> float | None:
     """The summed duration_s of these requests; None if a log line is missing."""
     if not ids or any(r not in records for r in ids):
@@ -575,10 +539,6 @@ def wait_for_records(log_path: Path, ids: list[str], timeout: float = 2.0) -> di
 # ---- figures -----------------------------------------------------------------------------------
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def _ci(values: list[float], digits: int = 3) -> str:
     low, high = median_ci(values)
     return f"{low:.{digits}f}-{high:.{digits}f}"
@@ -590,15 +550,15 @@ def _field_medians(records: dict, ids: list[str]) -> dict[str, float]:
     out = {}
     for key in ("duration_s", "preprocess_s", "queue_s", "vision_encode_s", "ttft_s"):
         values = [float(row[key]) for row in rows if key in row]
-        out[key] = _median(values)
+        out[key] = median(values)
     parts = ("preprocess_s", "queue_s", "vision_encode_s")
-    out["rest"] = _median(
+    out["rest"] = median(
         [float(r["ttft_s"]) - sum(float(r.get(k, 0)) for k in parts) for r in rows if "ttft_s" in r]
     )
-    out["decode"] = _median(
+    out["decode"] = median(
         [float(r["duration_s"]) - float(r["ttft_s"]) for r in rows if "ttft_s" in r]
     )
-    out["image_tokens"] = _median([float(r["image_tokens"]) for r in rows if "image_tokens" in r])
+    out["image_tokens"] = median([float(r["image_tokens"]) for r in rows if "image_tokens" in r])
     return out
 
 
@@ -642,8 +602,8 @@ def main(argv=None) -> int:
     # Warm-up and the bare reference figures, before the server exists.
     for _ in range(2):
         bare_generate(loaded, inputs, args.max_tokens)
-    bare_first = _median([bare_generate(loaded, inputs, 1) for _ in range(5)])
-    bare_pre = _median([preprocess_seconds(loaded, image_url) for _ in range(5)])
+    bare_first = median([bare_generate(loaded, inputs, 1) for _ in range(5)])
+    bare_pre = median([preprocess_seconds(loaded, image_url) for _ in range(5)])
 
     args.server_arg = [
         "--model",
@@ -785,14 +745,14 @@ def summarize(rounds, records, args, bare_first: float, bare_pre: float) -> None
     n = args.max_tokens
     print(f"(a) one image request at a time, {n} tokens, medians per request:")
     print(
-        f"  bare model.generate (processor outputs ready): {_median(bare_times):.3f} s; its "
+        f"  bare model.generate (processor outputs ready): {median(bare_times):.3f} s; its "
         f"first token (vision tower + prefill): {bare_first * 1e3:.1f} ms, then "
-        f"{(_median(bare_times) - bare_first) / max(1, n - 1) * 1e3:.2f} ms per token"
+        f"{(median(bare_times) - bare_first) / max(1, n - 1) * 1e3:.2f} ms per token"
     )
     print(
-        f"  server, client-side: {_median(client_times):.3f} s; server's own duration_s: "
+        f"  server, client-side: {median(client_times):.3f} s; server's own duration_s: "
         f"{c1['duration_s']:.3f} s; client-side minus duration_s (HTTP, JSON, client): "
-        f"{_median(gaps) * 1e3:.1f} ms"
+        f"{median(gaps) * 1e3:.1f} ms"
     )
     print(
         f"  where the server's time goes: ttft_s {c1['ttft_s'] * 1e3:.1f} ms = preprocess_s "
@@ -811,14 +771,14 @@ def summarize(rounds, records, args, bare_first: float, bare_pre: float) -> None
     mixed = _field_medians(records, mixed_ids)
     print(
         f"(b) text c={args.text_concurrency} ({args.text_max_tokens} tokens per request), "
-        f"medians over rounds: alone {_median(alone):.1f} tok/s (95% CI {_ci(alone, 1)}), "
-        f"beside {args.image_threads} image thread(s) {_median(beside):.1f} tok/s "
+        f"medians over rounds: alone {median(alone):.1f} tok/s (95% CI {_ci(alone, 1)}), "
+        f"beside {args.image_threads} image thread(s) {median(beside):.1f} tok/s "
         f"(95% CI {_ci(beside, 1)})"
     )
     print(
         f"  image requests beside the text ({args.mixed_image_tokens} tokens): "
-        f"{_median(rates):.2f} req/s (95% CI {_ci(rates, 2)}), "
-        f"{_median(rates) * args.mixed_image_tokens:.1f} tok/s; "
+        f"{median(rates):.2f} req/s (95% CI {_ci(rates, 2)}), "
+        f"{median(rates) * args.mixed_image_tokens:.1f} tok/s; "
         f"{len(mixed_ids)} requests, median duration_s {mixed['duration_s']:.3f} s, "
         f"preprocess_s {mixed['preprocess_s'] * 1e3:.1f} ms, vision_encode_s "
         f"{mixed['vision_encode_s'] * 1e3:.1f} ms, queue_s {mixed['queue_s'] * 1e3:.1f} ms, "
@@ -831,7 +791,7 @@ def summarize(rounds, records, args, bare_first: float, bare_pre: float) -> None
         if not values:
             print(f"RATIO (a) bare / server, {label}: n/a (no log lines)")
             continue
-        value = _median(values)
+        value = median(values)
         print(
             f"RATIO (a) bare generate / server image request, {label} (median of "
             f"{len(values)} rounds, 95% CI {_ci(values)}): {value:.3f}  goal >= "
@@ -839,7 +799,7 @@ def summarize(rounds, records, args, bare_first: float, bare_pre: float) -> None
         )
     print(
         f"RATIO (b) text tokens/s beside image requests / alone (median of {len(ratio_text)} "
-        f"rounds, 95% CI {_ci(ratio_text)}): {_median(ratio_text):.3f}  (no goal)"
+        f"rounds, 95% CI {_ci(ratio_text)}): {median(ratio_text):.3f}  (no goal)"
     )
 
 
