@@ -41,9 +41,6 @@ class VisionTower:
         blocks = getattr(self.encoder, "blocks", None)
         return blocks[len(blocks) // 2] if blocks else self.encoder
 
-    def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.encoder.parameters())
-
     def encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> Any:
         """The images' embeddings, as ``forward`` takes them back in ``mm_encoder_outputs``."""
         return self.core.get_image_features(pixel_values, image_grid_thw, return_dict=True)

@@ -99,25 +99,22 @@ def declared_size(encoded: EncodedImage) -> tuple[int, int] | None:
         return None
 
 
-def check_request_pixels(sizes: list[tuple[int, int] | None], limits: ImageLimits) -> int | None:
-    """The index of the image with which the request's images declare more pixels together
-    than ``limits`` allow (None when within); raises nothing."""
-    total = 0
-    for index, size in enumerate(sizes):
-        if size is not None:
-            total += size[0] * size[1]
-            if total > limits.max_request_pixels:
-                return index
+def check_request_pixels(
+    sizes: list[tuple[int, int] | None], limits: ImageLimits
+) -> tuple[int, ImageError] | None:
+    """None when the request's images declare no more pixels together than ``limits`` allow;
+    else the index of the image that goes over, and the error naming the whole request's."""
+    pixels = [size[0] * size[1] if size else 0 for size in sizes]  # None: unreadable, decoded later
+    running = 0
+    for index, count in enumerate(pixels):
+        running += count
+        if running > limits.max_request_pixels:
+            return index, ImageError(
+                f"images too large together: the request's images declare {sum(pixels)} "
+                f"pixels, over the limit of {limits.max_request_pixels} pixels per request",
+                "image_too_large",
+            )
     return None
-
-
-def request_pixels_error(sizes: list[tuple[int, int] | None], limits: ImageLimits) -> ImageError:
-    total = sum(w * h for w, h in (s for s in sizes if s is not None))
-    return ImageError(
-        f"images too large together: the request's images declare {total} pixels, over the "
-        f"limit of {limits.max_request_pixels} pixels per request",
-        "image_too_large",
-    )
 
 
 def read_image_bytes(url: str, limits: ImageLimits) -> EncodedImage:

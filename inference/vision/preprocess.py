@@ -25,7 +25,6 @@ from .images import (
     declared_size,
     decode_image,
     read_image_bytes,
-    request_pixels_error,
 )
 from .inputs import VisionInputs
 
@@ -112,8 +111,8 @@ def decode_images(
     sizes = [declared_size(image) for image in encoded]
     over = check_request_pixels(sizes, limits)
     if over is not None:
-        error = request_pixels_error(sizes, limits)
-        raise ImageFailure(error, f"{content.images[over].param}.image_url")
+        index, error = over
+        raise ImageFailure(error, f"{content.images[index].param}.image_url")
     decoded: list[DecodedImage] = []
     for part, image in zip(content.images, encoded, strict=True):
         try:
