@@ -456,13 +456,7 @@ class InferenceApi:
         try:
             self.service.queue.put(generation)
         except QueueFull as exc:
-            raise ApiError(
-                429,
-                f"{exc}; retry later",
-                error_type="rate_limit_exceeded",
-                code="queue_full",
-                headers={"Retry-After": str(self._retry_after())},
-            ) from None
+            raise self._queue_full(f"{exc}; retry later") from None
         call.generation, call.events = generation, events
         call.record.generation = generation
         if self.service.metrics is not None:
@@ -512,14 +506,10 @@ class InferenceApi:
                 headers={"Retry-After": "5"},
             )
         if preprocessing.count() + len(self.service.queue) >= self.config.max_queue:
-            raise ApiError(  # the queue's limit, counted before the costly work
-                429,
+            raise self._queue_full(  # the queue's limit, counted before the costly work
                 f"{preprocessing.count()} requests' images are being prepared and "
                 f"{len(self.service.queue)} requests wait (limit {self.config.max_queue}); "
-                "retry later",
-                error_type="rate_limit_exceeded",
-                code="queue_full",
-                headers={"Retry-After": str(self._retry_after())},
+                "retry later"
             )
         job = preprocessing.begin(call.request_id, trace_id)
         limits = self._image_limits
@@ -590,14 +580,7 @@ class InferenceApi:
         worker.cancel()
         worker.add_done_callback(lambda future: future.cancelled() or future.exception())
         if stalled in done:
-            error = stalled.result()
-            raise ApiError(
-                error.status,
-                error.message,
-                error_type=error.error_type,
-                code=error.code,
-                headers={"Retry-After": "5"},
-            )
+            raise self._engine_error(Failed(stalled.result()))
         raise ApiError(
             504,
             "preprocessing the request's images did not finish within its deadline",
@@ -787,6 +770,15 @@ class InferenceApi:
             error_type=error.error_type,
             code=error.code,
             headers=headers,
+        )
+
+    def _queue_full(self, message: str) -> ApiError:
+        return ApiError(
+            429,
+            message,
+            error_type="rate_limit_exceeded",
+            code="queue_full",
+            headers={"Retry-After": str(self._retry_after())},
         )
 
     def _retry_after(self) -> int:
