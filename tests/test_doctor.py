@@ -556,6 +556,40 @@ def test_a_port_in_use_fails_and_names_the_process_holding_it():
     assert "--port" in found["fix"]
 
 
+def test_the_port_holder_is_named_with_its_whole_command_line():
+    """A holder whose command line is long (a server with many options): the doctor's text
+    names it whole, not cut at some width."""
+    padding = "--option-" + "x" * 300
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket, sys, time\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+            "print(s.getsockname()[1], flush=True); time.sleep(120)",
+            padding,
+            "last-argument",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = int(holder.stdout.readline())
+        result = doctor("--port", str(port), "--check", "port")
+    finally:
+        holder.kill()
+        holder.wait()
+    expected = (
+        f"is in use by pid {holder.pid} ({sys.executable} -c 'import socket, sys, time\\n"
+        "s = socket.socket(); "
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    # One line, the program's line breaks written as \n.
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("failed")]
+    assert expected in line, line
+    assert line.endswith(f"{padding} last-argument)"), line
+
+
 def test_an_unwritable_state_directory_fails():
     # As root, permission bits do not bind: drop the capability that overrides them.
     prefix = (

@@ -391,3 +391,76 @@ def test_on_the_real_proc_of_this_machine():
         child.kill()
         child.wait()
     assert child.pid not in descendants(os.getpid())
+
+
+# -- Who holds a port -------------------------------------------------------------------------
+
+
+def test_listener_of_names_the_chosen_listener_with_its_whole_command_line(tmp_path: Path):
+    proc = tmp_path / "proc"
+    vllm_tree(proc, kids=True)
+    long_model = "/models/" + "glm-4.5-air-" * 20
+    (proc / "300" / "cmdline").write_bytes(
+        b"\0".join([b"vllm", b"serve", long_model.encode(), b"--port", b"8000"]) + b"\0"
+    )
+    assert netproc.listener_of(8000, "127.0.0.1", proc) == (
+        f"pid 300 (vllm serve {long_model} --port 8000)"
+    )
+    # 127.0.0.1:8001 is the other server's.
+    (proc / "50" / "cmdline").write_bytes(b"python\0-c\0import x\nx.serve()\0")
+    assert netproc.listener_of(8001, None, proc) == "pid 50 (python -c 'import x\\nx.serve()')"
+    assert netproc.listener_of(9999, None, proc) is None
+
+
+def test_listener_of_prefers_the_socket_in_the_way_of_the_host(tmp_path: Path):
+    """Port 8000 held on 127.0.0.1 by pid 40 and on 10.0.0.5 by pid 70: binding 127.0.0.1
+    fails because of pid 40; binding 0.0.0.0 because of either."""
+    proc = tmp_path / "proc"
+    write_tables(
+        proc,
+        [
+            tcp_line(0, "0500000A:1F40", "00000000:0000", "0A", 7002),  # 10.0.0.5
+            tcp_line(1, "0100007F:1F40", "00000000:0000", "0A", 7001),  # 127.0.0.1
+        ],
+    )
+    add_process(proc, 1, 0)
+    for pid, inode in ((40, 7001), (70, 7002)):
+        add_process(proc, pid, 1, (inode,))
+        (proc / str(pid) / "cmdline").write_bytes(f"server{pid}\0".encode())
+    assert netproc.listener_of(8000, "127.0.0.1", proc) == "pid 40 (server40)"
+    assert netproc.listener_of(8000, "10.0.0.5", proc) == "pid 70 (server70)"
+    assert netproc.listener_of(8000, "0.0.0.0", proc) == "pid 40 (server40)"  # noqa: S104
+
+
+def test_listener_of_says_when_the_holder_cannot_be_seen(tmp_path: Path, monkeypatch):
+    proc = tmp_path / "proc"
+    write_tables(proc, [tcp_line(0, "0100007F:1F40", "00000000:0000", "0A", 6001)])
+    add_process(proc, 1, 0)
+    assert netproc.listener_of(8000, "127.0.0.1", proc) == "a process outside this pid namespace"
+    add_process(proc, 77, 1, (6001,))
+    listdir = os.listdir
+
+    def guarded_listdir(path):
+        if Path(path) == proc / "77" / "fd":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(netproc.os, "listdir", guarded_listdir)
+    assert "run as root" in netproc.listener_of(8000, "127.0.0.1", proc)
+    monkeypatch.undo()
+    (proc / "77" / "cmdline").write_bytes(b"")  # a zombie: its name instead
+    assert netproc.listener_of(8000, "127.0.0.1", proc) == "pid 77 ([python])"
+
+
+def test_bind_error_on_this_machine():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        error = netproc.bind_error("127.0.0.1", port)
+        assert error is not None and error.errno == errno.EADDRINUSE
+        assert netproc.listener_of(port, "127.0.0.1") == (
+            f"pid {os.getpid()} ({netproc.one_line(cmdline(os.getpid()))})"
+        )
+    assert netproc.bind_error("127.0.0.1", port) is None
+    assert netproc.bind_error("192.0.2.1", 0).errno == errno.EADDRNOTAVAIL  # not this machine's

@@ -12,7 +12,9 @@ Three steps, each usable alone:
    process, which forks the workers), from ``/proc/<pid>/task/<tid>/children`` or, on a kernel
    without CONFIG_PROC_CHILDREN, from the parent pid (field 4) of every ``/proc/<pid>/stat``.
 
-``find_engine_processes`` does all three.
+``find_engine_processes`` does all three. ``listener_of`` says in one phrase who listens on a
+port (the doctor's port check, the stack's start when a port is busy); ``bind_error`` tries a
+port the way our servers bind it.
 
 Network namespaces: ``/proc/net`` is a link to ``/proc/self/net``, so ``/proc/net/tcp`` lists
 the sockets of the *reader's* network namespace. An exporter in a container with ``pid: host``
@@ -31,6 +33,8 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import shlex
+import socket
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,12 +47,15 @@ __all__ = [
     "EngineProcesses",
     "ListeningSocket",
     "SocketHolders",
+    "bind_error",
     "children",
     "cmdline",
     "descendants",
     "find_engine_processes",
+    "listener_of",
     "listening_inodes",
     "listening_inodes_of_pid_netns",
+    "one_line",
     "pids_holding",
 ]
 
@@ -400,3 +407,61 @@ def find_engine_processes(
         denied=denied,
         problem=problem,
     )
+
+
+# -- Who holds a port -------------------------------------------------------------------------
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why ``host:port`` cannot be bound now (None: it can), tried and released at once.
+
+    The recipe of inference/listen.py ``bind_tcp``, by which our servers bind (the core may not
+    import the inference package; tests/test_stack.py checks that the two agree): an IPv6
+    socket for an address with a colon, IPPROTO_TCP, and SO_REUSEADDR, so that a port whose old
+    connections linger in TIME_WAIT counts as free, as it does for the server and for Go's
+    listeners (Prometheus, Alertmanager).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _covers(sock: ListeningSocket, host: str) -> bool:
+    """Whether a listener on ``sock`` stands in the way of binding ``host`` on the same port."""
+    wildcard = ("0.0.0.0", "::", "::ffff:0.0.0.0")  # noqa: S104 - compared, not bound
+    return sock.address in wildcard or host in wildcard or sock.address in (host, f"::ffff:{host}")
+
+
+def listener_of(port: int, host: str | None = None, proc: Path = PROC) -> str | None:
+    """``pid N (its whole command line)`` of the process listening on TCP ``port`` (those whose
+    address conflicts with ``host`` first, when given), when /proc tells; None when nothing
+    listens on it (a socket bound without listening, or one of another network namespace)."""
+    sockets = listening_inodes(port, proc)
+    if host is not None:
+        sockets = [sock for sock in sockets if _covers(sock, host)] or sockets
+    if not sockets:
+        return None
+    holders = pids_holding(sockets, proc)
+    if not holders.pids:
+        if holders.denied:
+            return "a process whose file descriptors this user may not read (run as root to see it)"
+        return "a process outside this pid namespace"
+    pid = _choose(holders.pids, proc)
+    args = cmdline(pid, proc)
+    if args is None:
+        return f"pid {pid} (ended since)"
+    if not args:  # a kernel thread or a zombie: its name instead
+        stat = _read_stat_quietly(pid, proc)
+        return f"pid {pid} ([{stat.comm if stat else '?'}])"
+    return f"pid {pid} ({one_line(args)})"
+
+
+def one_line(args: list[str]) -> str:
+    """A command line on one line: arguments quoted where a shell needs it (shlex.join), line
+    breaks and tabs written as \\n, \\r and \\t."""
+    return shlex.join(args).translate({10: "\\n", 13: "\\r", 9: "\\t"})

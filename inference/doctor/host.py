@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from vigil.netproc import listener_of
+
 from ..listen import bind_tcp
 from .report import Verdict, failed, human_bytes, ok, skipped, warning
 
@@ -23,7 +25,7 @@ def port_verdict(host: str, port: int) -> Verdict:
         bind_tcp(host, port).close()  # bound the way the server binds it
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            holder = listener_of(port)
+            holder = listener_of(port, host)  # its whole command line
             who = f" by {holder}" if holder else ""
             return failed(
                 name,
@@ -41,36 +43,6 @@ def port_verdict(host: str, port: int) -> Verdict:
             name, f"cannot listen on {host}:{port}: {exc.strerror}", fix, host=host, port=port
         )
     return ok(name, f"{host}:{port} is free", host=host, port=port)
-
-
-def listener_of(port: int) -> str | None:
-    """'pid N (command line)' of the process listening on a TCP port, when /proc tells."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if (
-                len(fields) > 9
-                and fields[3] == "0A"
-                and int(fields[1].rsplit(":", 1)[1], 16) == port
-            ):
-                inodes.add(fields[9])
-    if not inodes:
-        return None
-    targets = {f"socket:[{inode}]" for inode in inodes}
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in targets for fd in fds):
-                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                return f"pid {pid} ({command.decode(errors='replace').strip()[:120]})"
-        except OSError:
-            continue
-    return "another process (not readable from here)"
 
 
 def state_dir_verdict(path: str) -> Verdict:
