@@ -1,7 +1,8 @@
 """The packages import one way: ``vigil`` is the core, ``exporter`` and ``inference`` build on it
-and never on each other; the exporter needs no torch, transformers or OpenTelemetry (it is
-installed next to engines that are not ours, without them), and the inference process's API
-layer never touches torch (the engine thread does)."""
+and never on each other (nor does ``notifier``, Alertmanager's webhook receiver, on either); the
+exporter and the notifier need no torch, transformers or OpenTelemetry (they are installed next
+to engines that are not ours, without them), and the inference process's API layer never
+touches torch (the engine thread does)."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def _probe(package: str, blocked: tuple[str, ...]) -> subprocess.CompletedProces
     )
 
 
-@pytest.mark.parametrize("package", ["vigil", "exporter", "alerts", "dashboards"])
+@pytest.mark.parametrize("package", ["vigil", "exporter", "alerts", "dashboards", "notifier"])
 def test_light_packages_import_without_inference_torch_or_opentelemetry(package):
     result = _probe(package, SERVE_ONLY)
     assert result.returncode == 0, (
@@ -101,6 +102,25 @@ def test_inference_never_imports_the_exporter():
     """)
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_notifier_imports_only_the_core():
+    """The notifier (Alertmanager's webhook receiver) builds on vigil alone: it runs beside
+    Alertmanager, with or without the exporter and the inference process."""
+    code = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import notifier
+        for module in pkgutil.walk_packages(notifier.__path__, "notifier."):
+            importlib.import_module(module.name)
+        leaked = sorted(
+            n for n in sys.modules if n.split(".")[0] in ("exporter", "inference", "tools")
+        )
+        assert not leaked, leaked
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

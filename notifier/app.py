@@ -1,0 +1,219 @@
+"""Assembles the notifier from its configuration and serves until told to stop: what happens to
+each notification (printed, logged, counted, queued for each relay) and to the dead man's
+switch's events (printed, logged, relayed)."""
+
+from __future__ import annotations
+
+import errno
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+
+from .config import ConfigError, NotifierConfig
+from .console import Console
+from .delivery import RelayWorker
+from .message import TAG, Notification, console_line, fit_text, relay_text
+from .metrics import NotifierMetrics, build_metrics
+from .relays import Relay
+from .relays.dingtalk import DingTalk
+from .relays.feishu import Feishu
+from .server import Handlers, make_server, serve_in_thread
+from .watchdog import DeadMansSwitch
+
+
+def build_relays(config: NotifierConfig) -> list[Relay]:
+    relays: list[Relay] = []
+    if config.dingtalk_webhook:
+        relays.append(DingTalk(config.dingtalk_webhook, config.dingtalk_secret))
+    if config.feishu_webhook:
+        relays.append(Feishu(config.feishu_webhook, config.feishu_secret))
+    return relays
+
+
+@dataclass
+class Notifier:
+    config: NotifierConfig
+    console: Console = field(default_factory=Console)
+    metrics: NotifierMetrics = field(default_factory=build_metrics)
+    workers: list[RelayWorker] = field(default_factory=list)
+    switch: DeadMansSwitch | None = None
+    server: Any = None
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self.workers = [
+            RelayWorker(
+                relay,
+                self.console.print,
+                self.metrics,
+                attempts=self.config.relay_attempts,
+                retry_delay=self.config.relay_retry_delay,
+                timeout=self.config.relay_timeout,
+                queue_size=self.config.relay_queue,
+            )
+            for relay in build_relays(self.config)
+        ]
+        self.switch = DeadMansSwitch(self.config.watchdog_timeout, self.on_switch)
+
+    # --- notifications --------------------------------------------------------------------
+
+    def on_notification(
+        self, endpoint: str, notification: Notification, relays: tuple[str, ...] | None = None
+    ) -> None:
+        """Print and log each alert, queue the notification for the relays (all of them, or
+        those the webhook URL names); the Watchdog goes to the dead man's switch instead."""
+        self.metrics.notifications.labels(endpoint, notification.status).inc()
+        if endpoint == "watchdog":
+            self._watchdog(notification)
+            return
+        for alert in notification.alerts:
+            self.console.print(console_line(alert))
+            logger.bind(
+                receiver=notification.receiver,
+                status=alert.status,
+                alertname=alert.name,
+                severity=alert.severity,
+                **{label: value for label, value in alert.location},
+                summary=alert.summary,
+                runbook_url=alert.runbook_url,
+                starts_at=alert.starts_at,
+                ends_at=alert.ends_at,
+                fingerprint=alert.fingerprint,
+            ).log("WARNING" if alert.status == "firing" else "INFO", "alert notification")
+        if notification.truncated_alerts:
+            self.console.print(
+                f"... and {notification.truncated_alerts} more alerts Alertmanager left out of "
+                f"this notification (max_alerts); all of them: {notification.external_url}"
+            )
+        what = _what(notification)
+        for worker in self._chosen(relays, endpoint):
+            text = relay_text(notification, worker.relay.fits, worker.relay.limit_name)
+            worker.submit(text, what)
+
+    def _chosen(self, names: tuple[str, ...] | None, endpoint: str) -> list[RelayWorker]:
+        if names is None:
+            return self.workers
+        configured = {w.relay.name: w for w in self.workers}
+        for name in names:
+            if name not in configured:
+                variable = f"VIGIL_NOTIFIER_{name.upper()}_WEBHOOK"
+                known = "dingtalk, feishu"
+                text = (
+                    f"RELAY FAILED: /{endpoint}?relay={name} in alertmanager.yml names a relay "
+                    + (
+                        f"this notifier has no webhook for (set {variable})"
+                        if name in ("dingtalk", "feishu")
+                        else f"that does not exist (relays: {known})"
+                    )
+                )
+                self.console.print(text)
+                logger.bind(relay=name, endpoint=endpoint).error(text)
+        return [configured[name] for name in dict.fromkeys(names) if name in configured]
+
+    def _watchdog(self, notification: Notification) -> None:
+        firing = notification.firing()
+        names = sorted({a.name for a in notification.alerts})
+        if firing:
+            logger.bind(alerts=names).debug("watchdog received")
+            self.switch.received()
+        else:  # send_resolved is off on that route; a resolution says Prometheus stopped
+            logger.bind(alerts=names).warning("watchdog notification without a firing alert")
+            self.console.print(
+                f"the dead man's switch received {', '.join(names) or 'no alert'} resolved: "
+                "Prometheus has stopped sending the Watchdog"
+            )
+
+    def on_switch(self, kind: str, text: str) -> None:
+        self.metrics.pipeline_broken.set(1 if kind in ("broken", "still_broken") else 0)
+        self.console.print(text)
+        if kind == "ok":
+            logger.bind(event=kind).info(text)
+            return
+        if kind == "recovered":
+            logger.bind(event=kind).warning(text)
+        else:
+            logger.bind(event=kind).error(text)
+        title = "ALERTING PIPELINE BROKEN" if kind != "recovered" else "alerting pipeline recovered"
+        for worker in self.workers:
+            worker.submit(fit_text(f"{TAG} {title}\n\n{text}", worker.relay.fits), title)
+
+    def health(self) -> dict[str, Any]:
+        age = self.switch.last_age()
+        return {
+            "watchdog": self.switch.state,
+            "watchdog_age_seconds": None if age is None else round(age, 1),
+            "relays": [w.relay.name for w in self.workers],
+        }
+
+    # --- life -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Listen and start the background work; ConfigError when the address cannot be had."""
+        handlers = Handlers(self.on_notification, self.health, self.metrics.registry)
+        try:
+            self.server = make_server(self.config.host, self.config.port, handlers)
+        except OSError as exc:
+            raise ConfigError(_listen_error(self.config.host, self.config.port, exc)) from None
+        self.port = self.server.server_address[1]
+        for worker in self.workers:
+            worker.start()
+        self.switch.start()
+        serve_in_thread(self.server)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        self.switch.stop()
+        for worker in self.workers:
+            worker.stop()
+
+
+def _what(notification: Notification) -> str:
+    names = sorted({a.name for a in notification.alerts})
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{notification.status.upper()} {shown} ({len(notification.alerts)} alerts)"
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {_address(host, port)} ({reason}); is another notifier (or "
+            f"webhook receiver) using port {port}? choose another with --port, and point "
+            "alertmanager.yml's webhook_configs at it"
+        )
+    return f"cannot listen on {_address(host, port)} ({reason}); check --host and --port"
+
+
+def serve(config: NotifierConfig) -> int:
+    notifier = Notifier(config)
+    notifier.start()
+    address = _address(config.host, notifier.port)
+    relays = ", ".join(w.relay.name for w in notifier.workers) or (
+        "none (printing only; --dingtalk-webhook or --feishu-webhook to relay)"
+    )
+    notifier.console.print(
+        f"notifier listening on http://{address} (Alertmanager webhooks: POST /alerts, POST "
+        f"/watchdog); relays: {relays}; dead man's switch: alarm after "
+        f"{config.watchdog_timeout:g} s without a Watchdog"
+    )
+    logger.bind(relays=[w.relay.name for w in notifier.workers]).info(
+        "listening on http://{}", address
+    )
+    # The handler only sets a flag (as the exporter's): no lock is taken in a signal handler.
+    stopping: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, _frame: stopping.append(signum))
+    while not stopping:
+        time.sleep(0.2)
+    logger.info("stopping")
+    notifier.stop()
+    return 0

@@ -1,0 +1,49 @@
+"""The notifier's own metrics, on its GET /metrics (names in base units, as everywhere here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+@dataclass
+class NotifierMetrics:
+    registry: CollectorRegistry
+    notifications: Counter
+    relay_messages: Counter
+    relay_failures: Counter
+    pipeline_broken: Gauge
+
+
+def build_metrics() -> NotifierMetrics:
+    registry = CollectorRegistry(auto_describe=True)
+    return NotifierMetrics(
+        registry=registry,
+        notifications=Counter(
+            "vigil_notifier_notifications",
+            "Webhook notifications received from Alertmanager, by endpoint (alerts, watchdog) "
+            "and the notification's status (firing, resolved).",
+            ("endpoint", "status"),
+            registry=registry,
+        ),
+        relay_messages=Counter(
+            "vigil_notifier_relay_messages",
+            "Messages a relay finished with, by outcome: sent, gave_up (every attempt failed) "
+            "or dropped (its queue was full, or the notifier stopped first).",
+            ("relay", "outcome"),
+            registry=registry,
+        ),
+        relay_failures=Counter(
+            "vigil_notifier_relay_failures",
+            "Failed attempts to send to a relay (each is retried until the attempts run out).",
+            ("relay",),
+            registry=registry,
+        ),
+        pipeline_broken=Gauge(
+            "vigil_notifier_pipeline_broken",
+            "1 while no Watchdog has arrived from Alertmanager for --watchdog-timeout seconds "
+            "(the dead man's switch has fired), else 0.",
+            registry=registry,
+        ),
+    )

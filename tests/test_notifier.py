@@ -1,0 +1,654 @@
+"""The notifier (``python -m notifier``), as a real process on loopback:
+
+- a real Alertmanager (Debian package prometheus-alertmanager) with the shipped alertmanager.yml,
+  pointed at the notifier, sends it real notifications: FIRING with severity, summary, location
+  and runbook, then RESOLVED, and the Watchdog ("alerting pipeline OK");
+- stand-ins for DingTalk's and Feishu's custom robots on loopback check every request's signature
+  with the algorithm each tool documents, written here again (not imported from the notifier),
+  and answer with the tools' own success and error bodies: verified delivery, retries after a 500
+  and after an error code in a 200, the give-up after bounded attempts (logged, printed,
+  counted), and the size limits kept for a notification of 500 alerts;
+- the dead man's switch with a short --watchdog-timeout: the alarm (printed and relayed), the
+  recovery, the alarm again;
+- bad requests: a body that is not JSON or not the payload (400 with a JSON error), other paths
+  and methods (404, 405), bad options (exit 2 with a message that says what is wanted).
+
+No assertion is about speed: every wait is generous and polls.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import pytest
+import requests
+import yaml
+from conftest import start_alertmanager
+
+REPO = Path(__file__).resolve().parents[1]
+ALERTS = REPO / "alerts"
+LISTENING = re.compile(r"notifier listening on http://([^ ]+)")
+DINGTALK_SECRET = "SECc0ffee0123456789abcdef0123456789abcdef0123456789abcdef012345"
+FEISHU_SECRET = "f3ishuS3cretK3y/+="
+SIZE_LIMIT = 20_000  # bytes of request body; DingTalk's and Feishu's documented limits
+
+
+def wait_until(predicate, timeout: float, what: str, details=lambda: "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}\n{details()}")
+
+
+# --- the notifier as a process ------------------------------------------------------------
+
+
+class NotifierProcess:
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None):
+        self.out_path = tmp_path / "notifier.out"
+        self.err_path = tmp_path / "notifier.err"
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_NOTIFIER_")}
+        environment.update(env or {})
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "notifier", "--host", "127.0.0.1", "--port", "0", *args],
+                stdout=out,
+                stderr=err,
+                cwd=REPO,
+                env=environment,
+            )
+        match = wait_until(
+            lambda: self.process.poll() is None and LISTENING.search(self.stdout()),
+            30,
+            "the notifier's listening line",
+            self.output,
+        )
+        self.base_url = f"http://{match.group(1)}"
+
+    def stdout(self) -> str:
+        return self.out_path.read_text(encoding="utf-8", errors="replace")
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(encoding="utf-8", errors="replace")
+
+    def output(self) -> str:
+        return f"stdout:\n{self.stdout()[-4000:]}\nstderr:\n{self.stderr()[-4000:]}"
+
+    def log(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stderr().splitlines() if line.startswith("{")]
+
+    def wait_for_line(self, pattern: str, timeout: float = 30.0, count: int = 1) -> list[str]:
+        regex = re.compile(pattern)
+
+        def found() -> list[str]:
+            lines = [line for line in self.stdout().splitlines() if regex.search(line)]
+            return lines if len(lines) >= count else []
+
+        return wait_until(found, timeout, f"{count} stdout line(s) matching {pattern}", self.output)
+
+    def post(self, path: str, payload: Any) -> requests.Response:
+        return requests.post(self.base_url + path, json=payload, timeout=10)
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = requests.get(self.base_url + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                got = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+                if got == labels:
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_notifier(tmp_path):
+    started: list[NotifierProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> NotifierProcess:
+        directory = tmp_path / f"notifier{len(started)}"
+        directory.mkdir()
+        notifier = NotifierProcess(directory, *args, env=env)
+        started.append(notifier)
+        return notifier
+
+    yield start
+    for notifier in started:
+        assert notifier.stop() == 0, notifier.output()
+        assert "Traceback" not in notifier.stderr(), notifier.output()
+
+
+# --- payloads as Alertmanager writes them (version 4) --------------------------------------
+
+
+def alert(
+    name: str = "InferenceEngineStalled",
+    status: str = "firing",
+    severity: str = "critical",
+    summary: str = "Engine of demo stalled for 31 s",
+    description: str = "No decode step finished for 31 s with 2 requests running.",
+    **labels: str,
+) -> dict[str, Any]:
+    return {
+        "status": status,
+        "labels": {"alertname": name, "severity": severity, **labels},
+        "annotations": {
+            "summary": summary,
+            "description": description,
+            "runbook_url": f"https://github.com/llm-vigil/llm-vigil/blob/main/alerts/runbooks/{name}.md",
+        },
+        "startsAt": "2026-11-30T01:00:00.000Z",
+        "endsAt": "0001-01-01T00:00:00Z" if status == "firing" else "2026-11-30T01:05:00.000Z",
+        "generatorURL": "http://127.0.0.1:9090/graph?g0.expr=vector%281%29",
+        "fingerprint": hashlib.sha256(name.encode()).hexdigest()[:16],
+    }
+
+
+def payload(*alerts: dict[str, Any], truncated: int = 0) -> dict[str, Any]:
+    status = "firing" if any(a["status"] == "firing" for a in alerts) else "resolved"
+    return {
+        "version": "4",
+        "groupKey": '{}/{severity="critical"}:{alertname="InferenceEngineStalled"}',
+        "truncatedAlerts": truncated,
+        "status": status,
+        "receiver": "webhook",
+        "groupLabels": {"alertname": alerts[0]["labels"]["alertname"]},
+        "commonLabels": {"alertname": alerts[0]["labels"]["alertname"]},
+        "commonAnnotations": {},
+        "externalURL": "http://127.0.0.1:9093",
+        "alerts": list(alerts),
+    }
+
+
+# --- a real Alertmanager -------------------------------------------------------------------
+
+
+def alertmanager_config(notifier_url: str) -> str:
+    """The shipped alertmanager.yml, its webhooks pointed at the notifier, 1 s grouping."""
+    config = yaml.safe_load((ALERTS / "alertmanager.yml").read_text())
+    urls = []
+    for receiver in config["receivers"]:
+        for hook in receiver.get("webhook_configs", []):
+            path = urlsplit(hook["url"]).path
+            assert urlsplit(hook["url"]).netloc == "127.0.0.1:5001", hook["url"]
+            hook["url"] = notifier_url + path
+            urls.append(path)
+    assert sorted(urls) == ["/alerts", "/watchdog"]
+
+    def shorten(route):
+        for key in ("group_wait", "group_interval"):
+            if key in route or route is config["route"]:
+                route[key] = "1s"
+        for child in route.get("routes", []):
+            shorten(child)
+
+    shorten(config["route"])
+    return yaml.safe_dump(config)
+
+
+def fire(manager, *alerts: dict[str, Any]) -> None:
+    """Alerts into Alertmanager through its API v2, as Prometheus sends them."""
+    body = [
+        {k: a[k] for k in ("labels", "annotations", "startsAt", "endsAt", "generatorURL")}
+        for a in alerts
+    ]
+    response = requests.post(manager.base_url + "/api/v2/alerts", json=body, timeout=10)
+    assert response.status_code == 200, response.text
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@pytest.mark.skipif(
+    shutil.which("prometheus-alertmanager") is None and shutil.which("alertmanager") is None,
+    reason="alertmanager is not installed (Debian package prometheus-alertmanager)",
+)
+def test_real_alertmanager_notifications_are_printed_for_a_person(start_notifier, tmp_path):
+    notifier = start_notifier()
+    manager = start_alertmanager(tmp_path, alertmanager_config(notifier.base_url))
+    try:
+        now = datetime.now(UTC)
+        stalled = alert(instance="127.0.0.1:8000", model="demo", stage="decode")
+        stalled["startsAt"] = rfc3339(now)
+        stalled["endsAt"] = rfc3339(now + timedelta(minutes=10))
+        watchdog = alert("Watchdog", severity="info", summary="Alerting pipeline heartbeat")
+        watchdog["startsAt"], watchdog["endsAt"] = stalled["startsAt"], stalled["endsAt"]
+        fire(manager, stalled, watchdog)
+
+        (line,) = notifier.wait_for_line(r"FIRING .*InferenceEngineStalled")
+        assert re.search(
+            r"^\S+Z FIRING \[critical\] InferenceEngineStalled instance=127\.0\.0\.1:8000 "
+            r"model=demo stage=decode: Engine of demo stalled for 31 s \| runbook: "
+            r"https://github\.com/llm-vigil/llm-vigil/blob/main/alerts/runbooks/"
+            r"InferenceEngineStalled\.md$",
+            line,
+        ), line
+        notifier.wait_for_line(r"alerting pipeline OK: Watchdog received from Alertmanager")
+
+        # Resolved: the same alert with its end in the past.
+        stalled["endsAt"] = rfc3339(datetime.now(UTC) - timedelta(seconds=1))
+        fire(manager, stalled)
+        (line,) = notifier.wait_for_line(r"RESOLVED .*InferenceEngineStalled")
+        assert "RESOLVED [critical] InferenceEngineStalled instance=127.0.0.1:8000" in line
+        assert "| runbook: https://" in line
+    finally:
+        manager.stop()
+
+    # The Watchdog is never printed as an alert line; each alert is logged once, with fields.
+    assert "Watchdog:" not in notifier.stdout() and "] Watchdog" not in notifier.stdout()
+    logged = [r for r in notifier.log() if r["message"] == "alert notification"]
+    assert [(r["status"], r["alertname"], r["level"]) for r in logged] == [
+        ("firing", "InferenceEngineStalled", "WARNING"),
+        ("resolved", "InferenceEngineStalled", "INFO"),
+    ]
+    assert logged[0]["receiver"] == "webhook" and logged[0]["model"] == "demo"
+    assert logged[0]["runbook_url"].endswith("/InferenceEngineStalled.md")
+    assert notifier.metric("vigil_notifier_notifications_total", endpoint="alerts", status="firing")
+    assert notifier.metric(
+        "vigil_notifier_notifications_total", endpoint="watchdog", status="firing"
+    )
+
+
+# --- DingTalk and Feishu stand-ins ---------------------------------------------------------
+
+
+def dingtalk_signature(secret: str, timestamp: str) -> str:
+    """DingTalk's 加签: HmacSHA256 keyed with the secret over "timestamp\\nsecret", Base64
+    (https://open.dingtalk.com/document/robots/customize-robot-security-settings)."""
+    mac = hmac.new(secret.encode(), f"{timestamp}\n{secret}".encode(), hashlib.sha256)
+    return base64.b64encode(mac.digest()).decode()
+
+
+def feishu_signature(secret: str, timestamp: str) -> str:
+    """Feishu's 签名校验: HmacSHA256 keyed with "timestamp\\nsecret" over nothing, Base64
+    (https://open.feishu.cn/document/client-docs/bot-v3/add-custom-bot)."""
+    mac = hmac.new(f"{timestamp}\n{secret}".encode(), b"", hashlib.sha256)
+    return base64.b64encode(mac.digest()).decode()
+
+
+DINGTALK_OK = (200, {"errcode": 0, "errmsg": "ok"})
+FEISHU_OK = (200, {"code": 0, "msg": "success", "data": {}})
+DINGTALK_BAD_SIGN = (200, {"errcode": 310000, "errmsg": "sign not match"})
+FEISHU_BAD_SIGN = (
+    200,
+    {"code": 19021, "msg": "sign match fail or timestamp is not within one hour", "data": {}},
+)
+
+
+class FakeRobot:
+    """A DingTalk or Feishu custom robot on loopback. Each request is checked as the real one
+    checks it (signature, timestamp within the hour, size) and answered from ``script`` (then
+    with success); every request is recorded with what the check found."""
+
+    def __init__(self, kind: str, secret: str, script: list[tuple[int, dict]] = ()):
+        self.kind = kind
+        self.secret = secret
+        self.script = list(script)
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        robot = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                record = robot.check(self.path, self.headers.get("Content-Type", ""), raw)
+                with robot._lock:
+                    robot.requests.append(record)
+                    scripted = robot.script.pop(0) if robot.script else None
+                status, answer = record["refusal"] or scripted or robot.success
+                body = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        port = self.server.server_port
+        if kind == "dingtalk":
+            self.url = f"http://127.0.0.1:{port}/robot/send?access_token=t0ken"
+            self.success = DINGTALK_OK
+        else:
+            self.url = f"http://127.0.0.1:{port}/open-apis/bot/v2/hook/b0t-id"
+            self.success = FEISHU_OK
+
+    def check(self, path: str, content_type: str, raw: bytes) -> dict[str, Any]:
+        body = json.loads(raw.decode("utf-8"))
+        query = parse_qs(urlsplit(path).query)
+        now = time.time()
+        if self.kind == "dingtalk":
+            (timestamp,) = query["timestamp"]
+            # The signature as sent: URL-encoded ("最后再把签名参数再进行urlEncode"), so no raw
+            # +, / or = of Base64 may reach the query string.
+            raw_sign = dict(p.split("=", 1) for p in urlsplit(path).query.split("&"))["sign"]
+            expected = quote(dingtalk_signature(self.secret, timestamp), safe="")
+            verified = (
+                query.get("access_token") == ["t0ken"]
+                and abs(int(timestamp) / 1000 - now) < 3600
+                and hmac.compare_digest(raw_sign, expected)
+                and body["msgtype"] == "text"
+            )
+            text = body["text"]["content"]
+            refusal = None if verified else DINGTALK_BAD_SIGN
+            if len(raw) > SIZE_LIMIT:
+                refusal = (200, {"errcode": 460101, "errmsg": "message too long"})
+        else:
+            timestamp, signature = body["timestamp"], body["sign"]
+            verified = (
+                abs(int(timestamp) - now) < 3600
+                and hmac.compare_digest(signature, feishu_signature(self.secret, timestamp))
+                and body["msg_type"] == "text"
+            )
+            text = body["content"]["text"]
+            refusal = None if verified else FEISHU_BAD_SIGN
+            if len(raw) > SIZE_LIMIT:
+                refusal = (400, {"code": 9499, "msg": "Bad Request", "data": {}})
+        return {
+            "verified": verified,
+            "text": text,
+            "size": len(raw),
+            "utf8_json": content_type.startswith("application/json") and "utf-8" in content_type,
+            "refusal": refusal,
+        }
+
+    def texts(self) -> list[str]:
+        with self._lock:
+            return [r["text"] for r in self.requests]
+
+    def wait_for_requests(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        def enough():
+            with self._lock:
+                return list(self.requests) if len(self.requests) >= count else None
+
+        return wait_until(enough, timeout, f"{count} request(s) at the {self.kind} robot")
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def robots():
+    made: list[FakeRobot] = []
+
+    def make(kind: str, script=()) -> FakeRobot:
+        robot = FakeRobot(kind, DINGTALK_SECRET if kind == "dingtalk" else FEISHU_SECRET, script)
+        made.append(robot)
+        return robot
+
+    yield make
+    for robot in made:
+        robot.stop()
+
+
+def relay_env(dingtalk: FakeRobot | None, feishu: FakeRobot | None) -> dict[str, str]:
+    """The relays as the environment gives them (secrets stay off the command line)."""
+    env = {}
+    if dingtalk:
+        env["VIGIL_NOTIFIER_DINGTALK_WEBHOOK"] = dingtalk.url
+        env["VIGIL_NOTIFIER_DINGTALK_SECRET"] = dingtalk.secret
+    if feishu:
+        env["VIGIL_NOTIFIER_FEISHU_WEBHOOK"] = feishu.url
+        env["VIGIL_NOTIFIER_FEISHU_SECRET"] = feishu.secret
+    return env
+
+
+FAST_RETRIES = ("--relay-attempts", "3", "--relay-retry-delay", "0.2")
+
+
+def test_relays_sign_as_documented_and_carry_the_alert(start_notifier, robots):
+    dingtalk, feishu = robots("dingtalk"), robots("feishu")
+    notifier = start_notifier(*FAST_RETRIES, env=relay_env(dingtalk, feishu))
+    assert "relays: dingtalk, feishu" in notifier.stdout()
+    assert DINGTALK_SECRET not in notifier.stdout() + notifier.stderr()
+
+    firing = alert(instance="127.0.0.1:8000", model="demo", gpu="0")
+    response = notifier.post("/alerts", payload(firing))
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+    for robot in (dingtalk, feishu):
+        (request,) = robot.wait_for_requests(1)
+        assert request["verified"] and request["utf8_json"], request
+        text = request["text"]
+        assert text.startswith("[llm-vigil] [FIRING:1] InferenceEngineStalled"), text
+        assert "FIRING [critical] InferenceEngineStalled" in text
+        assert "instance=127.0.0.1:8000 model=demo gpu=0" in text
+        assert "Engine of demo stalled for 31 s" in text
+        assert "No decode step finished for 31 s" in text
+        assert "Runbook: https://github.com/llm-vigil/" in text
+
+    # ?relay= picks the relays; an unknown one is said, not silently ignored.
+    resolved = alert(status="resolved", instance="127.0.0.1:8000", model="demo")
+    assert notifier.post("/alerts?relay=feishu,dingding", payload(resolved)).status_code == 200
+    notifier.wait_for_line(r"RELAY FAILED: /alerts\?relay=dingding .* does not exist")
+    feishu.wait_for_requests(2)
+    assert "[RESOLVED] InferenceEngineStalled" in feishu.texts()[1]
+    assert (
+        "Since: 2026-11-30T01:00:00.000Z, resolved: 2026-11-30T01:05:00.000Z" in (feishu.texts()[1])
+    )
+    time.sleep(1.0)  # nothing more may come to DingTalk (no timing: it must simply not arrive)
+    assert len(dingtalk.texts()) == 1
+    for outcome_relay in ("dingtalk", "feishu"):
+        assert notifier.metric(
+            "vigil_notifier_relay_messages_total", relay=outcome_relay, outcome="sent"
+        ) == (1 if outcome_relay == "dingtalk" else 2)
+
+
+def test_a_relay_error_is_retried_with_backoff_until_it_is_taken(start_notifier, robots):
+    dingtalk = robots("dingtalk", [(500, {"error": "internal"}), DINGTALK_BAD_SIGN])
+    feishu = robots("feishu", [FEISHU_BAD_SIGN])
+    notifier = start_notifier(*FAST_RETRIES, env=relay_env(dingtalk, feishu))
+    assert notifier.post("/alerts", payload(alert())).status_code == 200
+
+    requests_seen = dingtalk.wait_for_requests(3)
+    assert all(r["verified"] for r in requests_seen)  # each attempt signed afresh, and right
+    assert len({r["text"] for r in requests_seen}) == 1
+    assert all(r["verified"] for r in feishu.wait_for_requests(2))
+    notifier.wait_for_line(r"relay dingtalk: attempt 1/3 for FIRING .* failed \(HTTP 500")
+    notifier.wait_for_line(
+        r"relay dingtalk: attempt 2/3 for FIRING .* failed \(DingTalk refused the message: "
+        r"errcode 310000"
+    )
+    notifier.wait_for_line(r"relay dingtalk: FIRING .* sent at attempt 3")
+    notifier.wait_for_line(r"relay feishu: attempt 1/3 .* failed \(Feishu refused the message")
+    notifier.wait_for_line(r"relay feishu: FIRING .* sent at attempt 2")
+    assert notifier.metric("vigil_notifier_relay_failures_total", relay="dingtalk") == 2
+    assert notifier.metric("vigil_notifier_relay_failures_total", relay="feishu") == 1
+    assert "RELAY FAILED" not in notifier.stdout()
+
+
+def test_a_relay_that_keeps_failing_is_given_up_loudly(start_notifier, robots):
+    dingtalk = robots("dingtalk", [DINGTALK_BAD_SIGN] * 10)
+    notifier = start_notifier(*FAST_RETRIES, env=relay_env(dingtalk, None))
+    assert notifier.post("/alerts", payload(alert())).status_code == 200
+
+    (line,) = notifier.wait_for_line(r"RELAY FAILED: dingtalk did not take FIRING")
+    assert "after 3 attempts" in line
+    assert len(dingtalk.requests) == 3  # bounded: no fourth attempt
+    gave_up = [r for r in notifier.log() if r["message"].startswith("relay gave up")]
+    assert (
+        len(gave_up) == 1 and gave_up[0]["relay"] == "dingtalk" and gave_up[0]["level"] == "ERROR"
+    )
+    failures = [r for r in notifier.log() if r["message"].startswith("relay attempt failed")]
+    assert [r["attempt"] for r in failures] == [1, 2, 3]
+    assert all("errcode 310000" in r["message"] for r in failures)
+    assert (
+        notifier.metric("vigil_notifier_relay_messages_total", relay="dingtalk", outcome="gave_up")
+        == 1
+    )
+
+
+def test_a_notification_of_many_alerts_is_cut_to_each_tools_size_limit(start_notifier, robots):
+    dingtalk, feishu = robots("dingtalk"), robots("feishu")
+    notifier = start_notifier(*FAST_RETRIES, env=relay_env(dingtalk, feishu))
+    many = [
+        alert(
+            f"InferenceAlert{i:03d}",
+            summary=f"推理引擎 {i} 卡住了 (engine {i} stalled)",
+            description="显存不足 and a long explanation. " * 12,
+            instance=f"10.0.0.{i % 250}:8000",
+            model="glm-4.1v",
+        )
+        for i in range(500)
+    ]
+    assert notifier.post("/alerts", payload(*many, truncated=20)).status_code == 200
+    assert len(notifier.wait_for_line(r"FIRING \[critical\] InferenceAlert", count=500)) == 500
+    notifier.wait_for_line(r"20 more alerts Alertmanager left out")
+
+    for robot, limit in ((dingtalk, "DingTalk's 20000-byte"), (feishu, "Feishu's 20 KB")):
+        (request,) = robot.wait_for_requests(1)
+        assert request["verified"] and request["refusal"] is None, request
+        assert SIZE_LIMIT * 0.75 < request["size"] <= SIZE_LIMIT, request["size"]
+        text = request["text"]
+        shown = text.count("\n\nFIRING [critical] InferenceAlert")
+        match = re.search(r"… (\d+) more alerts of this notification left out to fit (.+?);", text)
+        assert match, text[-500:]
+        assert shown >= 1 and shown + int(match.group(1)) == 500
+        assert match.group(2).startswith(limit)
+        assert "Alertmanager left out 20 more" in text
+        assert text.rstrip().endswith("all of them: http://127.0.0.1:9093")
+        # The alerts shown are the first ones, whole.
+        assert f"InferenceAlert{shown - 1:03d}" in text and f"InferenceAlert{shown:03d}" not in text
+
+
+def test_the_dead_mans_switch_alarms_relays_and_recovers(start_notifier, robots):
+    feishu = robots("feishu")
+    notifier = start_notifier("--watchdog-timeout", "2", env=relay_env(None, feishu))
+    assert requests.get(notifier.base_url + "/health", timeout=5).json()["watchdog"] in (
+        "waiting",
+        "broken",
+    )
+
+    # None ever arrived: the alarm counts from the start.
+    (line,) = notifier.wait_for_line(r"ALERTING PIPELINE BROKEN")
+    assert "since the notifier started" in line and "--watchdog-timeout 2 s" in line
+    (request,) = feishu.wait_for_requests(1)
+    assert request["verified"]
+    assert request["text"].startswith("[llm-vigil] ALERTING PIPELINE BROKEN")
+    assert requests.get(notifier.base_url + "/health", timeout=5).json()["watchdog"] == "broken"
+    assert notifier.metric("vigil_notifier_pipeline_broken") == 1
+
+    watchdog = payload(alert("Watchdog", severity="info", summary="Alerting pipeline heartbeat"))
+    assert notifier.post("/watchdog", watchdog).status_code == 200
+    notifier.wait_for_line(r"alerting pipeline recovered: Watchdog received from Alertmanager")
+    feishu.wait_for_requests(2)
+    assert "alerting pipeline recovered" in feishu.texts()[1]
+    assert notifier.metric("vigil_notifier_pipeline_broken") == 0
+
+    # It stops again: a second alarm, now counted from the last Watchdog.
+    (_, again) = notifier.wait_for_line(r"ALERTING PIPELINE BROKEN", count=2)
+    assert re.search(r"no Watchdog from Alertmanager for \d+ s", again), again
+    feishu.wait_for_requests(3)
+    # The Watchdog itself is never printed as an alert.
+    assert "] Watchdog" not in notifier.stdout()
+
+
+def test_bad_requests_are_answered_with_json_errors(start_notifier):
+    notifier = start_notifier()
+    url = notifier.base_url
+    response = requests.post(
+        url + "/alerts", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=5
+    )
+    assert response.status_code == 400
+    assert response.headers["Content-Type"] == "application/json"
+    assert "not JSON" in response.json()["error"]
+
+    for body, wanted in (
+        ([], "must be a JSON object"),
+        ({"version": "4"}, "'alerts' must be a list"),
+        ({"alerts": [{"status": "pending", "labels": {}}]}, "alerts[0].status must be firing"),
+        ({"alerts": [{"status": "firing", "labels": ["a"]}]}, "alerts[0].labels must be"),
+    ):
+        response = requests.post(url + "/watchdog", json=body, timeout=5)
+        assert response.status_code == 400 and wanted in response.json()["error"], response.text
+
+    assert requests.get(url + "/nowhere", timeout=5).status_code == 404
+    assert requests.post(url + "/nowhere", json={}, timeout=5).status_code == 404
+    response = requests.get(url + "/alerts", timeout=5)
+    assert response.status_code == 405 and response.headers["Allow"] == "POST"
+    response = requests.put(url + "/health", timeout=5)
+    assert response.status_code == 405 and response.headers["Allow"] == "GET"
+    health = requests.get(url + "/health", timeout=5)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    # A bad request changes nothing and is no notification.
+    assert "FIRING" not in notifier.stdout() and "RESOLVED" not in notifier.stdout()
+
+
+def run_notifier(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_NOTIFIER_")}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "notifier", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=environment,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["--port", "http"],
+            {},
+            "--port: 'http' is not valid (must be a TCP port from 0 to 65535)",
+        ),
+        (["--watchdog-timeout", "0"], {}, "must be a positive number of seconds"),
+        (["--dingtalk-webhook", "oapi.dingtalk.com/robot"], {}, "must be an http:// or https://"),
+        (
+            [],
+            {"VIGIL_NOTIFIER_FEISHU_SECRET": "s"},
+            "--feishu-secret (VIGIL_NOTIFIER_FEISHU_SECRET) is set but --feishu-webhook",
+        ),
+        ([], {"VIGIL_NOTIFIER_DINGTALK_TOKEN": "x"}, "unknown environment variable(s) "),
+    ],
+)
+def test_bad_options_are_refused_with_what_is_wanted(args, env, message):
+    result = run_notifier(*args, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_busy_port_is_said_plainly():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_notifier("--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
