@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # The companion exporter's image: the light install (`pip install .`: prometheus-client,
 # nvidia-ml-py, requests, loguru, ...; no torch, transformers or OpenTelemetry) with py-spy
-# (the [dumps] extra) for its hang reports of foreign engines.
+# (the [dumps] extra) for its hang reports of foreign engines. Compose's notifier service
+# (Alertmanager's webhook receiver, `vigil-notifier`, part of the light install) runs from it too.
 # Built by compose with the repository root as context (the root .dockerignore sends only what
 # pip needs):  docker compose -f compose/docker-compose.yml build exporter
 #
@@ -24,6 +25,7 @@ COPY exporter ./exporter
 COPY vigil ./vigil
 COPY alerts ./alerts
 COPY dashboards ./dashboards
+COPY notifier ./notifier
 # Not editable: the venv holds its own copy, and /src stays behind in this stage.
 RUN /opt/venv/bin/pip install ".[dumps]"
 
@@ -48,5 +50,6 @@ RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/vigil --no-cre
 USER vigil
 WORKDIR /var/lib/vigil
 
-# Health: compose's healthcheck GETs /metrics where compose makes it listen.
+# Health: compose's healthchecks GET /metrics (exporter) or /health (notifier) where compose
+# makes them listen.
 CMD ["vigil-exporter"]

@@ -36,6 +36,7 @@ COPY exporter ./exporter
 COPY vigil ./vigil
 COPY alerts ./alerts
 COPY dashboards ./dashboards
+COPY notifier ./notifier
 # Not editable: the venv holds its own copy, and /src stays behind in this stage.
 RUN /opt/venv/bin/pip install ".[serve]"
 

@@ -13,6 +13,10 @@
   see (their mounts copied into a scratch tree), with every rules file and template reachable.
 - Images are pinned; configuration mounts are read-only; every listening address is loopback,
   and the loopback targets of alerts/prometheus.yml are where the services listen.
+- The notifier (Alertmanager's webhook receiver) runs from the exporter's image, listens where
+  alerts/alertmanager.yml posts (/alerts and /watchdog on 127.0.0.1:5001), takes its optional
+  relays (DingTalk, Feishu/Lark) from variables it knows, never from the command line, and
+  Prometheus resends an alert 10 s after it first finds Alertmanager instead of a minute.
 - Grafana's data sources have their fixed uids, and the Loki derived field extracts the trace id
   from a real log line of the inference process and links to Tempo.
 - Alloy labels streams with service and level only: never trace_id or request_id.
@@ -513,7 +517,16 @@ SERVE_ONLY = {
     "opentelemetry-sdk",
     "opentelemetry-exporter-otlp-proto-http",
 }
-CONSOLE_SCRIPTS = {"vigil-inference", "vigil-exporter", "vigil-doctor", "vigil-stack"}
+CONSOLE_SCRIPTS = {
+    "vigil-inference",
+    "vigil-exporter",
+    "vigil-doctor",
+    "vigil-stack",
+    "vigil-notifier",
+}
+# Services that run from another's image (and build it the same way): the notifier is part of
+# the light install, which the exporter's image holds.
+SHARED_IMAGES = {"notifier": "exporter"}
 _DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 
 
@@ -626,7 +639,11 @@ def _requirement_names(requirements: list[str]) -> set[str]:
 
 def test_each_process_builds_its_own_image(base):
     built = {name: s for name, s in services(base).items() if s.get("build")}
-    assert set(built) == set(DOCKERFILES), f"services built here: {sorted(built)}"
+    assert set(built) == set(DOCKERFILES) | set(SHARED_IMAGES), f"services built: {sorted(built)}"
+    for name, owner in SHARED_IMAGES.items():
+        # The same build and tag: whichever `up` builds first, the other finds the image.
+        assert built.pop(name)["build"] == built[owner]["build"]
+        assert services(base)[name]["image"] == built[owner]["image"]
     for name, service in built.items():
         build = service["build"]
         dockerfile = host_path(build["context"]) / build["dockerfile"]
@@ -1011,6 +1028,64 @@ def test_prometheus_targets_are_where_the_services_listen(base):
     assert flag_values(command_list(base["services"]["exporter"]), "--target") == [
         f"http://{a}" for a in listen["inference"]
     ]
+
+
+def test_alertmanager_posts_to_the_notifier_where_it_listens(base, pyproject):
+    """alerts/alertmanager.yml, shared with the stack without Docker, posts to 127.0.0.1:5001:
+    on the host network that is the notifier's listener, and its paths are the notifier's."""
+    from urllib.parse import urlsplit
+
+    from notifier.server import WEBHOOKS
+
+    notifier = base["services"]["notifier"]
+    command = command_list(notifier)
+    assert command[0] in pyproject["project"]["scripts"] and command[0] == "vigil-notifier"
+    config = yaml.safe_load((ALERTS / "alertmanager.yml").read_text(encoding="utf-8"))
+    urls = [h["url"] for r in config["receivers"] for h in r.get("webhook_configs", [])]
+    assert {urlsplit(u).path for u in urls} == set(WEBHOOKS), urls
+    assert {urlsplit(u).netloc for u in urls} == set(http_endpoints(notifier)) == {"127.0.0.1:5001"}
+    alertmanager = base["services"]["alertmanager"]
+    assert alertmanager["depends_on"]["notifier"]["condition"] == "service_started"
+    # The notifier's health check asks its own /health.
+    assert re.findall(r"https?://[^'\"\s]+", " ".join(notifier["healthcheck"]["test"])) == [
+        "http://127.0.0.1:5001/health"
+    ]
+
+
+def test_the_notifier_takes_its_relays_from_the_environment(base):
+    """DingTalk and Feishu/Lark are optional (empty: printing only), come from compose/.env
+    through variables the notifier knows, and their secrets never reach the command line."""
+    from notifier.config import OPTIONS, load_config
+
+    notifier = base["services"]["notifier"]
+    env = environment(notifier)
+    known = {o.env for o in OPTIONS}
+    assert set(env) == {
+        "VIGIL_NOTIFIER_DINGTALK_WEBHOOK",
+        "VIGIL_NOTIFIER_DINGTALK_SECRET",
+        "VIGIL_NOTIFIER_FEISHU_WEBHOOK",
+        "VIGIL_NOTIFIER_FEISHU_SECRET",
+    }
+    assert set(env) <= known
+    for name, value in env.items():
+        assert value == f"${{{name}:-}}", f"{name}: {value} (optional, from compose/.env)"
+    assert not any("secret" in arg or "webhook" in arg for arg in command_list(notifier))
+    # Unset in compose/.env, compose passes them empty: the notifier starts, printing only.
+    config = load_config(command_list(notifier)[1:], {name: "" for name in env})
+    assert config.relays == () and (config.host, config.port) == ("127.0.0.1", 5001)
+
+
+def test_prometheus_resends_to_alertmanager_within_seconds(base):
+    """An alert that fires before Prometheus has found Alertmanager is resent after
+    --rules.alert.resend-delay (default 1m): 10 s, so that the Watchdog reaches the notifier
+    well within its --watchdog-timeout after a start."""
+    from notifier.config import NotifierConfig
+
+    (delay,) = flag_values(
+        command_list(base["services"]["prometheus"]), "--rules.alert.resend-delay"
+    )
+    assert delay == "10s"
+    assert NotifierConfig().watchdog_timeout > 10
 
 
 def test_the_exporter_shares_the_state_directory_and_the_pid_namespace(base):
