@@ -135,6 +135,8 @@ def test_log_lines_are_json_and_carry_the_trace_id(server):
         assert {"timestamp", "level", "message", "request_id", "trace_id", "span_id"} <= set(line)
     (finished,) = [line for line in lines if line["request_id"] == "log-test-1"]
     assert finished["message"] == "request finished"
+    # The field every request's last line has, whatever its outcome (the dashboards' filter).
+    assert finished["event"] == "request_end" and finished["outcome"] == "finished"
     assert finished["trace_id"] == TRACE_ID
     assert len(finished["span_id"]) == 16
     assert finished["status"] == 200 and finished["finish_reason"] == "length"
@@ -168,3 +170,5 @@ def test_rejected_request_is_logged_as_a_warning(server):
     (line,) = [line for line in server.logs() if line["request_id"] == "log-test-3"]
     assert line["level"] == "WARNING"
     assert line["status"] == 400 and "max_tokens" in line["error"]
+    assert line["event"] == "request_end" and line["outcome"] == "rejected"
+    assert line["message"].startswith("request rejected: ")

@@ -19,6 +19,15 @@ from .metrics import InferenceMetrics
 from .refusals import RefusalLog, is_refusal
 
 OPERATIONS = {"chat": "chat", "completions": "text_completion"}
+REQUEST_END = "request_end"  # the event field of each request's last line
+
+
+def request_outcome(status: int) -> str:
+    """The outcome field of a request's last line, as its message says it: finished (2xx),
+    rejected (4xx: the client's request, or the queue full) or failed (5xx)."""
+    if status >= 500:
+        return "failed"
+    return "rejected" if status >= 400 else "finished"
 
 
 @dataclass
@@ -255,18 +264,21 @@ class RequestRecorder:
                     fields["image_sizes"] = [f"{w}x{h}" for w, h in vision.image_sizes]
                     fields["image_bytes"] = vision.encoded_bytes
         bound = logger.bind(**fields)
+        # The one line that ends the request, whatever its outcome, carries event request_end:
+        # a query for slow or failed requests filters on it (the messages differ by outcome).
+        end = bound.bind(event=REQUEST_END, outcome=request_outcome(done.status))
         if is_refusal(done.status, started=gen is not None):
             if done.status >= 500:
-                full = lambda: bound.error("request failed: {}", done.error_message)  # noqa: E731
+                full = lambda: end.error("request failed: {}", done.error_message)  # noqa: E731
             else:
-                full = lambda: bound.warning("request rejected: {}", done.error_message)  # noqa: E731
+                full = lambda: end.warning("request rejected: {}", done.error_message)  # noqa: E731
             self.refusals.refused(full, done.error_type or str(done.status))
         elif done.status >= 500:
-            bound.error("request failed: {}", done.error_message)
+            end.error("request failed: {}", done.error_message)
         elif done.status >= 400:
-            bound.warning("request rejected: {}", done.error_message)
+            end.warning("request rejected: {}", done.error_message)
         else:
-            bound.info("request finished")
+            end.info("request finished")
         if empty_reason is not None:
             bound.warning(
                 "empty output ({}): the completion has no text",
