@@ -9,6 +9,9 @@ than ``--load-timeout`` is a stall too (stage ``load``).
 On a stall the watchdog, once per stall:
 - logs at ERROR one stall report: every thread's Python stack, and each pending request (id,
   trace id, stage, tokens so far, age);
+- then one ERROR line per stalled request (``event`` ``stalled_request``) with its
+  ``request_id`` and ``trace_id`` at the top level of the line: Loki's ``| json`` skips arrays
+  (the report's ``requests``), so following a request id in the logs finds these lines;
 - counts it by stage and marks the process stalled in its metrics; ``/health`` answers 503;
 - answers every pending request with a 503 (``engine_stalled``), so no client waits for ever;
 - with ``--on-stall exit`` (the default), exits with status 75 (STALL_EXIT_CODE) so that the
@@ -92,6 +95,36 @@ def describe_requests(requests: list[GenerationRequest], now_ns: int) -> list[di
         }
         for r in requests
     ]
+
+
+def log_stalled_requests(stall: Stall, described: list[dict[str, Any]], seconds: float) -> None:
+    """One ERROR line per stalled request, after the stall report.
+
+    The report lists the requests in an array, which Loki's ``| json`` skips ("Arrays are
+    skipped": https://grafana.com/docs/loki/latest/query/log_queries/#json), so a search by
+    request or trace id would miss the stall. Here ``request_id`` and ``trace_id`` are top-level
+    fields, with the request's own stage (``request_stage``) beside the stall's (``stage``).
+    """
+    for request in described:
+        counts = {k: request[k] for k in ("prompt_tokens", "completion_tokens") if k in request}
+        logger.bind(
+            event="stalled_request",
+            request_id=request["request_id"],
+            trace_id=request["trace_id"],
+            request_stage=request["stage"],
+            **counts,
+            age_s=request["age_s"],
+            stage=stall.stage,
+            stalled_for_s=round(seconds, 3),
+        ).error(
+            "stalled request {} (at {}, {:.1f} s since it arrived): the engine made no progress "
+            "in {} for {:.1f} s; see the stall report",
+            request["request_id"],
+            request["stage"],
+            request["age_s"],
+            stall.stage,
+            seconds,
+        )
 
 
 class Watchdog:
@@ -205,6 +238,7 @@ class Watchdog:
         job = stall.preprocessing
         if job is not None:  # not yet a queued request: name it from its preprocessing job
             where = f"{where} (preprocessing the images of request {job.request_id})"
+        described = describe_requests(pending, stall.detected_ns)
         logger.bind(
             **(
                 {"preprocessing": {"request_id": job.request_id, "trace_id": job.trace_id}}
@@ -215,7 +249,7 @@ class Watchdog:
             stalled_for_s=round(seconds, 3),
             stall_timeout_s=threshold,
             on_stall=self.on_stall,
-            requests=describe_requests(pending, stall.detected_ns),
+            requests=described,
             threads=stacks,
         ).error(
             "stall report: the engine made no progress in {} for {:.1f} s "
@@ -229,6 +263,18 @@ class Watchdog:
             if exiting
             else "answering 503 until it moves again",
         )
+        if job is not None:  # only the request whose images hang: the engine's work goes on
+            stalled = [
+                {
+                    "request_id": job.request_id,
+                    "trace_id": job.trace_id,
+                    "stage": "preprocess",
+                    "age_s": round((stall.detected_ns - job.started_ns) / 1e9, 3),
+                }
+            ]
+        else:
+            stalled = described
+        log_stalled_requests(stall, stalled, seconds)
         error = stalled_error(stall.stage, seconds, threshold)
         self.service.preprocessing.fail_all(error)
         if stall.preprocessing is not None:

@@ -34,9 +34,12 @@ def _arm(server, fault: str, **fields) -> dict:
     return response.json()
 
 
-def _complete(server, prompt: str = "tell me", **extra) -> requests.Response:
+def _complete(
+    server, prompt: str = "tell me", request_id: str | None = None, **extra
+) -> requests.Response:
     body = {"model": "demo", "prompt": prompt, "max_tokens": 20, "temperature": 0, **extra}
-    return requests.post(server.url("/v1/completions"), json=body, timeout=120)
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    return requests.post(server.url("/v1/completions"), json=body, headers=headers, timeout=120)
 
 
 def _fired(server, fault: str) -> float:
@@ -54,6 +57,12 @@ def _wait_fired(server, fault: str, count: int = 1) -> None:
 
 def _stall_reports(server) -> list[dict]:
     return [line for line in server.logs() if line["message"].startswith("stall report")]
+
+
+def _stalled_request_lines(server) -> list[dict]:
+    """The watchdog's line per stalled request: its ids at the top level, where Loki's | json
+    finds them (the report's requests array is skipped by it)."""
+    return [line for line in server.logs() if line.get("event") == "stalled_request"]
 
 
 # ---- the route itself -----------------------------------------------------------------------
@@ -102,7 +111,7 @@ def test_decode_hang_is_reported_answered_and_recovered_from(server_factory):
     server = server_factory(*FAULTY, "--stall-timeout", "2", "--on-stall", "report")
     _arm(server, "hang", stage="decode", seconds=12)
     started = time.monotonic()
-    response = _complete(server, max_tokens=50, ignore_eos=True)
+    response = _complete(server, request_id="hung-1", max_tokens=50, ignore_eos=True)
     waited = time.monotonic() - started
     assert response.status_code == 503, response.text
     error = response.json()["error"]
@@ -123,7 +132,25 @@ def test_decode_hang_is_reported_answered_and_recovered_from(server_factory):
     assert report["level"] == "ERROR" and report["stage"] == "decode"
     [pending] = report["requests"]
     assert pending["trace_id"] == trace_id and pending["stage"] == "decode"
+    assert pending["request_id"] == "hung-1"
     assert pending["completion_tokens"] >= 1
+    # The same request on a line of its own, ids at the top level, after the report.
+    [stalled] = _stalled_request_lines(server)
+    assert stalled["request_id"] == "hung-1" and stalled["trace_id"] == trace_id
+    assert stalled["level"] == "ERROR" and stalled["stage"] == "decode"
+    assert stalled["request_stage"] == "decode" and stalled["completion_tokens"] >= 1
+    assert stalled["stalled_for_s"] == report["stalled_for_s"] and stalled["age_s"] > 0
+    assert stalled["message"].startswith("stalled request hung-1 (at decode, ")
+    lines = server.logs()
+    assert lines.index(report) < lines.index(stalled)
+    # and the request's own last line, failed by the watchdog, found by the same event field
+    [ended] = [
+        line
+        for line in lines
+        if line.get("event") == "request_end" and line["request_id"] == "hung-1"
+    ]
+    assert ended["outcome"] == "failed" and ended["trace_id"] == trace_id
+    assert ended["status"] == 503 and ended["message"].startswith("request failed: ")
     engine_stack = next(t["stack"] for t in report["threads"] if t["thread"] == "engine")
     assert "_decode_step" in engine_stack and "fire" in engine_stack
     assert "the engine thread is at" in report["message"]
@@ -144,12 +171,16 @@ def test_decode_hang_is_reported_answered_and_recovered_from(server_factory):
 def test_prefill_hang_with_exit_policy_exits_with_its_code(server_factory):
     server = server_factory(*FAULTY, "--stall-timeout", "2")  # --on-stall exit is the default
     _arm(server, "hang", stage="prefill")  # for ever
-    response = _complete(server)
+    response = _complete(server, request_id="hung-2")
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "engine_stalled"
     assert server.process.wait(timeout=30) == STALL_EXIT_CODE
     [report] = _stall_reports(server)
     assert report["stage"] == "prefill" and report["on_stall"] == "exit"
+    [stalled] = _stalled_request_lines(server)  # written before the exit
+    assert stalled["request_id"] == "hung-2"
+    assert stalled["trace_id"] == response.headers["x-trace-id"]
+    assert stalled["stage"] == "prefill" and stalled["request_stage"] == "prefill"
     assert "exiting with status 75" in report["message"]
     engine_stack = next(t["stack"] for t in report["threads"] if t["thread"] == "engine")
     assert "_prefill" in engine_stack
@@ -197,6 +228,7 @@ def test_a_load_past_its_allowance_is_a_stall(server_factory):
         assert health.status_code == 503 and health.json()["stage"] == "load"
         assert server.sample("inference_engine_stalls_total", stage="load") == 1
         [report] = _stall_reports(server)
+        assert _stalled_request_lines(server) == []  # no request had arrived
         loader = next(t["stack"] for t in report["threads"] if t["thread"] == "model-loader")
         assert "load_model" in loader
         assert "model-loader thread is at" in report["message"]
@@ -308,6 +340,7 @@ def test_empty_output_is_counted_and_logged(server_factory):
     warnings = [line for line in server.logs() if line["message"].startswith("empty output")]
     assert [w["request_id"] for w in warnings] == [body["id"]]
     assert warnings[0]["level"] == "WARNING" and warnings[0]["empty_reason"] == "immediate_eos"
+    assert "event" not in warnings[0]  # only the request's last line is its request_end
     assert server.sample("inference_faults_injected_total", fault="empty", stage="prefill") == 1
 
 
