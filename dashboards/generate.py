@@ -42,6 +42,26 @@ FOREIGN_PROCESSES = (
     "the target's port."
 )
 RATE_INTERVAL = "$__rate_interval"
+# The inference process's log lines, as Loki's `| json` sees them. Each request ends with one
+# line whose event is request_end (message "request finished", "request rejected: ..." or
+# "request failed: ..."); the watchdog writes a stall report and one line per stalled request.
+REQUEST_END = 'event = "request_end"'
+SLOW_REQUEST_S = 10  # a request slower than this is listed with the failed ones
+STALL_LINES = '|~ "stall report|stalled request"'
+# The Logs board's levels, as Alloy labels them (compose/alloy/config.alloy): loguru's and the
+# Go services' levels in lower case; `error` also for a line of our processes that is not JSON
+# (a crash's stack); `unknown` for another service's line without a level.
+LOG_LEVELS = (
+    "trace",
+    "debug",
+    "info",
+    "success",
+    "warning",
+    "warn",
+    "error",
+    "critical",
+    "unknown",
+)
 GPU_LEGEND = "{{gpu}} {{gpu_name}}"
 GRID_COLUMNS = 24  # the width of Grafana's grid
 
@@ -841,32 +861,32 @@ def hang_forensics() -> Board:
     )
     board.panel(
         "logs",
-        "Stall reports",
-        "The watchdog's ERROR line: stage, the engine thread's line, "
-        "every thread's stack (threads) and the requests with their trace ids. "
-        + ENGINE_VIGIL_ONLY,
+        "Stall reports and stalled requests",
+        "The watchdog's ERROR lines: the stall report (stage, the engine thread's line, every "
+        "thread's stack in threads, the pending requests) and one line per stalled request with "
+        "its request_id and trace_id, which links to the trace. " + ENGINE_VIGIL_ONLY,
         "none",
-        [('{service="inference"} |= "stall report" | json', "")],
+        [(f'{{service="inference"}} {STALL_LINES} | json', "")],
         logs=True,
         width=24,
         height=10,
     )
     board.panel(
         "logs",
-        "Slowest requests",
-        "Requests that took more than 10 s; the trace_id field links to the trace. "
-        + ENGINE_VIGIL_ONLY,
+        "Slow or failed requests",
+        f"Requests that took more than {SLOW_REQUEST_S} s or were answered with a 5xx: the "
+        "last line of each request (event request_end), with its duration, status, error and "
+        "trace id. " + ENGINE_VIGIL_ONLY,
         "none",
-        [('{service="inference"} | json | message = "request finished" | duration_s > 10', "")],
+        [
+            (
+                f'{{service="inference"}} | json | {REQUEST_END} '
+                f"| duration_s > {SLOW_REQUEST_S} or status >= 500",
+                "",
+            )
+        ],
         logs=True,
-    )
-    board.panel(
-        "logs",
-        "Failed requests",
-        "Requests answered with a 5xx, with their error and trace id. " + ENGINE_VIGIL_ONLY,
-        "none",
-        [('{service="inference"} | json | status >= 500', "")],
-        logs=True,
+        width=24,
     )
     return board
 
@@ -876,8 +896,10 @@ def logs() -> tuple[Board, list[dict]]:
     board = Board(
         "vigil-logs",
         "llm-vigil / Logs",
-        "Every log line of the stack, searchable by "
-        "service, level (as Alloy labels it: lower case), request id and trace id.",
+        "Every log line of the stack, searchable by service, level (as Alloy labels it: lower "
+        "case; error includes a crash's stack and any other line of the inference or exporter "
+        "process that is not JSON; unknown is another service's line without a level), request "
+        "id and trace id.",
         loki=True,
     )
     log_variables = [
@@ -896,10 +918,13 @@ def logs() -> tuple[Board, list[dict]]:
             "type": "custom",
             "name": "level",
             "label": "level",
-            "query": "trace,debug,info,success,warning,error,critical",
+            "query": ",".join(LOG_LEVELS),
             "includeAll": True,
             "multi": True,
-            "allValue": ".+",
+            # All is every line, one without a level label too: ".+" would need a level (Loki
+            # matches an absent label as the empty string, as Prometheus does). The service
+            # matcher beside it never matches the empty string, as Loki requires of a selector.
+            "allValue": ".*",
             "current": {},
             "hide": 0,
         },

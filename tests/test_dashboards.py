@@ -55,6 +55,16 @@ LOKI_VARS = {
 }
 
 
+def loki_all_values() -> dict[str, str]:
+    """The Logs board's variables at All (the textboxes empty), as Grafana fills them in."""
+    (board,) = [b for name, b in boards().items() if name == "logs.json"]
+    values = {"$request_id": "", "$trace_id": "", "$__rate_interval": "1m"}
+    for variable in board["templating"]["list"]:
+        if variable.get("includeAll"):
+            values["$" + variable["name"]] = variable["allValue"]
+    return values
+
+
 def boards() -> dict[str, dict]:
     return {
         path.name: json.loads(path.read_text()) for path in sorted(DASHBOARDS_DIR.glob("*.json"))
@@ -205,9 +215,13 @@ def test_every_logql_query_parses():
     node = shutil.which("node")
     if node is None or not LEZER.exists():
         pytest.skip("node or @grafana/lezer-logql missing (scripts/test installs it with npm)")
-    found = list(queries("loki"))
-    exprs = [substitute(expr, LOKI_VARS) for _b, _p, expr in found]
-    assert len(exprs) >= 4
+    found = list(queries("loki")) * 2
+    half = len(found) // 2
+    exprs = [  # with one value chosen, then with All
+        substitute(expr, LOKI_VARS if index < half else loki_all_values())
+        for index, (_b, _p, expr) in enumerate(found)
+    ]
+    assert half >= 4
     result = subprocess.run(
         [node, str(Path(__file__).parent / "logql_parse.cjs"), str(LEZER)],
         input=json.dumps(exprs),
@@ -231,6 +245,45 @@ def test_every_logql_query_parses():
         check=True,
     )
     assert json.loads(broken.stdout) != [None]
+
+
+def test_the_logs_board_all_level_includes_lines_without_a_level():
+    """A line without a level label (shipped before Alloy gave every line one, or by another
+    agent) is still among All's lines: Loki compares an absent label as the empty string, so
+    All's regex must match "". Every selector keeps a matcher that does not match "" (Loki
+    refuses one without), and every level Alloy gives is offered."""
+    (board,) = [b for name, b in boards().items() if name == "logs.json"]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    level = variables["level"]
+    assert level["includeAll"] and level["multi"]
+    assert re.fullmatch(level["allValue"], "")
+    offered = level["query"].split(",")
+    assert {"error", "unknown", "warning", "warn"} <= set(offered)
+    assert all(re.fullmatch(level["allValue"], value) for value in offered)
+    assert not re.fullmatch(variables["service"]["allValue"], "")
+    for _board, panel, expr in queries("loki"):
+        filled = substitute(expr, loki_all_values())
+        selector = re.search(r"\{([^}]*)\}", filled).group(1)
+        matchers = re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', selector)
+        assert any(
+            (op == "=" and value != "") or (op == "=~" and not re.fullmatch(value, ""))
+            for _name, op, value in matchers
+        ), (panel["title"], selector)
+
+
+def test_request_lines_are_found_by_their_event_not_their_message():
+    """A request's last line is "request finished", "request rejected: ..." or "request failed:
+    ..."; its event field (request_end) is the same for all, so one filter finds slow and failed
+    requests alike."""
+    exprs = [expr for _board, _panel, expr in queries("loki")]
+    assert not [e for e in exprs if "request finished" in e or "request failed" in e]
+    (slow_or_failed,) = [
+        expr
+        for _board, panel, expr in queries("loki")
+        if panel["title"] == "Slow or failed requests"
+    ]
+    assert 'event = "request_end"' in slow_or_failed
+    assert "duration_s >" in slow_or_failed and "status >= 500" in slow_or_failed
 
 
 def image_message(colour: str) -> list[dict]:
