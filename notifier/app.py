@@ -175,7 +175,8 @@ class Notifier:
 def _what(notification: Notification) -> str:
     names = sorted({a.name for a in notification.alerts})
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    return f"{notification.status.upper()} {shown} ({len(notification.alerts)} alerts)"
+    count = len(notification.alerts)
+    return f"{notification.status.upper()} {shown} ({count} alert{'s' if count != 1 else ''})"
 
 
 def _address(host: str, port: int) -> str:

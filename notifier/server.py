@@ -95,15 +95,14 @@ def make_server(host: str, port: int, handlers: Handlers) -> ThreadingHTTPServer
                 )
                 self._send(HTTPStatus.OK, text.encode(), "text/plain; charset=utf-8")
             else:
-                self._not_here(path, "GET")
+                self._not_here(path, self.command)
 
         def _other(self) -> None:
             self._not_here(urlsplit(self.path).path, self.command)
 
         do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other  # noqa: N815
 
-        def do_HEAD(self) -> None:  # noqa: N802
-            self._not_here(urlsplit(self.path).path, "HEAD")
+        do_HEAD = do_GET  # noqa: N815 - the same answers, without the body (_send)
 
         def _not_here(self, path: str, method: str) -> None:
             if path in WEBHOOKS:

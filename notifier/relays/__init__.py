@@ -6,7 +6,9 @@ limit, and counts a request as sent only when the tool's answer says so (both to
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -55,7 +57,8 @@ class Relay:
                 timeout=timeout,
             )
         except requests.RequestException as exc:
-            raise RelayError(f"request failed: {type(exc).__name__}: {_redact(str(exc))}") from None
+            reason = _redact(str(exc), self.webhook)
+            raise RelayError(f"request failed: {type(exc).__name__}: {reason}") from None
         self.check(response)
 
     def __str__(self) -> str:
@@ -82,9 +85,11 @@ def answer_json(response: requests.Response) -> dict[str, Any]:
     return answer
 
 
-def _redact(text: str) -> str:
-    """An exception's text without the query string of a URL in it (DingTalk's access token
-    and signature travel there)."""
-    import re
-
+def _redact(text: str, webhook: str) -> str:
+    """An exception's text without the webhook's path and query string, where the robots'
+    credentials travel (Feishu's hook id in the path, DingTalk's access token and signature in
+    the query)."""
+    path = urlsplit(webhook).path
+    if len(path) > 1:
+        text = text.replace(path, "/...")
     return re.sub(r"\?[^\s'\")]*", "?...", text)
