@@ -457,10 +457,10 @@ def test_bind_error_on_this_machine():
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        error = netproc.bind_error("127.0.0.1", port)
+        error = netproc.try_bind("127.0.0.1", port)
         assert error is not None and error.errno == errno.EADDRINUSE
         assert netproc.listener_of(port, "127.0.0.1") == (
             f"pid {os.getpid()} ({netproc.one_line(cmdline(os.getpid()))})"
         )
-    assert netproc.bind_error("127.0.0.1", port) is None
-    assert netproc.bind_error("192.0.2.1", 0).errno == errno.EADDRNOTAVAIL  # not this machine's
+    assert netproc.try_bind("127.0.0.1", port) is None
+    assert netproc.try_bind("192.0.2.1", 0).errno == errno.EADDRNOTAVAIL  # not this machine's

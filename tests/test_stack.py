@@ -1,12 +1,21 @@
 """The stack without Docker (the README's main command): every installed part starts on its
-documented port with the repository's files, the inference process comes back after its
-watchdog exits, and Ctrl-C stops everything. With --engine it watches an engine that runs
-already: no inference process of its own, the exporter probing the engine, and Prometheus
-scraping the engine's /metrics from a configuration written into the run directory."""
+port with the repository's files (configurations written into the run directory when the ports
+are not the default ones), the inference process comes back after its watchdog exits, Ctrl-C
+stops everything, and so does a SIGKILL of the stack itself; a busy port stops the start with
+one line that names its holder. With --engine it watches an engine that runs already: no
+inference process of its own, the exporter probing the engine, and Prometheus scraping the
+engine's /metrics from a configuration written into the run directory.
+
+Every test that starts the stack gives it free ports of its own (not the defaults 8000, 9400,
+9090, 9093, 5001, which another server on this machine may hold)."""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -21,23 +30,56 @@ import yaml
 from conftest import start_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from vigil import netproc
 from vigil import stack as vigil_stack
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "alerts"
-PORTS = {"inference": 8000, "exporter": 9400, "prometheus": 9090, "alertmanager": 9093}
 PROMTOOL = shutil.which("promtool")
+AMTOOL = shutil.which("amtool")
+HAS_PROMETHEUS = shutil.which("prometheus") is not None
+HAS_ALERTMANAGER = bool(shutil.which("prometheus-alertmanager") or shutil.which("alertmanager"))
+HAS_NOTIFIER = vigil_stack.notifier_missing() is None
+# The Watchdog fires at Prometheus's first evaluation; with the resend delay of 10 s it reaches
+# Alertmanager within about 20 s of Prometheus being ready (with Prometheus's default of 1m,
+# after a minute and more whenever the first notification went out before Prometheus had
+# discovered Alertmanager). A bound well under a minute, with room for a busy machine.
+WATCHDOG_BOUND_S = 45
 
 
 def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        # As servers do: a port whose old connections linger in TIME_WAIT is free to listen on.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+    return netproc.try_bind("127.0.0.1", port) is None
+
+
+def free_ports(names=tuple(vigil_stack.DEFAULT_PORTS)) -> dict[str, int]:
+    """A free port for each part, none of them a default one, and none in the kernel's range of
+    ephemeral ports (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default): there any
+    outgoing connection on this machine may take a port as its own the moment a part lets go
+    of it, and the test would find it busy after the stop."""
+    try:
+        low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low = 32768
+    start = max(1024, min(20000, low - 2000))
+    candidates = random.sample(range(start, low), 200)
+    taken = set(vigil_stack.DEFAULT_PORTS.values())
+    chosen = [p for p in candidates if p not in taken and _free(p)][: len(names)]
+    assert len(chosen) == len(names), "no free ports below the ephemeral range"
+    return dict(zip(names, chosen, strict=True))
+
+
+def port_args(ports: dict[str, int]) -> list[str]:
+    return [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
+
+
+def start_stack(out: Path, *args: str) -> subprocess.Popen:
+    with open(out, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vigil.stack", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
 
 
 def _wait(predicate, timeout: float, what: str, process: subprocess.Popen, log: Path) -> None:
@@ -54,65 +96,115 @@ def _wait(predicate, timeout: float, what: str, process: subprocess.Popen, log: 
     raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
 
 
-def test_stack_starts_restarts_the_inference_process_and_stops_on_ctrl_c(tmp_path, demo_dir):
-    busy = [name for name, port in PORTS.items() if not _free(port)]
-    if busy:
-        pytest.skip(f"the stack's ports are taken here by: {', '.join(busy)}")
+def _ok(url: str) -> bool:
+    return requests.get(url, timeout=2).status_code == 200
+
+
+# The banner: "  NAME  URL  log: PATH", then "  LABEL: URL" lines under it.
+_PART_LINE = re.compile(r"^  (\w+) +(http://\S+) +log: (\S+)$")
+_MORE_LINE = re.compile(r"^ {16}([^:]+): (http://\S+)$")
+
+
+def printed_urls(text: str) -> tuple[dict[str, str], list[str], list[str]]:
+    """The banner's part URLs by part, its other page URLs, and the URLs labelled not pages."""
+    parts, pages, others = {}, [], []
+    for line in text.splitlines():
+        if found := _PART_LINE.match(line):
+            parts[found[1]] = found[2]
+        elif found := _MORE_LINE.match(line):
+            (others if "not a page" in found[1] else pages).append(found[2])
+    return parts, pages, others
+
+
+def alertmanager_alerts(port: int) -> list[str]:
+    alerts = requests.get(f"http://127.0.0.1:{port}/api/v2/alerts", timeout=2).json()
+    return [alert["labels"]["alertname"] for alert in alerts]
+
+
+def test_stack_starts_alerts_restarts_the_inference_process_and_stops_on_ctrl_c(tmp_path, demo_dir):
+    """On ports of its own: every printed page opens; the Watchdog reaches Alertmanager within a
+    bound well under Prometheus's default resend delay of a minute, and the notifier's line for
+    it shows on the stack's console; a hang makes the watchdog exit and the stack brings the
+    process back; Ctrl-C stops everything and frees every port."""
+    ports = free_ports()
     out = tmp_path / "stack.out"
-    with open(out, "wb") as log:
-        stack = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vigil.stack",
-                "--run-dir",
-                str(tmp_path / "run"),
-                "--",
-                "--demo-dir",
-                demo_dir,
-                "--enable-fault-injection",
-                "--stall-timeout",
-                "1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
+    run = tmp_path / "run"
+    stack = start_stack(
+        out,
+        "--run-dir",
+        str(run),
+        *port_args(ports),
+        "--",
+        "--demo-dir",
+        demo_dir,
+        "--enable-fault-injection",
+        "--stall-timeout",
+        "1",
+    )
+    inference = f"http://127.0.0.1:{ports['inference']}"
     try:
-        ready = lambda: requests.get("http://127.0.0.1:8000/ready", timeout=2).status_code == 200  # noqa: E731
+        ready = lambda: _ok(f"{inference}/ready")  # noqa: E731
         _wait(ready, 120, "the inference process", stack, out)
         text = out.read_text()
         for name in ("inference", "exporter"):
-            assert f"log: {tmp_path / 'run' / 'logs' / name}.log" in text
+            assert f"log: {run / 'logs' / name}.log" in text
+        assert "  ports: " + ", ".join(f"{n} {p}" for n, p in ports.items()) in text, text
+        parts, pages, others = printed_urls(text)
+        assert parts["inference"] == f"{inference}/v1/models"
+        assert parts["exporter"] == f"http://127.0.0.1:{ports['exporter']}/metrics"
+        assert f"{inference}/metrics" in pages and others == [f"{inference}/v1"]
         _wait(
-            lambda: (
-                "vigil_process_alive{"
-                in requests.get("http://127.0.0.1:9400/metrics", timeout=2).text
-            ),
+            lambda: "vigil_process_alive{" in requests.get(parts["exporter"], timeout=2).text,
             30,
             "the exporter",
             stack,
             out,
         )
-        if "prometheus " in text.replace("skipped: prometheus", ""):
+        if HAS_PROMETHEUS:
+            prometheus = f"http://127.0.0.1:{ports['prometheus']}"
+            _wait(lambda: _ok(f"{prometheus}/-/ready"), 60, "Prometheus", stack, out)
+            flags = requests.get(f"{prometheus}/api/v1/status/flags", timeout=2).json()["data"]
+            assert flags["rules.alert.resend-delay"] == vigil_stack.RESEND_DELAY
+            prometheus_ready = time.monotonic()
 
             def exporter_up() -> bool:
-                targets = requests.get("http://127.0.0.1:9090/api/v1/targets", timeout=2).json()
+                targets = requests.get(f"{prometheus}/api/v1/targets", timeout=2).json()
                 return any(
-                    t["labels"]["job"] == "vigil-exporter" and t["health"] == "up"
+                    t["labels"]["job"] == "vigil-exporter"
+                    and t["scrapeUrl"] == parts["exporter"]
+                    and t["health"] == "up"
                     for t in targets["data"]["activeTargets"]
                 )
 
             _wait(exporter_up, 60, "Prometheus scraping the exporter", stack, out)
+        if HAS_PROMETHEUS and HAS_ALERTMANAGER:
+            _wait(
+                lambda: "Watchdog" in alertmanager_alerts(ports["alertmanager"]),
+                WATCHDOG_BOUND_S - (time.monotonic() - prometheus_ready),
+                "the Watchdog at Alertmanager",
+                stack,
+                out,
+            )
+            if HAS_NOTIFIER:
+                _wait(
+                    lambda: re.search(r"^notifier \| .*Watchdog", out.read_text(), re.M),
+                    60,
+                    "the notifier's line for the Watchdog on the stack's console",
+                    stack,
+                    out,
+                )
+                assert "Watchdog" in (run / "logs" / "notifier.log").read_text()
+        # Every page the banner prints opens.
+        for url in [*parts.values(), *pages]:
+            assert requests.get(url, timeout=10).status_code == 200, url
         # A hang: the watchdog exits with 75 and the stack brings the process back.
-        first_pid = requests.get("http://127.0.0.1:8000/ready", timeout=2).json()
         requests.post(
-            "http://127.0.0.1:8000/debug/fault",
+            f"{inference}/debug/fault",
             timeout=5,
             json={"fault": "hang", "stage": "decode", "seconds": None},
         )
         requests.post(
-            "http://127.0.0.1:8000/v1/completions",
+            f"{inference}/v1/completions",
             timeout=30,
             json={"model": "demo", "prompt": "hi", "max_tokens": 4},
         )
@@ -124,14 +216,309 @@ def test_stack_starts_restarts_the_inference_process_and_stops_on_ctrl_c(tmp_pat
             out,
         )
         _wait(ready, 120, "the restarted inference process", stack, out)
-        assert first_pid  # the old one answered; the new one answers now
     finally:
         stack.send_signal(signal.SIGINT)
         code = stack.wait(60)
     assert code == 0, out.read_text()[-3000:]
     assert "stopped" in out.read_text()
-    for name, port in PORTS.items():
-        assert _free(port), f"{name} still listens on {port} after Ctrl-C"
+    for name, port in ports.items():
+        assert _free(port), f"{name}'s port {port} still taken after Ctrl-C: {_taken(port)}"
+
+
+def _descendants_alive(pids: list[int]) -> list[str]:
+    """The pids among ``pids`` still running (a zombie waiting for its reaper is not)."""
+    alive = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+            alive.append(f"{pid} ({' '.join(netproc.cmdline(pid) or [])})")
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_stack_leaves_no_part_running(tmp_path, demo_dir):
+    """SIGKILL (what the OOM killer sends) gives the stack no chance to stop its parts: the
+    kernel ends them (PR_SET_PDEATHSIG), and their ports are free for the next start."""
+    ports = free_ports()
+    out = tmp_path / "stack.out"
+    stack = start_stack(
+        out, "--run-dir", str(tmp_path / "run"), *port_args(ports), "--", "--demo-dir", demo_dir
+    )
+    try:
+        _wait(
+            lambda: _ok(f"http://127.0.0.1:{ports['inference']}/ready"),
+            120,
+            "the inference process",
+            stack,
+            out,
+        )
+        text = out.read_text()
+        started = [name for name in ports if f"  {name:<13} http://" in text]
+        _wait(
+            lambda: all(not _free(ports[name]) for name in started),
+            60,
+            f"every part listening ({', '.join(started)})",
+            stack,
+            out,
+        )
+        children = netproc.children(stack.pid)
+        assert len(children) == len(started), (started, children)
+    finally:
+        stack.kill()
+        stack.wait(10)
+    deadline = time.monotonic() + 30
+    while (alive := _descendants_alive(children)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"still running after the stack was killed: {alive}"
+    deadline = time.monotonic() + 30
+    while (busy := [n for n, p in ports.items() if not _free(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not busy, f"ports still held after the stack was killed: {busy}"
+
+
+def test_a_busy_port_stops_the_start_with_one_line_naming_its_holder(tmp_path):
+    """This test's own process holds the exporter's port: the stack says so in one line, with
+    the holder's pid and whole command line, exits with 1, and leaves nothing running."""
+    ports = free_ports()
+    run = tmp_path / "run"
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", ports["exporter"]))
+        holder.listen()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vigil.stack",
+                "--run-dir",
+                str(run),
+                *port_args(ports),
+                "--stop-after",
+                "60",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        ours = netproc.one_line(netproc.cmdline(os.getpid()))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"llm-vigil stack: not started: port {ports['exporter']} (exporter, --exporter-port) is "
+        f"in use by pid {os.getpid()} ({ours}): stop it, or choose another port with "
+        "--exporter-port"
+    ], result.stderr
+    assert "Ctrl-C" not in result.stdout and not (run / "logs" / "exporter.log").exists()
+    assert [name for name, port in ports.items() if not _free(port)] == []
+
+
+def test_a_part_that_exits_at_start_shows_the_end_of_its_log_on_the_console(tmp_path, demo_dir):
+    """An inference argument it refuses: the reason is on the console (the end of its log),
+    not only in the log file, at every restart."""
+    ports = free_ports()
+    out = tmp_path / "stack.out"
+    stack = start_stack(
+        out,
+        "--run-dir",
+        str(tmp_path / "run"),
+        *port_args(ports),
+        "--stop-after",
+        "60",
+        "--",
+        "--demo-dir",
+        demo_dir,
+        "--no-such-option",
+    )
+    try:
+        _wait(
+            lambda: "inference | " in out.read_text() and "restarting in" in out.read_text(),
+            60,
+            "the inference process's exit",
+            stack,
+            out,
+        )
+        text = out.read_text()
+        assert "inference exited with status 2; restarting in 1 s" in text, text
+        assert f"the last lines of {tmp_path / 'run' / 'logs' / 'inference.log'}:" in text
+        assert re.search(r"^  inference \| .*--no-such-option", text, re.M), text
+    finally:
+        stack.send_signal(signal.SIGINT)
+        stack.wait(60)
+
+
+# --- ports and the configurations written for them -----------------------------------------
+
+
+def _args(**overrides) -> argparse.Namespace:
+    values = {
+        "engine": None,
+        "engine_url": None,
+        "model": "demo",
+        "device": "auto",
+        "inference_args": [],
+        **{f"{name}_port": None for name in vigil_stack.DEFAULT_PORTS},
+    }
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def _option(part, flag: str) -> str:
+    (value,) = [a.split("=", 1)[1] for a in part.command if a.startswith(f"{flag}=")]
+    return value
+
+
+def test_the_default_ports_use_the_shipped_configurations(tmp_path):
+    parts, _ = vigil_stack.plan(_args(), tmp_path)
+    by_name = {part.name: part for part in parts}
+    assert not (tmp_path / "prometheus.yml").exists()
+    assert not (tmp_path / "alertmanager.yml").exists()
+    if "prometheus" in by_name:
+        assert _option(by_name["prometheus"], "--config.file") == str(ALERTS / "prometheus.yml")
+        assert _option(by_name["prometheus"], "--rules.alert.resend-delay") == "10s"
+    if "alertmanager" in by_name:
+        assert _option(by_name["alertmanager"], "--config.file") == str(ALERTS / "alertmanager.yml")
+    assert {part.name: part.port for part in parts} == {
+        name: port for name, port in vigil_stack.DEFAULT_PORTS.items() if name in by_name
+    }
+
+
+def test_other_ports_write_configurations_that_follow_them(tmp_path):
+    """Prometheus scrapes the exporter, itself and Alertmanager where they are and sends to that
+    Alertmanager; Alertmanager's webhooks reach the notifier's port and its templates resolve
+    from the run directory (amtool check-config); the exporter probes the inference port."""
+    ports = {"inference": 18001, "exporter": 19401, "prometheus": 19091}
+    ports |= {"alertmanager": 19094, "notifier": 15002}
+    parts, _ = vigil_stack.plan(_args(**{f"{n}_port": p for n, p in ports.items()}), tmp_path)
+    by_name = {part.name: part for part in parts}
+    exporter = by_name["exporter"].command
+    assert exporter[exporter.index("--target") + 1] == "http://127.0.0.1:18001"
+    assert exporter[exporter.index("--port") + 1] == "19401"
+    if "inference" in by_name:
+        command = by_name["inference"].command
+        assert command[command.index("--port") + 1] == "18001"
+
+    prometheus_yml = tmp_path / "prometheus.yml"
+    config = yaml.safe_load(prometheus_yml.read_text(encoding="utf-8"))
+    targets = {
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+        for job in config["scrape_configs"]
+    }
+    assert targets == {
+        "vigil-exporter": ["127.0.0.1:19401"],
+        "prometheus": ["127.0.0.1:19091"],
+        "alertmanager": ["127.0.0.1:19094"],
+    }
+    assert config["alerting"]["alertmanagers"] == [
+        {"static_configs": [{"targets": ["127.0.0.1:19094"]}]}
+    ]
+    assert config["rule_files"] == [str(ALERTS / "*.rules.yml")]
+    _promtool_check(prometheus_yml)
+
+    alertmanager_yml = tmp_path / "alertmanager.yml"
+    config = yaml.safe_load(alertmanager_yml.read_text(encoding="utf-8"))
+    shipped = yaml.safe_load((ALERTS / "alertmanager.yml").read_text(encoding="utf-8"))
+    urls = [
+        hook["url"]
+        for receiver in config["receivers"]
+        for hook in receiver.get("webhook_configs", [])
+    ]
+    assert urls and all(url.startswith("http://127.0.0.1:15002/") for url in urls), urls
+    assert len(urls) == len([h for r in shipped["receivers"] for h in r.get("webhook_configs", [])])
+    assert config["templates"] == [str(ALERTS / t) for t in shipped["templates"]]
+    assert config["route"] == shipped["route"]
+    if "alertmanager" in by_name:
+        assert _option(by_name["alertmanager"], "--config.file") == str(alertmanager_yml)
+        assert _option(by_name["alertmanager"], "--web.listen-address") == "127.0.0.1:19094"
+    if "prometheus" in by_name:
+        assert _option(by_name["prometheus"], "--config.file") == str(prometheus_yml)
+    if AMTOOL is None:
+        pytest.skip("amtool is not installed (Debian: prometheus-alertmanager)")
+    result = subprocess.run(
+        [AMTOOL, "check-config", str(alertmanager_yml)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,  # not alerts/: the templates must resolve by the file's own paths
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " - 1 templates" in result.stdout and "SUCCESS" in result.stdout, result.stdout
+
+
+def test_without_the_notifier_the_stack_says_so_and_starts_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setattr(vigil_stack, "notifier_missing", lambda: "notifier: not here")
+    parts, missing = vigil_stack.plan(_args(), tmp_path)
+    assert "notifier" not in [part.name for part in parts]
+    assert "notifier: not here" in missing
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--exporter-port", "0"], "--exporter-port: must be a TCP port from 1 to 65535"),
+        (["--notifier-port", "http"], "--notifier-port: must be a TCP port from 1 to 65535"),
+        (["--prometheus-port", "9400"], "--exporter-port and --prometheus-port are both 9400"),
+        (
+            ["--engine", "vllm", "--engine-url", "http://127.0.0.1:8000", "--inference-port", "1"],
+            "--inference-port: for our inference process",
+        ),
+    ],
+)
+def test_port_options_are_checked_before_anything_starts(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        vigil_stack.main([*argv, "--run-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists(), "nothing may be started or written"
+
+
+def test_the_port_check_binds_as_the_server_does():
+    """vigil.netproc.try_bind is the recipe of inference/listen.py's bind_tcp (the core may
+    not import it): both refuse a port another socket listens on, both take one whose last
+    connection lingers in TIME_WAIT (SO_REUSEADDR)."""
+    from inference.listen import bind_tcp
+
+    def server_binds(port: int) -> bool:
+        try:
+            bind_tcp("127.0.0.1", port).close()
+        except OSError as exc:
+            assert exc.errno == errno.EADDRINUSE
+            return False
+        return True
+
+    with socket.socket() as listener:
+        # As our servers and Go's do; a socket without it blocks the port even in TIME_WAIT.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert not server_binds(port) and not _free(port)
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+    accepted.close()  # the server's side closes first: its end waits in TIME_WAIT
+    client.close()
+    deadline = time.monotonic() + 10
+    while "06" not in _states(port) and time.monotonic() < deadline:  # 06: TCP_TIME_WAIT
+        time.sleep(0.05)
+    assert "06" in _states(port)
+    assert server_binds(port) and _free(port)
+
+
+def _taken(port: int) -> str:
+    """What holds a port: its sockets' lines in /proc/net/tcp, and the listener."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    mine = [
+        " ".join(f[1:4] + f[7:10]) for f in map(str.split, lines) if f[1].endswith(f":{port:04X}")
+    ]
+    return f"{mine}, listener {netproc.listener_of(port)}"
+
+
+def _states(port: int) -> set[str]:
+    """The states (/proc/net/tcp's st column) of the sockets on local port ``port``."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return {f[3] for f in map(str.split, lines) if int(f[1].rsplit(":", 1)[1], 16) == port}
 
 
 # --- watching an engine that runs already (--engine, --engine-url) -------------------------
@@ -245,10 +632,7 @@ def test_the_stack_watches_a_running_engine_instead_of_starting_ours(tmp_path, d
     --engine vigil --engine-url URL. The stack starts no inference process, the generated
     Prometheus configuration passes promtool, the exporter probes the engine and finds its
     processes from its port, and Prometheus scrapes the engine as job "vigil"."""
-    ports = {name: port for name, port in PORTS.items() if name != "inference"}
-    busy = [name for name, port in ports.items() if not _free(port)]
-    if busy:
-        pytest.skip(f"the stack's ports are taken here by: {', '.join(busy)}")
+    ports = free_ports(("exporter", "prometheus", "alertmanager", "notifier"))
     (tmp_path / "engine").mkdir()
     engine = start_server(tmp_path / "engine", demo_dir)
     url = engine.base_url
@@ -267,6 +651,7 @@ def test_the_stack_watches_a_running_engine_instead_of_starting_ours(tmp_path, d
                     url,
                     "--run-dir",
                     str(run),
+                    *port_args(ports),
                     "--stop-after",
                     "120",  # a bound: the test stops it with Ctrl-C once it has seen enough
                 ],
@@ -290,7 +675,7 @@ def test_the_stack_watches_a_running_engine_instead_of_starting_ours(tmp_path, d
             _promtool_check(config_path)
 
             def exporter_probes() -> bool:
-                text = requests.get("http://127.0.0.1:9400/metrics", timeout=2).text
+                text = requests.get(f"http://127.0.0.1:{ports['exporter']}/metrics", timeout=2).text
                 health = [
                     s
                     for s in _samples(text, "vigil_probe_success")
@@ -313,11 +698,11 @@ def test_the_stack_watches_a_running_engine_instead_of_starting_ours(tmp_path, d
                 )
 
             _wait(exporter_probes, 60, "the exporter probing the engine", stack, out)
-            if "prometheus " in text.replace("skipped: prometheus", ""):
+            if HAS_PROMETHEUS:
 
                 def engine_up() -> bool:
                     result = requests.get(
-                        "http://127.0.0.1:9090/api/v1/query",
+                        f"http://127.0.0.1:{ports['prometheus']}/api/v1/query",
                         params={"query": 'up{job="vigil"}'},
                         timeout=2,
                     ).json()["data"]["result"]

@@ -13,7 +13,7 @@ Three steps, each usable alone:
    without CONFIG_PROC_CHILDREN, from the parent pid (field 4) of every ``/proc/<pid>/stat``.
 
 ``find_engine_processes`` does all three. ``listener_of`` says in one phrase who listens on a
-port (the doctor's port check, the stack's start when a port is busy); ``bind_error`` tries a
+port (the doctor's port check, the stack's start when a port is busy); ``try_bind`` tries a
 port the way our servers bind it.
 
 Network namespaces: ``/proc/net`` is a link to ``/proc/self/net``, so ``/proc/net/tcp`` lists
@@ -47,7 +47,6 @@ __all__ = [
     "EngineProcesses",
     "ListeningSocket",
     "SocketHolders",
-    "bind_error",
     "children",
     "cmdline",
     "descendants",
@@ -57,6 +56,7 @@ __all__ = [
     "listening_inodes_of_pid_netns",
     "one_line",
     "pids_holding",
+    "try_bind",
 ]
 
 TCP_LISTEN = 0x0A  # the ``st`` column: TCP_LISTEN in include/net/tcp_states.h
@@ -412,7 +412,7 @@ def find_engine_processes(
 # -- Who holds a port -------------------------------------------------------------------------
 
 
-def bind_error(host: str, port: int) -> OSError | None:
+def try_bind(host: str, port: int) -> OSError | None:
     """Why ``host:port`` cannot be bound now (None: it can), tried and released at once.
 
     The recipe of inference/listen.py ``bind_tcp``, by which our servers bind (the core may not

@@ -1,16 +1,25 @@
 """The stack without Docker: every part that exists on this machine, with the same files as
 compose, each logging into a file, stopped together on Ctrl-C.
 
-    python -m vigil.stack [--model demo] [--device auto] [--run-dir DIR] [-- INFERENCE ARGS...]
+    python -m vigil.stack [--model demo] [--device auto] [--run-dir DIR] [PORT OPTIONS]
+                          [-- INFERENCE ARGS...]
     python -m vigil.stack --engine vllm --engine-url http://127.0.0.1:8000 [--run-dir DIR]
 
 Parts: the inference process (the embedded demo model unless --model says otherwise; left out,
 with a line that says why, on a light install without the serve extra), the exporter (probing
-the inference process), and Prometheus (alerts/prometheus.yml with alerts/*.rules.yml) and
-Alertmanager (alerts/alertmanager.yml) when they are installed. The inference process is
-restarted when it exits (the watchdog exits with 75 on a stall), as compose's restart policy
-does. Ports are those of alerts/prometheus.yml: inference 8000, exporter 9400, Prometheus 9090,
-Alertmanager 9093, all on 127.0.0.1.
+the inference process), the notifier (``python -m notifier``: Alertmanager's webhook receiver,
+whose lines also show on the console), and Alertmanager (alerts/alertmanager.yml) and
+Prometheus (alerts/prometheus.yml with alerts/*.rules.yml) when they are installed. The
+inference process is restarted when it exits (the watchdog exits with 75 on a stall), as
+compose's restart policy does. Every part dies with the stack, even when the stack is killed
+(vigil/stackparts.py).
+
+Ports, all on 127.0.0.1: inference 8000, exporter 9400, Prometheus 9090, Alertmanager 9093,
+notifier 5001 (those the shipped alerts/prometheus.yml and alerts/alertmanager.yml name), each
+changed by its option (--inference-port, ...). When one differs, the stack writes the two
+configurations into the run directory with the addresses moved. Every port is tried before
+anything starts: a busy one stops the stack with one line naming the port, the part that
+wanted it and the process that holds it.
 
 With --engine (vigil, vllm, sglang or tgi) and --engine-url, the stack watches an engine that
 is already running instead of starting ours: no inference process; the exporter probes the
@@ -23,6 +32,9 @@ rules of alerts/engines.py map to one vocabulary. The shipped file is left as it
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.util
+import re
 import shutil
 import signal
 import subprocess
@@ -31,20 +43,45 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
 from . import extras
 from .engines import ENGINES, parse_target, recognise
+from .netproc import listener_of, try_bind
+from .stackparts import Part, log_tail, say
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "alerts"
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+HOST = "127.0.0.1"
+# The ports the shipped alerts/prometheus.yml and alerts/alertmanager.yml name (and compose).
+DEFAULT_PORTS = {
+    "inference": 8000,
+    "exporter": 9400,
+    "prometheus": 9090,
+    "alertmanager": 9093,
+    "notifier": 5001,
+}
+PART_TITLES = {
+    "inference": "the inference process's API and /metrics",
+    "exporter": "the exporter's /metrics",
+    "prometheus": "Prometheus",
+    "alertmanager": "Alertmanager",
+    "notifier": "the notifier, Alertmanager's webhook receiver",
+}
+# Prometheus drops the notifications of rule evaluations that come before it has discovered
+# its Alertmanagers (right after its start), and sends a firing alert again only after
+# --rules.alert.resend-delay, "Minimum amount of time to wait before resending an alert to
+# Alertmanager", 1m by default
+# (https://prometheus.io/docs/prometheus/latest/command-line/prometheus/): the always-firing
+# Watchdog reached Alertmanager a minute after the start. 10 s, one evaluation interval of
+# alerts/prometheus.yml, brings it within seconds; Alertmanager deduplicates the resends.
+RESEND_DELAY = "10s"
 
 # Where each engine serves its Prometheus metrics (docs/engines.md, "How each engine's
 # exposition works"), said when the engine's /metrics does not answer.
@@ -61,39 +98,22 @@ METRICS_HINTS = {
 }
 
 
-@dataclass
-class Part:
-    name: str
-    command: list[str]
-    url: str
-    log_path: Path
-    restart: bool = False
-    process: subprocess.Popen | None = None
-    restarts: int = 0
-    _log: IO[bytes] | None = field(default=None, repr=False)
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be a TCP port from 1 to 65535")
+    return value
 
-    def start(self) -> None:
-        if self._log is None:
-            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            self.command,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO,
-        )
 
-    def stop(self, grace: float = 15.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+def ports_of(args: argparse.Namespace) -> dict[str, int]:
+    """The port of each part: its option, else the default."""
+    return {
+        name: getattr(args, f"{name}_port", None) or default
+        for name, default in DEFAULT_PORTS.items()
+    }
 
 
 def _binary(*names: str) -> str | None:
@@ -128,16 +148,64 @@ def engine_scrape_job(engine: str, url: str) -> dict[str, Any]:
     return job
 
 
-def prometheus_config(engine: str, url: str, rule_files: Iterable[str]) -> dict[str, Any]:
-    """alerts/prometheus.yml with ``rule_files`` in place of its own (relative to it) and a
-    scrape job for the engine's /metrics: what the stack writes for --engine, and what the
-    compose overrides for vLLM and SGLang ship (compose/prometheus/, checked by the tests)."""
+def moved_addresses(ports: Mapping[str, int]) -> dict[str, str]:
+    """``127.0.0.1:<default>`` (and ``localhost:<default>``) to the same host at the part's
+    port, for each part whose port is not the default."""
+    moved = {}
+    for name, default in DEFAULT_PORTS.items():
+        port = ports.get(name, default)
+        if port != default:
+            for host in (HOST, "localhost"):
+                moved[f"{host}:{default}"] = f"{host}:{port}"
+    return moved
+
+
+def _move(node: Any, moved: Mapping[str, str]) -> Any:
+    """A configuration with every address ``host:port`` (a target) and every http(s) URL at one
+    (a webhook) moved as ``moved`` says; the rest as it is."""
+    if isinstance(node, dict):
+        return {key: _move(value, moved) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_move(value, moved) for value in node]
+    if isinstance(node, str):
+        if node in moved:
+            return moved[node]
+        if node.startswith(("http://", "https://")):
+            parts = urlsplit(node)
+            if parts.netloc in moved:
+                return urlunsplit(parts._replace(netloc=moved[parts.netloc]))
+    return node
+
+
+def prometheus_config(
+    engine: str | None,
+    url: str | None,
+    rule_files: Iterable[str],
+    ports: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """alerts/prometheus.yml with ``rule_files`` in place of its own (relative to it), its
+    targets and Alertmanager moved to ``ports``, and a scrape job for the engine's /metrics when
+    ``engine`` is given: what the stack writes for --engine or other ports, and what the compose
+    overrides for vLLM and SGLang ship (compose/prometheus/, checked by the tests)."""
     config = yaml.safe_load((ALERTS / "prometheus.yml").read_text(encoding="utf-8"))
     config["rule_files"] = list(rule_files)
-    jobs = [job["job_name"] for job in config["scrape_configs"]]
-    if engine in jobs:
-        raise ValueError(f"alerts/prometheus.yml already has a job named {engine}")
-    config["scrape_configs"].append(engine_scrape_job(engine, url))
+    config = _move(config, moved_addresses(ports or DEFAULT_PORTS))
+    if engine is not None and url is not None:
+        jobs = [job["job_name"] for job in config["scrape_configs"]]
+        if engine in jobs:
+            raise ValueError(f"alerts/prometheus.yml already has a job named {engine}")
+        config["scrape_configs"].append(engine_scrape_job(engine, url))
+    return config
+
+
+def alertmanager_config(ports: Mapping[str, int]) -> dict[str, Any]:
+    """alerts/alertmanager.yml with its webhooks moved to the notifier's port (any address of a
+    part that moved, in fact) and its templates by absolute path: the file is loaded from the
+    run directory, and Alertmanager reads template paths relative to the file."""
+    config = yaml.safe_load((ALERTS / "alertmanager.yml").read_text(encoding="utf-8"))
+    config = _move(config, moved_addresses(ports))
+    if "templates" in config:
+        config["templates"] = [str(ALERTS / path) for path in config["templates"]]
     return config
 
 
@@ -146,19 +214,56 @@ def render_prometheus_config(config: dict[str, Any], header: str) -> str:
     return lines + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
 
 
-def write_prometheus_config(path: Path, engine: str, url: str) -> Path:
-    """The Prometheus configuration for watching ``engine`` at ``url``, written to ``path``,
-    loading the repository's alerts/*.rules.yml by absolute path."""
-    config = prometheus_config(engine, url, [str(ALERTS / "*.rules.yml")])
+def _port_note(ports: Mapping[str, int]) -> str:
+    moved = [f"--{name}-port {port}" for name, port in ports.items() if port != DEFAULT_PORTS[name]]
+    return f" and {' '.join(moved)}" if moved else ""
+
+
+def write_prometheus_config(
+    path: Path, engine: str | None, url: str | None, ports: Mapping[str, int] | None = None
+) -> Path:
+    """The Prometheus configuration for watching ``engine`` at ``url`` (None: our inference
+    process, through the exporter), with the parts at ``ports``, written to ``path``, loading
+    the repository's alerts/*.rules.yml by absolute path."""
+    ports = ports or DEFAULT_PORTS
+    config = prometheus_config(engine, url, [str(ALERTS / "*.rules.yml")], ports)
+    what = f"--engine {engine} --engine-url {url}" if engine else "the stack"
     header = (
-        f"Written by vigil.stack for --engine {engine} --engine-url {url}:\n"
-        f"{ALERTS / 'prometheus.yml'} with the alert rules by absolute path and a scrape job for\n"
-        "the engine's own /metrics.\n"
-        "Rewritten at every start; change alerts/prometheus.yml instead."
+        f"Written by vigil.stack for {what}{_port_note(ports)}:\n"
+        f"{ALERTS / 'prometheus.yml'} with the alert rules by absolute path"
+        + (" and a scrape job for\nthe engine's own /metrics" if engine else "")
+        + (", the addresses moved to those ports" if _port_note(ports) else "")
+        + ".\nRewritten at every start; change alerts/prometheus.yml instead."
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_prometheus_config(config, header), encoding="utf-8")
     return path
+
+
+def write_alertmanager_config(path: Path, ports: Mapping[str, int]) -> Path:
+    header = (
+        f"Written by vigil.stack for{_port_note(ports).removeprefix(' and')}:\n"
+        f"{ALERTS / 'alertmanager.yml'} with the webhooks moved to those ports and the templates\n"
+        "by absolute path. Rewritten at every start; change alerts/alertmanager.yml instead."
+    )
+    config = alertmanager_config(ports)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_prometheus_config(config, header), encoding="utf-8")
+    return path
+
+
+def prometheus_page(binary: str) -> str:
+    """The path of the alerts page of the Prometheus at ``binary``: Prometheus 2's UI answers
+    under /classic/ (Debian's package ships only that one; upstream's React UI also has
+    /alerts), Prometheus 3's under /alerts (the classic UI is gone)."""
+    try:
+        result = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+        found = re.search(r"version (\d+)\.", result.stdout + result.stderr)
+    except (OSError, subprocess.SubprocessError):
+        found = None
+    return "/alerts" if found and int(found[1]) >= 3 else "/classic/alerts"
 
 
 def check_engine(engine: str, url: str, timeout: float = 3.0) -> str:
@@ -181,23 +286,36 @@ def check_engine(engine: str, url: str, timeout: float = 3.0) -> str:
     return f"{metrics} answers with {engine}'s metrics"
 
 
+def notifier_missing() -> str | None:
+    """Why the notifier cannot start here (None: it can)."""
+    try:
+        found = importlib.util.find_spec("notifier.__main__")
+    except (ImportError, ValueError):
+        found = None
+    return None if found else "notifier: the notifier package is not in this install"
+
+
 def plan(args: argparse.Namespace, run_dir: Path) -> tuple[list[Part], list[str]]:
-    """The parts to start, and a line for each part that is missing here."""
+    """The parts to start, in the order to start them, and a line for each part that is
+    missing here. Writes the configurations the parts need into ``run_dir``."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     state = run_dir / "state"
     python = sys.executable
+    ports = ports_of(args)
+    moved = ports != DEFAULT_PORTS
     parts = []
     missing = []
     engine = getattr(args, "engine", None)
     lacking = extras.missing_serve_modules()
+    inference = f"http://{HOST}:{ports['inference']}"
     if engine:  # watching an engine that runs already: nothing of ours serves
         target = f"{engine}={args.engine_url}"
-    elif lacking:  # a light install: the exporter and the rest watch whatever serves on :8000
-        target = "http://127.0.0.1:8000"
+    elif lacking:  # a light install: the exporter and the rest watch whatever serves there
+        target = inference
         missing.append(f"inference: needs {', '.join(lacking)} ({extras.SERVE_INSTALL})")
     else:
-        target = "http://127.0.0.1:8000"
+        target = inference
         parts.append(
             Part(
                 "inference",
@@ -210,19 +328,26 @@ def plan(args: argparse.Namespace, run_dir: Path) -> tuple[list[Part], list[str]
                     "--device",
                     args.device,
                     "--host",
-                    "127.0.0.1",
+                    HOST,
                     "--port",
-                    "8000",
+                    str(ports["inference"]),
                     "--state-dir",
                     str(state),
                     *args.inference_args,
                 ],
-                "http://127.0.0.1:8000/v1",
                 logs / "inference.log",
+                pages=[
+                    ("models", f"{inference}/v1/models"),
+                    ("metrics", f"{inference}/metrics"),
+                    ("API base for OpenAI clients (not a page)", f"{inference}/v1"),
+                ],
+                port=ports["inference"],
+                option="--inference-port",
                 restart=True,
             )
         )
-    parts += [
+    exporter = f"http://{HOST}:{ports['exporter']}"
+    parts.append(
         Part(
             "exporter",
             [
@@ -230,21 +355,67 @@ def plan(args: argparse.Namespace, run_dir: Path) -> tuple[list[Part], list[str]
                 "-m",
                 "exporter",
                 "--host",
-                "127.0.0.1",
+                HOST,
                 "--port",
-                "9400",
+                str(ports["exporter"]),
                 "--state-dir",
                 str(state),
                 "--target",
                 target,
             ],
-            "http://127.0.0.1:9400/metrics",
             logs / "exporter.log",
-        ),
-    ]
+            pages=[("metrics", f"{exporter}/metrics")],
+            port=ports["exporter"],
+            option="--exporter-port",
+        )
+    )
+    # Before Alertmanager, which sends it the notifications (the Watchdog's at once).
+    why_not = notifier_missing()
+    if why_not:
+        missing.append(why_not)
+    else:
+        notifier = f"http://{HOST}:{ports['notifier']}"
+        parts.append(
+            Part(
+                "notifier",
+                [python, "-m", "notifier", "--host", HOST, "--port", str(ports["notifier"])],
+                logs / "notifier.log",
+                pages=[("", f"{notifier}/")],
+                port=ports["notifier"],
+                option="--notifier-port",
+                echo=True,
+                env={"PYTHONUNBUFFERED": "1"},  # each notification as it comes
+            )
+        )
+    alertmanager = _binary("prometheus-alertmanager", "alertmanager")
+    if alertmanager:
+        config = ALERTS / "alertmanager.yml"
+        if moved:
+            config = write_alertmanager_config(run_dir / "alertmanager.yml", ports)
+        parts.append(
+            Part(
+                "alertmanager",
+                [
+                    alertmanager,
+                    f"--config.file={config}",
+                    f"--storage.path={run_dir / 'alertmanager'}",
+                    f"--web.listen-address={HOST}:{ports['alertmanager']}",
+                    "--cluster.listen-address=",
+                ],
+                logs / "alertmanager.log",
+                pages=[("alerts", f"http://{HOST}:{ports['alertmanager']}/#/alerts")],
+                port=ports["alertmanager"],
+                option="--alertmanager-port",
+            )
+        )
+    else:
+        missing.append(
+            "alertmanager: not installed (Debian: apt-get install prometheus-alertmanager)"
+        )
     config = ALERTS / "prometheus.yml"
-    if engine:  # written either way: it also serves a Prometheus of one's own
-        config = write_prometheus_config(run_dir / "prometheus.yml", engine, args.engine_url)
+    if engine or moved:  # written either way: it also serves a Prometheus of one's own
+        url = args.engine_url if engine else None
+        config = write_prometheus_config(run_dir / "prometheus.yml", engine, url, ports)
     prometheus = _binary("prometheus")
     if prometheus:
         parts.append(
@@ -254,36 +425,54 @@ def plan(args: argparse.Namespace, run_dir: Path) -> tuple[list[Part], list[str]
                     prometheus,
                     f"--config.file={config}",
                     f"--storage.tsdb.path={run_dir / 'prometheus'}",
-                    "--web.listen-address=127.0.0.1:9090",
+                    f"--web.listen-address={HOST}:{ports['prometheus']}",
+                    f"--rules.alert.resend-delay={RESEND_DELAY}",  # see RESEND_DELAY
                 ],
-                "http://127.0.0.1:9090",
                 logs / "prometheus.log",
+                pages=[
+                    ("alerts", f"http://{HOST}:{ports['prometheus']}{prometheus_page(prometheus)}")
+                ],
+                port=ports["prometheus"],
+                option="--prometheus-port",
             )
         )
     else:
         missing.append("prometheus: not installed (Debian: apt-get install prometheus)")
-    alertmanager = _binary("prometheus-alertmanager", "alertmanager")
-    if alertmanager:
-        parts.append(
-            Part(
-                "alertmanager",
-                [
-                    alertmanager,
-                    f"--config.file={ALERTS / 'alertmanager.yml'}",
-                    f"--storage.path={run_dir / 'alertmanager'}",
-                    "--web.listen-address=127.0.0.1:9093",
-                    "--cluster.listen-address=",
-                ],
-                "http://127.0.0.1:9093",
-                logs / "alertmanager.log",
-            )
-        )
-    else:
-        missing.append(
-            "alertmanager: not installed (Debian: apt-get install prometheus-alertmanager)"
-        )
     missing.append("grafana, loki, alloy, tempo: run with Docker (compose/) to have them")
     return parts, missing
+
+
+def busy_ports(parts: list[Part]) -> list[str]:
+    """A line for each part whose port cannot be bound now (tried as our servers bind it), with
+    the process that holds it; empty when every port is free."""
+    lines = []
+    for part in parts:
+        if part.port is None:
+            continue
+        error = try_bind(HOST, part.port)
+        if error is None:
+            continue
+        where = f"port {part.port} ({part.name}, {part.option})"
+        if error.errno == errno.EADDRINUSE:
+            holder = listener_of(part.port, HOST)
+            who = f"in use by {holder}" if holder else "in use (no listening process found)"
+            lines.append(f"{where} is {who}: stop it, or choose another port with {part.option}")
+        else:
+            lines.append(
+                f"{where} cannot be listened on at {HOST}: {error.strerror or error}; "
+                f"choose another port with {part.option}"
+            )
+    return lines
+
+
+def _say_tail(part: Part) -> None:
+    tail = log_tail(part.log_path)
+    if not tail:
+        say(f"  ({part.log_path} is empty)")
+        return
+    say(f"  the last lines of {part.log_path}:")
+    for line in tail:
+        say(f"  {part.name} | {line}")
 
 
 def supervise(parts: list[Part], stop_after: float | None = None) -> int:
@@ -293,8 +482,8 @@ def supervise(parts: list[Part], stop_after: float | None = None) -> int:
     def ask_stop(*_):
         stopping["flag"] = True
 
-    signal.signal(signal.SIGINT, ask_stop)
-    signal.signal(signal.SIGTERM, ask_stop)
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, ask_stop)
     deadline = None if stop_after is None else time.monotonic() + stop_after
     due: dict[str, float] = {}
     while not stopping["flag"] and (deadline is None or time.monotonic() < deadline):
@@ -303,27 +492,31 @@ def supervise(parts: list[Part], stop_after: float | None = None) -> int:
             if code is None:
                 continue
             if not part.restart:
-                print(f"{part.name} exited with status {code}; see {part.log_path}", flush=True)
+                say(f"{part.name} exited with status {code}; stopping the stack")
+                _say_tail(part)
                 return 1
             if part.name not in due:
                 delay = RESTART_BACKOFF_S[min(part.restarts, len(RESTART_BACKOFF_S) - 1)]
-                reason = " (the watchdog found a stall)" if code == 75 else ""
-                print(
-                    f"{part.name} exited with status {code}{reason}; restarting in {delay} s",
-                    flush=True,
-                )
+                if code == 75:
+                    say(
+                        f"{part.name} exited with status 75 (the watchdog found a stall: its "
+                        f"report is in {part.log_path}); restarting in {delay} s"
+                    )
+                else:
+                    say(f"{part.name} exited with status {code}; restarting in {delay} s")
+                    _say_tail(part)
                 due[part.name] = time.monotonic() + delay
             elif time.monotonic() >= due[part.name]:
                 del due[part.name]
                 part.restarts += 1
-                part.start()
+                part.start(REPO)
         time.sleep(0.5)
     return 0
 
 
-def _check_engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--engine and --engine-url go together, and leave out what only our process takes (exit
-    2 with a line that says so, as argparse does)."""
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--engine and --engine-url go together, and leave out what only our process takes; no
+    two parts on one port (exit 2 with a line that says so, as argparse does)."""
     if args.engine and not args.engine_url:
         parser.error(
             f"--engine {args.engine} needs --engine-url, the base URL of the running engine "
@@ -342,6 +535,7 @@ def _check_engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace
             for flag, value in (
                 ("--model", args.model),
                 ("--device", args.device),
+                ("--inference-port", args.inference_port),
                 ("arguments after --", args.inference_args),
             )
             if value
@@ -352,6 +546,42 @@ def _check_engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace
             )
     args.model = args.model or "demo"
     args.device = args.device or "auto"
+    by_port: dict[int, list[str]] = {}
+    for name, port in ports_of(args).items():
+        if args.engine and name == "inference":
+            continue
+        by_port.setdefault(port, []).append(f"--{name}-port")
+    for port, options in by_port.items():
+        if len(options) > 1:
+            parser.error(f"{' and '.join(options)} are both {port}: give each part its own port")
+
+
+def banner(
+    run_dir: Path,
+    parts: list[Part],
+    missing: list[str],
+    ports: Mapping[str, int],
+    watching: list[str],
+) -> None:
+    """What runs where: a page that opens for each part (others labelled as not pages), its
+    log, what is skipped and why, and the ports with the options that change them."""
+    say(f"llm-vigil stack running from {run_dir}")
+    for line in watching:
+        say(f"  {line}")
+    for part in parts:
+        say(f"  {part.name:<13} {part.url:<40} log: {part.log_path}")
+        for label, url in part.pages[1:]:
+            say(f"  {'':<13} {label}: {url}")
+        if part.echo:
+            say(f"  {'':<13} its output also shows here, after '{part.name} | '")
+    for line in missing:
+        say(f"  skipped: {line}")
+    say(
+        "  ports: "
+        + ", ".join(f"{name} {port}" for name, port in ports.items())
+        + " (options --inference-port, --exporter-port, --prometheus-port, "
+        "--alertmanager-port, --notifier-port)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,45 +607,59 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--run-dir",
-        help="where state, data and logs go (default: a new directory under the system's temp)",
+        help="where state, data, logs and written configurations go (default: a new directory "
+        "under the system's temp)",
     )
+    for name, default in DEFAULT_PORTS.items():
+        parser.add_argument(
+            f"--{name}-port",
+            type=_port,
+            metavar="PORT",
+            help=f"port of {PART_TITLES[name]} on {HOST} (default {default})",
+        )
     parser.add_argument("--stop-after", type=float, help=argparse.SUPPRESS)  # for the tests
     parser.add_argument(
         "inference_args", nargs="*", help="more arguments for the inference process (after --)"
     )
     args = parser.parse_args(argv)
-    _check_engine_args(parser, args)
+    _check_args(parser, args)
+    ports = ports_of(args)
+    if args.engine:
+        del ports["inference"]
+    made = args.run_dir is None
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="vigil-stack-")).resolve()
     parts, missing = plan(args, run_dir)
-    for part in parts:
-        part.start()
-    print(f"llm-vigil stack running from {run_dir}", flush=True)
+    busy = busy_ports(parts)
+    if busy:
+        for line in busy:
+            say(f"llm-vigil stack: not started: {line}", sys.stderr)
+        if made:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return 1
+    watching = []
     if args.engine:
-        print(
-            f"  watching      {args.engine} at {args.engine_url} (running already; no inference "
-            "process started)",
-            flush=True,
-        )
         job = engine_scrape_job(args.engine, args.engine_url)
-        print(
-            f"                the exporter probes it (--target {args.engine}={args.engine_url});"
+        watching = [
+            f"watching      {args.engine} at {args.engine_url} (running already; no inference "
+            "process started)",
+            f"              the exporter probes it (--target {args.engine}={args.engine_url});"
             f" Prometheus scrapes {job.get('metrics_path', '/metrics')} at "
             f'{job["static_configs"][0]["targets"][0]} as job "{args.engine}" '
             f"({run_dir / 'prometheus.yml'})",
-            flush=True,
-        )
-        print(f"                {check_engine(args.engine, args.engine_url)}", flush=True)
-    for part in parts:
-        print(f"  {part.name:<13} {part.url:<34} log: {part.log_path}", flush=True)
-    for line in missing:
-        print(f"  skipped: {line}", flush=True)
-    print("Ctrl-C stops everything.", flush=True)
+            f"              {check_engine(args.engine, args.engine_url)}",
+        ]
+    banner(run_dir, parts, missing, ports, watching)
+    started: list[Part] = []
     try:
+        for part in parts:
+            part.start(REPO)
+            started.append(part)
+        say("Ctrl-C stops everything.")
         code = supervise(parts, args.stop_after)
     finally:
-        for part in reversed(parts):
+        for part in reversed(started):
             part.stop()
-        print("stopped", flush=True)
+        say("stopped")
     return code
 
 
