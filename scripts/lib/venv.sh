@@ -34,6 +34,14 @@ _create_venv() {
 ensure_venv() {
   local stamp
   stamp="$(_stamp "$VENV")"
+  if [ ! -f "$stamp" ]; then
+    # Measured on a fresh clone with torch's wheel on local disk (README, "Quick start"); pip
+    # downloading torch takes what the network takes.
+    echo "first run: installing llm-vigil with the serve extra (torch's CPU build," \
+      "transformers, uvicorn, OpenTelemetry...) into $VENV: about 2" \
+      "minutes, longer where pip downloads torch; later runs skip this until pyproject.toml" \
+      "changes" >&2
+  fi
   _create_venv "$VENV"
   if [ ! -f "$stamp" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
@@ -73,21 +81,48 @@ ensure_light_venv() {
 }
 
 # promtool and prometheus (Debian package prometheus), alertmanager and amtool (Debian package
-# prometheus-alertmanager): the tests run the real programs; installed where apt-get can.
+# prometheus-alertmanager): the tests run the real programs, and so does scripts/stack;
+# installed where apt-get can (as root). ensure_promtool [WHAT-IS-LOST]: the note said when they
+# cannot be installed (default: their tests are skipped). Never fails: a failed apt-get (no
+# network, say) is a note too.
 ensure_promtool() {
-  local missing=()
+  local lost="${1:-their tests will be skipped}" missing=()
   command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 \
     || missing+=(prometheus)
   command -v amtool >/dev/null 2>&1 && command -v prometheus-alertmanager >/dev/null 2>&1 \
     || missing+=(prometheus-alertmanager)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      "${missing[@]}" >/dev/null
+    echo "installing ${missing[*]} with apt-get (Debian's packages: Prometheus and" \
+      "Alertmanager for the alerts, about 30 MB to download)" >&2
+    if apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null; then
+      _stop_packaged_services "${missing[@]}"
+    else
+      echo "note: apt-get could not install ${missing[*]}; $lost" >&2
+    fi
   else
-    echo "note: ${missing[*]} missing and not installable here; their tests will be skipped" >&2
+    echo "note: ${missing[*]} missing and not installable here (apt-get as root installs" \
+      "them); $lost" >&2
   fi
+}
+
+# Debian starts the services of what it just installed where systemd runs (prometheus.service
+# on :9090, prometheus-alertmanager.service on :9093, with Debian's own configuration): they
+# would hold the ports the stack and the tests use. Stopped and disabled, said, for the
+# packages installed just now only.
+_stop_packaged_services() {
+  command -v systemctl >/dev/null 2>&1 || return 0
+  local package
+  for package in "$@"; do
+    if systemctl is-active --quiet "$package" 2>/dev/null; then
+      systemctl disable --now --quiet "$package" 2>/dev/null \
+        && echo "note: stopped and disabled $package.service, which installing the package" \
+          "started (systemctl enable --now $package brings it back)" >&2
+    fi
+  done
+  return 0
 }
 
 # Grafana's LogQL grammar (npm @grafana/lezer-logql) checks the dashboards' LogQL; installed
