@@ -130,6 +130,14 @@ OPTIONS: tuple[Option, ...] = (
         metavar="BYTES",
     ),
     Option(
+        "max_messages_per_request",
+        positive_int,
+        "Most messages in one chat request; more get 400 before the messages are validated "
+        "(each message costs at least a token, and validating hundreds of thousands of them "
+        "takes the CPU for seconds).",
+        metavar="N",
+    ),
+    Option(
         "max_image_pixels",
         optional_positive_int,
         "Vision-language models: pixels of an image after the processor's resize (its "
@@ -236,6 +244,7 @@ class Config:
     request_timeout: float = 120.0
     max_tokens_limit: int = 4096
     max_body_bytes: int = 32 * 1024 * 1024  # room for a few base64 screenshots
+    max_messages_per_request: int = 4096
     max_image_pixels: int | None = None
     max_images_per_request: int = 10
     max_image_header_pixels: int = 50_000_000  # Pillow warns of a bomb at 89 M

@@ -137,6 +137,55 @@ CASES = [
         "unpaired UTF-16 surrogate",
     ),
     (
+        "a-million-bad-messages",  # the first bad one is named, not a million errors built
+        CHAT,
+        b'{"model": "demo", "messages": [' + b"null, " * 1_000_000 + b"null]}",
+        400,
+        "the request has 1000001 message(s) with 0 content part(s) in all; at most 4096 of each",
+    ),
+    (
+        "many-bad-messages",
+        CHAT,
+        {"model": "demo", "messages": [None] * 4000},
+        400,
+        "'messages[0]': Input should be a valid dictionary",
+    ),
+    (
+        "too-many-content-parts",
+        CHAT,
+        {"model": "demo", "messages": [{"role": "user", "content": [{"type": "text"}] * 5000}]},
+        400,
+        "has 1 message(s) with 5000 content part(s) in all; at most 4096 of each are accepted",
+    ),
+    (
+        "object-too-large",
+        CHAT,
+        chat_body(logit_bias={str(i): 0 for i in range(5000)}),
+        400,
+        "a JSON object of 5000 members; no object of this API takes more than 1024",
+    ),
+    (
+        "prompt-list-over-the-context",
+        COMPLETIONS,
+        {"model": "demo", "prompt": [1] * 3_000_000},
+        400,
+        "maximum context length is 2048 tokens, but the prompt is a list of 3000000 items",
+    ),
+    (
+        "large-malformed-json",  # over 64 KiB: read in a worker thread, the same answer
+        COMPLETIONS,
+        b'{"model": "demo", "prompt": "' + b"x" * 100_000,
+        400,
+        "not valid JSON",
+    ),
+    (
+        "large-lone-surrogate",
+        COMPLETIONS,
+        b'{"model": "demo", "prompt": "' + b"x" * 100_000 + b'\\udc00"}',
+        400,
+        "unpaired UTF-16 surrogate",
+    ),
+    (
         "stream-options-without-stream",
         CHAT,
         chat_body(stream_options={"include_usage": True}),
@@ -166,6 +215,12 @@ def test_bad_input_gets_a_clear_4xx(server, path, body, status, words):
     assert set(error) == {"message", "type", "param", "code"}
     assert words in error["message"], error["message"]
     assert error["type"]
+
+
+def test_a_surrogate_pair_escape_is_text(server):
+    body = b'{"model": "demo", "prompt": "smile \\ud83d\\ude00", "max_tokens": 1}'
+    response = requests.post(server.url(COMPLETIONS), data=body, timeout=30)
+    assert response.status_code == 200, response.text
 
 
 def test_body_over_the_size_limit_gets_413(server_factory):
@@ -259,7 +314,8 @@ def test_a_huge_prompt_is_refused_before_tokenizing_and_holds_nobody_up(server):
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
     many = requests.post(
         server.url(CHAT),
-        json={"model": "demo", "messages": [{"role": "user", "content": "x"}] * 5000},
+        json={"model": "demo", "messages": [{"role": "user", "content": "x"}] * 3000},
         timeout=120,
     )
-    assert many.status_code == 400 and "5000 messages" in many.json()["error"]["message"]
+    assert many.status_code == 400  # under --max-messages-per-request, over the context
+    assert "3000 messages, at least 3000 tokens" in many.json()["error"]["message"]

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +47,16 @@ from ..vision.preprocess import (
     template_prompt,
 )
 from .errors import ApiError, from_validation_error
-from .prompts import chat_prompt_ids, completion_prompt_ids, sampling_params
+from .prompts import (
+    chat_prompt_ids,
+    completion_chars,
+    completion_prompt_ids,
+    prompt_chars,
+    sampling_params,
+)
 from .responses import ChunkWriter, completion_body
 from .schemas import ChatCompletionRequest, CompletionRequest, FaultRequest
+from .tokenizers import TokenizerPool
 
 if TYPE_CHECKING:  # only a type here: the service module builds the engine, which needs torch
     from ..service import InferenceService
@@ -86,6 +94,27 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# A body this large is parsed and validated in a worker thread: reading hundreds of thousands
+# of JSON values takes the CPU for a second, which on the event loop would hold up /health and
+# every other request. Smaller ones take microseconds and stay on the loop.
+LARGE_BODY_BYTES = 64 * 1024
+MAX_OBJECT_MEMBERS = 1024  # no field of the API is an object this large
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _read_object(members: dict[str, Any]) -> dict[str, Any]:
+    """json's object hook: a bound on each object's size (validating a copy of one with
+    millions of members takes seconds). Being Python, it also lets the event loop run between
+    objects while a worker thread reads a large body (the C parser holds the GIL otherwise)."""
+    if len(members) > MAX_OBJECT_MEMBERS:
+        raise ApiError(
+            400,
+            f"the request body holds a JSON object of {len(members)} members; no object of "
+            f"this API takes more than {MAX_OBJECT_MEMBERS}",
+        )
+    return members
+
+
 def _parse_json(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
@@ -96,7 +125,7 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
     if not text.strip():
         raise ApiError(400, "the request body is empty; send a JSON object")
     try:
-        body = json.loads(text)
+        body = json.loads(text, object_hook=_read_object)
     except json.JSONDecodeError as exc:
         raise ApiError(
             400,
@@ -109,6 +138,8 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
         raise ApiError(400, f"the request body has a value that cannot be read: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    if not _SURROGATE_ESCAPE.search(raw):  # valid UTF-8 holds none: only escapes spell them
+        return body
     try:
         # JSON escapes can spell lone UTF-16 surrogates, which are no text at all.
         json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -159,7 +190,10 @@ class InferenceApi:
         self.service = service
         self.config = service.config
         self.recorder = recorder
-        self._tokenizer_lock = asyncio.Lock()
+        self._tokenizers = TokenizerPool()
+        # Large bodies are read two at a time at most: each takes a CPU, and memory several
+        # times its size while it is being read.
+        self._large_bodies = ThreadPoolExecutor(2, thread_name_prefix="parse")
         self._preprocess_slot = asyncio.Lock()
         self._image_limits = ImageLimits(
             max_header_pixels=self.config.max_image_header_pixels,
@@ -346,12 +380,13 @@ class InferenceApi:
                 error_type="client_closed_request",
                 code="client_disconnected",
             ) from None
-        body = _parse_json(raw)
-        schema = ChatCompletionRequest if call.endpoint == "chat" else CompletionRequest
-        try:
-            parsed = schema.model_validate(body)
-        except ValidationError as exc:
-            raise from_validation_error(exc) from None
+        if len(raw) < LARGE_BODY_BYTES:
+            parsed = self._validate(raw, call.endpoint)
+        else:
+            loop = asyncio.get_running_loop()
+            parsed = await loop.run_in_executor(
+                self._large_bodies, self._validate_in_thread, raw, call.endpoint
+            )
         call.record.stream = parsed.stream
         call.record.request_params = {
             "max_tokens": parsed.requested_max_tokens,
@@ -361,6 +396,61 @@ class InferenceApi:
             "presence_penalty": parsed.presence_penalty,
         }
         return parsed
+
+    def _validate(self, raw: bytes, endpoint: str) -> ChatCompletionRequest | CompletionRequest:
+        """The body read and validated against the endpoint's schema, or a 400 that says why
+        not (on the event loop or in a worker thread)."""
+        body = _parse_json(raw)
+        self._check_size(body, endpoint)
+        schema = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
+        try:
+            return schema.model_validate(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+
+    def _validate_in_thread(
+        self, raw: bytes, endpoint: str
+    ) -> ChatCompletionRequest | CompletionRequest:
+        """``_validate`` in a worker thread. A 400 leaves without the frames and the pydantic
+        error it came from, which hold the parsed body: freeing hundreds of thousands of objects
+        takes tens of milliseconds, here rather than on the event loop."""
+        try:
+            return self._validate(raw, endpoint)
+        except ApiError as error:
+            error.__traceback__ = error.__context__ = error.__cause__ = None
+            raise error from None
+
+    def _check_size(self, body: dict[str, Any], endpoint: str) -> None:
+        """A 400 for more messages, content parts or prompt items than can be served, before
+        pydantic validates them one by one."""
+        messages, prompt = body.get("messages"), body.get("prompt")
+        if endpoint == "chat" and isinstance(messages, list):
+            limit = self.config.max_messages_per_request
+            parts = sum(
+                len(message["content"])
+                for message in messages
+                if isinstance(message, dict) and isinstance(message.get("content"), list)
+            )
+            if len(messages) > limit or parts > limit:
+                raise ApiError(
+                    400,
+                    f"the request has {len(messages)} message(s) with {parts} content part(s) "
+                    f"in all; at most {limit} of each are accepted in one request "
+                    "(--max-messages-per-request)",
+                    param="messages",
+                    code="too_many_messages",
+                )
+        loaded = self.service.loaded
+        if endpoint != "completions" or not isinstance(prompt, list) or loaded is None:
+            return
+        if len(prompt) >= loaded.context_length:  # token ids, or one string
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {loaded.context_length} tokens, but "
+                f"the prompt is a list of {len(prompt)} items; shorten the prompt",
+                param="prompt",
+                code="context_length_exceeded",
+            )
 
     def _check_serving(self, parsed: ChatCompletionRequest | CompletionRequest) -> LoadedModel:
         """The loaded model, if the request names it and the server can serve now; else the
@@ -419,17 +509,20 @@ class InferenceApi:
                     call, loaded, content, deadline_ns, trace_id
                 )
             else:
-                # Tokenizing a long prompt takes a while: off the event loop, one at a time (a
-                # fast tokenizer is not safe to share between threads; the engine has its own).
-                async with self._tokenizer_lock:
-                    prompt_ids, prompt_text = await run_in_threadpool(
-                        chat_prompt_ids, loaded, content.messages
-                    )
-        else:
-            async with self._tokenizer_lock:
-                prompt_ids, prompt_text = await run_in_threadpool(
-                    completion_prompt_ids, loaded, parsed
+                # Tokenizing a long prompt takes a while: off the event loop, with a tokenizer of
+                # the pool, which keeps one for short prompts (see tokenizers.py).
+                messages = content.messages
+                prompt_ids, prompt_text = await self._tokenizers.run(
+                    loaded.tokenizer,
+                    prompt_chars(messages),
+                    lambda tokenizer: chat_prompt_ids(loaded, messages, tokenizer),
                 )
+        else:
+            prompt_ids, prompt_text = await self._tokenizers.run(
+                loaded.tokenizer,
+                completion_chars(parsed),
+                lambda tokenizer: completion_prompt_ids(loaded, parsed, tokenizer),
+            )
         if self.recorder.log_prompts:
             call.record.prompt_text = prompt_text
         params = sampling_params(loaded, parsed, len(prompt_ids), self.config.max_tokens_limit)

@@ -12,8 +12,13 @@ from .schemas import ChatCompletionRequest, CompletionRequest, _GenerationParams
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-def chat_prompt_ids(loaded: LoadedModel, messages: list[dict[str, Any]]) -> tuple[list[int], str]:
-    """Token ids of a chat prompt without images (``messages`` as read by read_messages)."""
+def chat_prompt_ids(
+    loaded: LoadedModel, messages: list[dict[str, Any]], tokenizer: Any = None
+) -> tuple[list[int], str]:
+    """Token ids of a chat prompt without images (``messages`` as read by read_messages), with
+    ``tokenizer``: a copy of the model's that this thread alone uses (the API's, from its
+    pool), or the model's own."""
+    tokenizer = loaded.tokenizer if tokenizer is None else tokenizer
     if not loaded.has_chat_template:
         raise ApiError(
             400,
@@ -21,7 +26,7 @@ def chat_prompt_ids(loaded: LoadedModel, messages: list[dict[str, Any]]) -> tupl
             "/v1/completions with a prompt instead",
             param="messages",
         )
-    owner = loaded.tokenizer
+    owner = tokenizer
     if len(messages) > loaded.context_length:  # each message costs a token at least
         raise too_long(loaded, f"{len(messages)} messages", len(messages), "messages")
     if not getattr(owner, "chat_template", None) and loaded.processor is not None:
@@ -34,14 +39,26 @@ def chat_prompt_ids(loaded: LoadedModel, messages: list[dict[str, Any]]) -> tupl
         ) from None
     refuse_before_tokenizing(loaded, prompt, "messages")
     # The template wrote any special tokens (BOS and the like) itself.
-    ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return ids, prompt
+
+
+def prompt_chars(messages: list[dict[str, Any]]) -> int:
+    """Characters of text in chat messages as read by read_messages (before the template)."""
+    total = 0
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            total += len(content)
+        else:
+            total += sum(len(part.get("text", "")) for part in content)
+    return total
 
 
 def refuse_before_tokenizing(loaded: LoadedModel, text: str, param: str) -> None:
     """A 400 for a text too long for the context whatever its tokens, before tokenizing it: a
-    megabyte prompt would otherwise hold the tokenizer (and every request behind it) for
-    seconds only to be refused."""
+    megabyte prompt would otherwise hold a tokenizer and a CPU for seconds only to be
+    refused."""
     at_least = -(-len(text) // max(loaded.max_token_chars, 1))
     if at_least >= loaded.context_length:
         raise too_long(loaded, f"{len(text)} characters", at_least, param)
@@ -57,7 +74,12 @@ def too_long(loaded: LoadedModel, size: str, at_least: int, param: str) -> ApiEr
     )
 
 
-def completion_prompt_ids(loaded: LoadedModel, body: CompletionRequest) -> tuple[list[int], str]:
+def completion_prompt_ids(
+    loaded: LoadedModel, body: CompletionRequest, tokenizer: Any = None
+) -> tuple[list[int], str]:
+    """Token ids of a completion's prompt (text, or token ids checked against the vocabulary),
+    with ``tokenizer`` as for chat_prompt_ids."""
+    tokenizer = loaded.tokenizer if tokenizer is None else tokenizer
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         vocab = loaded.vocab_size
@@ -68,11 +90,21 @@ def completion_prompt_ids(loaded: LoadedModel, body: CompletionRequest) -> tuple
                 f"'prompt': token id {bad[0]} is outside the vocabulary (0 to {vocab - 1})",
                 param="prompt",
             )
-        return list(prompt), loaded.tokenizer.decode(prompt)
+        return list(prompt), tokenizer.decode(prompt)
     text = prompt[0] if isinstance(prompt, list) else prompt
     refuse_before_tokenizing(loaded, text, "prompt")
-    ids = loaded.tokenizer(text)["input_ids"]
+    ids = tokenizer(text)["input_ids"]
     return ids, text
+
+
+def completion_chars(body: CompletionRequest) -> int:
+    """How long a completion's prompt is: characters of text, or token ids."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return len(prompt)
+    if prompt and isinstance(prompt[0], str):
+        return len(prompt[0])
+    return len(prompt)
 
 
 def sampling_params(

@@ -8,12 +8,18 @@ fields are ignored, as newer clients send fields older servers do not know.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 4
+
+# Lists stop at their first bad item: a list of millions of bad items would otherwise make
+# pydantic build an error for each, which takes the CPU for seconds (the sizes of the lists
+# themselves are bounded before validation, in the API).
+Items = TypeVar("Items")
+FailFastList = Annotated[list[Items], Field(fail_fast=True)]
 
 
 class _Strict(BaseModel):
@@ -24,7 +30,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | FailFastList[dict[str, Any]] | None = None
     name: str | None = None
 
     @field_validator("role")
@@ -49,7 +55,7 @@ class _GenerationParams(_Strict):
     top_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] | None = None
-    stop: str | list[str] | None = None
+    stop: str | FailFastList[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None
@@ -87,9 +93,9 @@ class _GenerationParams(_Strict):
             raise ValueError("only n=1 is supported")
         return n
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
+    def _stop_list(cls, stop: Any) -> Any:
         if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         return stop
@@ -106,10 +112,17 @@ class _GenerationParams(_Strict):
 
 
 class ChatCompletionRequest(_GenerationParams):
-    messages: list[ChatMessage]
+    messages: FailFastList[ChatMessage]
     logprobs: bool | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _no_tools(cls, tools: Any) -> Any:
+        if tools:  # before the list is copied: it may be long
+            raise ValueError("tools (function calling) are not supported")
+        return tools
 
     @field_validator("messages")
     @classmethod
@@ -122,15 +135,13 @@ class ChatCompletionRequest(_GenerationParams):
     def _supported(self) -> ChatCompletionRequest:
         if self.logprobs:
             raise ValueError("logprobs are not supported")
-        if self.tools:
-            raise ValueError("tools (function calling) are not supported")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError("only response_format {'type': 'text'} is supported")
         return self
 
 
 class CompletionRequest(_GenerationParams):
-    prompt: str | list[str] | list[int]
+    prompt: str | FailFastList[str] | FailFastList[int]
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
