@@ -35,12 +35,13 @@ ensure_venv() {
   local stamp
   stamp="$(_stamp "$VENV")"
   if [ ! -f "$stamp" ]; then
-    # Measured on a fresh clone with torch's wheel on local disk (README, "Quick start"); pip
-    # downloading torch takes what the network takes.
+    # Measured from a fresh clone (scripts/stack until the inference process answered /ready,
+    # demo model built included): 44 s and 60 s on two busy CPUs, the wheels in a local
+    # --find-links directory. Downloading torch takes what the network takes.
     echo "first run: installing llm-vigil with the serve extra (torch's CPU build," \
-      "transformers, uvicorn, OpenTelemetry...) into $VENV: about 2" \
-      "minutes, longer where pip downloads torch; later runs skip this until pyproject.toml" \
-      "changes" >&2
+      "transformers, uvicorn, OpenTelemetry...) into $VENV: about a minute with the wheels at" \
+      "hand, several minutes where pip downloads torch; later runs skip this until" \
+      "pyproject.toml changes" >&2
   fi
   _create_venv "$VENV"
   if [ ! -f "$stamp" ]; then
