@@ -103,6 +103,26 @@ OPTIONS: tuple[Option, ...] = (
         metavar="KEY",
     ),
     Option(
+        "header_timeout",
+        positive_float,
+        "Seconds a client has to send a complete request head (request line and headers), "
+        "counted from the moment its connection opens, or from the first byte of its next "
+        "request on a kept-alive connection; past it the connection is closed (with 408 if the "
+        "request had begun), so that slow or silent connections cannot pile up.",
+        metavar="SECONDS",
+    ),
+    Option(
+        "max_connections",
+        optional_positive_int,
+        "Most client connections open at once. At the limit a new connection takes the place "
+        "of the one that has waited longest without a request in progress (idle, or still "
+        "sending its head); when every connection has a request in progress it gets 503 and is "
+        "closed. Default: 1000, or fewer where the file-descriptor limit (ulimit -n, raised to "
+        "its hard limit as needed) leaves less room; a value the limit cannot hold stops the "
+        "start-up.",
+        metavar="N",
+    ),
+    Option(
         "max_batch_size", positive_int, "Most requests decoded together in one batch.", metavar="N"
     ),
     Option(
@@ -239,6 +259,8 @@ class Config:
     port: int = 8000
     state_dir: str = field(default_factory=default_state_dir)
     api_key: str | None = None
+    header_timeout: float = 10.0
+    max_connections: int | None = None  # None: as many as the descriptor limit allows, <= 1000
     max_batch_size: int = 8
     max_queue: int = 64
     request_timeout: float = 120.0

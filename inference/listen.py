@@ -3,7 +3,10 @@ so that the check finds the port free exactly when the server could take it."""
 
 from __future__ import annotations
 
+import errno
 import socket
+
+ANY_ADDRESS_HINT = "--host takes an address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
 
 
 def bind_tcp(host: str, port: int) -> socket.socket:
@@ -22,3 +25,23 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def bind_error(host: str, port: int, exc: OSError) -> str:
+    """Why host:port cannot be bound, and what to do about it, in one sentence."""
+    where = f"cannot listen on {host}:{port}"
+    if isinstance(exc, socket.gaierror):  # a name, not an address, and it does not resolve
+        return f"{where}: the name {host!r} does not resolve ({exc.strerror}); {ANY_ADDRESS_HINT}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: this machine has no address {host}; {ANY_ADDRESS_HINT}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{where} ({exc.strerror}); is another server using that port? choose another "
+            "with --port"
+        )
+    if exc.errno == errno.EACCES and 0 < port < 1024:
+        return (
+            f"{where} ({exc.strerror}): ports below 1024 need privileges (root or "
+            "CAP_NET_BIND_SERVICE); choose --port 1024 or above"
+        )
+    return f"{where} ({exc.strerror or exc})"

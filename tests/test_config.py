@@ -17,6 +17,8 @@ def test_defaults():
     assert config.model == "demo" and config.port == 8000 and config.host == "127.0.0.1"
     assert config.max_batch_size == 8 and config.request_timeout == 120.0
     assert config.model_name == "demo"
+    assert config.header_timeout == 10.0 and config.max_connections is None
+    assert config.max_messages_per_request == 4096
 
 
 def test_environment_and_command_line():
@@ -85,15 +87,89 @@ def test_bad_option_exits_2_with_a_message():
     assert "--max-queue: 'lots' is not valid" in result.stderr
 
 
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a start-up error prints on stderr (exit 2, nothing on stdout)."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m inference: error: "), lines
+    return lines[0]
+
+
 def test_port_in_use_is_a_clear_error(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         result = _run_main("--port", str(port), "--state-dir", str(tmp_path))
-    assert result.returncode == 2
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout
-    assert "Traceback" not in result.stdout + result.stderr
+    line = _one_error_line(result)
+    assert f"cannot listen on 127.0.0.1:{port}" in line
+    assert "is another server using that port? choose another with --port" in line
+
+
+@pytest.mark.parametrize(
+    ("host", "words"),
+    [
+        # TEST-NET-1 (RFC 5737): an address no machine has.
+        ("192.0.2.1", "this machine has no address 192.0.2.1"),
+        # .invalid (RFC 2606) never resolves.
+        ("no-such-host.invalid", "the name 'no-such-host.invalid' does not resolve"),
+    ],
+)
+def test_a_host_this_machine_cannot_listen_on_says_so(tmp_path, host, words):
+    line = _one_error_line(_run_main("--host", host, "--port", "0", "--state-dir", str(tmp_path)))
+    assert f"cannot listen on {host}:0: {words}" in line
+    assert "--host takes an address of this machine, e.g. 127.0.0.1 or 0.0.0.0" in line
+    assert "another server" not in line
+
+
+def test_a_connection_cap_over_the_descriptor_limit_stops_the_start(tmp_path):
+    import resource
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "inference", "--max-connections", "5000", "--port", "0"]
+        + ["--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        preexec_fn=low_limit,  # noqa: PLW1509 - one call, before exec
+    )
+    line = _one_error_line(result)
+    assert "--max-connections 5000 needs 5384 file descriptors" in line
+    assert "may open at most 1024 (ulimit -n); lower --max-connections to at most 640" in line
+
+
+@pytest.mark.parametrize(
+    ("requested", "soft", "hard", "planned"),
+    [
+        (None, 1024, 524288, (1000, 1384)),  # systemd's default: the soft limit raised
+        (None, 1024, 1024, (640, 1024)),  # no room to raise: the default lowered
+        (None, 1_048_576, 1_048_576, (1000, 1_048_576)),  # Docker's: nothing to do
+        (50, 4096, 4096, (50, 4096)),
+        (5000, 1024, 65536, (5000, 5384)),
+    ],
+)
+def test_the_connection_cap_fits_under_the_descriptor_limit(requested, soft, hard, planned):
+    from inference.http.connections import plan_connections
+
+    assert plan_connections(requested, soft, hard) == planned
+
+
+def test_the_connection_cap_is_refused_where_it_cannot_fit():
+    import resource
+
+    from inference.http.connections import plan_connections
+
+    infinite = resource.RLIM_INFINITY
+    assert plan_connections(None, infinite, infinite) == (1000, infinite)
+    with pytest.raises(ConfigError, match="lower --max-connections to at most 3712"):
+        plan_connections(5000, 1024, 4096)
+    with pytest.raises(ConfigError, match="leaves no room for client connections"):
+        plan_connections(None, 256, 256)
 
 
 @pytest.mark.parametrize(
@@ -104,6 +180,9 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         ([], {"VIGIL_INFERENCE_MAX_BATCH_SIZE": "x"}, "'x' is not valid (must be a positive"),
         ([], {"VIGIL_INFERENCE_STALL_TIMEOUT": "soon"}, "must be a positive number of seconds"),
         ([], {"VIGIL_INFERENCE_SEED": "1.5"}, "must be an integer"),
+        (["--header-timeout", "0"], {}, "--header-timeout: '0' is not valid (must be a positive"),
+        (["--max-connections", "many"], {}, "'many' is not valid (must be a positive integer)"),
+        (["--max-messages-per-request", "-3"], {}, "must be a positive integer"),
     ],
 )
 def test_bad_values_say_what_is_wanted_never_a_type_name(argv, environ, words):

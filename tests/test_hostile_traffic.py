@@ -1,10 +1,13 @@
-"""The server under hostile traffic: bodies that take long to read, prompts that take long to
-tokenize. Real server processes; no timed assertions (the order in which answers arrive)."""
+"""The server under hostile traffic: connections that never finish their heads, more
+connections than it holds, heads h11 cannot read, bodies that take long to read, prompts that
+take long to tokenize. Real server processes and real sockets; no timed assertions (bounded
+waits, and the order in which answers arrive)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,6 +16,8 @@ import pytest
 import requests
 from conftest import chat_body, start_server
 
+HEADER_TIMEOUT = 2.0
+MAX_CONNECTIONS = 16
 LONG_TOKEN = "<|" + "z" * 4000 + "|>"
 
 
@@ -32,13 +37,17 @@ def long_token_model(tmp_path_factory, demo_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, demo_dir, long_token_model):
-    """One server for the module, with a message limit high enough that a body of 219,444
-    messages is validated whole (it takes a second)."""
+    """One server for the module: a short head deadline, a small connection cap, and a message
+    limit high enough that a body of 219,444 messages is validated whole (it takes a second)."""
     server = start_server(
         tmp_path_factory.mktemp("guarded"),
         demo_dir,
         "--served-model-name",
         "demo",
+        "--header-timeout",
+        str(HEADER_TIMEOUT),
+        "--max-connections",
+        str(MAX_CONNECTIONS),
         "--max-messages-per-request",
         "1000000",
         model=str(long_token_model),
@@ -47,9 +56,171 @@ def guarded(tmp_path_factory, demo_dir, long_token_model):
     server.stop()
 
 
+def _address(server) -> tuple[str, int]:
+    host, port = server.base_url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _connect(server) -> socket.socket:
+    sock = socket.create_connection(_address(server), timeout=30)
+    sock.settimeout(30)
+    return sock
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (bounded by the timeout)."""
+    reply = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return reply
+        reply += chunk
+
+
+def _json_error(reply: bytes) -> tuple[int, dict]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"content-type: application/json" in head.lower(), head
+    return status, json.loads(body)["error"]
+
+
 def _health(server) -> requests.Response:
     # Connection: close: no pooled connection is left open to count against the cap.
     return requests.get(server.url("/health"), headers={"Connection": "close"}, timeout=30)
+
+
+def _busy(server) -> socket.socket:
+    """A connection with a request in progress: its head complete, its body awaited (the
+    server's 100 Continue says the handler reads it)."""
+    sock = _connect(server)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+        b"Expect: 100-continue\r\nX-Request-Timeout: 60\r\n\r\n"
+    )
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = sock.recv(1024)
+        assert chunk, "closed instead of reading the body"
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 100"), reply
+    return sock
+
+
+def _reasons(server) -> set[str]:
+    return {line.get("reason") for line in server.logs() if line.get("reason")}
+
+
+def test_silent_and_slow_connections_are_closed_after_the_header_timeout(guarded):
+    silent = [_connect(guarded) for _ in range(5)]
+    slow = [_connect(guarded) for _ in range(4)]
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200
+    stop = threading.Event()
+
+    def trickle(sock: socket.socket) -> None:  # one byte every 0.2 s, never the end of it
+        for byte in head:
+            if stop.wait(0.2):
+                return
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                return
+
+    threads = [threading.Thread(target=trickle, args=(sock,), daemon=True) for sock in slow]
+    for thread in threads:
+        thread.start()
+    try:
+        # Meanwhile the server answers.
+        assert _health(guarded).status_code == 200
+        for sock in silent:  # closed without a word: nothing was asked
+            assert _read_until_closed(sock) == b""
+        for sock in slow:  # the request had begun: a 408 says why
+            status, error = _json_error(_read_until_closed(sock))
+            assert status == 408 and error["code"] == "request_head_timeout"
+            assert f"within {HEADER_TIMEOUT:g} s" in error["message"]
+        assert _health(guarded).status_code == 200
+    finally:
+        stop.set()
+        for sock in silent + slow:
+            sock.close()
+    guarded.wait_for(
+        lambda: {"idle_connection", "slow_request_head"} <= _reasons(guarded),
+        what="the log lines of the closed connections",
+    )
+
+
+def test_at_the_cap_a_connection_waiting_for_its_head_gives_way(guarded):
+    busy = [_busy(guarded) for _ in range(MAX_CONNECTIONS - 1)]
+    silent = _connect(guarded)  # the last place
+    try:
+        # /health takes the place of the connection that sent nothing.
+        assert _health(guarded).status_code == 200
+        assert _read_until_closed(silent) == b""
+        guarded.wait_for(lambda: "closed_for_room" in _reasons(guarded), what="the eviction")
+    finally:
+        silent.close()
+        for sock in busy:
+            sock.close()
+
+
+def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(guarded):
+    busy = [_busy(guarded) for _ in range(MAX_CONNECTIONS)]
+    try:
+        refused = _connect(guarded)
+        status, error = _json_error(_read_until_closed(refused))
+        refused.close()
+        assert status == 503 and error["code"] == "too_many_connections"
+        assert f"holds {MAX_CONNECTIONS} connections" in error["message"]
+        # A client that sends its request at once reads the same answer.
+        response = _health(guarded)
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    finally:
+        for sock in busy:
+            sock.close()
+    # Room again once the busy ones are gone.
+    guarded.wait_for(lambda: _health(guarded).status_code == 200, what="room for /health")
+    assert "connection_limit" in _reasons(guarded)
+
+
+def test_an_over_long_head_gets_431_and_a_bad_one_400_in_json(guarded):
+    sock = _connect(guarded)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)
+    status, error = _json_error(_read_until_closed(sock))
+    sock.close()
+    assert status == 431 and error["code"] == "request_header_fields_too_large"
+    assert "over 16384 bytes" in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+    sock = _connect(guarded)
+    sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+    status, error = _json_error(_read_until_closed(sock))
+    sock.close()
+    assert status == 400 and error["code"] == "invalid_http_request"
+    assert error["message"].startswith("the request is not valid HTTP/1.1")
+    assert _health(guarded).status_code == 200
+
+
+def test_the_rest_of_an_answered_body_must_arrive_within_the_header_timeout(guarded):
+    """A 413 answered from Content-Length, the body then trickled: uvicorn would read and drop
+    it for as long as it came; the connection is closed instead."""
+    sock = _connect(guarded)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 900000000\r\n\r\n{")
+    reply = b""
+    while b"request_too_large" not in reply:
+        chunk = sock.recv(65536)
+        assert chunk, reply
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            sock.send(b"x")
+            time.sleep(0.2)
+    except OSError:  # closed (a reset, as the server left bytes unread)
+        pass
+    else:
+        pytest.fail("the connection stayed open while the unread body trickled in")
+    finally:
+        sock.close()
 
 
 def test_a_long_tokenization_holds_up_no_other_request(guarded):

@@ -1,0 +1,129 @@
+"""How many client connections the server holds, and which one gives way at the limit.
+
+Every connection holds a file descriptor, and a process that runs out of them can neither
+accept a client nor open a file. The cap is therefore sized to the descriptor limit
+(``ulimit -n``), raised towards its hard limit as servers written in Go do; and at the cap the
+connection that has waited longest without a request in progress (an idle kept-alive one, or
+one still sending its head: the slow and the silent) is closed to make room, so that a crowd
+of them cannot lock real clients out. Only when every connection has a request in progress is
+a new one refused.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Any, Protocol
+
+from loguru import logger
+
+from ..config import ConfigError
+from ..telemetry.refusals import RefusalLog
+
+DEFAULT_MAX_CONNECTIONS = 1000
+# The listen queue, and what asyncio accepts in one turn of the loop before the protocol can
+# refuse any of them: that many connections may hold descriptors beyond the cap for a moment.
+ACCEPT_BACKLOG = 256
+# Descriptors the process needs besides its clients: the model's files while it loads, the
+# metrics files, image downloads (one per worker thread), the OTLP exporter, its own output.
+PROCESS_DESCRIPTORS = 128
+RESERVED_DESCRIPTORS = ACCEPT_BACKLOG + PROCESS_DESCRIPTORS
+_LIMIT_FIX = "raise the limit (ulimit -n; systemd LimitNOFILE=; docker run --ulimit nofile=N)"
+
+
+def plan_connections(requested: int | None, soft: int, hard: int) -> tuple[int, int]:
+    """The connection cap and the soft descriptor limit it needs, from ``--max-connections``
+    (None: the default, lowered to what the limit holds) and the current limits.
+
+    ConfigError when a cap that was asked for cannot fit under the hard limit, or when the limit
+    leaves no room at all."""
+    infinite = resource.RLIM_INFINITY
+    wanted = (requested or DEFAULT_MAX_CONNECTIONS) + RESERVED_DESCRIPTORS
+    reachable = wanted if hard == infinite else min(wanted, hard)
+    new_soft = soft if soft == infinite or soft >= wanted else max(soft, reachable)
+    room = (wanted if new_soft == infinite else new_soft) - RESERVED_DESCRIPTORS
+    if requested is None:
+        if room < 1:
+            raise ConfigError(
+                f"this process may open only {max(soft, reachable)} files (ulimit -n), which "
+                f"leaves no room for client connections beside the {RESERVED_DESCRIPTORS} the "
+                f"server keeps for itself; {_LIMIT_FIX} to at least {RESERVED_DESCRIPTORS + 64}"
+            )
+        return min(DEFAULT_MAX_CONNECTIONS, room), new_soft
+    if requested > room:
+        raise ConfigError(
+            f"--max-connections {requested} needs {wanted} file descriptors "
+            f"({RESERVED_DESCRIPTORS} kept for the server itself), but this process may open "
+            f"at most {max(soft, reachable)} (ulimit -n); lower --max-connections to at most "
+            f"{max(room, 0)}, or {_LIMIT_FIX}"
+        )
+    return requested, new_soft
+
+
+def reserve_descriptors(requested: int | None) -> int:
+    """The connection cap for this process; the soft descriptor limit is raised to hold it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap, new_soft = plan_connections(requested, soft, hard)
+    if new_soft != soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+    return cap
+
+
+class Connection(Protocol):
+    """What the guard needs of a connection (the protocol object of ``protocol.py``)."""
+
+    def give_way(self) -> None: ...
+
+
+class ConnectionGuard:
+    """The open connections of one server, and those of them that wait for a request head.
+
+    Used from the event loop only. ``waiting`` is insertion-ordered, the longest waiting first.
+    """
+
+    def __init__(self, max_connections: int, header_timeout: float):
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self._logs: dict[str, RefusalLog] = {}  # one per reason: each kind logged in full once
+        self.open: set[Connection] = set()
+        self.waiting: dict[Connection, None] = {}
+
+    def admit(self, connection: Connection) -> bool:
+        """Take a new connection, closing the longest waiting one at the cap; False when every
+        open connection has a request in progress (the new one is then refused)."""
+        if len(self.open) >= self.max_connections:
+            victim = next(iter(self.waiting), None)
+            if victim is None:
+                return False
+            self.forget(victim)
+            victim.give_way()
+        self.open.add(connection)
+        self.waiting[connection] = None
+        return True
+
+    def await_head(self, connection: Connection) -> None:
+        """The connection waits for a request head (it keeps its place in line if it did)."""
+        if connection in self.open:
+            self.waiting.setdefault(connection, None)
+
+    def busy(self, connection: Connection) -> None:
+        """A request is in progress on the connection: it is not closed to make room."""
+        self.waiting.pop(connection, None)
+
+    def forget(self, connection: Connection) -> None:
+        self.open.discard(connection)
+        self.waiting.pop(connection, None)
+
+    def log(self, reason: str, message: str, *args: Any, **fields: Any) -> None:
+        """A warning logged in full the first time per interval for each reason, and summed
+        with the others of that interval (RefusalLog): a flood of connections writes a few
+        lines, not one each."""
+
+        def emit() -> None:
+            logger.bind(reason=reason, **fields).warning(message, *args)
+
+        self._logs.setdefault(reason, RefusalLog()).refused(emit, reason)
+
+    def flush(self) -> None:
+        """Log what the current intervals counted (at shutdown)."""
+        for log in self._logs.values():
+            log.flush()
