@@ -152,9 +152,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_messages_per_request",
         positive_int,
-        "Most messages in one chat request; more get 400 before the messages are validated "
-        "(each message costs at least a token, and validating hundreds of thousands of them "
-        "takes the CPU for seconds).",
+        "Most messages in one chat request, and most content parts in all its messages; more "
+        "get 400 before they are validated (each message costs at least a token, and "
+        "validating hundreds of thousands of them takes the CPU for seconds).",
         metavar="N",
     ),
     Option(
