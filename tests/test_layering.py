@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+from stack_ports import free_ports, port_args
 
 from vigil.extras import SERVE_MODULES
 
@@ -158,7 +159,10 @@ def test_the_server_on_a_light_install_names_the_extra_it_needs(tmp_path):
 
 
 def test_the_stack_on_a_light_install_runs_without_the_inference_process(tmp_path):
-    result = _light_run("vigil.stack", "--run-dir", str(tmp_path), "--stop-after", "3")
+    ports = free_ports(("inference", "exporter", "prometheus", "alertmanager", "notifier"))
+    result = _light_run(
+        "vigil.stack", "--run-dir", str(tmp_path), *port_args(ports), "--stop-after", "3"
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "skipped: inference: needs" in output and "llm-vigil[serve]" in output

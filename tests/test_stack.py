@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import random
 import re
 import shutil
 import signal
@@ -29,6 +28,7 @@ import requests
 import yaml
 from conftest import start_server
 from prometheus_client.parser import text_string_to_metric_families
+from stack_ports import free_ports, is_free, port_args
 
 from vigil import netproc
 from vigil import stack as vigil_stack
@@ -45,31 +45,6 @@ HAS_NOTIFIER = vigil_stack.notifier_missing() is None
 # after a minute and more whenever the first notification went out before Prometheus had
 # discovered Alertmanager). A bound well under a minute, with room for a busy machine.
 WATCHDOG_BOUND_S = 45
-
-
-def _free(port: int) -> bool:
-    return netproc.try_bind("127.0.0.1", port) is None
-
-
-def free_ports(names=tuple(vigil_stack.DEFAULT_PORTS)) -> dict[str, int]:
-    """A free port for each part, none of them a default one, and none in the kernel's range of
-    ephemeral ports (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default): there any
-    outgoing connection on this machine may take a port as its own the moment a part lets go
-    of it, and the test would find it busy after the stop."""
-    try:
-        low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low = 32768
-    start = max(1024, min(20000, low - 2000))
-    candidates = random.sample(range(start, low), 200)
-    taken = set(vigil_stack.DEFAULT_PORTS.values())
-    chosen = [p for p in candidates if p not in taken and _free(p)][: len(names)]
-    assert len(chosen) == len(names), "no free ports below the ephemeral range"
-    return dict(zip(names, chosen, strict=True))
-
-
-def port_args(ports: dict[str, int]) -> list[str]:
-    return [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
 
 
 def start_stack(out: Path, *args: str) -> subprocess.Popen:
@@ -222,7 +197,7 @@ def test_stack_starts_alerts_restarts_the_inference_process_and_stops_on_ctrl_c(
     assert code == 0, out.read_text()[-3000:]
     assert "stopped" in out.read_text()
     for name, port in ports.items():
-        assert _free(port), f"{name}'s port {port} still taken after Ctrl-C: {_taken(port)}"
+        assert is_free(port), f"{name}'s port {port} still taken after Ctrl-C: {_taken(port)}"
 
 
 def _descendants_alive(pids: list[int]) -> list[str]:
@@ -258,7 +233,7 @@ def test_a_killed_stack_leaves_no_part_running(tmp_path, demo_dir):
         text = out.read_text()
         started = [name for name in ports if f"  {name:<13} http://" in text]
         _wait(
-            lambda: all(not _free(ports[name]) for name in started),
+            lambda: all(not is_free(ports[name]) for name in started),
             60,
             f"every part listening ({', '.join(started)})",
             stack,
@@ -274,7 +249,7 @@ def test_a_killed_stack_leaves_no_part_running(tmp_path, demo_dir):
         time.sleep(0.2)
     assert not alive, f"still running after the stack was killed: {alive}"
     deadline = time.monotonic() + 30
-    while (busy := [n for n, p in ports.items() if not _free(p)]) and time.monotonic() < deadline:
+    while (busy := [n for n, p in ports.items() if not is_free(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not busy, f"ports still held after the stack was killed: {busy}"
 
@@ -312,7 +287,7 @@ def test_a_busy_port_stops_the_start_with_one_line_naming_its_holder(tmp_path):
         "--exporter-port"
     ], result.stderr
     assert "Ctrl-C" not in result.stdout and not (run / "logs" / "exporter.log").exists()
-    assert [name for name, port in ports.items() if not _free(port)] == []
+    assert [name for name, port in ports.items() if not is_free(port)] == []
 
 
 def test_a_part_that_exits_at_start_shows_the_end_of_its_log_on_the_console(tmp_path, demo_dir):
@@ -494,7 +469,7 @@ def test_the_port_check_binds_as_the_server_does():
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        assert not server_binds(port) and not _free(port)
+        assert not server_binds(port) and not is_free(port)
         client = socket.create_connection(("127.0.0.1", port))
         accepted, _ = listener.accept()
     accepted.close()  # the server's side closes first: its end waits in TIME_WAIT
@@ -503,7 +478,7 @@ def test_the_port_check_binds_as_the_server_does():
     while "06" not in _states(port) and time.monotonic() < deadline:  # 06: TCP_TIME_WAIT
         time.sleep(0.05)
     assert "06" in _states(port)
-    assert server_binds(port) and _free(port)
+    assert server_binds(port) and is_free(port)
 
 
 def _taken(port: int) -> str:

@@ -38,18 +38,20 @@ ensure_venv() {
     # Measured from a fresh clone (scripts/stack until the inference process answered /ready,
     # demo model built included): 44 s and 60 s on two busy CPUs, the wheels in a local
     # --find-links directory. Downloading torch takes what the network takes.
-    echo "first run: installing llm-vigil with the serve extra (torch's CPU build," \
-      "transformers, uvicorn, OpenTelemetry...) into $VENV: about a minute with the wheels at" \
-      "hand, several minutes where pip downloads torch; later runs skip this until" \
-      "pyproject.toml changes" >&2
+    echo "first run: installing llm-vigil with the serve extra (torch" \
+      "${TORCH_VERSION:-2.13.0}${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}, transformers," \
+      "uvicorn, OpenTelemetry...) into $VENV: about a minute with the wheels at hand, several" \
+      "minutes where pip downloads torch; later runs skip this until pyproject.toml changes" >&2
   fi
   _create_venv "$VENV"
   if [ ! -f "$stamp" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    # The CPU build of torch 2.13.0 lies on these machines' disk; an unpinned torch would
-    # download a multi-GB CUDA build. On a GPU machine, install the CUDA torch you need first.
+    # The CPU build of torch 2.13.0 lies on these machines' disk. Elsewhere PyPI's Linux build
+    # is the CUDA one (several GB): TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes
+    # the CPU build instead. On a GPU machine, install the CUDA torch you need first.
     if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
-      "$VENV/bin/python" -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
+      "$VENV/bin/python" -m pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+        "torch==${TORCH_VERSION:-2.13.0}"
     fi
     "$VENV/bin/python" -m pip install --quiet -e ".[serve,test]"
     rm -f "$VENV"/.installed-* && touch "$stamp"
