@@ -59,7 +59,7 @@ def serve(config: Config, sock: socket.socket, max_connections: int) -> int:
         model=config.model_name,
     )
     service.start()
-    guard = ConnectionGuard(max_connections, config.header_timeout)
+    guard = ConnectionGuard(max_connections, config.header_timeout, metrics)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

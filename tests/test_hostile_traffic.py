@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import chat_body, start_server
+from prometheus_client.parser import text_string_to_metric_families
+
+from inference.telemetry.metrics import CONNECTION_CLOSE_REASONS
 
 HEADER_TIMEOUT = 2.0
 MAX_CONNECTIONS = 16
@@ -273,3 +276,45 @@ def test_health_answers_while_a_huge_body_is_validated(guarded):
     assert answers["big"].status_code == 400  # more messages than the context has tokens
     assert "219444 messages" in answers["big"].json()["error"]["message"]
     assert finished["health"] < finished["big"]
+
+
+def _connection_metrics(server) -> tuple[dict[str, float], float]:
+    """inference_connections_closed_total by reason, and inference_connections_open (summed
+    over processes), from the server's /metrics."""
+    text = requests.get(server.url("/metrics"), headers={"Connection": "close"}, timeout=30).text
+    closed: dict[str, float] = {}
+    opened = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "inference_connections_closed_total":
+                reason = sample.labels["reason"]
+                closed[reason] = closed.get(reason, 0.0) + sample.value
+            elif sample.name == "inference_connections_open":
+                opened += sample.value
+    return closed, opened
+
+
+def test_every_connection_the_server_closes_is_counted_by_reason(guarded):
+    """The log sums the closed connections per interval; the counter counts each one."""
+    before, _ = _connection_metrics(guarded)
+    silent = [_connect(guarded) for _ in range(3)]
+    try:
+        _, opened = _connection_metrics(guarded)
+        assert opened >= 3  # the silent three (and the scrape's own connection)
+        for sock in silent:
+            assert _read_until_closed(sock) == b""
+    finally:
+        for sock in silent:
+            sock.close()
+    bad = _connect(guarded)
+    bad.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+    _read_until_closed(bad)
+    bad.close()
+    after, opened = _connection_metrics(guarded)
+    assert after.get("idle_connection", 0) - before.get("idle_connection", 0) == 3
+    assert after.get("invalid_http_request", 0) - before.get("invalid_http_request", 0) == 1
+    assert opened >= 1  # the scrape's own; the closed ones are gone
+    # Every reason has its series from the start (rate() sees the first one), and every reason
+    # the connection layer logged in this module's tests is one of them.
+    assert set(before) == set(CONNECTION_CLOSE_REASONS)
+    assert _reasons(guarded) <= set(CONNECTION_CLOSE_REASONS)

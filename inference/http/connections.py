@@ -74,15 +74,30 @@ class Connection(Protocol):
     def give_way(self) -> None: ...
 
 
+class ConnectionObserver(Protocol):
+    """Where the guard reports (InferenceMetrics): the count of open connections, and each one
+    closed or refused by the server, by reason (the log sums them; the counter stays exact)."""
+
+    def connections_open(self, count: int) -> None: ...
+
+    def connection_closed(self, reason: str) -> None: ...
+
+
 class ConnectionGuard:
     """The open connections of one server, and those of them that wait for a request head.
 
     Used from the event loop only. ``waiting`` is insertion-ordered, the longest waiting first.
     """
 
-    def __init__(self, max_connections: int, header_timeout: float):
+    def __init__(
+        self,
+        max_connections: int,
+        header_timeout: float,
+        observer: ConnectionObserver | None = None,
+    ):
         self.max_connections = max_connections
         self.header_timeout = header_timeout
+        self.observer = observer
         self._logs: dict[str, RefusalLog] = {}  # one per reason: each kind logged in full once
         self.open: set[Connection] = set()
         self.waiting: dict[Connection, None] = {}
@@ -98,6 +113,7 @@ class ConnectionGuard:
             victim.give_way()
         self.open.add(connection)
         self.waiting[connection] = None
+        self._count_open()
         return True
 
     def await_head(self, connection: Connection) -> None:
@@ -110,13 +126,22 @@ class ConnectionGuard:
         self.waiting.pop(connection, None)
 
     def forget(self, connection: Connection) -> None:
-        self.open.discard(connection)
+        if connection in self.open:
+            self.open.discard(connection)
+            self._count_open()
         self.waiting.pop(connection, None)
+
+    def _count_open(self) -> None:
+        if self.observer is not None:
+            self.observer.connections_open(len(self.open))
 
     def log(self, reason: str, message: str, *args: Any, **fields: Any) -> None:
         """A warning logged in full the first time per interval for each reason, and summed
         with the others of that interval (RefusalLog): a flood of connections writes a few
         lines, not one each."""
+
+        if self.observer is not None:
+            self.observer.connection_closed(reason)
 
         def emit() -> None:
             logger.bind(reason=reason, **fields).warning(message, *args)

@@ -239,6 +239,26 @@ METRICS: tuple[MetricSpec, ...] = (
         "Requests accepted by the API and not yet answered (waiting plus running).",
     ),
     M(
+        "inference_connections_open",
+        "gauge",
+        "connections",
+        ("model",),
+        "Client connections open now (at most --max-connections).",
+    ),
+    M(
+        "inference_connections_closed",
+        "counter",
+        "connections",
+        ("model", "reason"),
+        "Client connections the server closed or refused, by reason: idle_connection (nothing "
+        "sent within --header-timeout), slow_request_head (a head not complete within it: 408), "
+        "slow_unread_body (the rest of an answered request's body too slow), closed_for_room "
+        "(the longest waiting connection, closed at --max-connections for a new one), "
+        "connection_limit (a new connection refused with 503: every open one busy), "
+        "invalid_http_request (400) and request_head_too_large (431). Connections the clients "
+        "closed are not counted.",
+    ),
+    M(
         "inference_prefill_batch_size",
         "histogram",
         "requests",

@@ -23,6 +23,16 @@ from .catalog import METRICS, MetricSpec
 LOAD_STATES = ("loading", "loaded", "failed")
 STALL_STAGES = ("load", "schedule", "vision", "prefill", "decode")
 STEP_STAGES = ("vision", "prefill", "decode")
+# Why the connection layer (inference/http/) closed or refused a connection: every reason it logs.
+CONNECTION_CLOSE_REASONS = (
+    "idle_connection",
+    "slow_request_head",
+    "slow_unread_body",
+    "closed_for_room",
+    "connection_limit",
+    "invalid_http_request",
+    "request_head_too_large",
+)
 CUDA_SAMPLE_EVERY_STEPS = 64
 HEARTBEAT_PUBLISH_S = 0.25
 
@@ -63,6 +73,7 @@ class InferenceMetrics:
         )
         self.running = f["inference_requests_running"].labels(model=model)
         self.in_flight = f["inference_requests_in_flight"].labels(model=model)
+        self.connections = f["inference_connections_open"].labels(model=model)
         self.heartbeat = f[statedir.HEARTBEAT_METRIC].labels(model=model)
         self.steps = {
             stage: f["inference_engine_steps"].labels(model=model, stage=stage)
@@ -88,6 +99,7 @@ class InferenceMetrics:
             self.queue_oldest,
             self.running,
             self.in_flight,
+            self.connections,
             self.stalled_flag,
         ):
             gauge.set(0)
@@ -96,6 +108,8 @@ class InferenceMetrics:
         for stage in STALL_STAGES:
             f["inference_engine_stalls"].labels(model=model, stage=stage)
         f["inference_admission_refusals"].labels(model=model, reason="insufficient_memory")
+        for reason in CONNECTION_CLOSE_REASONS:
+            f["inference_connections_closed"].labels(model=model, reason=reason)
         self.heartbeat.set(time.time())
         self._pending_steps = {stage: 0 for stage in self.steps}
         self._published_at = time.monotonic()
@@ -140,6 +154,14 @@ class InferenceMetrics:
 
     def admission_refused(self, reason: str) -> None:
         self.family["inference_admission_refusals"].labels(model=self.model, reason=reason).inc()
+
+    # ---- connections (called from the event loop, per connection opened or closed) ----------
+
+    def connections_open(self, count: int) -> None:
+        self.connections.set(count)
+
+    def connection_closed(self, reason: str) -> None:
+        self.family["inference_connections_closed"].labels(model=self.model, reason=reason).inc()
 
     def fault_fired(self, fault: str, stage: str) -> None:
         self.family["inference_faults_injected"].labels(
