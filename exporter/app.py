@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import signal
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from vigil import statedir
 from vigil.engines import parse_target
 from vigil.gpu.fake import FakeFleet
 from vigil.gpu.nvml import NvmlBackend
+from vigil.listen import bind_error, host_port
 
 from .collectors.engines import EngineStateCollector
 from .collectors.gpu import GpuCollector
@@ -30,6 +30,9 @@ from .http import start_server
 from .inference_dir import InferenceDirectory
 from .probe import TargetProber
 from .registry import build_registry
+
+# Said when the port is in use (vigil.listen.bind_error).
+PORT_BUSY = "is another exporter using that port?"
 
 
 @dataclass
@@ -58,7 +61,9 @@ class Exporter:
             self.server = start_server(self.config.host, self.config.port, self.registry)
         except OSError as exc:
             self.stop()
-            raise ConfigError(_listen_error(self.config.host, self.config.port, exc)) from None
+            raise ConfigError(
+                bind_error(self.config.host, self.config.port, exc, busy=PORT_BUSY)
+            ) from None
         self.port = self.server.server_port
 
     def stop(self) -> None:
@@ -73,20 +78,6 @@ class Exporter:
         if self.poller is not None:
             self.poller.stop()
         self.directory.stop()
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _listen_error(host: str, port: int, exc: OSError) -> str:
-    reason = exc.strerror or str(exc)
-    if exc.errno == errno.EADDRINUSE:
-        return (
-            f"cannot listen on {_address(host, port)} ({reason}); is another exporter using "
-            f"port {port}? choose another with --port"
-        )
-    return f"cannot listen on {_address(host, port)} ({reason}); check --host and --port"
 
 
 def _backend(config: ExporterConfig):
@@ -169,7 +160,7 @@ def serve(config: ExporterConfig) -> int:
     exporter.start()
     logger.info(
         "listening on http://{}/metrics",
-        _address(config.host, exporter.port),
+        host_port(config.host, exporter.port),
         state_dir=config.state_dir,
         targets=list(config.target),
         gpu_backend=config.gpu_backend,

@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 
 from vigil import extras
+from vigil.listen import bind_error, bind_tcp
 
 from .config import Config, ConfigError, load_config
-from .listen import bind_error, bind_tcp
 
 
 def _bind(config: Config) -> socket.socket:
@@ -21,7 +21,9 @@ def _bind(config: Config) -> socket.socket:
     try:
         sock = bind_tcp(config.host, config.port)
     except OSError as exc:
-        raise ConfigError(bind_error(config.host, config.port, exc)) from None
+        raise ConfigError(
+            bind_error(config.host, config.port, exc, busy="is another server using that port?")
+        ) from None
     sock.listen(ACCEPT_BACKLOG)
     sock.set_inheritable(True)
     return sock

@@ -4,13 +4,14 @@ switch's events (printed, logged, relayed)."""
 
 from __future__ import annotations
 
-import errno
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from loguru import logger
+
+from vigil.listen import bind_error, host_port
 
 from .config import ConfigError, NotifierConfig
 from .console import Console
@@ -22,6 +23,12 @@ from .relays.dingtalk import DingTalk
 from .relays.feishu import Feishu
 from .server import Handlers, make_server, serve_in_thread
 from .watchdog import DeadMansSwitch
+
+# Said when the port is in use (vigil.listen.bind_error).
+PORT_BUSY = (
+    "is another notifier (or webhook receiver) using that port? point alertmanager.yml's "
+    "webhook_configs at the port you choose, and"
+)
 
 
 def build_relays(config: NotifierConfig) -> list[Relay]:
@@ -156,7 +163,9 @@ class Notifier:
         try:
             self.server = make_server(self.config.host, self.config.port, handlers)
         except OSError as exc:
-            raise ConfigError(_listen_error(self.config.host, self.config.port, exc)) from None
+            raise ConfigError(
+                bind_error(self.config.host, self.config.port, exc, busy=PORT_BUSY)
+            ) from None
         self.port = self.server.server_address[1]
         for worker in self.workers:
             worker.start()
@@ -179,25 +188,10 @@ def _what(notification: Notification) -> str:
     return f"{notification.status.upper()} {shown} ({count} alert{'s' if count != 1 else ''})"
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _listen_error(host: str, port: int, exc: OSError) -> str:
-    reason = exc.strerror or str(exc)
-    if exc.errno == errno.EADDRINUSE:
-        return (
-            f"cannot listen on {_address(host, port)} ({reason}); is another notifier (or "
-            f"webhook receiver) using port {port}? choose another with --port, and point "
-            "alertmanager.yml's webhook_configs at it"
-        )
-    return f"cannot listen on {_address(host, port)} ({reason}); check --host and --port"
-
-
 def serve(config: NotifierConfig) -> int:
     notifier = Notifier(config)
     notifier.start()
-    address = _address(config.host, notifier.port)
+    address = host_port(config.host, notifier.port)
     relays = ", ".join(w.relay.name for w in notifier.workers) or (
         "none (printing only; --dingtalk-webhook or --feishu-webhook to relay)"
     )

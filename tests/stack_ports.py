@@ -7,12 +7,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from vigil import netproc
 from vigil import stack as vigil_stack
+from vigil.listen import try_bind
 
 
 def is_free(port: int) -> bool:
-    return netproc.try_bind("127.0.0.1", port) is None
+    return try_bind("127.0.0.1", port) is None
 
 
 def free_ports(names=tuple(vigil_stack.DEFAULT_PORTS)) -> dict[str, int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vigil import netproc
+from vigil.listen import try_bind
 from vigil.netproc import (
     ListeningSocket,
     children,
@@ -452,15 +453,15 @@ def test_listener_of_says_when_the_holder_cannot_be_seen(tmp_path: Path, monkeyp
     assert netproc.listener_of(8000, "127.0.0.1", proc) == "pid 77 ([python])"
 
 
-def test_bind_error_on_this_machine():
+def test_a_busy_port_and_its_listener_on_this_machine():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        error = netproc.try_bind("127.0.0.1", port)
+        error = try_bind("127.0.0.1", port)
         assert error is not None and error.errno == errno.EADDRINUSE
         assert netproc.listener_of(port, "127.0.0.1") == (
             f"pid {os.getpid()} ({netproc.one_line(cmdline(os.getpid()))})"
         )
-    assert netproc.try_bind("127.0.0.1", port) is None
-    assert netproc.try_bind("192.0.2.1", 0).errno == errno.EADDRNOTAVAIL  # not this machine's
+    assert try_bind("127.0.0.1", port) is None
+    assert try_bind("192.0.2.1", 0).errno == errno.EADDRNOTAVAIL  # not this machine's

@@ -449,11 +449,11 @@ def test_port_options_are_checked_before_anything_starts(argv, message, tmp_path
     assert not (tmp_path / "run").exists(), "nothing may be started or written"
 
 
-def test_the_port_check_binds_as_the_server_does():
-    """vigil.netproc.try_bind is the recipe of inference/listen.py's bind_tcp (the core may
-    not import it): both refuse a port another socket listens on, both take one whose last
-    connection lingers in TIME_WAIT (SO_REUSEADDR)."""
-    from inference.listen import bind_tcp
+def test_the_port_check_binds_as_the_servers_do():
+    """The stack's check and every server bind with vigil.listen.bind_tcp: a port another
+    socket listens on is refused, one whose last connection lingers in TIME_WAIT is taken
+    (SO_REUSEADDR), so the check finds a port free exactly when the servers can take it."""
+    from vigil.listen import bind_tcp
 
     def server_binds(port: int) -> bool:
         try:

@@ -13,8 +13,7 @@ Three steps, each usable alone:
    without CONFIG_PROC_CHILDREN, from the parent pid (field 4) of every ``/proc/<pid>/stat``.
 
 ``find_engine_processes`` does all three. ``listener_of`` says in one phrase who listens on a
-port (the doctor's port check, the stack's start when a port is busy); ``try_bind`` tries a
-port the way our servers bind it.
+port (the doctor's port check, the stack's start when a port is busy).
 
 Network namespaces: ``/proc/net`` is a link to ``/proc/self/net``, so ``/proc/net/tcp`` lists
 the sockets of the *reader's* network namespace. An exporter in a container with ``pid: host``
@@ -34,7 +33,6 @@ import errno
 import ipaddress
 import os
 import shlex
-import socket
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,7 +54,6 @@ __all__ = [
     "listening_inodes_of_pid_netns",
     "one_line",
     "pids_holding",
-    "try_bind",
 ]
 
 TCP_LISTEN = 0x0A  # the ``st`` column: TCP_LISTEN in include/net/tcp_states.h
@@ -410,25 +407,6 @@ def find_engine_processes(
 
 
 # -- Who holds a port -------------------------------------------------------------------------
-
-
-def try_bind(host: str, port: int) -> OSError | None:
-    """Why ``host:port`` cannot be bound now (None: it can), tried and released at once.
-
-    The recipe of inference/listen.py ``bind_tcp``, by which our servers bind (the core may not
-    import the inference package; tests/test_stack.py checks that the two agree): an IPv6
-    socket for an address with a colon, IPPROTO_TCP, and SO_REUSEADDR, so that a port whose old
-    connections linger in TIME_WAIT counts as free, as it does for the server and for Go's
-    listeners (Prometheus, Alertmanager).
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-    except OSError as exc:
-        return exc
-    return None
 
 
 def _covers(sock: ListeningSocket, host: str) -> bool:

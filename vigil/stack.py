@@ -52,7 +52,8 @@ import yaml
 
 from . import extras
 from .engines import ENGINES, parse_target, recognise
-from .netproc import listener_of, try_bind
+from .listen import try_bind
+from .netproc import listener_of
 from .stackparts import Part, log_tail, say
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from vigil.listen import bind_tcp
 from vigil.netproc import listener_of
 
-from ..listen import bind_tcp
 from .report import Verdict, failed, human_bytes, ok, skipped, warning
 
 MIB = 1024 * 1024

@@ -1,5 +1,7 @@
-"""Binding the server's TCP socket: one recipe for the server and for the doctor's port check,
-so that the check finds the port free exactly when the server could take it."""
+"""Binding a TCP port, and saying why it could not be bound: one recipe for every server of the
+project (the inference process, the exporter, the notifier), for the doctor's port check and for
+the stack's check before it starts, so that a check finds a port free exactly when the server
+could take it, and every server explains a failure the same way."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ ANY_ADDRESS_HINT = "--host takes an address of this machine, e.g. 127.0.0.1 or 0
 def bind_tcp(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port, not yet listening; OSError when it cannot be bound.
 
-    SO_REUSEADDR, so that a port left in TIME_WAIT by a previous server counts as free.
+    SO_REUSEADDR, so that a port left in TIME_WAIT by a previous server counts as free (as it
+    does for Go's listeners: Prometheus, Alertmanager).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
@@ -27,18 +30,30 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bind_error(host: str, port: int, exc: OSError) -> str:
-    """Why host:port cannot be bound, and what to do about it, in one sentence."""
-    where = f"cannot listen on {host}:{port}"
+def try_bind(host: str, port: int) -> OSError | None:
+    """Why ``host:port`` cannot be bound now (None: it can), tried and released at once."""
+    try:
+        bind_tcp(host, port).close()
+    except OSError as exc:
+        return exc
+    return None
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_error(host: str, port: int, exc: OSError, busy: str) -> str:
+    """Why host:port cannot be bound, and what to do about it, in one sentence; ``busy`` is the
+    server's own question for a port in use (e.g. "is another exporter using that port?")."""
+    where = f"cannot listen on {host_port(host, port)}"
     if isinstance(exc, socket.gaierror):  # a name, not an address, and it does not resolve
         return f"{where}: the name {host!r} does not resolve ({exc.strerror}); {ANY_ADDRESS_HINT}"
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"{where}: this machine has no address {host}; {ANY_ADDRESS_HINT}"
     if exc.errno == errno.EADDRINUSE:
-        return (
-            f"{where} ({exc.strerror}); is another server using that port? choose another "
-            "with --port"
-        )
+        return f"{where} ({exc.strerror}); {busy} choose another with --port"
     if exc.errno == errno.EACCES and 0 < port < 1024:
         return (
             f"{where} ({exc.strerror}): ports below 1024 need privileges (root or "
