@@ -64,5 +64,12 @@ def test_a_429_storm_logs_a_summary_and_counts_every_refusal(server_factory):
     server.wait_for(lambda: summed() > 0, 30, "the refusals' summary")
     full = [line for line in server.logs() if line["message"].startswith("request rejected")]
     assert len(full) + summed() == 120
+    # The summaries carry a request's last-line fields: the query for requests finds them.
+    summaries = [line for line in server.logs() if "refusals" in line]
+    assert summaries and all(
+        (line["event"], line["outcome"], line["status"], line["level"])
+        == ("request_end", "rejected", 429, "WARNING")
+        for line in summaries
+    )
     assert len(full) <= 4  # one per 10 s interval (the storm lasts a few seconds)
     assert not queued.done() or queued.result().status_code in (200, 503, 504)

@@ -68,7 +68,20 @@ class RequestRecorder:
         self.metrics = metrics
         self.tracer = tracer
         self.log_prompts = log_prompts
-        self.refusals = RefusalLog()  # a storm of 429s logs a summary, not a line each
+        # A storm of refusals logs a summary per interval, not a line each: one log for the
+        # 429s (rejected) and one for the 503s before the engine (failed), whose summary lines
+        # carry the fields of the requests' last lines, so the queries for them count them too.
+        self.refusals = {
+            status: RefusalLog(
+                fields={
+                    "event": REQUEST_END,
+                    "outcome": request_outcome(status),
+                    "status": status,
+                },
+                level="ERROR" if status >= 500 else "WARNING",
+            )
+            for status in (429, 503)
+        }
 
     def start_span(self, name: str, context, arrival_ns: int) -> Span:
         return self.tracer.start_span(
@@ -272,7 +285,7 @@ class RequestRecorder:
                 full = lambda: end.error("request failed: {}", done.error_message)  # noqa: E731
             else:
                 full = lambda: end.warning("request rejected: {}", done.error_message)  # noqa: E731
-            self.refusals.refused(full, done.error_type or str(done.status))
+            self.refusals[done.status].refused(full, done.error_type or str(done.status))
         elif done.status >= 500:
             end.error("request failed: {}", done.error_message)
         elif done.status >= 400:

@@ -26,12 +26,20 @@ def is_refusal(status: int, started: bool) -> bool:
 
 
 class RefusalLog:
+    """``fields`` go on the summary line (the recorder's carry a request's last-line fields,
+    event request_end with outcome and status, so that the query for failed requests finds the
+    summed ones too), at ``level``."""
+
     def __init__(
         self,
         interval_s: float = SUMMARY_INTERVAL_S,
         timer: Callable[[float, Callable[[], None]], Any] | None = None,
+        fields: dict[str, Any] | None = None,
+        level: str = "WARNING",
     ):
         self.interval_s = interval_s
+        self.fields = fields or {}
+        self.level = level
         self._timer = timer or _daemon_timer
         self._lock = threading.Lock()
         self._open = False  # an interval has begun: its refusals are being counted
@@ -55,7 +63,8 @@ class RefusalLog:
         if not counts:
             return
         total = sum(counts.values())
-        logger.bind(refusals=dict(counts), interval_s=self.interval_s).warning(
+        logger.bind(refusals=dict(counts), interval_s=self.interval_s, **self.fields).log(
+            self.level,
             "{} more request(s) refused in the last {:g} s: {}",
             total,
             self.interval_s,
