@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from vigil.engines import parse_target
 from vigil.gpu.fake import FakeFleet
 from vigil.gpu.nvml import NvmlBackend
 from vigil.listen import bind_error, host_port
+from vigil.serving import wait_for_stop
 
 from .collectors.engines import EngineStateCollector
 from .collectors.gpu import GpuCollector
@@ -165,13 +164,7 @@ def serve(config: ExporterConfig) -> int:
         targets=list(config.target),
         gpu_backend=config.gpu_backend,
     )
-    # The handler only sets a flag: taking a lock in a signal handler (Event.set) deadlocks when
-    # a second signal arrives while the first handler holds it.
-    stopping: list[int] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, _frame: stopping.append(signum))
-    while not stopping:
-        time.sleep(0.2)
+    wait_for_stop()
     logger.info("stopping")
     exporter.stop()
     return 0

@@ -4,14 +4,13 @@ switch's events (printed, logged, relayed)."""
 
 from __future__ import annotations
 
-import signal
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from loguru import logger
 
 from vigil.listen import bind_error, host_port
+from vigil.serving import wait_for_stop
 
 from .config import ConfigError, NotifierConfig
 from .console import Console
@@ -203,12 +202,7 @@ def serve(config: NotifierConfig) -> int:
     logger.bind(relays=[w.relay.name for w in notifier.workers]).info(
         "listening on http://{}", address
     )
-    # The handler only sets a flag (as the exporter's): no lock is taken in a signal handler.
-    stopping: list[int] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, _frame: stopping.append(signum))
-    while not stopping:
-        time.sleep(0.2)
+    wait_for_stop()
     logger.info("stopping")
     notifier.stop()
     return 0
