@@ -17,7 +17,7 @@ from .console import Console
 from .delivery import RelayWorker
 from .message import TAG, Notification, console_line, fit_text, relay_text
 from .metrics import NotifierMetrics, build_metrics
-from .relays import Relay
+from .relays import Relay, keep_http_client_logs_quiet
 from .relays.dingtalk import DingTalk
 from .relays.feishu import Feishu
 from .server import Handlers, make_server, serve_in_thread
@@ -189,6 +189,7 @@ def _what(notification: Notification) -> str:
 
 def serve(config: NotifierConfig) -> int:
     notifier = Notifier(config)
+    keep_http_client_logs_quiet(w.relay for w in notifier.workers)
     notifier.start()
     address = host_port(config.host, notifier.port)
     relays = ", ".join(w.relay.name for w in notifier.workers) or (

@@ -12,10 +12,12 @@ from vigil.options import (
     ConfigError,
     Option,
     OptionSet,
+    hidden,
     optional_str,
     port,
     positive_float,
     positive_int,
+    url_origin,
 )
 
 ENV_PREFIX = "VIGIL_NOTIFIER_"
@@ -54,6 +56,7 @@ OPTIONS: tuple[Option, ...] = (
         "DingTalk custom robot webhook (https://oapi.dingtalk.com/robot/send?access_token=...): "
         "relay every notification there.",
         metavar="URL",
+        show=url_origin,  # a refused value is shown as scheme://host/… at most
     ),
     Option(
         "dingtalk_secret",
@@ -61,6 +64,7 @@ OPTIONS: tuple[Option, ...] = (
         "The DingTalk robot's signing secret (加签, SEC...): requests are signed with it. Prefer "
         "the variable to the flag.",
         metavar="SECRET",
+        show=hidden,
     ),
     Option(
         "feishu_webhook",
@@ -68,6 +72,7 @@ OPTIONS: tuple[Option, ...] = (
         "Feishu/Lark custom bot webhook (https://open.feishu.cn/open-apis/bot/v2/hook/...): "
         "relay every notification there.",
         metavar="URL",
+        show=url_origin,  # a refused value is shown as scheme://host/… at most
     ),
     Option(
         "feishu_secret",
@@ -75,6 +80,7 @@ OPTIONS: tuple[Option, ...] = (
         "The Feishu/Lark bot's signing secret (签名校验): requests carry its signature. Prefer "
         "the variable to the flag.",
         metavar="SECRET",
+        show=hidden,
     ),
     Option(
         "relay_attempts",

@@ -302,17 +302,47 @@ FEISHU_BAD_SIGN = (
     200,
     {"code": 19021, "msg": "sign match fail or timestamp is not within one hour", "data": {}},
 )
+DINGTALK_BUSY = (200, {"errcode": -1, "errmsg": "系统繁忙"})
+# DingTalk's answers when a robot sends more than 20 messages a minute: 130101 as seen in the
+# wild (ccfos/nightingale#369), 410100 in its custom robot error table.
+DINGTALK_THROTTLED = (
+    200,
+    {"errcode": 130101, "errmsg": "send too fast, exceed 20 times per minute"},
+)
+DINGTALK_TOO_FAST = (200, {"errcode": 410100, "errmsg": "发送速度太快而限流"})
+FEISHU_THROTTLED = (200, {"code": 11232, "msg": "frequency limited", "data": {}})
+FEISHU_NO_KEYWORD = (200, {"code": 19024, "msg": "Key Words Not Found"})
+FEISHU_IP_NOT_ALLOWED = (200, {"code": 19022, "msg": "Ip Not Allowed"})
+# A proxy in front of the robot answers with its own page, echoing the request's path (where
+# Feishu's hook id and DingTalk's access token and signature travel).
+PROXY_ERROR = (
+    502,
+    "<html><body><h1>502 Bad Gateway</h1>upstream failed: POST {path}</body></html>",
+)
 
 
 class FakeRobot:
     """A DingTalk or Feishu custom robot on loopback. Each request is checked as the real one
-    checks it (signature, timestamp within the hour, size) and answered from ``script`` (then
-    with success); every request is recorded with what the check found."""
+    checks it (signature, timestamp within the hour, size, and with ``per_minute`` DingTalk's
+    20 messages a minute) and answered from ``script`` (then with success); every request is
+    recorded with what the check found. An answer whose body is a string is sent as an HTML
+    page, its ``{path}`` replaced by the request's path (a proxy's error page that echoes it);
+    ``answer_delay`` seconds pass before each answer (a slow robot, so that a backlog builds)."""
 
-    def __init__(self, kind: str, secret: str, script: list[tuple[int, dict]] = ()):
+    def __init__(
+        self,
+        kind: str,
+        secret: str,
+        script: list[tuple[int, Any]] = (),
+        *,
+        per_minute: int | None = None,
+        answer_delay: float = 0.0,
+    ):
         self.kind = kind
         self.secret = secret
         self.script = list(script)
+        self.per_minute = per_minute
+        self.answer_delay = answer_delay
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         robot = self
@@ -322,12 +352,21 @@ class FakeRobot:
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
                 record = robot.check(self.path, self.headers.get("Content-Type", ""), raw)
                 with robot._lock:
+                    now = time.monotonic()
+                    recent = [r for r in robot.requests if now - r["at"] < 60]
+                    if robot.per_minute is not None and len(recent) >= robot.per_minute:
+                        record["refusal"] = record["refusal"] or DINGTALK_THROTTLED
+                    record["at"] = now
                     robot.requests.append(record)
                     scripted = robot.script.pop(0) if robot.script else None
                 status, answer = record["refusal"] or scripted or robot.success
-                body = json.dumps(answer).encode()
+                if isinstance(answer, str):
+                    body, content_type = answer.format(path=self.path).encode(), "text/html"
+                else:
+                    body, content_type = json.dumps(answer).encode(), "application/json"
+                time.sleep(robot.answer_delay)
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -403,8 +442,9 @@ class FakeRobot:
 def robots():
     made: list[FakeRobot] = []
 
-    def make(kind: str, script=()) -> FakeRobot:
-        robot = FakeRobot(kind, DINGTALK_SECRET if kind == "dingtalk" else FEISHU_SECRET, script)
+    def make(kind: str, script=(), **options) -> FakeRobot:
+        secret = DINGTALK_SECRET if kind == "dingtalk" else FEISHU_SECRET
+        robot = FakeRobot(kind, secret, script, **options)
         made.append(robot)
         return robot
 
@@ -539,6 +579,91 @@ def test_an_unreachable_relay_is_retried_and_its_credentials_never_shown(start_n
         notifier.wait_for_line(rf"RELAY FAILED: {relay} did not take FIRING .* after 2 attempts")
     shown = notifier.stdout() + notifier.stderr()
     for credential in ("t0k3n", "h00k-id", DINGTALK_SECRET, "sign="):
+        assert credential not in shown, credential
+
+
+def test_debug_logging_never_shows_the_relays_credentials(start_notifier, robots):
+    """urllib3 logs every request line at DEBUG, query string included: not in the notifier."""
+    dingtalk, feishu = robots("dingtalk"), robots("feishu")
+    notifier = start_notifier("--log-level", "DEBUG", env=relay_env(dingtalk, feishu))
+    assert notifier.post("/alerts", payload(alert())).status_code == 200
+    watchdog = payload(alert("Watchdog", severity="info", summary="Alerting pipeline heartbeat"))
+    assert notifier.post("/watchdog", watchdog).status_code == 200
+    dingtalk.wait_for_requests(1)
+    feishu.wait_for_requests(1)
+    for relay in ("dingtalk", "feishu"):  # the answers are read: whatever is logged, is
+        wait_until(
+            lambda relay=relay: notifier.metric(
+                "vigil_notifier_relay_messages_total", relay=relay, outcome="sent"
+            ),
+            30,
+            f"the message counted as sent to {relay}",
+        )
+    assert any(r["level"] == "DEBUG" for r in notifier.log()), notifier.output()
+    shown = notifier.stdout() + notifier.stderr()
+    for credential in ("t0ken", "b0t-id", "access_token", "sign=", DINGTALK_SECRET, FEISHU_SECRET):
+        assert credential not in shown, credential
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "shown", "hidden"),
+    [
+        (
+            [],
+            {"VIGIL_NOTIFIER_DINGTALK_WEBHOOK": "oapi.dingtalk.com/robot/send?access_token=S3CR3T"},
+            "VIGIL_NOTIFIER_DINGTALK_WEBHOOK: 'oapi.dingtalk.com/…' is not valid",
+            ("S3CR3T", "access_token", "robot/send"),
+        ),
+        (
+            ["--feishu-webhook", "ftp://open.feishu.cn/open-apis/bot/v2/hook/h00k-1d"],
+            {},
+            "--feishu-webhook: 'ftp://open.feishu.cn/…' is not valid",
+            ("h00k-1d", "open-apis"),
+        ),
+        (
+            [],
+            {"VIGIL_NOTIFIER_FEISHU_WEBHOOK": "https:///open-apis/bot/v2/hook/h00k-1d"},
+            "VIGIL_NOTIFIER_FEISHU_WEBHOOK: 'https://…' is not valid",
+            ("h00k-1d", "open-apis"),
+        ),
+        (
+            [],
+            {
+                "VIGIL_NOTIFIER_DINGTALK_WEBHOOK": "gopher://robot:pa55w0rd@example.com:70/x?k=S3CR3T"
+            },
+            "VIGIL_NOTIFIER_DINGTALK_WEBHOOK: 'gopher://example.com:70/…' is not valid",
+            ("pa55w0rd", "robot:", "S3CR3T"),
+        ),
+        (
+            [],
+            {"VIGIL_NOTIFIER_DINGTALK_WEBHOOK": "S3CR3T"},
+            "VIGIL_NOTIFIER_DINGTALK_WEBHOOK: (a value that is not a URL, not shown) is not valid",
+            ("S3CR3T",),
+        ),
+    ],
+)
+def test_a_bad_webhook_is_refused_without_showing_its_credentials(args, env, shown, hidden):
+    result = run_notifier(*args, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert shown in result.stderr and "must be an http:// or https:// URL" in result.stderr
+    for secret in hidden:
+        assert secret not in result.stdout + result.stderr, secret
+
+
+def test_a_proxys_error_page_echoing_the_webhook_never_shows_its_credentials(
+    start_notifier, robots
+):
+    dingtalk, feishu = robots("dingtalk", [PROXY_ERROR]), robots("feishu", [PROXY_ERROR])
+    notifier = start_notifier(*FAST_RETRIES, env=relay_env(dingtalk, feishu))
+    assert notifier.post("/alerts", payload(alert())).status_code == 200
+    for relay in ("dingtalk", "feishu"):
+        (line,) = notifier.wait_for_line(
+            rf"relay {relay}: attempt 1/3 for FIRING .* failed \(HTTP 502: <html>"
+        )
+        assert "502 Bad Gateway" in line and "upstream failed: POST /..." in line, line
+        notifier.wait_for_line(rf"relay {relay}: FIRING .* sent at attempt 2")
+    shown = notifier.stdout() + notifier.stderr()
+    for credential in ("t0ken", "b0t-id", "access_token", "sign=", "timestamp="):
         assert credential not in shown, credential
 
 

@@ -79,6 +79,10 @@ class Option:
     choices: Sequence[str] | None = None
     flag_only: bool = False  # a boolean switch: ``--flag`` sets it
     multiple: bool = False  # the flag may repeat; the variable holds a comma-separated list
+    # How a value that is refused is shown in the error: by default whole (repr); an option
+    # that carries a credential (a webhook URL with its token, a secret) shows only what is
+    # safe to print, so that a typo never puts the credential in a log.
+    show: Callable[[str], str] = repr
     prefix: str = ""  # set by OptionSet
 
     @property
@@ -173,11 +177,35 @@ def _convert_all(option: Option, raw: Any, source: str) -> Any:
 
 def _convert(option: Option, raw: str, source: str) -> Any:
     if option.choices is not None and raw not in option.choices:
-        raise ConfigError(f"{source}: {raw!r} is not one of {', '.join(option.choices)}")
+        raise ConfigError(f"{source}: {option.show(raw)} is not one of {', '.join(option.choices)}")
     try:
         return option.type(raw)
     except ValueError as exc:
         # Converters say what they want ("must be ..."); anything else is said plainly, never
         # with a function's name.
         reason = str(exc) if "must" in str(exc) else f"not a valid value for {source}"
-        raise ConfigError(f"{source}: {raw!r} is not valid ({reason})") from None
+        raise ConfigError(f"{source}: {option.show(raw)} is not valid ({reason})") from None
+
+
+def hidden(_text: str) -> str:
+    """``Option.show`` for a secret: the value is never shown."""
+    return "(the value, not shown)"
+
+
+def url_origin(text: str) -> str:
+    """``Option.show`` for a URL that may carry a credential in its path or query (a chat
+    robot's webhook): at most its scheme and host, the rest as "…"; never its user, password,
+    path or query. A value that does not start like a URL (it may be the credential itself) is
+    not shown at all."""
+    parts = re.match(r"(?:([A-Za-z][A-Za-z0-9+.-]*):)?(//)?([^/?#]*)(.*)", text, re.S)
+    scheme, slashes, authority, rest = parts.groups()
+    host = authority.rpartition("@")[2]  # never user:password@
+    if not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?", host):
+        host = ""
+    if scheme and slashes:
+        if not host:
+            return repr(f"{scheme}://…")
+        return repr(f"{scheme}://{host}/…" if rest else f"{scheme}://{host}")
+    if not scheme and not slashes and host and "." in host and rest:
+        return repr(f"{host}/…")
+    return "(a value that is not a URL, not shown)"

@@ -29,7 +29,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import requests
 
-from . import Relay, RelayError, answer_json
+from . import Relay, RelayError
 
 
 def sign(secret: str, timestamp_ms: int) -> str:
@@ -61,9 +61,11 @@ class DingTalk(Relay):
         return url, self.body(text)
 
     def check(self, response: requests.Response) -> None:
-        answer = answer_json(response)
+        answer = self.answer_json(response)
         if answer.get("errcode") != 0:
             raise RelayError(
-                f"DingTalk refused the message: errcode {answer.get('errcode')!r}, "
-                f"errmsg {answer.get('errmsg')!r}"
+                self.redact(
+                    f"DingTalk refused the message: errcode {answer.get('errcode')!r}, "
+                    f"errmsg {answer.get('errmsg')!r}"
+                )
             )

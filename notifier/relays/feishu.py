@@ -28,7 +28,7 @@ from typing import Any
 
 import requests
 
-from . import Relay, RelayError, answer_json
+from . import Relay, RelayError
 
 
 def sign(secret: str, timestamp_s: int) -> str:
@@ -42,6 +42,7 @@ class Feishu(Relay):
     name = "feishu"
     max_body_bytes = 20_000
     limit_name = "Feishu's 20 KB request limit"
+    credential_in_path = True  # .../bot/v2/hook/<hook id>
 
     def body(self, text: str) -> dict[str, Any]:
         return {"msg_type": "text", "content": {"text": text}}
@@ -54,10 +55,12 @@ class Feishu(Relay):
         return self.webhook, body
 
     def check(self, response: requests.Response) -> None:
-        answer = answer_json(response)
+        answer = self.answer_json(response)
         code = answer.get("code", answer.get("StatusCode"))
         if code != 0:
             raise RelayError(
-                f"Feishu refused the message: code {code!r}, msg "
-                f"{answer.get('msg', answer.get('StatusMessage'))!r}"
+                self.redact(
+                    f"Feishu refused the message: code {code!r}, msg "
+                    f"{answer.get('msg', answer.get('StatusMessage'))!r}"
+                )
             )
