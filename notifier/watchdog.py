@@ -17,7 +17,11 @@ import time
 from collections.abc import Callable
 
 # Events: (kind, text) to the callback. "ok" once at the first Watchdog; "broken" when the
-# timeout passes; "still_broken" as a reminder; "recovered" when it comes back.
+# timeout passes; "still_broken" as a reminder; "recovered" when it comes back. Events are said
+# in the order of the changes they report: each change and its event happen under one lock
+# (``_saying``), so that a Watchdog arriving while the alarm is being said is said to have
+# recovered after it, never before (the last word printed and the gauge stay right). The
+# callback must not call back into the switch.
 Event = Callable[[str, str], None]
 
 
@@ -34,7 +38,8 @@ class DeadMansSwitch:
         self._on_event = on_event
         self._remind_every = remind_every
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the state, for readers (state, last_age)
+        self._saying = threading.Lock()  # a change and its event, in order
         self._started = clock()
         self._last: float | None = None  # when the last Watchdog arrived
         self._broken_since: float | None = None
@@ -57,6 +62,10 @@ class DeadMansSwitch:
 
     def received(self) -> None:
         """A Watchdog arrived."""
+        with self._saying:
+            self._received()
+
+    def _received(self) -> None:
         now = self._clock()
         with self._lock:
             first = self._last is None
@@ -79,6 +88,10 @@ class DeadMansSwitch:
 
     def check(self) -> None:
         """Fire the alarm (or its reminder) when it is due; called by the thread."""
+        with self._saying:
+            self._check()
+
+    def _check(self) -> None:
         now = self._clock()
         with self._lock:
             never = self._last is None

@@ -827,3 +827,35 @@ def test_a_busy_port_is_said_plainly():
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_dead_mans_switch_says_broken_before_recovered_when_they_race():
+    """A Watchdog that arrives while the alarm is being said (printed, queued) is said to have
+    recovered after it, never before: the last word and the gauge stay right. The alarm's
+    callback is held open while a Watchdog arrives on another thread."""
+    from notifier.watchdog import DeadMansSwitch
+
+    now = [0.0]
+    said: list[str] = []
+    saying_broken, go_on = threading.Event(), threading.Event()
+
+    def on_event(kind: str, _text: str) -> None:
+        if kind == "broken":
+            saying_broken.set()
+            assert go_on.wait(10)
+        said.append(kind)
+
+    switch = DeadMansSwitch(3.0, on_event, clock=lambda: now[0])
+    switch.received()  # "ok": the first Watchdog
+    now[0] = 10.0  # then none for 10 s: the alarm is due
+    alarm = threading.Thread(target=switch.check)
+    alarm.start()
+    assert saying_broken.wait(10)
+    watchdog = threading.Thread(target=switch.received)  # a Watchdog arrives meanwhile
+    watchdog.start()
+    watchdog.join(0.5)  # it says nothing until the alarm has been said
+    go_on.set()
+    alarm.join(10)
+    watchdog.join(10)
+    assert said == ["ok", "broken", "recovered"]
+    assert switch.state == "ok"
