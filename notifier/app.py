@@ -42,14 +42,16 @@ def build_relays(config: NotifierConfig) -> list[Relay]:
 @dataclass
 class Notifier:
     config: NotifierConfig
-    console: Console = field(default_factory=Console)
     metrics: NotifierMetrics = field(default_factory=build_metrics)
+    console: Console | None = None  # stdout, through its queue
     workers: list[RelayWorker] = field(default_factory=list)
     switch: DeadMansSwitch | None = None
     server: Any = None
     port: int = 0
 
     def __post_init__(self) -> None:
+        if self.console is None:
+            self.console = Console(on_dropped=self.metrics.console_dropped.inc)
         self.workers = [
             RelayWorker(
                 relay,
@@ -69,12 +71,17 @@ class Notifier:
     def on_notification(
         self, endpoint: str, notification: Notification, relays: tuple[str, ...] | None = None
     ) -> None:
-        """Print and log each alert, queue the notification for the relays (all of them, or
-        those the webhook URL names); the Watchdog goes to the dead man's switch instead."""
+        """Queue the notification for the relays (all of them, or those the webhook URL
+        names), then print and log each alert (printing never waits for stdout, and the relays
+        come first all the same); the Watchdog goes to the dead man's switch instead."""
         self.metrics.notifications.labels(endpoint, notification.status).inc()
         if endpoint == "watchdog":
             self._watchdog(notification)
             return
+        what = _what(notification)
+        for worker in self._chosen(relays, endpoint):
+            text = relay_text(notification, worker.relay.fits, worker.relay.limit_name)
+            worker.submit(text, what)
         for alert in notification.alerts:
             self.console.print(console_line(alert))
             logger.bind(
@@ -94,10 +101,6 @@ class Notifier:
                 f"... and {notification.truncated_alerts} more alerts Alertmanager left out of "
                 f"this notification (max_alerts); all of them: {notification.external_url}"
             )
-        what = _what(notification)
-        for worker in self._chosen(relays, endpoint):
-            text = relay_text(notification, worker.relay.fits, worker.relay.limit_name)
-            worker.submit(text, what)
 
     def _chosen(self, names: tuple[str, ...] | None, endpoint: str) -> list[RelayWorker]:
         if names is None:
@@ -178,6 +181,7 @@ class Notifier:
         self.switch.stop()
         for worker in self.workers:
             worker.stop()
+        self.console.close()
 
 
 def _what(notification: Notification) -> str:

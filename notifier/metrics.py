@@ -14,6 +14,7 @@ class NotifierMetrics:
     relay_messages: Counter
     relay_failures: Counter
     pipeline_broken: Gauge
+    console_dropped: Counter
 
 
 def build_metrics() -> NotifierMetrics:
@@ -44,6 +45,12 @@ def build_metrics() -> NotifierMetrics:
             "vigil_notifier_pipeline_broken",
             "1 while no Watchdog has arrived from Alertmanager for --watchdog-timeout seconds "
             "(the dead man's switch has fired), else 0.",
+            registry=registry,
+        ),
+        console_dropped=Counter(
+            "vigil_notifier_console_lines_dropped",
+            "Lines not printed on stdout because it was not being read (a full pipe, a paused "
+            "pager): the log on stderr has every notification.",
             registry=registry,
         ),
     )

@@ -859,3 +859,55 @@ def test_the_dead_mans_switch_says_broken_before_recovered_when_they_race():
     watchdog.join(10)
     assert said == ["ok", "broken", "recovered"]
     assert switch.state == "ok"
+
+
+def test_a_stdout_nobody_reads_holds_up_neither_the_webhooks_nor_the_relays(robots, tmp_path):
+    """stdout a pipe that is never read (a reader that stopped, a paused `| less`): once it is
+    full, the notifications still reach the relay, /alerts and /health still answer, the lines
+    that could not be printed are dropped and counted, and SIGTERM still ends the notifier."""
+    feishu = robots("feishu")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_NOTIFIER_")}
+    environment.update(relay_env(None, feishu))
+    with open(tmp_path / "notifier.err", "wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "notifier", "--host", "127.0.0.1", "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=REPO,
+            env=environment,
+        )
+    try:
+        listening = process.stdout.readline().decode()  # then stdout is never read again
+        base_url = f"http://{LISTENING.search(listening).group(1)}"
+        # 10 notifications of 200 alerts: 2,000 lines of about 300 bytes, far more than a
+        # pipe's buffer (64 KiB) and the console's queue hold.
+        for n in range(10):
+            storm = [
+                alert(f"Storm{n}Alert{i:03d}", summary="Engine stalled; " * 10) for i in range(200)
+            ]
+            response = requests.post(base_url + "/alerts", json=payload(*storm), timeout=10)
+            assert response.status_code == 200, response.text
+            assert requests.get(base_url + "/health", timeout=10).status_code == 200
+        wait_until(
+            lambda: all(
+                any(f"Storm{n}Alert000" in text for text in feishu.texts()) for n in range(10)
+            ),
+            60,
+            "every notification at the relay",
+        )
+        metrics = requests.get(base_url + "/metrics", timeout=10).text
+        (dropped,) = re.findall(
+            r"^vigil_notifier_console_lines_dropped_total (\S+)$", metrics, re.M
+        )
+        assert float(dropped) > 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            returncode = process.wait(30)
+        finally:
+            process.kill()
+            process.stdout.close()
+    log = (tmp_path / "notifier.err").read_text()
+    assert returncode == 0, log[-3000:]
+    assert "Traceback" not in log
+    assert log.count("console lines are being dropped") == 1, log[-3000:]
