@@ -692,3 +692,164 @@ def test_the_stack_watches_a_running_engine_instead_of_starting_ours(tmp_path, d
         assert engine.process.poll() is None, "the stack must leave the engine it watches alone"
     finally:
         engine.stop()
+
+
+# --- installing Prometheus and Alertmanager starts no service of theirs (scripts/lib/venv.sh) --
+
+
+class _Install:
+    """ensure_promtool as root with a fake PATH: apt-get, id and systemctl are scripts that
+    record what they are asked; apt-get's install asks policy-rc.d for each package as the
+    packages' maintainer scripts do (invoke-rc.d, deb-systemd-invoke) and records the answer
+    (101: forbidden by policy). The policy-rc.d and the systemd run directory are the test's."""
+
+    def __init__(self, tmp_path: Path, *, install_status: int = 0, install_waits: bool = False):
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir()
+        self.record = tmp_path / "record"
+        self.policy = tmp_path / "policy-rc.d"
+        self.systemd = tmp_path / "run-systemd-system"
+        self.installing = tmp_path / "installing"
+        self._tool("id", "echo 0")
+        self._tool(
+            "apt-get",
+            f"""echo "apt-get $*" >> {self.record}
+[ "$1" = update ] && exit 0
+for package in "$@"; do
+  case "$package" in -*|install) continue ;; esac
+  if [ -x {self.policy} ]; then
+    {self.policy} "$package" start; echo "policy-rc.d $package start: $?" >> {self.record}
+  else
+    echo "$package: no policy-rc.d, started" >> {self.record}
+  fi
+done
+touch {self.installing}
+{"sleep 60" if install_waits else ""}
+exit {install_status}""",
+        )
+        self._tool(
+            "systemctl",
+            f"""echo "systemctl $*" >> {self.record}
+case "$1" in is-enabled) exit 0 ;; is-active) exit 3 ;; esac""",
+        )
+        for name in ("rm", "chmod", "touch", "sleep"):
+            (self.bin / name).symlink_to(shutil.which(name))
+
+    def _tool(self, name: str, body: str) -> None:
+        path = self.bin / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+
+    def command(self) -> list[str]:
+        script = (
+            f"source scripts/lib/venv.sh && _POLICY_RC_D={self.policy} "
+            f"&& _SYSTEMD_RUNNING={self.systemd} && ensure_promtool LOST && echo carried on"
+        )
+        return ["/bin/bash", "-c", script]
+
+    def run(self) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.command(),
+            cwd=REPO,
+            env={"PATH": str(self.bin)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def lines(self) -> list[str]:
+        return self.record.read_text().splitlines() if self.record.exists() else []
+
+
+_DENIED = [
+    "policy-rc.d prometheus start: 101",
+    "policy-rc.d prometheus-alertmanager start: 101",
+]
+
+
+def test_installing_the_packages_starts_no_service_without_systemd(tmp_path):
+    """No policy-rc.d and no systemd (a container without one): invoke-rc.d would start
+    Prometheus on :9090 and Alertmanager on :9093; a policy-rc.d that answers 101 is there
+    for the install alone."""
+    install = _Install(tmp_path)
+    result = install.run()
+    assert result.returncode == 0, result.stderr
+    lines = install.lines()
+    assert lines[0] == "apt-get update -qq"
+    assert lines[1].startswith("apt-get install -y -qq --no-install-recommends prometheus ")
+    assert lines[2:] == _DENIED, lines
+    assert not install.policy.exists(), "the policy-rc.d written for the install is removed"
+    assert "installing prometheus prometheus-alertmanager with apt-get" in result.stderr
+    assert "could not install" not in result.stderr and "carried on" in result.stdout
+
+
+def test_an_administrators_policy_rc_d_is_left_as_it_is(tmp_path):
+    install = _Install(tmp_path)
+    theirs = "#!/bin/sh\n# the administrator's\nexit 101\n"
+    install.policy.write_text(theirs)
+    install.policy.chmod(0o755)
+    result = install.run()
+    assert result.returncode == 0, result.stderr
+    assert install.lines()[2:] == _DENIED
+    assert install.policy.read_text() == theirs
+
+
+def test_where_systemd_runs_the_services_are_disabled_for_the_next_boot(tmp_path):
+    """deb-systemd-invoke heeds policy-rc.d too, but deb-systemd-helper still enables the
+    units: disabled, said."""
+    install = _Install(tmp_path)
+    install.systemd.mkdir()
+    result = install.run()
+    assert result.returncode == 0, result.stderr
+    lines = install.lines()
+    assert lines[2:4] == _DENIED
+    assert "systemctl disable --now --quiet prometheus" in lines
+    assert "systemctl disable --now --quiet prometheus-alertmanager" in lines
+    assert "note: disabled prometheus.service, which installing the package enabled" in (
+        result.stderr
+    )
+
+
+def test_without_systemd_systemctl_is_left_alone(tmp_path):
+    install = _Install(tmp_path)
+    assert install.run().returncode == 0
+    assert not [line for line in install.lines() if line.startswith("systemctl")]
+
+
+def test_a_failed_install_removes_the_policy_rc_d_and_says_so(tmp_path):
+    install = _Install(tmp_path, install_status=100)
+    result = install.run()
+    assert result.returncode == 0, result.stderr
+    assert not install.policy.exists()
+    assert "note: apt-get could not install prometheus prometheus-alertmanager; LOST" in (
+        result.stderr
+    )
+
+
+def test_ctrl_c_during_the_install_removes_the_policy_rc_d_and_stops_the_script(tmp_path):
+    """A policy-rc.d left behind would keep every later install from starting its services."""
+    install = _Install(tmp_path, install_waits=True)
+    with open(tmp_path / "out", "wb") as out:
+        script = subprocess.Popen(
+            install.command(),
+            cwd=REPO,
+            env={"PATH": str(install.bin)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches it
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not install.installing.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert install.installing.exists() and install.policy.exists()
+        os.killpg(script.pid, signal.SIGINT)
+        code = script.wait(30)
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)
+            script.wait(10)
+    output = (tmp_path / "out").read_text()
+    assert code == -signal.SIGINT, output
+    assert not install.policy.exists()
+    assert "carried on" not in output and "could not install" not in output, output

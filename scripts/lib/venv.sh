@@ -98,10 +98,8 @@ ensure_promtool() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${missing[*]} with apt-get (Debian's packages: Prometheus and" \
       "Alertmanager for the alerts, about 30 MB to download)" >&2
-    if apt-get update -qq \
-      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null; then
-      _stop_packaged_services "${missing[@]}"
+    if apt-get update -qq && _install_without_starting "${missing[@]}"; then
+      _disable_packaged_services "${missing[@]}"
     else
       echo "note: apt-get could not install ${missing[*]}; $lost" >&2
     fi
@@ -111,18 +109,54 @@ ensure_promtool() {
   fi
 }
 
-# Debian starts the services of what it just installed where systemd runs (prometheus.service
-# on :9090, prometheus-alertmanager.service on :9093, with Debian's own configuration): they
-# would hold the ports the stack and the tests use. Stopped and disabled, said, for the
-# packages installed just now only.
-_stop_packaged_services() {
-  command -v systemctl >/dev/null 2>&1 || return 0
+# Debian's packages start their services on installing (prometheus on :9090,
+# prometheus-alertmanager on :9093, with Debian's own configuration): they would hold the ports
+# the stack and the tests use. Their maintainer scripts start them through invoke-rc.d (no
+# systemd) or deb-systemd-invoke (systemd), and both first ask /usr/sbin/policy-rc.d, whose exit
+# status 101 means "action forbidden by policy" (init-system-helpers' README.policy-rc.d: "Most
+# people using chroot jails just need an one-line script which returns an exit status of 101";
+# Docker's Debian images ship one). Where there is none, one is written for the install and
+# removed after it, however it ends; one that exists is the administrator's, left as it is.
+_POLICY_RC_D=/usr/sbin/policy-rc.d
+_SYSTEMD_RUNNING=/run/systemd/system  # exists while systemd is the init (sd_booted(3))
+
+# _install_without_starting PACKAGE...: apt-get install, no service started by it.
+_install_without_starting() {
+  if [ -e "$_POLICY_RC_D" ] || [ -L "$_POLICY_RC_D" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    return
+  fi
+  (
+    # Removed however apt-get ends; on a signal (Ctrl-C), the subshell then dies of it, so that
+    # the script that sourced this stops too rather than carrying on without the packages.
+    trap 'rm -f "$_POLICY_RC_D"' EXIT
+    local signal
+    for signal in INT TERM HUP; do
+      # shellcheck disable=SC2064 # expanded now: one trap per signal
+      trap "rm -f \"\$_POLICY_RC_D\"; trap - $signal; kill -$signal \$BASHPID" "$signal"
+    done
+    printf '#!/bin/sh\n# %s\n# %s\nexit 101\n' \
+      "Written by llm-vigil's scripts/lib/venv.sh while apt-get installs $*:" \
+      "no service of theirs starts. Removed when apt-get ends." >"$_POLICY_RC_D" \
+      && chmod 755 "$_POLICY_RC_D" \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" \
+        >/dev/null
+  )
+}
+
+# Where systemd runs, the packages also enable their services for the next boot
+# (deb-systemd-helper, which policy-rc.d does not stop): disabled (and stopped, should one run
+# all the same), said, for the packages installed just now only.
+_disable_packaged_services() {
+  [ -d "$_SYSTEMD_RUNNING" ] && command -v systemctl >/dev/null 2>&1 || return 0
   local package
   for package in "$@"; do
-    if systemctl is-active --quiet "$package" 2>/dev/null; then
+    if systemctl is-enabled --quiet "$package" 2>/dev/null \
+      || systemctl is-active --quiet "$package" 2>/dev/null; then
       systemctl disable --now --quiet "$package" 2>/dev/null \
-        && echo "note: stopped and disabled $package.service, which installing the package" \
-          "started (systemctl enable --now $package brings it back)" >&2
+        && echo "note: disabled $package.service, which installing the package enabled (it" \
+          "would hold its port from the next boot on; systemctl enable --now $package brings" \
+          "it back)" >&2
     fi
   done
   return 0
