@@ -16,7 +16,9 @@
 - The notifier (Alertmanager's webhook receiver) runs from the exporter's image, listens where
   alerts/alertmanager.yml posts (/alerts and /watchdog on 127.0.0.1:5001), takes its optional
   relays (DingTalk, Feishu/Lark) from variables it knows, never from the command line, and
-  Prometheus resends an alert 10 s after it first finds Alertmanager instead of a minute.
+  Prometheus resends alerts after the delay the stack without Docker uses (vigil.stack's
+  RESEND_DELAY: seconds after it first finds Alertmanager instead of a minute, and alerts that
+  stay valid across a short restart of Prometheus).
 - Grafana's data sources have their fixed uids, and the Loki derived field extracts the trace id
   from a real log line of the inference process and links to Tempo.
 - Alloy labels streams with service and level only: never trace_id or request_id.
@@ -1075,17 +1077,21 @@ def test_the_notifier_takes_its_relays_from_the_environment(base):
     assert config.relays == () and (config.host, config.port) == ("127.0.0.1", 5001)
 
 
-def test_prometheus_resends_to_alertmanager_within_seconds(base):
+def test_prometheus_resends_to_alertmanager_as_the_stack_does(base):
     """An alert that fires before Prometheus has found Alertmanager is resent after
-    --rules.alert.resend-delay (default 1m): 10 s, so that the Watchdog reaches the notifier
-    well within its --watchdog-timeout after a start."""
+    --rules.alert.resend-delay (default 1m), which also sets how long Alertmanager keeps each
+    alert firing without a resend (4 x the delay): the value vigil.stack passes and reasons
+    out (RESEND_DELAY; tests/test_stack.py checks its arithmetic), so that the Watchdog reaches
+    the notifier well within its --watchdog-timeout after a start. The engine overrides repeat
+    the base's command (test_prometheus_loads_the_engine_config_beside_the_alerts)."""
     from notifier.config import NotifierConfig
+    from vigil.stack import RESEND_DELAY
 
     (delay,) = flag_values(
         command_list(base["services"]["prometheus"]), "--rules.alert.resend-delay"
     )
-    assert delay == "10s"
-    assert NotifierConfig().watchdog_timeout > 10
+    assert delay == RESEND_DELAY
+    assert NotifierConfig().watchdog_timeout > 2 * int(delay.removesuffix("s"))
 
 
 def test_the_exporter_shares_the_state_directory_and_the_pid_namespace(base):

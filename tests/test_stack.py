@@ -40,11 +40,12 @@ AMTOOL = shutil.which("amtool")
 HAS_PROMETHEUS = shutil.which("prometheus") is not None
 HAS_ALERTMANAGER = bool(shutil.which("prometheus-alertmanager") or shutil.which("alertmanager"))
 HAS_NOTIFIER = vigil_stack.notifier_missing() is None
-# The Watchdog fires at Prometheus's first evaluation; with the resend delay of 10 s it reaches
-# Alertmanager within about 20 s of Prometheus being ready (with Prometheus's default of 1m,
-# after a minute and more whenever the first notification went out before Prometheus had
-# discovered Alertmanager). A bound well under a minute, with room for a busy machine.
-WATCHDOG_BOUND_S = 45
+# The Watchdog fires at Prometheus's first evaluation, at most one evaluation interval (10 s)
+# after Prometheus is ready; when that first send is dropped (Alertmanager not discovered yet),
+# the resend delay of 25 s brings it again at the third evaluation, 30 s later: within about
+# 40 s (with Prometheus's default of 1m, 70 s after the first evaluation). A bound well under a
+# minute, with room for a busy machine.
+WATCHDOG_BOUND_S = 50
 
 
 def start_stack(out: Path, *args: str) -> subprocess.Popen:
@@ -352,7 +353,8 @@ def test_the_default_ports_use_the_shipped_configurations(tmp_path):
     assert not (tmp_path / "alertmanager.yml").exists()
     if "prometheus" in by_name:
         assert _option(by_name["prometheus"], "--config.file") == str(ALERTS / "prometheus.yml")
-        assert _option(by_name["prometheus"], "--rules.alert.resend-delay") == "10s"
+        delay = _option(by_name["prometheus"], "--rules.alert.resend-delay")
+        assert delay == vigil_stack.RESEND_DELAY
     if "alertmanager" in by_name:
         assert _option(by_name["alertmanager"], "--config.file") == str(ALERTS / "alertmanager.yml")
     assert {part.name: part.port for part in parts} == {
@@ -427,6 +429,36 @@ def test_without_the_notifier_the_stack_says_so_and_starts_the_rest(tmp_path, mo
     parts, missing = vigil_stack.plan(_args(), tmp_path)
     assert "notifier" not in [part.name for part in parts]
     assert "notifier: not here" in missing
+
+
+# --- the resend delay: the Watchdog soon after a start, alerts valid across a restart --------
+
+
+def _seconds(duration: str) -> int:
+    value, unit = re.fullmatch(r"(\d+)([sm])", duration).groups()
+    return int(value) * (60 if unit == "m" else 1)
+
+
+def test_the_resend_delay_brings_the_watchdog_soon_and_keeps_alerts_across_a_restart():
+    """The arithmetic of RESEND_DELAY's comment, on the shipped evaluation interval, as
+    Prometheus does it (rules/alerting.go): an alert is sent again at the first evaluation
+    strictly later than its last send plus the delay (Alert.needsSending), and each send is
+    valid at Alertmanager for 4 x max(interval, delay) (AlertingRule.sendAlerts). The
+    Watchdog's first send, at the first evaluation (one interval after the start at most), may
+    be dropped before Alertmanager is discovered; so may the first send after a restart."""
+    config = yaml.safe_load((ALERTS / "prometheus.yml").read_text(encoding="utf-8"))
+    interval = _seconds(config["global"]["evaluation_interval"])
+    delay = _seconds(vigil_stack.RESEND_DELAY)
+    resent_after = (delay // interval + 1) * interval
+    valid_for = 4 * max(interval, delay)
+    assert (interval, delay, resent_after, valid_for) == (10, 25, 30, 100)
+    assert interval + resent_after <= 40, "the Watchdog well within a minute of a start"
+    # The worst case across a restart: the last send a whole resend period before Prometheus
+    # stopped; after the restart, the first evaluation an interval late and its send dropped.
+    restart_tolerated = valid_for - (resent_after + interval + resent_after)
+    assert restart_tolerated >= 30, "a Prometheus restart of 30 s resolves no alert"
+    # What 10s (the value before) gave: a restart of no length at all could resolve them.
+    assert 4 * 10 - (20 + interval + 20) < 0
 
 
 @pytest.mark.parametrize(

@@ -75,14 +75,37 @@ PART_TITLES = {
     "alertmanager": "Alertmanager",
     "notifier": "the notifier, Alertmanager's webhook receiver",
 }
-# Prometheus drops the notifications of rule evaluations that come before it has discovered
-# its Alertmanagers (right after its start), and sends a firing alert again only after
 # --rules.alert.resend-delay, "Minimum amount of time to wait before resending an alert to
-# Alertmanager", 1m by default
-# (https://prometheus.io/docs/prometheus/latest/command-line/prometheus/): the always-firing
-# Watchdog reached Alertmanager a minute after the start. 10 s, one evaluation interval of
-# alerts/prometheus.yml, brings it within seconds; Alertmanager deduplicates the resends.
-RESEND_DELAY = "10s"
+# Alertmanager" (default 1m; https://prometheus.io/docs/prometheus/latest/command-line/prometheus/).
+# Two things hang on it (in Prometheus's source, v2.42.0 as Debian ships it and v3.13.2 as
+# compose runs it alike):
+# - How soon an alert that fired before Prometheus found Alertmanager gets there. Alerts sent
+#   before the Alertmanagers are discovered are dropped (notifier/notifier.go: sendAll finds
+#   none to post to, Manager.Run counts the batch as dropped; static targets come within 5 s
+#   of the start, discovery/manager.go's updatert), and an alert is sent again at the first
+#   evaluation strictly later than its last send plus the delay (rules/alerting.go,
+#   Alert.needsSending), evaluations being exact multiples of the interval apart
+#   (rules/manager.go, Group.EvalTimestamp). With the 10 s evaluation_interval of
+#   alerts/prometheus.yml, any delay from 20 s to under 30 s resends at the third evaluation,
+#   30 s after a send: the Watchdog, fired at the first evaluation, reaches Alertmanager
+#   within some 40 s of the start; with the default, 70 s after that first evaluation.
+# - How long an alert stays firing at Alertmanager without word from Prometheus. Each send
+#   carries EndsAt = its evaluation time + 4 x max(evaluation interval, resend delay)
+#   (rules/alerting.go, AlertingRule.sendAlerts sets ValidUntil; rules/manager.go, SendAlerts
+#   makes it EndsAt); Alertmanager resolves the alert once EndsAt has passed. Alertmanager's
+#   resolve_timeout (5m in alerts/alertmanager.yml) plays no part: it only fills in an EndsAt
+#   left empty (api/v2/api.go, postAlertsHandler, in Alertmanager 0.25), and Prometheus never
+#   leaves it empty.
+# 10s (as before) resent every 20 s and made alerts valid for 40 s: a Prometheus restart whose
+# first send after the start was dropped, however quick, resolved every firing alert, and the
+# notifier printed and relayed RESOLVED for live incidents. 25s resends every 30 s, as 20s
+# would, and keeps alerts valid for 100 s. Across a restart an alert is sent again at most
+# 30 s (since its last send) + the restart + 10 s (the first evaluation) + 30 s (when that
+# send is dropped) after its last send: restarts up to 30 s resolve nothing (up to 60 s when
+# the first send gets through). 30s would give 2 min but resend every 40 s (the Watchdog some
+# 50 s after a start); the default 1m gives 4 min, with a minute's wait. The compose files
+# pass the same value (tests/test_compose.py checks that they agree).
+RESEND_DELAY = "25s"
 
 # Where each engine serves its Prometheus metrics (docs/engines.md, "How each engine's
 # exposition works"), said when the engine's /metrics does not answer.
