@@ -32,6 +32,7 @@ from stack_ports import free_ports, is_free, port_args
 
 from vigil import netproc
 from vigil import stack as vigil_stack
+from vigil.stackparts import Part
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "alerts"
@@ -253,6 +254,24 @@ def test_a_killed_stack_leaves_no_part_running(tmp_path, demo_dir):
     while (busy := [n for n, p in ports.items() if not is_free(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not busy, f"ports still held after the stack was killed: {busy}"
+
+
+def test_a_part_has_its_own_process_group_and_dies_with_its_parent(tmp_path):
+    """What every part gets (Popen's process_group=0, prctl in preexec_fn), as the part itself
+    sees it: SIGKILL as its parent-death signal (PR_GET_PDEATHSIG), a group of its own."""
+    code = (
+        "import ctypes, os; signal = ctypes.c_int(); "
+        "ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(signal), 0, 0, 0); "
+        "print(signal.value, os.getpgid(0) == os.getpid())"
+    )
+    part = Part("probe", [sys.executable, "-c", code], tmp_path / "probe.log")
+    part.start(tmp_path)
+    try:
+        assert part.process.wait(60) == 0
+    finally:
+        part.stop()
+    expected = [str(int(signal.SIGKILL)), "True"] if sys.platform.startswith("linux") else None
+    assert (tmp_path / "probe.log").read_text().split() == expected
 
 
 def test_a_busy_port_stops_the_start_with_one_line_naming_its_holder(tmp_path):

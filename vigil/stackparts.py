@@ -7,8 +7,9 @@ so that the next start found them busy. Each part is started with Linux's
 ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills it when the thread that started it ends
 (the stack starts every part, restarts included, from its main thread, so: when the stack
 ends). SIGKILL rather than SIGTERM: a stack that died could not wait for a graceful stop, and a
-frozen inference process may never finish one. Each part also gets its own process group, so
-that Ctrl-C in the terminal reaches the stack alone, which then stops the parts in order.
+frozen inference process may never finish one. Each part also gets its own process group
+(``process_group=0``), so that Ctrl-C in the terminal reaches the stack alone, which then stops
+the parts in order.
 """
 
 from __future__ import annotations
@@ -49,18 +50,33 @@ def _prctl() -> Callable[..., int] | None:
 _PRCTL = _prctl()  # resolved once, in the parent: the child only calls it
 
 
-def die_with_parent() -> Callable[[], None]:
-    """A ``preexec_fn`` (runs in the child between fork and exec): its own process group, and
-    SIGKILL when the parent ends. Should the parent end before the prctl took effect, the child
-    kills itself at once instead of living on unwatched."""
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks for SIGKILL when the parent ends (None where prctl is not
+    to be had). Should the parent end before the prctl took effect, the child kills itself at
+    once instead of living on unwatched.
+
+    Python's documentation calls preexec_fn unsafe when the process has threads (the notifier's
+    reader thread is alive when later parts and restarts are spawned): between fork and exec
+    the child may block forever on a lock another thread held at the fork. What runs here
+    takes no such lock: a foreign function resolved in the parent (no dlsym, no import), a
+    prctl, getppid and kill (system calls), a comparison; CPython resets its own state after
+    the fork for preexec_fn (PyOS_AfterFork_Child), and glibc's malloc is fork-safe. Nothing
+    here logs, prints, imports or opens a file. The process group is Popen's
+    ``process_group=0``, not a setpgid here, as the documentation advises.
+
+    Why not ``setpriv --pdeathsig KILL`` (util-linux 2.33+), which would need no Python in the
+    child: it is missing on some hosts (this code would still be needed there), and it cannot
+    see that the parent died before its prctl (the check below), a death it would then miss."""
+    if _PRCTL is None:
+        return None
     parent = os.getpid()
+    prctl, getpid, getppid, kill = _PRCTL, os.getpid, os.getppid, os.kill
+    sigkill = int(signal.SIGKILL)
 
     def preexec() -> None:
-        os.setpgid(0, 0)
-        if _PRCTL is not None:
-            _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-            if os.getppid() != parent:
-                os.kill(os.getpid(), signal.SIGKILL)
+        prctl(PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+        if getppid() != parent:
+            kill(getpid(), sigkill)
 
     return preexec
 
@@ -115,7 +131,8 @@ class Part:
             stdin=subprocess.DEVNULL,
             cwd=cwd,
             env=env,
-            preexec_fn=die_with_parent(),  # noqa: PLW1509 - prctl must run in the child
+            process_group=0,
+            preexec_fn=die_with_parent(),  # noqa: PLW1509 - see die_with_parent
         )
         if self.echo:
             self._reader = threading.Thread(
