@@ -15,6 +15,7 @@ import argparse
 import errno
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -272,6 +273,110 @@ def test_a_part_has_its_own_process_group_and_dies_with_its_parent(tmp_path):
         part.stop()
     expected = [str(int(signal.SIGKILL)), "True"] if sys.platform.startswith("linux") else None
     assert (tmp_path / "probe.log").read_text().split() == expected
+
+
+def _alert(index: int) -> dict:
+    """A notification for the notifier's /alerts, its console line over a kilobyte long."""
+    return {
+        "version": "4",
+        "groupKey": '{}:{alertname="DeadConsole"}',
+        "truncatedAlerts": 0,
+        "status": "firing",
+        "receiver": "webhook",
+        "groupLabels": {"alertname": "DeadConsole"},
+        "commonLabels": {"alertname": "DeadConsole"},
+        "commonAnnotations": {},
+        "externalURL": "http://127.0.0.1:9093",
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": {"alertname": "DeadConsole", "severity": "warning"},
+                "annotations": {"summary": f"line {index:04d} " + "x" * 1000},
+                "startsAt": "2026-11-30T01:00:00.000Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://127.0.0.1:9090/graph",
+                "fingerprint": f"{index:016x}",
+            }
+        ],
+    }
+
+
+@pytest.mark.skipif(
+    not (HAS_ALERTMANAGER and HAS_NOTIFIER), reason="the notifier starts only with Alertmanager"
+)
+def test_a_console_that_goes_away_stops_no_notification(tmp_path):
+    """The stack's standard output is a pipe whose reader goes away once the banner is out (a
+    `scripts/stack | tee` whose tee died, say). The stack keeps reading the notifier's output:
+    its console lines keep reaching its log, far past what the pipe from it could hold
+    (64 KiB), the notifier never finds that pipe closed or full, its log says once that the
+    console is gone, and the stack runs on and stops cleanly, its standard error empty."""
+    ports = free_ports()
+    engine = f"http://127.0.0.1:{ports.pop('inference')}"  # nothing listens there
+    run = tmp_path / "run"
+    errors = tmp_path / "stack.err"
+    notifier = f"http://127.0.0.1:{ports['notifier']}"
+    log = run / "logs" / "notifier.log"
+    with open(errors, "wb") as err:
+        stack = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vigil.stack",
+                "--engine",
+                "vigil",
+                "--engine-url",
+                engine,
+                "--run-dir",
+                str(run),
+                *port_args(ports),
+                "--stop-after",
+                "180",  # a bound: the test stops it with Ctrl-C
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=REPO,
+        )
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"Ctrl-C stops everything." not in seen and time.monotonic() < deadline:
+            readable, _, _ = select.select([stack.stdout], [], [], 1)
+            if readable and not (chunk := os.read(stack.stdout.fileno(), 65536)):
+                break
+            seen += chunk if readable else b""
+        assert b"Ctrl-C stops everything." in seen, seen.decode() + errors.read_text()
+        stack.stdout.close()  # the console goes away
+        _wait(lambda: _ok(f"{notifier}/health"), 60, "the notifier", stack, errors)
+        session = requests.Session()
+        for index in range(150):  # some 160 KB of console lines
+            response = session.post(f"{notifier}/alerts", json=_alert(index), timeout=10)
+            assert response.status_code == 200, (index, response.text)
+        assert session.get(f"{notifier}/health", timeout=10).status_code == 200
+        # The console lines themselves (the JSON log on stderr has the summaries too).
+        console_line = "FIRING [warning] DeadConsole: line {:04d} "
+        _wait(
+            lambda: console_line.format(149) in log.read_text(errors="replace"),
+            30,
+            "the notifier's last console line in its log",
+            stack,
+            errors,
+        )
+        text = log.read_text(errors="replace")
+        assert all(console_line.format(index) in text for index in range(150))
+        gone = re.findall(
+            r"^vigil\.stack: the stack's console cannot be written \((.*?)\)", text, re.M
+        )
+        assert gone == ["BrokenPipeError: [Errno 32] Broken pipe"], gone
+        # The pipe from the notifier kept being read: it never found its stdout closed or full.
+        assert "cannot print the notifications on stdout" not in text
+        assert "console lines are being dropped" not in text
+        assert stack.poll() is None, errors.read_text()
+    finally:
+        stack.send_signal(signal.SIGINT)
+        code = stack.wait(60)
+    assert code == 0, errors.read_text()
+    assert errors.read_text() == "", errors.read_text()
+    assert [name for name, port in ports.items() if not is_free(port)] == []
 
 
 def test_a_busy_port_stops_the_start_with_one_line_naming_its_holder(tmp_path):

@@ -10,6 +10,10 @@ ends). SIGKILL rather than SIGTERM: a stack that died could not wait for a grace
 frozen inference process may never finish one. Each part also gets its own process group
 (``process_group=0``), so that Ctrl-C in the terminal reaches the stack alone, which then stops
 the parts in order.
+
+A console that goes away (the stack's standard output a pipe whose reader ended, a terminal
+that hung up) ends nothing: the lines meant for it are dropped, the notifier's lines still go
+to its log file, and every part keeps running.
 """
 
 from __future__ import annotations
@@ -29,12 +33,40 @@ from typing import IO
 PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
 TAIL_LINES = 15
 _console = threading.Lock()
+# Why each stream the console lines went to failed (a broken pipe, say), by stream: nothing is
+# written to it again.
+_lost: dict[IO[str], str] = {}
 
 
-def say(line: str = "", stream: IO[str] | None = None) -> None:
-    """One line on the console (the notifier's reader thread writes there too)."""
+def say(line: str = "", stream: IO[str] | None = None) -> bool:
+    """One line on the console (the notifier's reader thread writes there too); False when the
+    console cannot be written, now or since an earlier line failed (console_lost() says why).
+
+    A failed stream is pointed at /dev/null, as Python's documentation recommends for a
+    BrokenPipeError (signal module, "Note on SIGPIPE"): the bytes left in its buffer, flushed
+    at exit, would fail again and turn the stack's exit status into 120."""
+    target = stream or sys.stdout
     with _console:
-        print(line, file=stream or sys.stdout, flush=True)
+        if target in _lost:
+            return False
+        try:
+            print(line, file=target, flush=True)
+            return True
+        except (OSError, ValueError) as exc:  # EPIPE, EIO from a hung-up terminal; closed
+            _lost[target] = f"{type(exc).__name__}: {exc}"
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, target.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):  # no file descriptor (a test's capture, say)
+                pass
+            return False
+
+
+def console_lost(stream: IO[str] | None = None) -> str | None:
+    """Why the console (``stream``, else standard output) can no longer be written; None while
+    it can."""
+    return _lost.get(stream or sys.stdout)
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -141,14 +173,21 @@ class Part:
             self._reader.start()
 
     def _tee(self, stream: IO[bytes], log: IO[bytes]) -> None:
+        """Each line of the part's standard output into its log, then onto the console. Keeps
+        reading whatever becomes of the console: a reader that stopped would leave the part
+        blocked on a full pipe (the notifier, in the middle of a webhook)."""
+        echo = True
         with stream:
             for raw in stream:
-                say(f"{self.name} | {raw.decode('utf-8', errors='replace').rstrip()}")
-                try:
-                    log.write(raw)
-                    log.flush()
-                except (OSError, ValueError):  # closed by stop() after its wait
-                    pass
+                _write(log, raw)
+                line = raw.decode("utf-8", errors="replace").rstrip()
+                if echo and not say(f"{self.name} | {line}"):
+                    echo = False
+                    _write(
+                        log,
+                        f"vigil.stack: the stack's console cannot be written ({console_lost()}): "
+                        f"{self.name}'s lines from here on are in this file only\n".encode(),
+                    )
 
     def stop(self, grace: float = 15.0) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -164,3 +203,11 @@ class Part:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _write(log: IO[bytes], data: bytes) -> None:
+    try:
+        log.write(data)
+        log.flush()
+    except (OSError, ValueError):  # a full disk; closed by stop() after its wait
+        pass
