@@ -61,6 +61,7 @@ class Notifier:
                 retry_delay=self.config.relay_retry_delay,
                 timeout=self.config.relay_timeout,
                 queue_size=self.config.relay_queue,
+                throttle_wait=self.config.relay_throttle_wait,
             )
             for relay in build_relays(self.config)
         ]
@@ -146,8 +147,9 @@ class Notifier:
         else:
             logger.bind(event=kind).error(text)
         title = "ALERTING PIPELINE BROKEN" if kind != "recovered" else "alerting pipeline recovered"
-        for worker in self.workers:
-            worker.submit(fit_text(f"{TAG} {title}\n\n{text}", worker.relay.fits), title)
+        for worker in self.workers:  # ahead of any backlog of alerts
+            text_fit = fit_text(f"{TAG} {title}\n\n{text}", worker.relay.fits)
+            worker.submit(text_fit, title, urgent=True)
 
     def health(self) -> dict[str, Any]:
         age = self.switch.last_age()

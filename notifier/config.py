@@ -85,13 +85,25 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "relay_attempts",
         positive_int,
-        "Attempts per message and relay before it is given up (logged and printed).",
+        "Attempts per message and relay before it is given up (logged and printed); a refusal "
+        "that no retry changes (a robot's secret, keyword or IP allow-list) is given up at once, "
+        "with what to check.",
         metavar="N",
     ),
     Option(
         "relay_retry_delay",
         positive_float,
         "Seconds before the second attempt; each later one waits twice as long, at most 60 s.",
+        metavar="SECONDS",
+    ),
+    Option(
+        "relay_throttle_wait",
+        positive_float,
+        "Seconds to wait when a robot answers that this notifier sends too fast (DingTalk: "
+        "410100 or 130101, after which it refuses for 10 minutes; Feishu: 11232; HTTP 429) "
+        "before trying again; such waits spend no attempt, at most 12 per message. The "
+        "notifier also keeps to each robot's documented rate (DingTalk 20 a minute; Feishu 5 a "
+        "second, 100 a minute) and sends what waits as one message.",
         metavar="SECONDS",
     ),
     Option(
@@ -128,6 +140,7 @@ class NotifierConfig:
     feishu_secret: str | None = None
     relay_attempts: int = 8  # 2+4+8+16+32+60+60 s of waits: a relay down for three minutes
     relay_retry_delay: float = 2.0
+    relay_throttle_wait: float = 60.0  # x 12: past DingTalk's 10 minutes of throttling
     relay_timeout: float = 10.0
     relay_queue: int = 100
     log_level: str = "INFO"

@@ -518,8 +518,8 @@ def test_relays_sign_as_documented_and_carry_the_alert(start_notifier, robots):
 
 
 def test_a_relay_error_is_retried_with_backoff_until_it_is_taken(start_notifier, robots):
-    dingtalk = robots("dingtalk", [(500, {"error": "internal"}), DINGTALK_BAD_SIGN])
-    feishu = robots("feishu", [FEISHU_BAD_SIGN])
+    dingtalk = robots("dingtalk", [(500, {"error": "internal"}), DINGTALK_BUSY])
+    feishu = robots("feishu", [(503, "<html>Service Unavailable</html>")])
     notifier = start_notifier(*FAST_RETRIES, env=relay_env(dingtalk, feishu))
     assert notifier.post("/alerts", payload(alert())).status_code == 200
 
@@ -530,10 +530,10 @@ def test_a_relay_error_is_retried_with_backoff_until_it_is_taken(start_notifier,
     notifier.wait_for_line(r"relay dingtalk: attempt 1/3 for FIRING .* failed \(HTTP 500")
     notifier.wait_for_line(
         r"relay dingtalk: attempt 2/3 for FIRING .* failed \(DingTalk refused the message: "
-        r"errcode 310000"
+        r"errcode -1, errmsg '系统繁忙'"
     )
     notifier.wait_for_line(r"relay dingtalk: FIRING .* sent at attempt 3")
-    notifier.wait_for_line(r"relay feishu: attempt 1/3 .* failed \(Feishu refused the message")
+    notifier.wait_for_line(r"relay feishu: attempt 1/3 .* failed \(HTTP 503: <html>Service")
     notifier.wait_for_line(r"relay feishu: FIRING .* sent at attempt 2")
     assert notifier.metric("vigil_notifier_relay_failures_total", relay="dingtalk") == 2
     assert notifier.metric("vigil_notifier_relay_failures_total", relay="feishu") == 1
@@ -541,7 +541,7 @@ def test_a_relay_error_is_retried_with_backoff_until_it_is_taken(start_notifier,
 
 
 def test_a_relay_that_keeps_failing_is_given_up_loudly(start_notifier, robots):
-    dingtalk = robots("dingtalk", [DINGTALK_BAD_SIGN] * 10)
+    dingtalk = robots("dingtalk", [DINGTALK_BUSY] * 10)
     notifier = start_notifier(*FAST_RETRIES, env=relay_env(dingtalk, None))
     assert notifier.post("/alerts", payload(alert())).status_code == 200
 
@@ -554,11 +554,158 @@ def test_a_relay_that_keeps_failing_is_given_up_loudly(start_notifier, robots):
     )
     failures = [r for r in notifier.log() if r["message"].startswith("relay attempt failed")]
     assert [r["attempt"] for r in failures] == [1, 2, 3]
-    assert all("errcode 310000" in r["message"] for r in failures)
+    assert all("errcode -1" in r["message"] for r in failures)
     assert (
         notifier.metric("vigil_notifier_relay_messages_total", relay="dingtalk", outcome="gave_up")
         == 1
     )
+
+
+@pytest.mark.parametrize(
+    ("kind", "refusal", "hint"),
+    [
+        ("dingtalk", DINGTALK_BAD_SIGN, "check the robot's security settings in DingTalk"),
+        ("feishu", FEISHU_BAD_SIGN, "check the bot's signing secret in Feishu"),
+        ("feishu", FEISHU_IP_NOT_ALLOWED, "check the bot's IP allow-list in Feishu"),
+        ("feishu", FEISHU_NO_KEYWORD, "check the bot's keywords in Feishu"),
+        ("feishu", (400, {"code": 9499, "msg": "Bad Request", "data": {}}), "could not read"),
+    ],
+)
+def test_a_refusal_no_retry_changes_is_given_up_at_once_with_a_hint(
+    start_notifier, robots, kind, refusal, hint
+):
+    robot = robots(kind, [refusal])
+    env = relay_env(robot, None) if kind == "dingtalk" else relay_env(None, robot)
+    notifier = start_notifier("--relay-attempts", "5", "--relay-retry-delay", "0.2", env=env)
+    assert notifier.post("/alerts", payload(alert())).status_code == 200
+
+    (line,) = notifier.wait_for_line(rf"RELAY FAILED: {kind} refused FIRING")
+    assert hint in line and "not tried again" in line, line
+    assert f"refused the message: {'errcode' if kind == 'dingtalk' else 'code'} " in line
+    # The queue goes on at once: the next notification is sent, and the refused one was
+    # tried once.
+    other = alert("InferenceQueueGrowing", severity="warning", summary="Queue of demo grows")
+    assert notifier.post("/alerts", payload(other)).status_code == 200
+    robot.wait_for_requests(2)
+    assert "InferenceQueueGrowing" in robot.texts()[1] and len(robot.requests) == 2
+    (gave_up,) = [r for r in notifier.log() if r["message"].startswith("relay gave up")]
+    assert gave_up["relay"] == kind and hint in gave_up["hint"] and gave_up["attempts"] == 1
+    assert "trying again" not in notifier.stdout()
+    assert notifier.metric("vigil_notifier_relay_messages_total", relay=kind, outcome="gave_up")
+
+
+def test_a_throttling_robot_is_waited_out_without_spending_attempts(start_notifier, robots):
+    dingtalk = robots("dingtalk", [DINGTALK_TOO_FAST, DINGTALK_THROTTLED])
+    feishu = robots("feishu", [FEISHU_THROTTLED, (429, "<html>Too Many Requests</html>")])
+    notifier = start_notifier(
+        "--relay-attempts", "1", "--relay-throttle-wait", "0.2", env=relay_env(dingtalk, feishu)
+    )
+    assert notifier.post("/alerts", payload(alert())).status_code == 200
+
+    for robot in (dingtalk, feishu):  # one attempt, yet taken at the third request
+        requests_seen = robot.wait_for_requests(3)
+        assert all(r["verified"] for r in requests_seen)
+        notifier.wait_for_line(rf"relay {robot.kind}: FIRING .* sent at attempt 1")
+    (first, second) = notifier.wait_for_line(r"relay dingtalk: .* the robot is throttling", count=2)
+    assert "errcode 410100" in first and "errcode 130101" in second
+    assert "trying again in 0.2 s (wait 1/12, no attempt spent)" in first
+    notifier.wait_for_line(r"relay feishu: .* throttling this notifier \(Feishu refused .* 11232")
+    notifier.wait_for_line(r"relay feishu: .* throttling this notifier \(HTTP 429: <html>Too")
+    assert "RELAY FAILED" not in notifier.stdout()
+    for relay in ("dingtalk", "feishu"):
+        assert notifier.metric("vigil_notifier_relay_failures_total", relay=relay) == 0
+    assert [r["level"] for r in notifier.log() if r["message"].startswith("relay throttled")] == [
+        "WARNING"
+    ] * 4
+
+
+def test_a_storm_is_paced_and_sent_as_digests_that_the_robot_never_throttles(
+    start_notifier, robots
+):
+    """A DingTalk robot that takes 20 messages a minute and answers slowly; 60 notifications
+    at once. They wait for the robot and go as digests, in order, each within the size limit:
+    the robot never throttles, and every alert arrives."""
+    dingtalk = robots("dingtalk", per_minute=20, answer_delay=0.3)
+    notifier = start_notifier(*FAST_RETRIES, env=relay_env(dingtalk, None))
+    names = [f"StormAlert{i:02d}" for i in range(60)]
+    for name in names:
+        assert notifier.post("/alerts", payload(alert(name))).status_code == 200
+    wait_until(
+        lambda: all(any(name in text for text in dingtalk.texts()) for name in names),
+        60,
+        "every alert at the robot",
+        notifier.output,
+    )
+    assert 1 < len(dingtalk.requests) <= 20, [t[:60] for t in dingtalk.texts()]
+    assert all(r["verified"] and r["refusal"] is None for r in dingtalk.requests)
+    joined = "\n".join(dingtalk.texts())
+    assert [joined.index(f"[FIRING:1] {name}") for name in names] == sorted(
+        joined.index(f"[FIRING:1] {name}") for name in names
+    )
+    assert re.search(r"^\[llm-vigil\] \d+ notifications, sent as one message", joined, re.M)
+    wait_until(
+        lambda: (
+            notifier.metric("vigil_notifier_relay_messages_total", relay="dingtalk", outcome="sent")
+            == 60
+        ),
+        30,
+        "60 notifications counted as sent",
+    )
+
+
+def test_the_dead_mans_switch_goes_ahead_of_a_backlog_sent_as_one_digest(robots):
+    """The relay's queue, in the process, to a robot on loopback: 30 messages wait, then the
+    dead man's switch's alarm; the alarm goes first, then the 30 as one message, in order."""
+    from notifier.delivery import RelayWorker
+    from notifier.metrics import build_metrics
+    from notifier.relays.dingtalk import DingTalk
+
+    dingtalk = robots("dingtalk")
+    said: list[str] = []
+    worker = RelayWorker(
+        DingTalk(dingtalk.url, dingtalk.secret),
+        said.append,
+        build_metrics(),
+        attempts=3,
+        retry_delay=0.1,
+        timeout=10,
+        queue_size=100,
+        throttle_wait=0.1,
+    )
+    for i in range(30):
+        worker.submit(f"[llm-vigil] [FIRING:1] Alert{i:02d}\n\ndetails", f"FIRING Alert{i:02d}")
+    worker.submit("[llm-vigil] ALERTING PIPELINE BROKEN\n\n...", "BROKEN", urgent=True)
+    worker.submit("[llm-vigil] alerting pipeline recovered\n\n...", "recovered", urgent=True)
+    worker.start()
+    try:
+        dingtalk.wait_for_requests(3)
+    finally:
+        worker.stop()
+    broken, recovered, backlog = dingtalk.texts()
+    assert broken.startswith("[llm-vigil] ALERTING PIPELINE BROKEN")
+    assert recovered.startswith("[llm-vigil] alerting pipeline recovered")
+    assert backlog.startswith("[llm-vigil] 30 notifications, sent as one message")
+    positions = [backlog.index(f"Alert{i:02d}") for i in range(30)]
+    assert positions == sorted(positions)
+    assert len(dingtalk.requests) == 3 and all(r["verified"] for r in dingtalk.requests)
+    assert not [line for line in said if "RELAY FAILED" in line], said
+
+
+def test_the_rate_limit_keeps_every_window_within_its_count():
+    from notifier.delivery import RateLimit
+
+    now = [100.0]
+    pace = RateLimit([(5, 1.2), (100, 61.0)], clock=lambda: now[0])
+    sent = []
+    while len(sent) < 250:  # as the worker does: wait what it says, then send
+        now[0] += pace.delay()
+        pace.record()
+        sent.append(now[0])
+    for count, period in ((5, 1.2), (100, 61.0)):
+        for i in range(len(sent) - count):
+            assert sent[i + count] - sent[i] >= period - 1e-9, (count, period, i)
+    assert sent[4] == 100.0 and sent[5] == 101.2  # a burst of 5 at once, then paced
+    assert RateLimit([], clock=lambda: 0.0).delay() == 0
 
 
 def test_an_unreachable_relay_is_retried_and_its_credentials_never_shown(start_notifier):

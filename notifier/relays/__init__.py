@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
 
@@ -20,18 +21,43 @@ import requests
 
 
 class RelayError(Exception):
-    """One attempt that failed; the message says what the tool answered (never the secret)."""
+    """One attempt that failed; the message says what the tool answered (never the secret).
+    Tried again after a delay, up to the configured attempts."""
+
+
+class RelayRefused(RelayError):
+    """The tool refused the message in a way another attempt cannot change (its security
+    settings, a request it cannot read): given up at once, with ``hint`` for the person."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.hint = hint
+
+
+class RelayThrottled(RelayError):
+    """The tool says this robot sends too fast: waited out, spending no attempt."""
 
 
 class Relay:
     """A chat tool's custom robot behind a signed webhook."""
 
     name = ""
+    title = ""  # the tool's name in what is said ("DingTalk")
     # The largest request body the tool takes, in bytes (UTF-8 JSON).
     max_body_bytes = 0
     limit_name = ""  # how the limit is named in the note of alerts left out
     # Whether the last segment of the webhook's path is a credential (Feishu's hook id).
     credential_in_path = False
+    # The answer's fields: the error code (0: taken) and its message.
+    code_field = ""
+    message_field = ""
+    # Codes that say the robot sends too fast, and codes of refusals that no retry changes,
+    # each with what a person should check.
+    throttled_codes: frozenset[int] = frozenset()
+    refusals: Mapping[int, str] = MappingProxyType({})
+    # The tool's documented rate limit, kept on this side: at most N requests in any T
+    # seconds, for each (N, T), so that a storm of alerts does not get the robot throttled.
+    rate_limits: tuple[tuple[int, float], ...] = ()
 
     def __init__(self, webhook: str, secret: str | None = None):
         self.webhook = webhook
@@ -47,9 +73,25 @@ class Relay:
         secret: signatures carry the time, so each attempt is signed afresh)."""
         raise NotImplementedError
 
+    def answer_code(self, answer: dict[str, Any]) -> tuple[Any, Any]:
+        """The answer's error code (None: the answer has none) and message."""
+        return answer.get(self.code_field), answer.get(self.message_field)
+
     def check(self, response: requests.Response) -> None:
-        """RelayError unless the tool's answer says the message was taken."""
-        raise NotImplementedError
+        """Nothing when the tool's answer says the message was taken; else RelayThrottled,
+        RelayRefused (with a hint) or RelayError, saying what it answered."""
+        code, message = self.answer_code(self.answer_json(response))
+        if code == 0:
+            return
+        said = self.redact(
+            f"{self.title} refused the message: {self.code_field} {code!r}, "
+            f"{self.message_field} {message!r}"
+        )
+        if code in self.throttled_codes:
+            raise RelayThrottled(said)
+        if code in self.refusals:
+            raise RelayRefused(said, self.refusals[code])
+        raise RelayError(said)
 
     def fits(self, text: str) -> bool:
         """Whether a request carrying ``text`` stays within the tool's size limit."""
@@ -71,20 +113,25 @@ class Relay:
         self.check(response)
 
     def answer_json(self, response: requests.Response) -> dict[str, Any]:
-        """The JSON object of a 2xx answer; RelayError for any other status or body, with the
-        beginning of the body, redacted (a proxy's error page may echo the request's URL)."""
-        snippet = self.redact(response.text[:300])
-        if not 200 <= response.status_code < 300:
-            raise RelayError(f"HTTP {response.status_code}: {snippet}")
+        """The tool's JSON answer: a 2xx one, or one of another status that carries the tool's
+        error code (Feishu answers a bad request with HTTP 400 and code 9499). Else
+        RelayThrottled for HTTP 429 and RelayError otherwise, with the beginning of the body,
+        redacted (a proxy's error page may echo the request's URL)."""
+        status = response.status_code
         try:
             answer = response.json()
         except ValueError:
-            raise RelayError(
-                f"HTTP {response.status_code} with a body that is not JSON: {snippet}"
-            ) from None
-        if not isinstance(answer, dict):
-            raise RelayError(f"HTTP {response.status_code} with an unexpected body: {snippet}")
-        return answer
+            answer = None
+        if isinstance(answer, dict) and self.answer_code(answer)[0] is not None:
+            return answer
+        snippet = self.redact(response.text[:300])
+        if status == 429:
+            raise RelayThrottled(f"HTTP 429: {snippet}")
+        if not 200 <= status < 300:
+            raise RelayError(f"HTTP {status}: {snippet}")
+        if answer is None:
+            raise RelayError(f"HTTP {status} with a body that is not JSON: {snippet}")
+        raise RelayError(f"HTTP {status} with an unexpected body: {snippet}")
 
     def redact(self, text: str) -> str:
         """``text`` without this relay's credentials: the webhook's path and query, each

@@ -9,13 +9,19 @@ guide's Go, Java and Python samples: hmac.new(string_to_sign.encode("utf-8"),
 digestmod=hashlib.sha256)), then Base64. Unlike DingTalk, the timestamp and the signature travel
 in the JSON body, as "timestamp" and "sign".
 
-Size: the guide's troubleshooting for code 9499 "Bad Request" says the request body must not
-exceed 20 K ("请求体大小不能超过20k"): the whole body is kept within 20,000 bytes.
+Size and pace, from the same guide (自定义机器人使用指南, open.larkoffice.com/document/
+ukTMukTMukTM/ucTM5YjL3ETO24yNxkjN): "请求体的数据大小不能超过 20 KB" (the whole body is kept within
+20,000 bytes), and "单租户单机器人 100 次/分钟，5 次/秒", past which it answers 11232 (限流).
 
 The answer is {"code": 0, "msg": "success", "data": {}} on success (older deployments also say
-"StatusCode": 0); any other code (19021 for a bad signature or a timestamp out of the hour, 19024
-for a missing keyword, 9499 for a bad request, 11232 when sending too fast) is a failure and is
-retried.
+"StatusCode": 0). The guide's failures (its answers as blog.csdn.net/qq_43108153/article/details/
+136166075 and blog.csdn.net/zhanglili1993/article/details/136473704 reproduce them) and what the
+notifier does with them:
+- 19021 "sign match fail or timestamp is not within one hour from current time", 19022 "Ip Not
+  Allowed", 19024 "Key Words Not Found", 9499 "Bad Request" (a body it cannot read, or over
+  20 KB): refused, given up at once with a hint;
+- 11232: throttled: waited out, and paced on this side at 5 a second and 100 a minute;
+- anything else: retried.
 """
 
 from __future__ import annotations
@@ -26,9 +32,7 @@ import hmac
 import time
 from typing import Any
 
-import requests
-
-from . import Relay, RelayError
+from . import Relay
 
 
 def sign(secret: str, timestamp_s: int) -> str:
@@ -40,9 +44,29 @@ def sign(secret: str, timestamp_s: int) -> str:
 
 class Feishu(Relay):
     name = "feishu"
+    title = "Feishu"
     max_body_bytes = 20_000
     limit_name = "Feishu's 20 KB request limit"
     credential_in_path = True  # .../bot/v2/hook/<hook id>
+    code_field, message_field = "code", "msg"
+    throttled_codes = frozenset({11232})
+    refusals = {
+        19021: "check the bot's signing secret in Feishu (签名校验; VIGIL_NOTIFIER_FEISHU_SECRET) "
+        "and this machine's clock (a signature is good for an hour)",
+        19022: "check the bot's IP allow-list in Feishu: this machine's public address is not on "
+        "it",
+        19024: "check the bot's keywords in Feishu: every message starts with [llm-vigil]: make "
+        "that a keyword",
+        9499: "Feishu could not read the request (not its format, or over 20 KB): a bug of the "
+        "notifier; please report it with the log",
+    }
+    # 5 a second and 100 a minute; each period made longer for the time a request takes.
+    rate_limits = ((5, 1.2), (100, 61.0))
+
+    def answer_code(self, answer: dict[str, Any]) -> tuple[Any, Any]:
+        if "code" in answer:
+            return answer["code"], answer.get("msg")
+        return answer.get("StatusCode"), answer.get("StatusMessage")  # older deployments
 
     def body(self, text: str) -> dict[str, Any]:
         return {"msg_type": "text", "content": {"text": text}}
@@ -53,14 +77,3 @@ class Feishu(Relay):
             timestamp = int(time.time())
             body = {"timestamp": str(timestamp), "sign": sign(self.secret, timestamp), **body}
         return self.webhook, body
-
-    def check(self, response: requests.Response) -> None:
-        answer = self.answer_json(response)
-        code = answer.get("code", answer.get("StatusCode"))
-        if code != 0:
-            raise RelayError(
-                self.redact(
-                    f"Feishu refused the message: code {code!r}, msg "
-                    f"{answer.get('msg', answer.get('StatusMessage'))!r}"
-                )
-            )
