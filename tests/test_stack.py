@@ -555,6 +555,25 @@ def test_without_the_notifier_the_stack_says_so_and_starts_the_rest(tmp_path, mo
     assert "notifier: not here" in missing
 
 
+def test_without_alertmanager_the_notifier_is_not_started_either(tmp_path, monkeypatch):
+    """The notifier hears only from Alertmanager: started without it, its dead man's switch
+    would report the pipeline broken after 180 s and every hour, of an Alertmanager the banner
+    already says is skipped."""
+    real = vigil_stack._binary
+    monkeypatch.setattr(
+        vigil_stack,
+        "_binary",
+        lambda *names: None if "prometheus-alertmanager" in names else real(*names),
+    )
+    parts, missing = vigil_stack.plan(_args(), tmp_path)
+    names = [part.name for part in parts]
+    assert "notifier" not in names and "alertmanager" not in names
+    assert "exporter" in names
+    expected = "notifier: not started without Alertmanager, whose notifications it receives"
+    assert expected in missing, missing
+    assert any(line.startswith("alertmanager: not installed") for line in missing), missing
+
+
 # --- the resend delay: the Watchdog soon after a start, alerts valid across a restart --------
 
 

@@ -8,11 +8,11 @@ compose, each logging into a file, stopped together on Ctrl-C.
 Parts: the inference process (the embedded demo model unless --model says otherwise; left out,
 with a line that says why, on a light install without the serve extra), the exporter (probing
 the inference process), the notifier (``python -m notifier``: Alertmanager's webhook receiver,
-whose lines also show on the console), and Alertmanager (alerts/alertmanager.yml) and
-Prometheus (alerts/prometheus.yml with alerts/*.rules.yml) when they are installed. The
-inference process is restarted when it exits (the watchdog exits with 75 on a stall), as
-compose's restart policy does. Every part dies with the stack, even when the stack is killed
-(vigil/stackparts.py).
+whose lines also show on the console; started with Alertmanager only), and Alertmanager
+(alerts/alertmanager.yml) and Prometheus (alerts/prometheus.yml with alerts/*.rules.yml) when
+they are installed. The inference process is restarted when it exits (the watchdog exits with
+75 on a stall), as compose's restart policy does. Every part dies with the stack, even when the
+stack is killed, and a console that goes away stops none (vigil/stackparts.py).
 
 Ports, all on 127.0.0.1: inference 8000, exporter 9400, Prometheus 9090, Alertmanager 9093,
 notifier 5001 (those the shipped alerts/prometheus.yml and alerts/alertmanager.yml name), each
@@ -393,10 +393,18 @@ def plan(args: argparse.Namespace, run_dir: Path) -> tuple[list[Part], list[str]
             option="--exporter-port",
         )
     )
-    # Before Alertmanager, which sends it the notifications (the Watchdog's at once).
+    alertmanager = _binary("prometheus-alertmanager", "alertmanager")
+    # The notifier only with Alertmanager, whose notifications it receives: without it, it
+    # would hear nothing, and its dead man's switch would report the pipeline broken after
+    # --watchdog-timeout and every hour, of an Alertmanager the banner says is not there.
+    # Started first, so that it listens when Alertmanager sends (the Watchdog's at once).
     why_not = notifier_missing()
     if why_not:
         missing.append(why_not)
+    elif not alertmanager:
+        missing.append(
+            "notifier: not started without Alertmanager, whose notifications it receives"
+        )
     else:
         notifier = f"http://{HOST}:{ports['notifier']}"
         parts.append(
@@ -411,7 +419,6 @@ def plan(args: argparse.Namespace, run_dir: Path) -> tuple[list[Part], list[str]
                 env={"PYTHONUNBUFFERED": "1"},  # each notification as it comes
             )
         )
-    alertmanager = _binary("prometheus-alertmanager", "alertmanager")
     if alertmanager:
         config = ALERTS / "alertmanager.yml"
         if moved:
