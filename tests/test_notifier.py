@@ -295,6 +295,51 @@ def feishu_signature(secret: str, timestamp: str) -> str:
     return base64.b64encode(mac.digest()).decode()
 
 
+# Known answers, computed apart from any Python (neither tool's page shows a worked example):
+#   printf '%s\n%s' 1700000000000 SECd0c5a11e7e57vect0r \
+#     | openssl dgst -sha256 -hmac SECd0c5a11e7e57vect0r -binary | base64
+#   printf '' | openssl dgst -sha256 -hmac "$(printf '%s\n%s' 1700000000 fe1shu-kn0wn-answer)" \
+#     -binary | base64
+# (OpenSSL 3.0): DingTalk keys the HMAC with the secret over "<ms>\n<secret>"; Feishu keys it
+# with "<s>\n<secret>" over nothing.
+DINGTALK_KNOWN = (
+    "SECd0c5a11e7e57vect0r",
+    1700000000000,
+    "RXcyJpGIszBzxu3vaL9iUpBH3eqn0oNGE9A/7K1O5vg=",
+)
+FEISHU_KNOWN = ("fe1shu-kn0wn-answer", 1700000000, "Mpetn3o4AUuT044m+JNivePLwg+izh4igJkgRhAOf2I=")
+
+
+def test_the_signatures_match_known_answers_computed_with_openssl(monkeypatch):
+    """The stand-in robots check signatures with the formulas written again here; these fixed
+    values, from openssl, anchor both those and the notifier's to the documented algorithm."""
+    import notifier.relays.feishu as feishu_module
+    from notifier.relays import dingtalk, feishu
+
+    secret, timestamp, expected = DINGTALK_KNOWN
+    assert dingtalk.sign(secret, timestamp) == expected
+    assert dingtalk_signature(secret, str(timestamp)) == expected
+    url = dingtalk.signed_url(
+        "https://oapi.dingtalk.com/robot/send?access_token=t", secret, timestamp
+    )
+    assert url == (
+        "https://oapi.dingtalk.com/robot/send?access_token=t&timestamp=1700000000000"
+        "&sign=RXcyJpGIszBzxu3vaL9iUpBH3eqn0oNGE9A%2F7K1O5vg%3D"  # URL-encoded, as documented
+    )
+
+    secret, timestamp, expected = FEISHU_KNOWN
+    assert feishu.sign(secret, timestamp) == expected
+    assert feishu_signature(secret, str(timestamp)) == expected
+    monkeypatch.setattr(feishu_module.time, "time", lambda: timestamp + 0.75)
+    _, body = feishu.Feishu("https://open.feishu.cn/open-apis/bot/v2/hook/x", secret).request("hi")
+    assert body == {
+        "timestamp": "1700000000",
+        "sign": expected,
+        "msg_type": "text",
+        "content": {"text": "hi"},
+    }
+
+
 DINGTALK_OK = (200, {"errcode": 0, "errmsg": "ok"})
 FEISHU_OK = (200, {"code": 0, "msg": "success", "data": {}})
 DINGTALK_BAD_SIGN = (200, {"errcode": 310000, "errmsg": "sign not match"})
