@@ -30,14 +30,17 @@ def build_metrics() -> NotifierMetrics:
         ),
         relay_messages=Counter(
             "vigil_notifier_relay_messages",
-            "Messages a relay finished with, by outcome: sent, gave_up (every attempt failed) "
-            "or dropped (its queue was full, or the notifier stopped first).",
+            "Notifications a relay finished with, by outcome: sent, gave_up (every attempt "
+            "failed, or the robot refused it in a way no retry changes) or dropped (its queue "
+            "was full, or the notifier stopped first). A digest counts each notification in it.",
             ("relay", "outcome"),
             registry=registry,
         ),
         relay_failures=Counter(
             "vigil_notifier_relay_failures",
-            "Failed attempts to send to a relay (each is retried until the attempts run out).",
+            "Failed attempts to send to a relay (retried until the attempts run out, unless "
+            "the robot's answer says no retry would help); a robot that is throttling is waited "
+            "out and not counted.",
             ("relay",),
             registry=registry,
         ),
