@@ -1103,3 +1103,36 @@ def test_a_stdout_nobody_reads_holds_up_neither_the_webhooks_nor_the_relays(robo
     assert returncode == 0, log[-3000:]
     assert "Traceback" not in log
     assert log.count("console lines are being dropped") == 1, log[-3000:]
+
+
+@pytest.mark.skipif(
+    shutil.which("amtool") is None,
+    reason="amtool is not installed (Debian package prometheus-alertmanager)",
+)
+@pytest.mark.parametrize(
+    ("severity", "robots_named"),
+    [("critical", ["dingtalk", "feishu"]), ("warning", ["feishu"]), ("info", ["feishu"])],
+)
+def test_the_examples_send_each_alert_to_the_notifier_once(severity, robots_named):
+    """The notifier prints every notification it receives: one webhook per alert, naming
+    every robot it should reach (amtool says which receivers Alertmanager picks)."""
+    examples = ALERTS / "alertmanager.examples.yml"
+    config = yaml.safe_load(examples.read_text())
+    hooks = {
+        receiver["name"]: [hook["url"] for hook in receiver.get("webhook_configs", [])]
+        for receiver in config["receivers"]
+    }
+    result = subprocess.run(
+        ["amtool", "config", "routes", "test", f"--config.file={examples}"]
+        + [f"severity={severity}", "alertname=InferenceEngineStalled"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    chosen = result.stdout.strip().split(",")
+    to_notifier = [url for name in chosen for url in hooks[name] if "127.0.0.1:5001" in url]
+    assert len(to_notifier) == 1, (chosen, to_notifier)
+    (url,) = to_notifier
+    assert urlsplit(url).path == "/alerts"
+    assert parse_qs(urlsplit(url).query)["relay"][0].split(",") == robots_named
