@@ -34,6 +34,28 @@ def _webhook(text: str) -> str | None:
     return text
 
 
+def _robot_options(tool: str, robot: str, example: str, setting: str) -> tuple[Option, Option]:
+    """A relay's two options: its robot's webhook and its signing secret, neither of which an
+    error ever shows whole."""
+    return (
+        Option(
+            f"{tool}_webhook",
+            _webhook,
+            f"{robot} webhook ({example}): relay every notification there.",
+            metavar="URL",
+            show=url_origin,  # a refused value is shown as scheme://host/… at most
+        ),
+        Option(
+            f"{tool}_secret",
+            optional_str,
+            f"The {robot}'s signing secret ({setting}): its requests are signed with it. Prefer "
+            "the variable to the flag.",
+            metavar="SECRET",
+            show=hidden,
+        ),
+    )
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("host", str, "Address the webhook receiver listens on.", metavar="HOST"),
     Option(
@@ -50,37 +72,17 @@ OPTIONS: tuple[Option, ...] = (
         "relays that alarm; counted from the start until the first Watchdog arrives.",
         metavar="SECONDS",
     ),
-    Option(
-        "dingtalk_webhook",
-        _webhook,
-        "DingTalk custom robot webhook (https://oapi.dingtalk.com/robot/send?access_token=...): "
-        "relay every notification there.",
-        metavar="URL",
-        show=url_origin,  # a refused value is shown as scheme://host/… at most
+    *_robot_options(
+        "dingtalk",
+        "DingTalk custom robot",
+        "https://oapi.dingtalk.com/robot/send?access_token=...",
+        "加签, SEC...",
     ),
-    Option(
-        "dingtalk_secret",
-        optional_str,
-        "The DingTalk robot's signing secret (加签, SEC...): requests are signed with it. Prefer "
-        "the variable to the flag.",
-        metavar="SECRET",
-        show=hidden,
-    ),
-    Option(
-        "feishu_webhook",
-        _webhook,
-        "Feishu/Lark custom bot webhook (https://open.feishu.cn/open-apis/bot/v2/hook/...): "
-        "relay every notification there.",
-        metavar="URL",
-        show=url_origin,  # a refused value is shown as scheme://host/… at most
-    ),
-    Option(
-        "feishu_secret",
-        optional_str,
-        "The Feishu/Lark bot's signing secret (签名校验): requests carry its signature. Prefer "
-        "the variable to the flag.",
-        metavar="SECRET",
-        show=hidden,
+    *_robot_options(
+        "feishu",
+        "Feishu/Lark custom bot",
+        "https://open.feishu.cn/open-apis/bot/v2/hook/...",
+        "签名校验",
     ),
     Option(
         "relay_attempts",
