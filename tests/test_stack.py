@@ -21,7 +21,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -172,9 +174,13 @@ def test_stack_starts_alerts_restarts_the_inference_process_and_stops_on_ctrl_c(
                     out,
                 )
                 assert "Watchdog" in (run / "logs" / "notifier.log").read_text()
-        # Every page the banner prints opens.
+        # Every page the banner prints opens, and shows something.
         for url in [*parts.values(), *pages]:
-            assert requests.get(url, timeout=10).status_code == 200, url
+            response = requests.get(url, timeout=10)
+            assert response.status_code == 200, url
+            assert vigil_stack.NO_WEB_UI not in " ".join(response.text.split()), url
+        if HAS_ALERTMANAGER:
+            _check_alertmanager_page(parts["alertmanager"], ports["alertmanager"], text)
         # A hang: the watchdog exits with 75 and the stack brings the process back.
         requests.post(
             f"{inference}/debug/fault",
@@ -201,6 +207,33 @@ def test_stack_starts_alerts_restarts_the_inference_process_and_stops_on_ctrl_c(
     assert "stopped" in out.read_text()
     for name, port in ports.items():
         assert is_free(port), f"{name}'s port {port} still taken after Ctrl-C: {_taken(port)}"
+
+
+def _check_alertmanager_page(url: str, port: int, banner: str) -> None:
+    """The Alertmanager page the banner prints shows the alerts (the Watchdog among them, when
+    Prometheus runs): its web UI's alerts page where it has one; else (Debian's package, whose
+    / and /#/alerts say it has no web application) the API's alerts and an amtool line that
+    lists them."""
+    base = f"http://127.0.0.1:{port}"
+    root = requests.get(f"{base}/", timeout=10).text
+    if vigil_stack.NO_WEB_UI in " ".join(root.split()):
+        assert url == f"{base}/api/v2/alerts", url
+        names = [alert["labels"]["alertname"] for alert in requests.get(url, timeout=10).json()]
+        command = f"amtool alert query --alertmanager.url={base}"
+        assert re.search(rf"^ {{16}}{re.escape(command)}$", banner, re.M), banner
+        if AMTOOL is not None:
+            listed = subprocess.run(
+                [AMTOOL, *command.split()[1:]], capture_output=True, text=True, timeout=60
+            )
+            assert listed.returncode == 0, listed.stdout + listed.stderr
+            assert all(name in listed.stdout for name in names), (names, listed.stdout)
+    else:
+        assert url == f"{base}/#/alerts", url
+        assert '<script src="script.js">' in root, root[:2000]  # the web UI's application
+        assert requests.get(f"{base}/script.js", timeout=10).status_code == 200
+        names = alertmanager_alerts(port)
+    if HAS_PROMETHEUS:
+        assert "Watchdog" in names, names
 
 
 def _descendants_alive(pids: list[int]) -> list[str]:
@@ -602,6 +635,72 @@ def test_the_resend_delay_brings_the_watchdog_soon_and_keeps_alerts_across_a_res
     assert restart_tolerated >= 30, "a Prometheus restart of 30 s resolves no alert"
     # What 10s (the value before) gave: a restart of no length at all could resolve them.
     assert 4 * 10 - (20 + interval + 20) < 0
+
+
+# --- Alertmanager's page: its web UI's, or the API's where the UI is missing ---------------
+
+
+class _Page(BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Running:
+    def __init__(self, code=None):
+        self.code = code
+
+    def poll(self):
+        return self.code
+
+
+@pytest.mark.parametrize(
+    "body, has_ui",
+    [
+        # Debian's /usr/share/prometheus/alertmanager/no-ui/index.html, its line break kept.
+        (
+            b"<h1>Alertmanager</h1>\n<p>The Debian package of the alertmanager does not "
+            b"include a web\n        application.</p>",
+            False,
+        ),
+        (b'<title>Alertmanager</title></head><body><script src="script.js"></script>', True),
+    ],
+)
+def test_the_alertmanager_page_is_the_ui_where_there_is_one_else_the_api(body, has_ui, tmp_path):
+    handler = type("Page", (_Page,), {"body": body})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        part = Part("alertmanager", [], tmp_path / "log", process=_Running())
+        assert vigil_stack.alertmanager_has_ui(url, part) is has_ui
+    finally:
+        server.shutdown()
+        server.server_close()
+    pages, notes = vigil_stack.alertmanager_pages(url, has_ui)
+    if has_ui:
+        assert (pages, notes) == ([("alerts", f"{url}/#/alerts")], [])
+    else:
+        assert pages == [("alerts as JSON", f"{url}/api/v2/alerts")]
+        assert notes[-1] == f"amtool alert query --alertmanager.url={url}"
+
+
+def test_an_alertmanager_that_never_answers_keeps_the_ui_page(tmp_path):
+    """Nothing listens (and the process has exited): no wait, and the page of Alertmanager's
+    own builds."""
+    port = free_ports(("alertmanager",))["alertmanager"]
+    url = f"http://127.0.0.1:{port}"
+    part = Part("alertmanager", [], tmp_path / "log", process=_Running(1))
+    assert vigil_stack.alertmanager_has_ui(url, part, wait=30) is None
+    assert vigil_stack.alertmanager_pages(url, None) == ([("alerts", f"{url}/#/alerts")], [])
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,11 @@ with a line that says why, on a light install without the serve extra), the expo
 the inference process), the notifier (``python -m notifier``: Alertmanager's webhook receiver,
 whose lines also show on the console; started with Alertmanager only), and Alertmanager
 (alerts/alertmanager.yml) and Prometheus (alerts/prometheus.yml with alerts/*.rules.yml) when
-they are installed. The inference process is restarted when it exits (the watchdog exits with
-75 on a stall), as compose's restart policy does. Every part dies with the stack, even when the
-stack is killed, and a console that goes away stops none (vigil/stackparts.py).
+they are installed. The banner comes once the parts are started, with a page of each that shows
+something (Alertmanager's alerts from its API, and an amtool line, where its web UI is missing,
+as in Debian's package). The inference process is restarted when it exits (the watchdog exits
+with 75 on a stall), as compose's restart policy does. Every part dies with the stack, even
+when the stack is killed, and a console that goes away stops none (vigil/stackparts.py).
 
 Ports, all on 127.0.0.1: inference 8000, exporter 9400, Prometheus 9090, Alertmanager 9093,
 notifier 5001 (those the shipped alerts/prometheus.yml and alerts/alertmanager.yml name), each
@@ -290,6 +292,53 @@ def prometheus_page(binary: str) -> str:
     return "/alerts" if found and int(found[1]) >= 3 else "/classic/alerts"
 
 
+# What Debian's prometheus-alertmanager serves at / and /#/alerts in place of the web UI, which
+# its package leaves out (/usr/share/prometheus/alertmanager/no-ui/index.html): "The Debian
+# package of the alertmanager does not include a web application. Please, use the amtool
+# command-line application to obtain equivalent functionality."
+NO_WEB_UI = "does not include a web application"
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy for 127.0.0.1
+
+
+def alertmanager_pages(url: str, has_ui: bool | None) -> tuple[list[tuple[str, str]], list[str]]:
+    """The pages the banner prints for the Alertmanager at ``url``, and its notes: the alerts
+    page of its web UI; where there is no UI (Debian's package), the alerts as JSON from its
+    API and the amtool command that lists them. ``has_ui`` None (not known): the UI's page, as
+    Alertmanager's own builds have it."""
+    if has_ui is False:
+        return [("alerts as JSON", f"{url}/api/v2/alerts")], [
+            "no web UI in this Alertmanager (Debian's package has none); the alerts in a terminal:",
+            f"amtool alert query --alertmanager.url={url}",
+        ]
+    return [("alerts", f"{url}/#/alerts")], []
+
+
+def alertmanager_has_ui(url: str, part: Part, wait: float = 10.0) -> bool | None:
+    """Whether the Alertmanager at ``url`` serves its web UI at / (False: Debian's page saying
+    it has none), asked until it answers, for ``wait`` seconds at most; None when it did not
+    answer (or ``part`` exited)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with _LOOPBACK.open(f"{url}/", timeout=2) as response:
+                page = response.read(1 << 20).decode("utf-8", errors="replace")
+            return NO_WEB_UI not in " ".join(page.split())
+        except (OSError, ValueError):
+            pass
+        exited = part.process is None or part.process.poll() is not None
+        if exited or time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
+def settle_pages(parts: list[Part]) -> None:
+    """The pages of the parts that can be known only once they run: Alertmanager's."""
+    for part in parts:
+        if part.name == "alertmanager" and part.port is not None:
+            url = f"http://{HOST}:{part.port}"
+            part.pages, part.notes = alertmanager_pages(url, alertmanager_has_ui(url, part))
+
+
 def check_engine(engine: str, url: str, timeout: float = 3.0) -> str:
     """A line on what the engine's /metrics says now (the stack starts all the same: the engine
     may still be loading its model)."""
@@ -423,6 +472,7 @@ def plan(args: argparse.Namespace, run_dir: Path) -> tuple[list[Part], list[str]
         config = ALERTS / "alertmanager.yml"
         if moved:
             config = write_alertmanager_config(run_dir / "alertmanager.yml", ports)
+        alertmanager_url = f"http://{HOST}:{ports['alertmanager']}"
         parts.append(
             Part(
                 "alertmanager",
@@ -434,7 +484,7 @@ def plan(args: argparse.Namespace, run_dir: Path) -> tuple[list[Part], list[str]
                     "--cluster.listen-address=",
                 ],
                 logs / "alertmanager.log",
-                pages=[("alerts", f"http://{HOST}:{ports['alertmanager']}/#/alerts")],
+                pages=alertmanager_pages(alertmanager_url, has_ui=None)[0],  # see settle_pages
                 port=ports["alertmanager"],
                 option="--alertmanager-port",
             )
@@ -603,6 +653,8 @@ def banner(
         say(f"  {part.name:<13} {part.url:<40} log: {part.log_path}")
         for label, url in part.pages[1:]:
             say(f"  {'':<13} {label}: {url}")
+        for note in part.notes:
+            say(f"  {'':<13} {note}")
         if part.echo:
             say(f"  {'':<13} its output also shows here, after '{part.name} | '")
     for line in missing:
@@ -679,12 +731,13 @@ def main(argv: list[str] | None = None) -> int:
             f"({run_dir / 'prometheus.yml'})",
             f"              {check_engine(args.engine, args.engine_url)}",
         ]
-    banner(run_dir, parts, missing, ports, watching)
     started: list[Part] = []
     try:
         for part in parts:
             part.start(REPO)
             started.append(part)
+        settle_pages(parts)  # then the banner, with pages that show something
+        banner(run_dir, parts, missing, ports, watching)
         say("Ctrl-C stops everything.")
         code = supervise(parts, args.stop_after)
     finally:

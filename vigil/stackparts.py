@@ -132,12 +132,14 @@ class Part:
     the exception, e.g. the API base). ``port`` and ``option``: the port it listens on and the
     stack's option that chooses it, checked free before anything starts. ``echo``: its standard
     output also goes to the console, each line after ``name | `` (the notifier's notifications;
-    its log, on standard error, goes to the file only)."""
+    its log, on standard error, goes to the file only). ``notes``: more lines the banner prints
+    under the pages (how else to see what the part has, where it has no page to open)."""
 
     name: str
     command: list[str]
     log_path: Path
     pages: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     port: int | None = None
     option: str | None = None
     restart: bool = False
