@@ -6,9 +6,10 @@
     GET  /health     liveness: 200 and the dead man's switch's state while the server runs
     GET  /metrics    the notifier's own metrics (Prometheus text format)
 
-A webhook is answered 200 as soon as it is printed and queued for the relays (the relays send
-in the background); a body that is not JSON, or not Alertmanager's payload, 400 with a JSON
-error; another path 404; another method 405 with Allow. Request lines are not logged."""
+A webhook is answered 200 as soon as it is queued for the relays and its lines for the console
+(the relays send, and stdout is written, in the background: neither holds up the answer); a
+body that is not JSON, or not Alertmanager's payload, 400 with a JSON error; another path 404;
+another method 405 with Allow. Request lines are not logged."""
 
 from __future__ import annotations
 
