@@ -704,6 +704,21 @@ def test_the_notifiers_console_line_is_info():
     assert alloy_labels("notifier", "Traceback (most recent call last):")["level"] == "error"
 
 
+def test_the_notifiers_console_lines_of_a_failure_are_errors():
+    """A relay that gave up, the alerting pipeline broken: error, as their JSON copies are."""
+    from notifier.console import Console
+
+    printed = io.StringIO()
+    console = Console(printed)
+    console.print("RELAY FAILED: dingtalk did not take FIRING X (1 alert) after 8 attempts")
+    console.print("ALERTING PIPELINE BROKEN: no Watchdog from Alertmanager in 180 s")
+    console.print("alerting pipeline recovered: Watchdog received from Alertmanager")
+    failed, broken, recovered = printed.getvalue().splitlines()
+    assert alloy_labels("notifier", failed)["level"] == "error"
+    assert alloy_labels("notifier", broken)["level"] == "error"
+    assert alloy_labels("notifier", recovered)["level"] == "info"
+
+
 @pytest.mark.parametrize(
     "service, line, level",
     [
