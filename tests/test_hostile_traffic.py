@@ -6,6 +6,7 @@ waits, and the order in which answers arrive)."""
 from __future__ import annotations
 
 import json
+import select
 import shutil
 import socket
 import threading
@@ -54,6 +55,23 @@ def guarded(tmp_path_factory, demo_dir, long_token_model):
         "--max-messages-per-request",
         "1000000",
         model=str(long_token_model),
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, demo_dir):
+    """A server with the default limits (the demo model's context: 2,048 tokens)."""
+    server = start_server(
+        tmp_path_factory.mktemp("plain"),
+        demo_dir,
+        "--served-model-name",
+        "demo",
+        "--header-timeout",
+        str(HEADER_TIMEOUT),
+        "--max-connections",
+        str(MAX_CONNECTIONS),
     )
     yield server
     server.stop()
@@ -252,30 +270,102 @@ def test_a_long_tokenization_holds_up_no_other_request(guarded):
     assert finished["small"] < finished["big"]
 
 
+def _queued_bytes(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
+    """tx_queue and rx_queue of the IPv4 TCP socket local -> remote (/proc/net/tcp): bytes
+    sent and not yet acknowledged, bytes received and not yet read by its process."""
+
+    def hex_address(address: tuple[str, int]) -> str:
+        packed = socket.inet_aton(address[0])[::-1].hex().upper()
+        return f"{packed}:{address[1]:04X}"
+
+    wanted = (hex_address(local), hex_address(remote))
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (fields[1], fields[2]) == wanted:
+            tx, rx = fields[4].split(":")
+            return int(tx, 16), int(rx, 16)
+    return None
+
+
+def _post_whole(server, path: str, body: bytes) -> socket.socket:
+    """A POST of ``body`` on a socket of its own, returned once the server has read every
+    byte of it (the kernel's queues on both sides empty): what follows happens after the
+    upload, while the server works on the body."""
+    sock = _connect(server)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    client, peer = sock.getsockname(), sock.getpeername()
+
+    def all_read() -> bool:
+        ours, theirs = _queued_bytes(client, peer), _queued_bytes(peer, client)
+        # Nothing left to send here, nothing left unread there (or its socket closed).
+        return ours is not None and ours[0] == 0 and (theirs is None or theirs[1] == 0)
+
+    server.wait_for(all_read, what="the server to read the whole body")
+    return sock
+
+
+def _answered(sock: socket.socket) -> bool:
+    """Whether the server has begun to answer on ``sock`` (without reading it)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
 def test_health_answers_while_a_huge_body_is_validated(guarded):
     """219,444 tiny messages (7.5 MB): reading and validating them takes the CPU for a second,
-    off the event loop; /health sent meanwhile is answered first. (A generation meanwhile is
-    slower: the thread that validates holds the GIL between the loop's turns.)"""
-    body = {"model": "demo", "messages": [{"role": "user", "content": "x"}] * 219_444}
-    finished: dict[str, float] = {}
-    answers: dict[str, requests.Response] = {}
+    off the event loop; /health sent once the whole body is in is answered while it is read.
+    (A generation meanwhile is slower: the thread that validates holds the GIL between the
+    loop's turns.)"""
+    body = json.dumps(
+        {"model": "demo", "messages": [{"role": "user", "content": "x"}] * 219_444}
+    ).encode()
+    big = _post_whole(guarded, "/v1/chat/completions", body)
+    try:
+        assert _health(guarded).status_code == 200
+        assert not _answered(big), "the big body was answered before /health"
+        status, error = _json_error(_read_until_closed(big))
+    finally:
+        big.close()
+    assert status == 400  # more messages than the context has tokens
+    assert "219444 messages" in error["message"]
 
-    def send_big() -> None:
-        answers["big"] = requests.post(
-            guarded.url("/v1/chat/completions"), data=json.dumps(body), timeout=120
-        )
-        finished["big"] = time.monotonic()
 
-    big = threading.Thread(target=send_big)
-    big.start()
-    time.sleep(0.3)  # the upload (loopback) is done: the server reads the body
-    answers["health"] = _health(guarded)
-    finished["health"] = time.monotonic()
-    big.join(120)
-    assert answers["health"].status_code == 200
-    assert answers["big"].status_code == 400  # more messages than the context has tokens
-    assert "219444 messages" in answers["big"].json()["error"]["message"]
-    assert finished["health"] < finished["big"]
+# Bodies that json.loads would read in C without a call to Python, holding the GIL (and so
+# the event loop) for seconds even in a worker thread: refused from a count of their values.
+HOSTILE_SHAPES = {
+    "nested-arrays": b'{"model":"demo","messages":[{"role":"user","content":"hi"}],"x":['
+    + b"[]," * (10 * 1024 * 1024)
+    + b"[]]}",
+    "one-big-object": b'{"model":"demo","messages":[{"role":"user","content":"hi"}],"x":{'
+    + b",".join(b'"k%d":0' % i for i in range(2_500_000))
+    + b"}}",
+    "token-ids": b'{"model":"demo","prompt":[' + b"1," * (8 * 1024 * 1024) + b"1]}",
+}
+
+
+@pytest.mark.parametrize("shape", sorted(HOSTILE_SHAPES))
+def test_a_body_of_millions_of_json_values_is_refused_before_it_is_parsed(plain, shape):
+    body = HOSTILE_SHAPES[shape]
+    path = "/v1/completions" if shape == "token-ids" else "/v1/chat/completions"
+    sock = _post_whole(plain, path, body)
+    try:
+        assert _health(plain).status_code == 200
+        status, error = _json_error(_read_until_closed(sock))
+    finally:
+        sock.close()
+    assert status == 400 and error["code"] == "too_many_json_values", error
+    limit = 16 * 4096 + 2048 + 1024  # the default --max-messages-per-request, the context
+    assert f"at most {limit} in one request" in error["message"]
+    assert "--max-messages-per-request" in error["message"]
+    # A request of as many values as the limit allows is read (and refused for its length).
+    prompt = [1] * 2048
+    response = requests.post(
+        plain.url("/v1/completions"), json={"model": "demo", "prompt": prompt}, timeout=30
+    )
+    assert response.json()["error"]["code"] == "context_length_exceeded"
 
 
 def _connection_metrics(server) -> tuple[dict[str, float], float]:

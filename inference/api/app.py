@@ -100,6 +100,26 @@ async def _read_body(request: Request, limit: int) -> bytes:
 LARGE_BODY_BYTES = 64 * 1024
 MAX_OBJECT_MEMBERS = 1024  # no field of the API is an object this large
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+# JSON values a request may need besides its messages and prompt (stop, stream_options...),
+# and per message or content part (the object, its members, the list around the parts).
+VALUES_BESIDES = 1024
+VALUES_PER_MESSAGE = 16
+_COUNT_CHUNK = 1 << 20  # bytes counted per call: the GIL changes hands between calls
+
+
+def count_values(raw: bytes) -> int:
+    """An upper bound on the JSON values in ``raw``: its commas, '[' and '{' (those inside
+    strings count too, and only make it larger). Cheap (C, a few milliseconds for 32 MiB),
+    and counted a megabyte at a time, so that in a worker thread the event loop runs between
+    the calls: ``json.loads`` builds arrays and objects in C holding the GIL, and a body of
+    millions of empty arrays, or one object of millions of members, took the loop for
+    seconds; only the object hook's calls let it run, and arrays have none."""
+    total = 0
+    for start in range(0, len(raw), _COUNT_CHUNK):
+        end = start + _COUNT_CHUNK
+        total += raw.count(b",", start, end) + raw.count(b"[", start, end)
+        total += raw.count(b"{", start, end)
+    return total
 
 
 def _read_object(members: dict[str, Any]) -> dict[str, Any]:
@@ -400,6 +420,7 @@ class InferenceApi:
     def _validate(self, raw: bytes, endpoint: str) -> ChatCompletionRequest | CompletionRequest:
         """The body read and validated against the endpoint's schema, or a 400 that says why
         not (on the event loop or in a worker thread)."""
+        self._check_values(raw)
         body = _parse_json(raw)
         self._check_size(body, endpoint)
         schema = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
@@ -419,6 +440,39 @@ class InferenceApi:
         except ApiError as error:
             error.__traceback__ = error.__context__ = error.__cause__ = None
             raise error from None
+
+    def value_limit(self) -> int:
+        """The most JSON values a body may hold (by ``count_values``): what the most messages
+        and content parts (--max-messages-per-request) and the longest prompt (the model's
+        context: a prompt of N token ids is N values) need, and a little more."""
+        loaded = self.service.loaded
+        context = loaded.context_length if loaded is not None else 0
+        return VALUES_PER_MESSAGE * self.config.max_messages_per_request + context + VALUES_BESIDES
+
+    def _check_values(self, raw: bytes) -> None:
+        """A 400 for a body of more JSON values than any request that can be served holds,
+        before it is parsed (see ``count_values``); a 503 while the model loads, as the limit
+        then lacks the context length."""
+        limit = self.value_limit()
+        if len(raw) <= limit:  # fewer bytes than the limit: fewer values too
+            return
+        found = count_values(raw)
+        if found <= limit:
+            return
+        loaded = self.service.loaded
+        if loaded is None:
+            raise self._unavailable()
+        raise ApiError(
+            400,
+            f"the request body holds up to {found} JSON values (its commas, '[' and '{{' "
+            f"counted, those in strings too); this server reads at most {limit} in one "
+            f"request: {VALUES_PER_MESSAGE} for each of at most "
+            f"{self.config.max_messages_per_request} messages or content parts "
+            "(--max-messages-per-request), "
+            f"one for each of the {loaded.context_length} tokens of the model's context, "
+            f"and {VALUES_BESIDES} more; send fewer or shorter items",
+            code="too_many_json_values",
+        )
 
     def _check_size(self, body: dict[str, Any], endpoint: str) -> None:
         """A 400 for more messages, content parts or prompt items than can be served, before
@@ -465,20 +519,7 @@ class InferenceApi:
             )
         loaded = self.service.loaded
         if not self.service.ready and self.service.watchdog.stall is None or loaded is None:
-            state = self.service.state
-            if state == "loading":
-                message = "the model is still loading; retry shortly"
-            elif state == "failed":
-                message = f"the model failed to load: {self.service.load_error}"
-            else:
-                message = "the engine has stopped; the server is not serving"
-            raise ApiError(
-                503,
-                message,
-                error_type="server_unavailable",
-                code="model_not_ready",
-                headers={"Retry-After": "5"},
-            )
+            raise self._unavailable()
         stall = self.service.watchdog.stall
         if stall is not None and stall.preprocessing is None:
             raise ApiError(
@@ -490,6 +531,23 @@ class InferenceApi:
                 headers={"Retry-After": "5"},
             )
         return loaded
+
+    def _unavailable(self) -> ApiError:
+        """The 503 for a server that does not serve now: loading, failed or stopped."""
+        state = self.service.state
+        if state == "loading":
+            message = "the model is still loading; retry shortly"
+        elif state == "failed":
+            message = f"the model failed to load: {self.service.load_error}"
+        else:
+            message = "the engine has stopped; the server is not serving"
+        return ApiError(
+            503,
+            message,
+            error_type="server_unavailable",
+            code="model_not_ready",
+            headers={"Retry-After": "5"},
+        )
 
     async def _enqueue(
         self,
