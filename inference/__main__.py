@@ -61,11 +61,16 @@ def serve(config: Config, sock: socket.socket, max_connections: int) -> int:
         model=config.model_name,
     )
     service.start()
-    guard = ConnectionGuard(max_connections, config.header_timeout, metrics)
+    guard = ConnectionGuard(
+        max_connections, config.header_timeout, metrics, body_timeout=config.body_timeout
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             http=protocol_class(guard),
+            # No WebSocket route: an upgrade is answered as any other request (a WebSocket
+            # protocol would take the connection over, out of the guard's sight for good).
+            ws="none",
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
             backlog=ACCEPT_BACKLOG,
             log_config=None,

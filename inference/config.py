@@ -112,11 +112,20 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SECONDS",
     ),
     Option(
+        "body_timeout",
+        positive_float,
+        "Seconds a request body may go without a byte arriving, counted from the end of its "
+        "head; past it the connection is closed with 408, so that clients that send a head "
+        "and then stall cannot hold connections (and at --max-connections lock others out).",
+        metavar="SECONDS",
+    ),
+    Option(
         "max_connections",
         optional_positive_int,
         "Most client connections open at once. At the limit a new connection takes the place "
-        "of the one that has waited longest without a request in progress (idle, or still "
-        "sending its head); when every connection has a request in progress it gets 503 and is "
+        "of one without a request in progress: one that sent nothing (idle), else one still "
+        "sending its head, else one whose body has not moved for a second (the longest "
+        "waiting first); when every connection has a request in progress it gets 503 and is "
         "closed. Default: 1000, or fewer where the file-descriptor limit (ulimit -n, raised to "
         "its hard limit as needed) leaves less room; a value the limit cannot hold stops the "
         "start-up.",
@@ -260,6 +269,7 @@ class Config:
     state_dir: str = field(default_factory=default_state_dir)
     api_key: str | None = None
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     max_connections: int | None = None  # None: as many as the descriptor limit allows, <= 1000
     max_batch_size: int = 8
     max_queue: int = 64

@@ -118,7 +118,7 @@ CASES = [
     (
         "nested-too-deeply",
         COMPLETIONS,
-        b'{"model": "demo", "prompt": "x", "a": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+        b'{"model": "demo", "prompt": "x", "a": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
         400,
         "nested too deeply",
     ),
@@ -137,11 +137,18 @@ CASES = [
         "unpaired UTF-16 surrogate",
     ),
     (
-        "a-million-bad-messages",  # the first bad one is named, not a million errors built
+        "many-null-messages",  # counted before they are validated
+        CHAT,
+        b'{"model": "demo", "messages": [' + b"null, " * 60_000 + b"null]}",
+        400,
+        "the request has 60001 message(s) with 0 content part(s) in all; at most 4096 of each",
+    ),
+    (
+        "a-million-values",  # refused from a count of its commas, before it is parsed
         CHAT,
         b'{"model": "demo", "messages": [' + b"null, " * 1_000_000 + b"null]}",
         400,
-        "the request has 1000001 message(s) with 0 content part(s) in all; at most 4096 of each",
+        "the request body holds up to 1000003 JSON values",
     ),
     (
         "many-bad-messages",
@@ -167,9 +174,9 @@ CASES = [
     (
         "prompt-list-over-the-context",
         COMPLETIONS,
-        {"model": "demo", "prompt": [1] * 3_000_000},
+        {"model": "demo", "prompt": [1] * 60_000},
         400,
-        "maximum context length is 2048 tokens, but the prompt is a list of 3000000 items",
+        "maximum context length is 2048 tokens, but the prompt is a list of 60000 items",
     ),
     (
         "large-malformed-json",  # over 64 KiB: read in a worker thread, the same answer

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inference.telemetry.metrics import CONNECTION_CLOSE_REASONS
 
 HEADER_TIMEOUT = 2.0
+BODY_TIMEOUT = 2.0
 MAX_CONNECTIONS = 16
 LONG_TOKEN = "<|" + "z" * 4000 + "|>"
 
@@ -50,12 +51,45 @@ def guarded(tmp_path_factory, demo_dir, long_token_model):
         "demo",
         "--header-timeout",
         str(HEADER_TIMEOUT),
+        "--body-timeout",
+        str(BODY_TIMEOUT),
         "--max-connections",
         str(MAX_CONNECTIONS),
         "--max-messages-per-request",
         "1000000",
         model=str(long_token_model),
     )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory, demo_dir):
+    """A server whose engine hangs at its first decode step until it stops: every completion
+    sent to it is held, a request in progress with its body in. Its head and body deadlines
+    are longer than any test here waits, so that a connection it closes was closed to make
+    room and not for a deadline."""
+    server = start_server(
+        tmp_path_factory.mktemp("frozen"),
+        demo_dir,
+        "--served-model-name",
+        "demo",
+        "--enable-fault-injection",
+        "--stall-timeout",
+        "3600",
+        "--header-timeout",
+        "120",
+        "--body-timeout",
+        "120",
+        "--max-connections",
+        str(MAX_CONNECTIONS),
+    )
+    requests.post(
+        server.url("/debug/fault"),
+        json={"fault": "hang", "stage": "decode", "seconds": None},
+        headers={"Connection": "close"},
+        timeout=30,
+    ).raise_for_status()
     yield server
     server.stop()
 
@@ -110,21 +144,11 @@ def _health(server) -> requests.Response:
     return requests.get(server.url("/health"), headers={"Connection": "close"}, timeout=30)
 
 
-def _busy(server) -> socket.socket:
-    """A connection with a request in progress: its head complete, its body awaited (the
-    server's 100 Continue says the handler reads it)."""
-    sock = _connect(server)
-    sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
-        b"Expect: 100-continue\r\nX-Request-Timeout: 60\r\n\r\n"
-    )
-    reply = b""
-    while b"\r\n\r\n" not in reply:
-        chunk = sock.recv(1024)
-        assert chunk, "closed instead of reading the body"
-        reply += chunk
-    assert reply.startswith(b"HTTP/1.1 100"), reply
-    return sock
+def _held(server) -> socket.socket:
+    """A connection with a request in progress, its body sent and read: a completion that the
+    ``frozen`` server's hung engine holds."""
+    body = json.dumps({"model": "demo", "prompt": "hello", "max_tokens": 4}).encode()
+    return _post_whole(server, "/v1/completions", body, close=False)
 
 
 def _reasons(server) -> set[str]:
@@ -169,37 +193,163 @@ def test_silent_and_slow_connections_are_closed_after_the_header_timeout(guarded
     )
 
 
-def test_at_the_cap_a_connection_waiting_for_its_head_gives_way(guarded):
-    busy = [_busy(guarded) for _ in range(MAX_CONNECTIONS - 1)]
-    silent = _connect(guarded)  # the last place
+def test_at_the_cap_a_connection_waiting_for_its_head_gives_way(frozen):
+    """The deadlines are far off (120 s): the silent connection is closed to make room."""
+    held = [_held(frozen) for _ in range(MAX_CONNECTIONS - 1)]
+    silent = _connect(frozen)  # the last place
     try:
         # /health takes the place of the connection that sent nothing.
-        assert _health(guarded).status_code == 200
+        assert _health(frozen).status_code == 200
         assert _read_until_closed(silent) == b""
-        guarded.wait_for(lambda: "closed_for_room" in _reasons(guarded), what="the eviction")
+        assert "closed_for_room" in _reasons(frozen)
+        assert "idle_connection" not in _reasons(frozen)
     finally:
         silent.close()
-        for sock in busy:
+        for sock in held:
             sock.close()
 
 
-def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(guarded):
-    busy = [_busy(guarded) for _ in range(MAX_CONNECTIONS)]
+def test_at_the_cap_the_silent_give_way_before_the_slow(frozen):
+    """At the cap: first a connection that sent nothing, though one mid-head waited longer;
+    that one when only it is left."""
+    held = [_held(frozen) for _ in range(MAX_CONNECTIONS - 3)]
+    started = _connect(frozen)
+    started.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    _wait_read(frozen, started)
+    silent = [_connect(frozen), _connect(frozen)]  # after the one that began its head
     try:
-        refused = _connect(guarded)
+        assert _health(frozen).status_code == 200
+        assert _read_until_closed(silent[0]) == b""  # the longest silent one gave way
+        assert not _answered(started) and not _answered(silent[1])
+        silent[1].close()
+        held += [_held(frozen), _held(frozen)]  # at the cap, all busy but the one mid-head
+        assert _health(frozen).status_code == 200
+        status, error = _json_error(_read_until_closed(started))
+        assert status == 503 and error["code"] == "too_many_connections"
+    finally:
+        for sock in held + silent + [started]:
+            sock.close()
+
+
+def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(frozen):
+    held = [_held(frozen) for _ in range(MAX_CONNECTIONS)]
+    try:
+        refused = _connect(frozen)
         status, error = _json_error(_read_until_closed(refused))
         refused.close()
         assert status == 503 and error["code"] == "too_many_connections"
         assert f"holds {MAX_CONNECTIONS} connections" in error["message"]
         # A client that sends its request at once reads the same answer.
-        response = _health(guarded)
+        response = _health(frozen)
         assert response.status_code == 503 and response.headers["Retry-After"] == "1"
     finally:
-        for sock in busy:
+        for sock in held:
             sock.close()
     # Room again once the busy ones are gone.
-    guarded.wait_for(lambda: _health(guarded).status_code == 200, what="room for /health")
-    assert "connection_limit" in _reasons(guarded)
+    frozen.wait_for(lambda: _health(frozen).status_code == 200, what="room for /health")
+    assert "connection_limit" in _reasons(frozen)
+
+
+def _stalled_body(server, path: str = "/v1/completions") -> socket.socket:
+    """A request whose head and first bytes of body came, and then nothing."""
+    sock = _connect(server)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n".encode()
+        + b'{"model": "demo", '
+    )
+    _wait_read(server, sock)
+    return sock
+
+
+def test_at_the_cap_a_connection_whose_body_stalled_gives_way(frozen):
+    held = [_held(frozen) for _ in range(MAX_CONNECTIONS - 1)]
+    stalled = _stalled_body(frozen)
+    try:
+        # At the cap, with every other connection busy: a body that moves gives way to none.
+        refused = _connect(frozen)
+        assert _json_error(_read_until_closed(refused))[1]["code"] == "too_many_connections"
+        refused.close()
+        assert not _answered(stalled)
+        time.sleep(1.2)  # a second without a byte of it: stalled
+        assert _health(frozen).status_code == 200
+        status, error = _json_error(_read_until_closed(stalled))
+        assert status == 503 and error["code"] == "too_many_connections"
+        assert "body had stopped arriving" in error["message"]
+    finally:
+        stalled.close()
+        for sock in held:
+            sock.close()
+
+
+def test_a_body_that_stops_arriving_gets_408_after_the_body_timeout(guarded):
+    before, _ = _connection_metrics(guarded)
+    sock = _stalled_body(guarded, "/v1/chat/completions")
+    try:
+        status, error = _json_error(_read_until_closed(sock))
+    finally:
+        sock.close()
+    assert status == 408 and error["code"] == "request_body_timeout"
+    assert f"nothing of it came for {BODY_TIMEOUT:g} s" in error["message"]
+    assert "--body-timeout" in error["message"]
+    after, _ = _connection_metrics(guarded)
+    assert after["slow_request_body"] - before["slow_request_body"] == 1
+    assert "slow_request_body" in _reasons(guarded)
+    # The request is recorded with the server's answer, not as a client that left.
+    guarded.wait_for(
+        lambda: _request_count(guarded, status="408", endpoint="chat") >= 1,
+        what="the request recorded with 408",
+    )
+
+
+def test_a_pipelined_head_begun_during_a_response_gets_the_header_timeout(guarded):
+    """The next request's head began while the first was answered: uvicorn's keep-alive timer
+    would close it in silence; it gets the head deadline and a 408."""
+    sock = _connect(guarded)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHo")
+    reply = _read_until_closed(sock)
+    sock.close()
+    first, _, rest = reply.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200"), reply
+    status, error = _json_error(rest[rest.index(b"HTTP/1.1") :])
+    assert status == 408 and error["code"] == "request_head_timeout"
+
+
+def test_a_websocket_upgrade_is_answered_as_a_request_and_its_connection_let_go(guarded):
+    before = _connection_metrics(guarded)[1]
+    for _ in range(MAX_CONNECTIONS + 2):  # more than the cap: none is left holding a place
+        sock = _connect(guarded)
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        assert _read_until_closed(sock).startswith(b"HTTP/1.1 200")
+        sock.close()
+    guarded.wait_for(
+        lambda: _connection_metrics(guarded)[1] <= before, what="the upgraded connections let go"
+    )
+    assert _health(guarded).status_code == 200
+
+
+def test_a_malformed_header_line_is_not_echoed(guarded):
+    """h11's message quotes the line, token and all; neither the answer nor the log does."""
+    secret = b"sk-SECRET-" + str(time.time_ns()).encode()
+    sock = _connect(guarded)
+    sock.sendall(
+        b"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization : Bearer " + secret + b"\r\n\r\n"
+    )
+    reply = _read_until_closed(sock)
+    sock.close()
+    status, error = _json_error(reply)
+    assert status == 400 and error["message"] == (
+        "the request is not valid HTTP/1.1: a header line is malformed"
+    )
+    assert secret not in reply
+    guarded.wait_for(
+        lambda: "a header line is malformed" in guarded.log_path.read_text(),
+        what="the log line",
+    )
+    assert secret.decode() not in guarded.log_path.read_text()
 
 
 def test_an_over_long_head_gets_431_and_a_bad_one_400_in_json(guarded):
@@ -287,16 +437,24 @@ def _queued_bytes(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int,
     return None
 
 
-def _post_whole(server, path: str, body: bytes) -> socket.socket:
+def _post_whole(server, path: str, body: bytes, close: bool = True) -> socket.socket:
     """A POST of ``body`` on a socket of its own, returned once the server has read every
     byte of it (the kernel's queues on both sides empty): what follows happens after the
     upload, while the server works on the body."""
     sock = _connect(server)
     sock.sendall(
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        f"Content-Length: {len(body)}\r\nX-Request-Timeout: 100\r\n".encode()
+        + (b"Connection: close\r\n" if close else b"")
+        + b"\r\n"
         + body
     )
+    _wait_read(server, sock)
+    return sock
+
+
+def _wait_read(server, sock: socket.socket) -> None:
+    """Until the server has read everything sent on ``sock`` so far."""
     client, peer = sock.getsockname(), sock.getpeername()
 
     def all_read() -> bool:
@@ -304,8 +462,7 @@ def _post_whole(server, path: str, body: bytes) -> socket.socket:
         # Nothing left to send here, nothing left unread there (or its socket closed).
         return ours is not None and ours[0] == 0 and (theirs is None or theirs[1] == 0)
 
-    server.wait_for(all_read, what="the server to read the whole body")
-    return sock
+    server.wait_for(all_read, what="the server to read what was sent")
 
 
 def _answered(sock: socket.socket) -> bool:
@@ -384,9 +541,22 @@ def _connection_metrics(server) -> tuple[dict[str, float], float]:
     return closed, opened
 
 
+def _request_count(server, **labels: str) -> float:
+    text = requests.get(server.url("/metrics"), headers={"Connection": "close"}, timeout=30).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "inference_requests_total"
+        and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 def test_every_connection_the_server_closes_is_counted_by_reason(guarded):
     """The log sums the closed connections per interval; the counter counts each one."""
     before, _ = _connection_metrics(guarded)
+    kept = requests.Session()  # kept alive after its answer, then quiet: uvicorn's timer
+    assert kept.get(guarded.url("/health"), timeout=30).status_code == 200
     silent = [_connect(guarded) for _ in range(3)]
     try:
         _, opened = _connection_metrics(guarded)
@@ -400,7 +570,15 @@ def test_every_connection_the_server_closes_is_counted_by_reason(guarded):
     bad.sendall(b"NOT HTTP AT ALL\r\n\r\n")
     _read_until_closed(bad)
     bad.close()
+    guarded.wait_for(
+        lambda: (
+            _connection_metrics(guarded)[0]["keep_alive_timeout"] > before["keep_alive_timeout"]
+        ),
+        what="the kept-alive connection closed by the keep-alive timer",
+    )
+    kept.close()
     after, opened = _connection_metrics(guarded)
+    assert after["keep_alive_timeout"] - before["keep_alive_timeout"] == 1
     assert after.get("idle_connection", 0) - before.get("idle_connection", 0) == 3
     assert after.get("invalid_http_request", 0) - before.get("invalid_http_request", 0) == 1
     assert opened >= 1  # the scrape's own; the closed ones are gone

@@ -46,7 +46,7 @@ from ..vision.preprocess import (
     run_processor,
     template_prompt,
 )
-from .errors import ApiError, from_validation_error
+from .errors import CLOSED_BY_SERVER, ApiError, from_validation_error
 from .prompts import (
     chat_prompt_ids,
     completion_chars,
@@ -394,6 +394,9 @@ class InferenceApi:
                 code="deadline_exceeded",
             ) from None
         except ClientDisconnect:
+            closed_by_server = request.scope.get(CLOSED_BY_SERVER)
+            if isinstance(closed_by_server, ApiError):  # the body timed out, or gave way
+                raise closed_by_server from None
             raise ApiError(
                 CLIENT_CLOSED,
                 "the client disconnected while sending the request",

@@ -7,6 +7,11 @@ import json
 from pydantic import ValidationError
 from starlette.responses import Response
 
+# The scope key under which the HTTP protocol leaves the error it closed a request's connection
+# with (a body that stopped arriving, one that gave way at the connection cap): the request's
+# handler sees only a disconnect, and records this instead.
+CLOSED_BY_SERVER = "vigil.closed_by_server"
+
 
 class ApiError(Exception):
     def __init__(

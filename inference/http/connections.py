@@ -2,16 +2,19 @@
 
 Every connection holds a file descriptor, and a process that runs out of them can neither
 accept a client nor open a file. The cap is therefore sized to the descriptor limit
-(``ulimit -n``), raised towards its hard limit as servers written in Go do; and at the cap the
-connection that has waited longest without a request in progress (an idle kept-alive one, or
-one still sending its head: the slow and the silent) is closed to make room, so that a crowd
-of them cannot lock real clients out. Only when every connection has a request in progress is
-a new one refused.
+(``ulimit -n``), raised towards its hard limit as servers written in Go do; and at the cap a
+connection without a request in progress is closed to make room, so that a crowd of slow or
+silent ones cannot lock real clients out. Which one, in this order: one that has sent nothing
+of a request (new, or kept alive after a response; the longest waiting first), then one still
+sending its head (likewise), then one whose request body has not moved for a second (the
+longest stalled first). Only when every connection has a request in progress, its body in or
+still arriving, is a new one refused.
 """
 
 from __future__ import annotations
 
 import resource
+import time
 from typing import Any, Protocol
 
 from loguru import logger
@@ -68,8 +71,13 @@ def reserve_descriptors(requested: int | None) -> int:
     return cap
 
 
+BODY_STALLED_S = 1.0  # a body with nothing new for this long may give way at the cap
+
+
 class Connection(Protocol):
     """What the guard needs of a connection (the protocol object of ``protocol.py``)."""
+
+    body_input_at: float  # when the last piece of its request body came (time.monotonic)
 
     def give_way(self) -> None: ...
 
@@ -84,9 +92,10 @@ class ConnectionObserver(Protocol):
 
 
 class ConnectionGuard:
-    """The open connections of one server, and those of them that wait for a request head.
+    """The open connections of one server, and where each one stands.
 
-    Used from the event loop only. ``waiting`` is insertion-ordered, the longest waiting first.
+    Used from the event loop only. Each line (``idle``, ``heads``, ``bodies``) is insertion
+    ordered: the longest there first.
     """
 
     def __init__(
@@ -94,46 +103,85 @@ class ConnectionGuard:
         max_connections: int,
         header_timeout: float,
         observer: ConnectionObserver | None = None,
+        body_timeout: float = 30.0,
     ):
         self.max_connections = max_connections
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.observer = observer
         self._logs: dict[str, RefusalLog] = {}  # one per reason: each kind logged in full once
         self.open: set[Connection] = set()
-        self.waiting: dict[Connection, None] = {}
+        self.idle: dict[Connection, None] = {}  # nothing of a request received
+        self.heads: dict[Connection, None] = {}  # part of a request head received
+        self.bodies: dict[Connection, None] = {}  # a request body arriving, nothing answered
 
     def admit(self, connection: Connection) -> bool:
-        """Take a new connection, closing the longest waiting one at the cap; False when every
-        open connection has a request in progress (the new one is then refused)."""
+        """Take a new connection, closing one without a request in progress at the cap (see
+        the module's docstring); False when every open connection has one (the new one is
+        then refused)."""
         if len(self.open) >= self.max_connections:
-            victim = next(iter(self.waiting), None)
+            victim = self._victim()
             if victim is None:
                 return False
             self.forget(victim)
             victim.give_way()
         self.open.add(connection)
-        self.waiting[connection] = None
+        self.idle[connection] = None
         self._count_open()
         return True
 
-    def await_head(self, connection: Connection) -> None:
-        """The connection waits for a request head (it keeps its place in line if it did)."""
-        if connection in self.open:
-            self.waiting.setdefault(connection, None)
+    def _victim(self) -> Connection | None:
+        for line in (self.idle, self.heads):
+            for connection in line:
+                return connection
+        now = time.monotonic()
+        stalled = [c for c in self.bodies if now - c.body_input_at >= BODY_STALLED_S]
+        return min(stalled, key=lambda c: c.body_input_at, default=None)
+
+    def await_head(self, connection: Connection, begun: bool = False) -> None:
+        """The connection waits for a request head (``begun``: part of it came); it keeps its
+        place in its line if it was there already."""
+        if connection not in self.open:
+            return
+        wanted, other = (self.heads, self.idle) if begun else (self.idle, self.heads)
+        other.pop(connection, None)
+        self.bodies.pop(connection, None)
+        wanted.setdefault(connection, None)
+
+    def receive_body(self, connection: Connection) -> None:
+        """The connection's request head is in and its body arriving; nothing is answered."""
+        if connection not in self.open:
+            return
+        self.idle.pop(connection, None)
+        self.heads.pop(connection, None)
+        self.bodies.setdefault(connection, None)
 
     def busy(self, connection: Connection) -> None:
         """A request is in progress on the connection: it is not closed to make room."""
-        self.waiting.pop(connection, None)
+        self.idle.pop(connection, None)
+        self.heads.pop(connection, None)
+        self.bodies.pop(connection, None)
 
     def forget(self, connection: Connection) -> None:
         if connection in self.open:
             self.open.discard(connection)
             self._count_open()
-        self.waiting.pop(connection, None)
+        self.busy(connection)
+
+    @property
+    def waiting(self) -> list[Connection]:
+        """The connections without a request in progress, in the order they would give way
+        (those with a stalled body aside)."""
+        return [*self.idle, *self.heads]
 
     def _count_open(self) -> None:
         if self.observer is not None:
             self.observer.connections_open(len(self.open))
+
+    def count(self, reason: str) -> None:
+        """A connection the server closed in the ordinary way (counted, not logged)."""
+        if self.observer is not None:
+            self.observer.connection_closed(reason)
 
     def log(self, reason: str, message: str, *args: Any, **fields: Any) -> None:
         """A warning logged in full the first time per interval for each reason, and summed

@@ -252,11 +252,14 @@ METRICS: tuple[MetricSpec, ...] = (
         ("model", "reason"),
         "Client connections the server closed or refused, by reason: idle_connection (nothing "
         "sent within --header-timeout), slow_request_head (a head not complete within it: 408), "
+        "slow_request_body (nothing of a request body within --body-timeout: 408), "
         "slow_unread_body (the rest of an answered request's body too slow), closed_for_room "
-        "(the longest waiting connection, closed at --max-connections for a new one), "
-        "connection_limit (a new connection refused with 503: every open one busy), "
-        "invalid_http_request (400) and request_head_too_large (431). Connections the clients "
-        "closed are not counted.",
+        "(a connection without a request in progress, closed at --max-connections for a new "
+        "one), connection_limit (a new connection refused with 503: every open one busy), "
+        "invalid_http_request (400), request_head_too_large (431) and keep_alive_timeout (a "
+        "kept-alive connection that sent nothing within 5 s of a response; the only reason not "
+        "logged). Connections the clients closed, and those closed by a server that stops, are "
+        "not counted.",
     ),
     M(
         "inference_prefill_batch_size",

@@ -27,11 +27,13 @@ STEP_STAGES = ("vision", "prefill", "decode")
 CONNECTION_CLOSE_REASONS = (
     "idle_connection",
     "slow_request_head",
+    "slow_request_body",
     "slow_unread_body",
     "closed_for_room",
     "connection_limit",
     "invalid_http_request",
     "request_head_too_large",
+    "keep_alive_timeout",
 )
 CUDA_SAMPLE_EVERY_STEPS = 64
 HEARTBEAT_PUBLISH_S = 0.25
