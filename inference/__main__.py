@@ -8,6 +8,7 @@ import gc
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from vigil import extras
 from vigil.listen import bind_error, bind_tcp
@@ -29,6 +30,28 @@ def _bind(config: Config) -> socket.socket:
     return sock
 
 
+def server_config(app: Any, guard: Any) -> Any:
+    """uvicorn's configuration: the guarded h11 protocol, no WebSocket protocol."""
+    import uvicorn
+
+    from .http.connections import ACCEPT_BACKLOG
+    from .http.protocol import MAX_HEAD_BYTES, protocol_class
+
+    return uvicorn.Config(
+        app,
+        http=protocol_class(guard),
+        # No WebSocket route: an upgrade is answered as any other request (a WebSocket
+        # protocol, were websockets or wsproto installed, would take the connection over, out
+        # of the guard's sight for good: its place at the cap never given back).
+        ws="none",
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        backlog=ACCEPT_BACKLOG,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
 def serve(config: Config, sock: socket.socket, max_connections: int) -> int:
     import torch
     import transformers
@@ -37,8 +60,7 @@ def serve(config: Config, sock: socket.socket, max_connections: int) -> int:
 
     from . import __version__
     from .api.app import build_app
-    from .http.connections import ACCEPT_BACKLOG, ConnectionGuard
-    from .http.protocol import MAX_HEAD_BYTES, protocol_class
+    from .http.connections import ConnectionGuard
     from .service import InferenceService
     from .telemetry.metrics import InferenceMetrics, prepare_multiprocess_dir
     from .telemetry.recorder import RequestRecorder
@@ -64,20 +86,7 @@ def serve(config: Config, sock: socket.socket, max_connections: int) -> int:
     guard = ConnectionGuard(
         max_connections, config.header_timeout, metrics, body_timeout=config.body_timeout
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            http=protocol_class(guard),
-            # No WebSocket route: an upgrade is answered as any other request (a WebSocket
-            # protocol would take the connection over, out of the guard's sight for good).
-            ws="none",
-            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-            backlog=ACCEPT_BACKLOG,
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=5,
-        )
-    )
+    server = uvicorn.Server(server_config(app, guard))
     # Everything imported so far (torch, transformers: some 400,000 objects) lives as long as
     # the process: out of the collector's sight, a full collection takes microseconds instead
     # of a fifth of a second, during which no thread, the event loop included, would run.

@@ -331,6 +331,17 @@ def test_a_websocket_upgrade_is_answered_as_a_request_and_its_connection_let_go(
     assert _health(guarded).status_code == 200
 
 
+def test_the_server_runs_no_websocket_protocol():
+    """Were websockets or wsproto installed, uvicorn's default (ws="auto") would hand an
+    upgraded connection to it, and the guard would never see it close."""
+    from inference.__main__ import server_config
+    from inference.http.connections import ConnectionGuard
+
+    config = server_config(lambda scope, receive, send: None, ConnectionGuard(4, 1.0))
+    config.load()
+    assert config.ws == "none" and config.ws_protocol_class is None
+
+
 def test_a_malformed_header_line_is_not_echoed(guarded):
     """h11's message quotes the line, token and all; neither the answer nor the log does."""
     secret = b"sk-SECRET-" + str(time.time_ns()).encode()
