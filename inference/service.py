@@ -18,6 +18,7 @@ from loguru import logger
 from vigil.statedir import remove_identity, write_identity
 
 from . import __version__
+from .api.tokenizers import make_copies
 from .config import Config
 from .doctor.startup import StartupCheckFailed, run_startup_checks
 from .engine.engine import Engine
@@ -44,6 +45,7 @@ class InferenceService:
         self.load_started_ns: int | None = None  # perf_counter_ns, for the watchdog
         self.load_duration_s: float | None = None
         self.loaded: LoadedModel | None = None
+        self.api_tokenizers: tuple[Any, ...] = ()  # the API's copies of the tokenizer
         self.engine: Engine | None = None
         self._loader: threading.Thread | None = None
         self.faults = FaultInjector() if config.enable_fault_injection else None
@@ -135,6 +137,9 @@ class InferenceService:
             # The engine decodes while the API thread tokenizes: each gets its own tokenizer,
             # as fast tokenizers are not safe to share across threads.
             engine_view.tokenizer = copy.deepcopy(loaded.tokenizer)
+            # And the API's tokenizer pool its own, made here rather than by the first requests:
+            # a deep copy holds the GIL, and with it the event loop (api/tokenizers.py).
+            api_tokenizers = make_copies(loaded.tokenizer)
             kv_cache = kv_cache_shape(loaded.model.config, loaded.dtype.itemsize)
             engine = Engine(
                 engine_view,
@@ -165,6 +170,7 @@ class InferenceService:
             self._write_identity()
             return
         self.load_duration_s = time.perf_counter() - started
+        self.api_tokenizers = api_tokenizers
         self.loaded, self.engine = loaded, engine
         self.state = "loaded"
         # The model's objects (modules, parameters, the tokenizers) live as long as the process,

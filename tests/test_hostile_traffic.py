@@ -597,3 +597,40 @@ def test_every_connection_the_server_closes_is_counted_by_reason(guarded):
     # the connection layer logged in this module's tests is one of them.
     assert set(before) == set(CONNECTION_CLOSE_REASONS)
     assert _reasons(guarded) <= set(CONNECTION_CLOSE_REASONS)
+
+
+def test_the_tokenizer_pool_uses_the_copies_made_at_load_and_keeps_one_for_short_prompts():
+    """No request copies a tokenizer (a deep copy holds the GIL for a third of a second with a
+    large vocabulary): the pool hands out the copies the loader made, and long prompts never
+    hold the last one."""
+    import asyncio
+
+    from inference.api.tokenizers import TokenizerPool
+
+    copies = (object(), object(), object())
+    pool = TokenizerPool(long_chars=10)
+    gate = threading.Event()
+    used: list[tuple[str, object]] = []
+
+    def work(name: str, wait: bool):
+        def run(tokenizer: object) -> str:
+            used.append((name, tokenizer))
+            if wait:
+                gate.wait(30)
+            return name
+
+        return run
+
+    async def scenario() -> list[str]:
+        longs = [
+            asyncio.ensure_future(pool.run(copies, 100, work(f"long{i}", True))) for i in range(3)
+        ]
+        await asyncio.sleep(0.2)  # two long prompts hold two tokenizers; the third waits
+        short = await pool.run(copies, 1, work("short", False))
+        gate.set()
+        return [short, *await asyncio.gather(*longs)]
+
+    finished = asyncio.run(scenario())
+    assert finished == ["short", "long0", "long1", "long2"]
+    assert {id(tokenizer) for _, tokenizer in used} <= {id(c) for c in copies}
+    assert [name for name, _ in used][:3] == ["long0", "long1", "short"]

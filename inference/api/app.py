@@ -571,16 +571,16 @@ class InferenceApi:
                 )
             else:
                 # Tokenizing a long prompt takes a while: off the event loop, with a tokenizer of
-                # the pool, which keeps one for short prompts (see tokenizers.py).
+                # the pool (copied at load), which keeps one for short prompts (tokenizers.py).
                 messages = content.messages
                 prompt_ids, prompt_text = await self._tokenizers.run(
-                    loaded.tokenizer,
+                    self.service.api_tokenizers,
                     prompt_chars(messages),
                     lambda tokenizer: chat_prompt_ids(loaded, messages, tokenizer),
                 )
         else:
             prompt_ids, prompt_text = await self._tokenizers.run(
-                loaded.tokenizer,
+                self.service.api_tokenizers,
                 completion_chars(parsed),
                 lambda tokenizer: completion_prompt_ids(loaded, parsed, tokenizer),
             )
