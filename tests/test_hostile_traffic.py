@@ -634,3 +634,57 @@ def test_the_tokenizer_pool_uses_the_copies_made_at_load_and_keeps_one_for_short
     assert finished == ["short", "long0", "long1", "long2"]
     assert {id(tokenizer) for _, tokenizer in used} <= {id(c) for c in copies}
     assert [name for name, _ in used][:3] == ["long0", "long1", "short"]
+
+
+def test_request_bodies_past_the_memory_budget_get_503(plain):
+    """The API holds at most 8 x --max-body-bytes of bodies at once: eight uploads of the
+    largest body under way, a ninth is refused before a byte of it is read."""
+    limit = 32 * 1024 * 1024  # the default --max-body-bytes
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {limit}\r\n\r\n"
+    ).encode()
+    uploads = [_connect(plain) for _ in range(8)]
+    try:
+        for sock in uploads:
+            sock.sendall(head + b"{")
+            _wait_read(plain, sock)
+        refused = _connect(plain)
+        refused.sendall(head + b"{")
+        status, error = _json_error(_read_until_closed(refused))
+        refused.close()
+        assert status == 503 and error["code"] == "request_bodies_over_budget"
+        assert f"limit of {8 * limit} bytes (8 x --max-body-bytes)" in error["message"]
+        assert not any(_answered(sock) for sock in uploads)
+    finally:
+        for sock in uploads:
+            sock.close()
+    plain.wait_for(
+        lambda: _request_count(plain, status="503", endpoint="chat") >= 1,
+        what="the refusal counted",
+    )
+    # Given back once the uploads are gone.
+    plain.wait_for(
+        lambda: (
+            requests.post(
+                plain.url("/v1/chat/completions"),
+                data=b"{" + b" " * (limit - 2) + b"}",
+                headers={"Connection": "close"},
+                timeout=60,
+            ).status_code
+            == 400
+        ),
+        what="room for a body of the largest size",
+    )
+
+
+def test_the_wait_for_a_tokenizer_is_bounded_by_the_deadline(guarded):
+    """A prompt of 4 MB takes seconds to tokenize; with half a second left it gets 504."""
+    response = requests.post(
+        guarded.url("/v1/completions"),
+        json={"model": "demo", "prompt": "word " * 800_000},
+        headers={"X-Request-Timeout": "0.5", "Connection": "close"},
+        timeout=120,
+    )
+    assert response.status_code == 504, response.text
+    error = response.json()["error"]
+    assert error["code"] == "deadline_exceeded" and "tokenizing the prompt" in error["message"]

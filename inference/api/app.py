@@ -73,7 +73,42 @@ def _request_id(request: Request, endpoint: str) -> str:
     return prefix + uuid.uuid4().hex
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+BODY_BUDGET_BODIES = 8  # request bodies held at once (their bytes): 8 x --max-body-bytes
+
+
+class BodyBudget:
+    """The bytes of request bodies the API holds at once, while they are read, wait for a
+    parse thread and are parsed: without a bound, a crowd of clients each sending 32 MiB would
+    have the process hold all of it. Used from the event loop only."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        """Hold ``size`` more bytes, or a 503 when that would pass the limit."""
+        if self.held + size > self.limit:
+            raise ApiError(
+                503,
+                f"the server holds {self.held} bytes of request bodies being read or parsed, "
+                f"and this one would pass its limit of {self.limit} bytes "
+                f"({BODY_BUDGET_BODIES} x --max-body-bytes); retry shortly",
+                error_type="server_unavailable",
+                code="request_bodies_over_budget",
+                headers={"Retry-After": "1"},
+            )
+        self.held += size
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
+async def _read_body(
+    request: Request, limit: int, budget: BodyBudget | None = None, held: list[int] | None = None
+) -> bytearray:
+    """The request's body, at most ``limit`` bytes (413 past it); with a ``budget``, its bytes
+    are taken from it as they come (what is taken is added to ``held[0]``, for the caller to
+    give back). A bytearray grown in place: no second copy of the whole, as a join makes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(
@@ -81,17 +116,23 @@ async def _read_body(request: Request, limit: int) -> bytes:
             f"the request body is {declared} bytes, above the limit of {limit} bytes",
             code="request_too_large",
         )
-    chunks, size = [], 0
+    if budget is not None and held is not None and declared.isdigit():
+        budget.take(int(declared))  # all of it at once: refused before a byte is read
+        held[0] += int(declared)
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise ApiError(
                 413,
                 f"the request body is over the limit of {limit} bytes",
                 code="request_too_large",
             )
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if budget is not None and held is not None and len(body) + len(chunk) > held[0]:
+            more = len(body) + len(chunk) - held[0]  # no Content-Length: taken as it comes
+            budget.take(more)
+            held[0] += more
+        body += chunk
+    return body
 
 
 # A body this large is parsed and validated in a worker thread: reading hundreds of thousands
@@ -214,6 +255,7 @@ class InferenceApi:
         # Large bodies are read two at a time at most: each takes a CPU, and memory several
         # times its size while it is being read.
         self._large_bodies = ThreadPoolExecutor(2, thread_name_prefix="parse")
+        self._body_budget = BodyBudget(BODY_BUDGET_BODIES * self.config.max_body_bytes)
         self._preprocess_slot = asyncio.Lock()
         self._image_limits = ImageLimits(
             max_header_pixels=self.config.max_image_header_pixels,
@@ -384,8 +426,21 @@ class InferenceApi:
         self, request: Request, call: _Call, timeout_s: float
     ) -> ChatCompletionRequest | CompletionRequest:
         """Read the body within the deadline and validate it against the endpoint's schema."""
+        held = [0]  # bytes taken from the budget, given back once the body is parsed
         try:
-            raw = await asyncio.wait_for(_read_body(request, self.config.max_body_bytes), timeout_s)
+            return await self._read_and_validate(request, call, timeout_s, held)
+        finally:
+            if held[0]:
+                self._body_budget.give_back(held[0])
+
+    async def _read_and_validate(
+        self, request: Request, call: _Call, timeout_s: float, held: list[int]
+    ) -> ChatCompletionRequest | CompletionRequest:
+        try:
+            raw = await asyncio.wait_for(
+                _read_body(request, self.config.max_body_bytes, self._body_budget, held),
+                timeout_s,
+            )
         except TimeoutError:
             raise ApiError(
                 408,
@@ -406,10 +461,7 @@ class InferenceApi:
         if len(raw) < LARGE_BODY_BYTES:
             parsed = self._validate(raw, call.endpoint)
         else:
-            loop = asyncio.get_running_loop()
-            parsed = await loop.run_in_executor(
-                self._large_bodies, self._validate_in_thread, raw, call.endpoint
-            )
+            parsed = await self._validate_large(request, raw, call, held, timeout_s)
         call.record.stream = parsed.stream
         call.record.request_params = {
             "max_tokens": parsed.requested_max_tokens,
@@ -419,6 +471,50 @@ class InferenceApi:
             "presence_penalty": parsed.presence_penalty,
         }
         return parsed
+
+    async def _validate_large(
+        self, request: Request, raw: bytearray, call: _Call, held: list[int], timeout_s: float
+    ) -> ChatCompletionRequest | CompletionRequest:
+        """``_validate`` in a parse thread, waited for within the request's deadline and while
+        the client stays: a request given up before its turn is never parsed; one given up
+        while it is, has its budget given back when the thread is done with the bytes."""
+        deadline_ns = call.arrival_ns + int(timeout_s * 1e9)
+        job = self._large_bodies.submit(self._validate_in_thread, raw, call.endpoint, deadline_ns)
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.wrap_future(job)
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+        try:
+            remaining = max((deadline_ns - time.perf_counter_ns()) / 1e9, 0)
+            done, _ = await asyncio.wait(
+                {waiting, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            watcher.cancel()
+        if waiting in done:
+            return waiting.result()
+        if not job.cancel():  # the thread is at it: the budget goes back when it is done
+            taken, held[0] = held[0], 0
+            job.add_done_callback(
+                lambda _: loop.call_soon_threadsafe(self._body_budget.give_back, taken)
+            )
+        waiting.add_done_callback(lambda future: future.cancelled() or future.exception())
+        if watcher in done:
+            raise ApiError(
+                CLIENT_CLOSED,
+                "the client disconnected before its request was read",
+                error_type="client_closed_request",
+                code="client_disconnected",
+            )
+        raise self._deadline_error("reading the request's body")
+
+    @staticmethod
+    def _deadline_error(what: str) -> ApiError:
+        return ApiError(
+            504,
+            f"{what} did not finish within the request's deadline",
+            error_type="timeout",
+            code="deadline_exceeded",
+        )
 
     def _validate(self, raw: bytes, endpoint: str) -> ChatCompletionRequest | CompletionRequest:
         """The body read and validated against the endpoint's schema, or a 400 that says why
@@ -433,11 +529,14 @@ class InferenceApi:
             raise from_validation_error(exc) from None
 
     def _validate_in_thread(
-        self, raw: bytes, endpoint: str
+        self, raw: bytes, endpoint: str, deadline_ns: int
     ) -> ChatCompletionRequest | CompletionRequest:
-        """``_validate`` in a worker thread. A 400 leaves without the frames and the pydantic
-        error it came from, which hold the parsed body: freeing hundreds of thousands of objects
-        takes tens of milliseconds, here rather than on the event loop."""
+        """``_validate`` in a worker thread, unless the request's deadline passed while it
+        waited for one. A 400 leaves without the frames and the pydantic error it came from,
+        which hold the parsed body: freeing hundreds of thousands of objects takes tens of
+        milliseconds, here rather than on the event loop."""
+        if time.perf_counter_ns() >= deadline_ns:
+            raise self._deadline_error("reading the request's body")
         try:
             return self._validate(raw, endpoint)
         except ApiError as error:
@@ -573,16 +672,16 @@ class InferenceApi:
                 # Tokenizing a long prompt takes a while: off the event loop, with a tokenizer of
                 # the pool (copied at load), which keeps one for short prompts (tokenizers.py).
                 messages = content.messages
-                prompt_ids, prompt_text = await self._tokenizers.run(
-                    self.service.api_tokenizers,
+                prompt_ids, prompt_text = await self._tokenize(
                     prompt_chars(messages),
                     lambda tokenizer: chat_prompt_ids(loaded, messages, tokenizer),
+                    deadline_ns,
                 )
         else:
-            prompt_ids, prompt_text = await self._tokenizers.run(
-                self.service.api_tokenizers,
+            prompt_ids, prompt_text = await self._tokenize(
                 completion_chars(parsed),
                 lambda tokenizer: completion_prompt_ids(loaded, parsed, tokenizer),
+                deadline_ns,
             )
         if self.recorder.log_prompts:
             call.record.prompt_text = prompt_text
@@ -615,6 +714,19 @@ class InferenceApi:
         call.record.generation = generation
         if self.service.metrics is not None:
             self.service.metrics.in_flight.inc()
+
+    async def _tokenize(
+        self, chars: int, work: Callable[[Any], tuple[list[int], str]], deadline_ns: int
+    ) -> tuple[list[int], str]:
+        """``work`` with a tokenizer of the pool, waited for (the turn and the work) within the
+        request's deadline: a 504 past it."""
+        remaining = max((deadline_ns - time.perf_counter_ns()) / 1e9, 0)
+        try:
+            return await asyncio.wait_for(
+                self._tokenizers.run(self.service.api_tokenizers, chars, work), remaining
+            )
+        except TimeoutError:
+            raise self._deadline_error("tokenizing the prompt") from None
 
     def _read_content(self, parsed: ChatCompletionRequest, loaded: LoadedModel) -> ChatContent:
         """The messages' text and image parts; a 400 for a bad part, an image for a text-only
