@@ -465,3 +465,14 @@ def test_a_busy_port_and_its_listener_on_this_machine():
         )
     assert try_bind("127.0.0.1", port) is None
     assert try_bind("192.0.2.1", 0).errno == errno.EADDRNOTAVAIL  # not this machine's
+
+
+@pytest.mark.parametrize("host", ["[::1]", "127.0.0.1:80", "localhost:8000", "[::1]:80"])
+def test_a_host_with_brackets_or_a_port_is_told_to_drop_them(host: str):
+    from vigil.listen import bind_error, bind_tcp
+
+    with pytest.raises(OSError) as caught:
+        bind_tcp(host, 0)
+    message = bind_error(host, 8123, caught.value, busy="")
+    assert "without brackets or port" in message and "--port" in message
+    assert "[[" not in message and "does not resolve" not in message

@@ -6,9 +6,16 @@ could take it, and every server explains a failure the same way."""
 from __future__ import annotations
 
 import errno
+import re
 import socket
 
 ANY_ADDRESS_HINT = "--host takes an address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
+BARE_ADDRESS_HINT = (
+    "--host takes an address without brackets or port, e.g. 127.0.0.1 or ::1 (the port goes "
+    "in --port)"
+)
+# An address in brackets (as URLs write IPv6), or one with a port (host:port, IPv4 or a name).
+_NOT_BARE = re.compile(r"\[.*|.*\]|[^:]+:\d*")
 
 
 def bind_tcp(host: str, port: int) -> socket.socket:
@@ -41,13 +48,15 @@ def try_bind(host: str, port: int) -> OSError | None:
 
 def host_port(host: str, port: int) -> str:
     """host:port as a URL writes it (an IPv6 address in brackets)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def bind_error(host: str, port: int, exc: OSError, busy: str) -> str:
     """Why host:port cannot be bound, and what to do about it, in one sentence; ``busy`` is the
     server's own question for a port in use (e.g. "is another exporter using that port?")."""
     where = f"cannot listen on {host_port(host, port)}"
+    if _NOT_BARE.fullmatch(host):  # [::1], 127.0.0.1:80: an IPv6 bind of a name that is none
+        return f"cannot listen on {host!r} (port {port}): {BARE_ADDRESS_HINT}"
     if isinstance(exc, socket.gaierror):  # a name, not an address, and it does not resolve
         return f"{where}: the name {host!r} does not resolve ({exc.strerror}); {ANY_ADDRESS_HINT}"
     if exc.errno == errno.EADDRNOTAVAIL:
