@@ -53,6 +53,7 @@ from .prompts import (
     completion_prompt_ids,
     prompt_chars,
     sampling_params,
+    too_long,
 )
 from .responses import ChunkWriter, completion_body
 from .schemas import ChatCompletionRequest, CompletionRequest, FaultRequest
@@ -524,9 +525,16 @@ class InferenceApi:
         self._check_size(body, endpoint)
         schema = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
         try:
-            return schema.model_validate(body)
+            parsed = schema.model_validate(body)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
+        loaded = self.service.loaded
+        messages = getattr(parsed, "messages", None)
+        if loaded is not None and messages is not None and len(messages) > loaded.context_length:
+            # Each message costs a token at least: refused here (a worker thread for a large
+            # body), not after reading them all on the event loop (_read_content).
+            raise too_long(loaded, f"{len(messages)} messages", len(messages), "messages")
+        return parsed
 
     def _validate_in_thread(
         self, raw: bytes, endpoint: str, deadline_ns: int
