@@ -62,6 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _benchutil, serving_
 from _benchutil import CpuMeter  # noqa: E402
 from serving_efficiency import add_server_options, check_server_options, start_server  # noqa: E402
 
+from vigil.netproc import tcp_queues  # noqa: E402
+
 GOAL_MS = 100.0
 MESSAGES = 219_444
 
@@ -112,21 +114,6 @@ def _descriptors(pid: int) -> int:
         return -1
 
 
-def _queued_bytes(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
-    """tx_queue and rx_queue of the IPv4 TCP socket local -> remote (/proc/net/tcp)."""
-
-    def hex_address(address: tuple[str, int]) -> str:
-        return f"{socket.inet_aton(address[0])[::-1].hex().upper()}:{address[1]:04X}"
-
-    wanted = (hex_address(local), hex_address(remote))
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if (fields[1], fields[2]) == wanted:
-            tx, rx = fields[4].split(":")
-            return int(tx, 16), int(rx, 16)
-    return None
-
-
 def _send_body(port: int, body: bytes, in_server: threading.Event) -> bytes:
     """POST the body on a socket of its own; ``in_server`` is set from the moment the server
     has read all of it until its answer arrives. The answer's status line."""
@@ -139,7 +126,7 @@ def _send_body(port: int, body: bytes, in_server: threading.Event) -> bytes:
         ours, theirs = sock.getsockname(), sock.getpeername()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            mine, server = _queued_bytes(ours, theirs), _queued_bytes(theirs, ours)
+            mine, server = tcp_queues(ours, theirs), tcp_queues(theirs, ours)
             if mine is not None and mine[0] == 0 and (server is None or server[1] == 0):
                 break
             time.sleep(0.001)

@@ -19,6 +19,7 @@ from conftest import chat_body, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from inference.telemetry.metrics import CONNECTION_CLOSE_REASONS
+from vigil.netproc import tcp_queues
 
 HEADER_TIMEOUT = 2.0
 BODY_TIMEOUT = 2.0
@@ -431,23 +432,6 @@ def test_a_long_tokenization_holds_up_no_other_request(guarded):
     assert finished["small"] < finished["big"]
 
 
-def _queued_bytes(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
-    """tx_queue and rx_queue of the IPv4 TCP socket local -> remote (/proc/net/tcp): bytes
-    sent and not yet acknowledged, bytes received and not yet read by its process."""
-
-    def hex_address(address: tuple[str, int]) -> str:
-        packed = socket.inet_aton(address[0])[::-1].hex().upper()
-        return f"{packed}:{address[1]:04X}"
-
-    wanted = (hex_address(local), hex_address(remote))
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if (fields[1], fields[2]) == wanted:
-            tx, rx = fields[4].split(":")
-            return int(tx, 16), int(rx, 16)
-    return None
-
-
 def _post_whole(server, path: str, body: bytes, close: bool = True) -> socket.socket:
     """A POST of ``body`` on a socket of its own, returned once the server has read every
     byte of it (the kernel's queues on both sides empty): what follows happens after the
@@ -469,7 +453,7 @@ def _wait_read(server, sock: socket.socket) -> None:
     client, peer = sock.getsockname(), sock.getpeername()
 
     def all_read() -> bool:
-        ours, theirs = _queued_bytes(client, peer), _queued_bytes(peer, client)
+        ours, theirs = tcp_queues(client, peer), tcp_queues(peer, client)
         # Nothing left to send here, nothing left unread there (or its socket closed).
         return ours is not None and ours[0] == 0 and (theirs is None or theirs[1] == 0)
 

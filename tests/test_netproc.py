@@ -476,3 +476,23 @@ def test_a_host_with_brackets_or_a_port_is_told_to_drop_them(host: str):
     message = bind_error(host, 8123, caught.value, busy="")
     assert "without brackets or port" in message and "--port" in message
     assert "[[" not in message and "does not resolve" not in message
+
+
+def test_tcp_queues_of_a_connection_on_this_machine():
+    """Bytes the server has not read wait in its socket's rx_queue until it reads them."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        with client, accepted:
+            ours, theirs = client.getsockname(), accepted.getsockname()
+            assert netproc.tcp_queues(theirs, ours) == (0, 0)
+            client.sendall(b"x" * 1000)
+            deadline = time.monotonic() + 10
+            while netproc.tcp_queues(theirs, ours) != (0, 1000) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert netproc.tcp_queues(theirs, ours) == (0, 1000)
+            assert accepted.recv(2000)
+            assert netproc.tcp_queues(theirs, ours)[1] < 1000
+    assert netproc.tcp_queues(("127.0.0.1", 1), ("127.0.0.1", 2)) is None

@@ -54,6 +54,7 @@ __all__ = [
     "listening_inodes_of_pid_netns",
     "one_line",
     "pids_holding",
+    "tcp_queues",
 ]
 
 TCP_LISTEN = 0x0A  # the ``st`` column: TCP_LISTEN in include/net/tcp_states.h
@@ -121,6 +122,35 @@ def _ipv6(hex_ip: str) -> str:
     if address.ipv4_mapped is not None:  # one spelling whatever the Python version
         return f"::ffff:{address.ipv4_mapped}"
     return str(address)
+
+
+def tcp_queues(
+    local: tuple[str, int], remote: tuple[str, int], proc: Path = PROC
+) -> tuple[int, int] | None:
+    """``(tx_queue, rx_queue)`` of the IPv4 TCP connection ``local`` -> ``remote`` in this
+    network namespace: bytes sent and not yet acknowledged, bytes received and not yet read by
+    the process that holds it (so a body has reached a server once its rx_queue drains); None
+    when there is no such connection."""
+    wanted = (local[0], local[1], remote[0], remote[1])
+    try:
+        lines = (proc / "net" / "tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        (local_ip, local_port), (remote_ip, remote_port) = (
+            field.partition(":")[::2] for field in fields[1:3]
+        )
+        try:
+            seen = (_ipv4(local_ip), int(local_port, 16), _ipv4(remote_ip), int(remote_port, 16))
+        except ValueError:
+            continue
+        if seen == wanted:
+            tx, _, rx = fields[4].partition(":")
+            return int(tx, 16), int(rx, 16)
+    return None
 
 
 def _parse_line(line: str, family: int) -> ListeningSocket | None:
