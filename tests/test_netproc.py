@@ -39,6 +39,18 @@ TCP6_HEADER = (
 V6_ANY = "0" * 32
 
 
+def _deny_fds(monkeypatch, proc: Path, pid: int) -> None:
+    """/proc/<pid>/fd reads as another user's process: permission denied."""
+    listdir = os.listdir
+
+    def guarded_listdir(path):
+        if Path(path) == proc / str(pid) / "fd":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(netproc.os, "listdir", guarded_listdir)
+
+
 def tcp_line(n: int, local: str, remote: str, state: str, inode: int, uid: int = 0) -> str:
     return (
         f"{n:4d}: {local} {remote} {state} 00000000:00000000 00:00000000 00000000 {uid:5d}"
@@ -349,14 +361,7 @@ def test_find_engine_processes_says_what_went_wrong(tmp_path: Path, monkeypatch)
     assert "pid: host" in hidden.problem
     # The holder's fds are another user's.
     add_process(proc, 77, 1, (6001,))
-    listdir = os.listdir
-
-    def guarded_listdir(path):
-        if Path(path) == proc / "77" / "fd":
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return listdir(path)
-
-    monkeypatch.setattr(netproc.os, "listdir", guarded_listdir)
+    _deny_fds(monkeypatch, proc, 77)
     denied = find_engine_processes(8000, proc)
     assert denied.pid is None and denied.denied == 1
     assert "permission denied" in denied.problem and "CAP_SYS_PTRACE" in denied.problem
@@ -439,14 +444,7 @@ def test_listener_of_says_when_the_holder_cannot_be_seen(tmp_path: Path, monkeyp
     add_process(proc, 1, 0)
     assert netproc.listener_of(8000, "127.0.0.1", proc) == "a process outside this pid namespace"
     add_process(proc, 77, 1, (6001,))
-    listdir = os.listdir
-
-    def guarded_listdir(path):
-        if Path(path) == proc / "77" / "fd":
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return listdir(path)
-
-    monkeypatch.setattr(netproc.os, "listdir", guarded_listdir)
+    _deny_fds(monkeypatch, proc, 77)
     assert "run as root" in netproc.listener_of(8000, "127.0.0.1", proc)
     monkeypatch.undo()
     (proc / "77" / "cmdline").write_bytes(b"")  # a zombie: its name instead

@@ -716,6 +716,11 @@ def test_an_alertmanager_that_never_answers_keeps_the_ui_page(tmp_path):
     ],
 )
 def test_port_options_are_checked_before_anything_starts(argv, message, tmp_path, capsys):
+    _refused_before_anything_starts(argv, message, tmp_path, capsys)
+
+
+def _refused_before_anything_starts(argv, message, tmp_path, capsys) -> None:
+    """Exit 2 with ``message`` on stderr, as argparse does, and nothing started or written."""
     with pytest.raises(SystemExit) as exit_info:
         vigil_stack.main([*argv, "--run-dir", str(tmp_path / "run")])
     assert exit_info.value.code == 2
@@ -791,11 +796,7 @@ def _states(port: int) -> set[str]:
     ],
 )
 def test_engine_arguments_are_checked_before_anything_starts(argv, message, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        vigil_stack.main([*argv, "--run-dir", str(tmp_path / "run")])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "run").exists(), "nothing may be started or written"
+    _refused_before_anything_starts(argv, message, tmp_path, capsys)
 
 
 @pytest.mark.parametrize(

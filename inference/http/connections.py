@@ -187,9 +187,7 @@ class ConnectionGuard:
         """A warning logged in full the first time per interval for each reason, and summed
         with the others of that interval (RefusalLog): a flood of connections writes a few
         lines, not one each."""
-
-        if self.observer is not None:
-            self.observer.connection_closed(reason)
+        self.count(reason)
 
         def emit() -> None:
             logger.bind(reason=reason, **fields).warning(message, *args)
