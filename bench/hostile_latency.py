@@ -69,14 +69,7 @@ MESSAGES = 219_444
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from inference.config import Config
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--demo-dir",
-        default=Config().demo_dir,
-        help="where the demo model is built/cached (default: %(default)s)",
-    )
     parser.add_argument("--rounds", type=int, default=5, help="idle+body rounds (default: 5)")
     parser.add_argument(
         "--probes", type=int, default=40, help="/health probes per phase and round (default: 40)"

@@ -75,14 +75,7 @@ PORTS = range(18100, 18200)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from inference.config import Config
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--demo-dir",
-        default=Config().demo_dir,
-        help="where the demo model is built/cached (default: %(default)s)",
-    )
     parser.add_argument(
         "--max-tokens",
         type=int,
@@ -121,7 +114,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
-    """The options start_server and the rounds read (shared with bench/vision_overhead.py)."""
+    """The options start_server and the rounds read (shared with bench/vision_overhead.py and
+    bench/hostile_latency.py)."""
+    from inference.config import Config
+
+    parser.add_argument(
+        "--demo-dir",
+        default=Config().demo_dir,
+        help="where the demo models are built/cached (default: %(default)s)",
+    )
     parser.add_argument(
         "--quiet-cores",
         type=float,

@@ -114,14 +114,7 @@ MODES = ("bare", "image", "text", "mixed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from inference.config import Config
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--demo-dir",
-        default=Config().demo_dir,
-        help="where the demo models are built/cached (default: %(default)s)",
-    )
     parser.add_argument(
         "--max-tokens",
         type=int,
