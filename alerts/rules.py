@@ -14,6 +14,7 @@ naming the instance, model or GPU and the value, and a ``runbook_url``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,33 @@ from . import engines
 ALERTS_DIR = Path(__file__).resolve().parent
 README = ALERTS_DIR / "README.md"
 PARAMETERS_TABLE_HEADER = "| Parameter | Default | Meaning |"
+
+# Where a series comes from besides its ``instance``: in Kubernetes every scraped series carries
+# the node and namespace of its pod (relabelled from __meta_kubernetes_pod_node_name and
+# __meta_kubernetes_namespace), and ``cluster`` is an external label of each Prometheus, which
+# a central ruler (Mimir, Thanos) sees on every series. Every aggregation and vector match that
+# keeps ``instance`` keeps these too (``with_place``), so that an alert says in which cluster and
+# on which node it fires and two clusters' instances of the same name never merge. Outside
+# Kubernetes none of them exists, and a label that no series has changes no aggregation: "by"
+# groups on the empty value and "on" matches empty with empty ("A label with an empty label
+# value is considered equivalent to a label that does not exist", prometheus.io/docs/concepts/
+# data_model).
+PLACE = ("cluster", "namespace", "node")
+_GROUPING = re.compile(r"\b(by|on)\s*\(([^()]*)\)")
+
+
+def with_place(expr: str) -> str:
+    """``expr`` with cluster, namespace and node added to each ``by (...)`` and ``on (...)``
+    that names ``instance`` (and lacks them)."""
+
+    def add(match: re.Match) -> str:
+        labels = [label.strip() for label in match.group(2).split(",") if label.strip()]
+        if "instance" not in labels:
+            return match.group(0)
+        labels += [label for label in PLACE if label not in labels]
+        return f"{match.group(1)} ({', '.join(labels)})"
+
+    return _GROUPING.sub(add, expr)
 
 
 @dataclass(frozen=True)
@@ -118,6 +146,22 @@ PARAMETERS: dict[str, Parameter] = {
     "imbalance_ratio": Parameter("0.5", "Spread of utilization between the GPUs of one model."),
     "imbalance_for": Parameter("15m", "How long the spread must last."),
     "exporter_down_for": Parameter("1m", "How long the exporter may be unreachable."),
+    "node_unhealthy_gpus": Parameter(
+        "2",
+        "Faulty GPUs (vigil:node_gpus_unhealthy) that make a node the news: NodeGpusFaulty "
+        "pages once for the node and Alertmanager holds back its per-GPU and per-engine alerts.",
+    ),
+    "node_faulty_for": Parameter("1m", "How long a node must have that many faulty GPUs."),
+    "node_vanished_window": Parameter(
+        "1h",
+        "How far back a node's exporter or GPU series count as present: a node whose series "
+        "were there within this window and are gone now has vanished (and the alert ends this "
+        "long after it went).",
+    ),
+    "node_vanished_for": Parameter(
+        "5m",
+        "How long a node must stay gone (longer than an exporter pod's restart or rollout).",
+    ),
 }
 
 
@@ -180,21 +224,7 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             for_=p["engine_hang_for"],
             severity="critical",
             cause="hang",
-            expr=f"""(
-            min_over_time((vigil:engine_requests_running + vigil:engine_requests_waiting)[{p["engine_pending_window"]}:]) > 0
-            and on (engine, instance, model)
-            vigil:engine_progress:rate1m == 0
-            )
-            or
-            (
-            label_replace(
-            min_over_time((sum by (instance, target, engine, model) (vigil_engine_requests_running) + sum by (instance, target, engine, model) (vigil_engine_requests_waiting))[{p["engine_pending_window"]}:]) > 0
-            and on (instance, target, engine, model)
-            sum by (instance, target, engine, model) (increase(vigil_engine_progress_total[{p["engine_progress_window"]}])) == 0,
-            "address", "$1", "target", "https?://([^/]+).*")
-            unless on (engine, address)
-            label_replace(vigil:engine_progress:rate1m, "address", "$1", "instance", "(.*)")
-            )""",
+            expr=_engines_hung(p),
             summary="{{ $labels.engine }} engine of {{ $labels.model }} makes no progress",
             description=(
                 "{{ $value }} requests run or wait on {{ $labels.model }} ({{ $labels.engine }}) "
@@ -754,7 +784,164 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
     }
     # The recording rules that map every engine to one vocabulary, which the alerts above read.
     files["engines"] = engines.recording_groups()
+    files["fleet"] = [
+        {"name": "vigil-fleet", "rules": fleet_recording_rules(p)},
+        {
+            "name": "vigil-fleet-alerts",
+            "rules": [alert.rule(p["runbook_base"]) for alert in fleet_alerts(p)],
+        },
+    ]
+    for body in files.values():
+        for group in body:
+            for rule in group["rules"]:
+                rule["expr"] = with_place(rule["expr"])
     return files
+
+
+# The exporter's view of engines Prometheus does not read from their own metrics (a frozen engine
+# whose scrapes fail, or one without a scrape job): its vigil_engine_* series, keyed by the
+# target's host:port as ``address``, left out where the vocabulary has that engine already.
+def _exporter_only(series: str) -> str:
+    return f"""label_replace(
+    sum by (instance, target, engine, model) ({series}),
+    "address", "$1", "target", "https?://([^/]+).*")
+    unless on (engine, address)
+    label_replace(vigil:engine_progress:rate1m, "address", "$1", "instance", "(.*)")"""
+
+
+def _engines_hung(p: dict[str, str]) -> str:
+    """The engines with requests running or waiting (for engine_pending_window without a break)
+    and no forward pass finishing: from the vocabulary, or from the exporter's view of an engine
+    Prometheus cannot read itself. InferenceEngineNoProgress fires on it after engine_hang_for;
+    vigil:node_engines_hung counts it per node."""
+    return f"""(
+    min_over_time((vigil:engine_requests_running + vigil:engine_requests_waiting)[{p["engine_pending_window"]}:]) > 0
+    and on (engine, instance, model)
+    vigil:engine_progress:rate1m == 0
+    )
+    or
+    (
+    label_replace(
+    min_over_time((sum by (instance, target, engine, model) (vigil_engine_requests_running) + sum by (instance, target, engine, model) (vigil_engine_requests_waiting))[{p["engine_pending_window"]}:]) > 0
+    and on (instance, target, engine, model)
+    sum by (instance, target, engine, model) (increase(vigil_engine_progress_total[{p["engine_progress_window"]}])) == 0,
+    "address", "$1", "target", "https?://([^/]+).*")
+    unless on (engine, address)
+    label_replace(vigil:engine_progress:rate1m, "address", "$1", "instance", "(.*)")
+    )"""
+
+
+# The GPU readings that mean a fault now, each as a per-GPU filter (vigil_gpu_* series carry
+# gpu, uuid and gpu_name, docs/metrics.md). The same notions as the per-GPU alerts: lost
+# (GpuLost, without its 1m), row remap failure or pending, an uncorrected ECC error or a
+# critical XID within 10 minutes (GpuEccUncorrectable, GpuXidError), and a thermal or hardware
+# slowdown held for throttle_for (GpuThermalThrottling, GpuPowerBrake). Not the power cap: it
+# is normal under full load.
+def _gpu_faults(p: dict[str, str]) -> list[str]:
+    xid = f'vigil_gpu_xid_errors_total{{xid=~"{p["xid_critical_codes"]}"}}'
+    slowdown = "hw_thermal_slowdown|sw_thermal_slowdown|hw_slowdown|hw_power_brake_slowdown"
+    return [
+        "vigil_gpu_up == 0",
+        "vigil_gpu_remapped_rows_failure == 1",
+        "vigil_gpu_remapped_rows_pending == 1",
+        'increase(vigil_gpu_ecc_errors_total{type="uncorrected"}[10m]) > 0',
+        f"increase({xid}[10m]) > 0",
+        # A counter first seen with its XID already counted (as GpuXidError's second branch).
+        f"({xid} unless on (instance, uuid, xid) ({xid} offset 10m))",
+        f'min_over_time(vigil_gpu_clock_event_reason{{reason=~"{slowdown}"}}[{p["throttle_for"]}]) == 1',
+    ]
+
+
+def fleet_recording_rules(p: dict[str, str]) -> list[dict]:
+    """The fleet in one view: per node (by cluster and node), its GPUs, the faulty ones, the
+    least free GPU memory, its engines and the hung ones. The fleet dashboard reads these names;
+    keep them, their labels and their meaning. The per-GPU figures count each GPU once by its
+    uuid (an exporter pod replaced mid-scrape shows the same GPU twice for a moment)."""
+    gpus = "group by (cluster, node, uuid) (vigil_gpu_up)"
+    faults = "\nor\n".join(_gpu_faults(p))
+    # Our own engine and every profiled one: the vocabulary (alerts/engines.py) with engine,
+    # instance and model; plus the engines only the exporter sees (a frozen one).
+    engines_seen = (
+        "group by (engine, instance, model) (vigil:engine_requests_running "
+        "or vigil:engine_requests_waiting or vigil:engine_progress:rate1m)\nor\n"
+        "group by (engine, instance, model) ("
+        + _exporter_only("vigil_engine_requests_running")
+        + ")"
+    )
+    rules = [
+        ("vigil:node_gpus", f"count by (cluster, node) ({gpus})"),
+        (
+            "vigil:node_gpus_unhealthy",
+            f"count by (cluster, node) (group by (cluster, node, uuid) (\n{faults}\n))\n"
+            "or\n0 * vigil:node_gpus",
+        ),
+        (
+            "vigil:node_gpu_memory_headroom_ratio",
+            "min by (cluster, node) (\n"
+            "max by (cluster, node, uuid) (vigil_gpu_memory_free_bytes)\n"
+            "/ max by (cluster, node, uuid) (vigil_gpu_memory_total_bytes > 0)\n)",
+        ),
+        (
+            "vigil:node_engines",
+            f"count by (cluster, node) (\n{engines_seen}\n)\nor\n0 * vigil:node_gpus",
+        ),
+        (
+            "vigil:node_engines_hung",
+            f"count by (cluster, node) (\n{_engines_hung(p)}\n)\nor\n0 * vigil:node_engines",
+        ),
+    ]
+    return [{"record": name, "expr": _dedent(expr)} for name, expr in rules]
+
+
+def fleet_alerts(p: dict[str, str]) -> list[Alert]:
+    """The node as the unit of paging: each fires once per (cluster, node), and Alertmanager
+    (alertmanager.yml) groups the GPU and node alerts by cluster and node and holds back every
+    other alert of that node while one of these fires."""
+    job = f'job="{p["exporter_job"]}"'
+    window = p["node_vanished_window"]
+    return [
+        Alert(
+            name="NodeGpusFaulty",
+            for_=p["node_faulty_for"],
+            severity="critical",
+            cause="node",
+            expr=f"vigil:node_gpus_unhealthy >= {p['node_unhealthy_gpus']}",
+            summary="{{ $value }} GPUs of node {{ $labels.node }} are faulty",
+            description=(
+                "{{ $value }} GPUs of node {{ $labels.node }} (cluster {{ $labels.cluster }}) "
+                "are lost, failed a row remap or wait for one, had an uncorrected ECC error or a "
+                "critical XID in 10 minutes, or are slowed down by heat or hardware: the node is "
+                "the problem, not one GPU or one model. Its per-GPU and per-engine alerts are "
+                "held back while this fires. Drain the node."
+            ),
+        ),
+        Alert(
+            name="NodeGpusVanished",
+            for_=p["node_vanished_for"],
+            severity="critical",
+            cause="node",
+            # A node that dies takes its exporter's target with it (the DaemonSet pod goes with
+            # the node), so neither up == 0 nor vigil_gpu_up == 0 is ever recorded for it: its
+            # series just end. Present within the window and gone now is the signal.
+            expr=f"""(
+            group by (cluster, node) (max_over_time(up{{{job}}}[{window}]))
+            unless
+            group by (cluster, node) (up{{{job}}})
+            )
+            or
+            (
+            group by (cluster, node) (max_over_time(vigil_gpu_up[{window}]))
+            unless
+            group by (cluster, node) (vigil_gpu_up)
+            )""",
+            summary="Node {{ $labels.node }} and its GPUs are gone from monitoring",
+            description=(
+                "Node {{ $labels.node }} (cluster {{ $labels.cluster }}) had an exporter or "
+                f"GPUs within the last {window} and has none now: the node died, was removed, "
+                "or its exporter pod cannot run there. Nothing on it is watched."
+            ),
+        ),
+    ]
 
 
 def _error_ratio(threshold: str) -> str:
