@@ -84,7 +84,9 @@ def _promtool_check(path: Path) -> None:
     assert rule_files and f"SUCCESS: {rule_files} rule files found" in output, output
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")
+@pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)"
+)
 def test_promtool_accepts_the_config_with_every_rule_file(tmp_path):
     _promtool_check(_lay_out(tmp_path, _shipped()))
 
@@ -154,9 +156,7 @@ def _wait(predicate, what: str, timeout: float = 120.0, logs: tuple[Path, ...] =
     PROMTOOL is None or PROMETHEUS is None,
     reason="prometheus and promtool are not installed (Debian package prometheus)",
 )
-def test_raw_and_recorded_series_reach_the_central_store_with_the_cluster_label(
-    tmp_path, demo_dir
-):
+def test_raw_and_recorded_series_reach_the_central_store_with_the_cluster_label(tmp_path, demo_dir):
     shipped = _shipped()
     cluster = shipped["global"]["external_labels"]["cluster"]
     started: list[Any] = []
