@@ -1,18 +1,33 @@
 """The Prometheus Operator's resources (kubernetes/prometheus-operator/) hold exactly what the
 stack loads: the PrometheusRule's groups are those of alerts/*.rules.yml and pass promtool, the
-dashboard ConfigMaps carry dashboards/*.json unchanged under the sidecar's label, and
+dashboard ConfigMaps carry dashboards/*.json unchanged under the sidecar's label, the PodMonitors
+give the jobs and labels the rules select on, the AlertmanagerConfig routes as
+alerts/alertmanager.yml does, every resource has only fields its CRD declares, and
 `kubectl kustomize` builds the folder. Read from the committed files, not from the generator
-(test_generated_files.py checks that they are current)."""
+(test_generated_files.py checks that they are current).
+
+The CRDs: example/prometheus-operator-crd/monitoring.coreos.com_{prometheusrules,podmonitors,
+alertmanagerconfigs}.yaml of prometheus-operator at tag OPERATOR_VERSION (v0.93.0), unchanged,
+in CRD_DIR: $VIGIL_OPERATOR_CRDS, or shared/crds/prometheus-operator/<version>/ beside the
+repository (the workplace keeps material brought from other repositories in shared/, not in
+this repository's commits). The tests that need them skip, saying so, where they are absent.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
+
+from tools import operator_resources
+from tools.operator_resources import OPERATOR_VERSION, alertmanager_config, parse_matchers
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDER = REPO / "kubernetes" / "prometheus-operator"
@@ -21,6 +36,26 @@ PROMTOOL = shutil.which("promtool")
 # A ConfigMap holds at most 1 MiB (Kubernetes' ConfigMap concept page), and `kubectl apply`
 # without --server-side copies the object into an annotation of at most 256 KiB.
 ANNOTATION_LIMIT = 256 * 1024
+CRD_DIR = Path(
+    os.environ.get("VIGIL_OPERATOR_CRDS")
+    or REPO.parent / "shared" / "crds" / "prometheus-operator" / OPERATOR_VERSION
+)
+CRD_FILES = {
+    "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml",
+    "PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
+    "AlertmanagerConfig": "monitoring.coreos.com_alertmanagerconfigs.yaml",
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's `=` value tag off: Go's YAML (kubectl kustomize's output, the CRDs' enums)
+    writes a matchType of "=" unquoted, which PyYAML would read as that tag and refuse."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:value"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 
 def _documents(name: str) -> list[dict]:
@@ -76,8 +111,387 @@ def test_kubectl_kustomize_builds_the_folder():
         [KUBECTL, "kustomize", str(FOLDER)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    built = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    built = [doc for doc in yaml.load_all(result.stdout, Loader=_Loader) if doc]  # noqa: S506
     kinds = sorted(doc["kind"] for doc in built)
     dashboards = len(list((REPO / "dashboards").glob("*.json")))
-    assert kinds == ["ConfigMap"] * dashboards + ["PrometheusRule"]
+    assert kinds == sorted(
+        ["ConfigMap"] * dashboards + ["PrometheusRule", "AlertmanagerConfig"] + ["PodMonitor"] * 3
+    )
     assert _rule(built) == _rule(_documents("prometheusrule.yaml"))
+
+
+def _operator_resources() -> list[dict]:
+    """Every Prometheus Operator resource of the folder (ConfigMaps are Kubernetes' own)."""
+    documents = []
+    for path in sorted(FOLDER.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            documents += _documents(path.name)
+    return [doc for doc in documents if doc["apiVersion"].startswith("monitoring.coreos.com/")]
+
+
+def _pod_monitors() -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for doc in _documents("podmonitors.yaml")}
+
+
+def _relabel(labels: dict[str, str], relabelings: list[dict]) -> dict[str, str]:
+    """Prometheus' relabeling, action replace only (the only one these PodMonitors use):
+    source labels joined by ';', regex (.*) anchored, $1 into the target label."""
+    labels = dict(labels)
+    for step in relabelings:
+        assert step.get("action", "replace") == "replace", step
+        value = ";".join(labels.get(name, "") for name in step.get("sourceLabels", []))
+        match = re.fullmatch(step.get("regex", "(.*)"), value)
+        if match:
+            labels[step["targetLabel"]] = match.expand(
+                step.get("replacement", "$1").replace("$1", r"\1").replace("${1}", r"\1")
+            )
+    return labels
+
+
+def _scraped_labels(monitor: dict, meta: dict[str, str]) -> dict[str, str]:
+    """The target labels Prometheus gives a pod: the Operator's relabelings first (namespace,
+    container, pod, then job = <namespace>/<PodMonitor>: pkg/prometheus/promcfg.go
+    generatePodMonitorConfig), then the endpoint's; instance from __address__ when unset."""
+    operator = [
+        {"sourceLabels": ["__meta_kubernetes_namespace"], "targetLabel": "namespace"},
+        {"sourceLabels": ["__meta_kubernetes_pod_container_name"], "targetLabel": "container"},
+        {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "pod"},
+        {"targetLabel": "job", "replacement": f"monitoring/{monitor['metadata']['name']}"},
+    ]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    labels = _relabel(meta, operator + endpoint.get("relabelings", []))
+    labels.setdefault("instance", labels["__address__"])
+    return {name: value for name, value in labels.items() if not name.startswith("__")}
+
+
+POD_META = {
+    "__address__": "10.1.2.3:9400",
+    "__meta_kubernetes_namespace": "llm-vigil",
+    "__meta_kubernetes_pod_name": "llm-vigil-exporter-x7k2p",
+    "__meta_kubernetes_pod_container_name": "exporter",
+    "__meta_kubernetes_pod_node_name": "gpu-node-1",
+}
+
+
+def test_the_exporter_pod_monitor_selects_the_exporter_and_yields_job_vigil_exporter():
+    monitor = _pod_monitors()["llm-vigil-exporter"]
+    spec = monitor["spec"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert spec["selector"] == {
+        "matchLabels": {
+            "app.kubernetes.io/name": "llm-vigil",
+            "app.kubernetes.io/component": "exporter",
+        }
+    }
+    assert spec["namespaceSelector"] == {"matchNames": ["llm-vigil"]}
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    # The rules' windows were written for the stack's scrape timing.
+    timing = yaml.safe_load((REPO / "alerts" / "prometheus.yml").read_text())["global"]
+    assert (endpoint["interval"], endpoint["scrapeTimeout"]) == (
+        timing["scrape_interval"],
+        timing["scrape_timeout"],
+    )
+    labels = _scraped_labels(monitor, POD_META)
+    # alerts/rules.py's exporter_job: the rules' absent() and up{} select it.
+    assert labels["job"] == "vigil-exporter"
+    assert labels["node"] == labels["instance"] == "gpu-node-1"
+    assert (labels["namespace"], labels["pod"]) == ("llm-vigil", "llm-vigil-exporter-x7k2p")
+    # A replaced DaemonSet pod (new name and address, same node) keeps the instance.
+    replaced = {
+        **POD_META,
+        "__address__": "10.1.9.9:9400",
+        "__meta_kubernetes_pod_name": "llm-vigil-exporter-q4m8z",
+    }
+    assert _scraped_labels(monitor, replaced)["instance"] == "gpu-node-1"
+
+
+def _compose_engine_job(engine: str) -> str:
+    """The job compose/prometheus/<engine>.yml adds to alerts/prometheus.yml's."""
+    shared = yaml.safe_load((REPO / "alerts" / "prometheus.yml").read_text())["scrape_configs"]
+    jobs = yaml.safe_load((REPO / "compose" / "prometheus" / f"{engine}.yml").read_text())
+    (extra,) = [
+        job["job_name"]
+        for job in jobs["scrape_configs"]
+        if job["job_name"] not in {j["job_name"] for j in shared}
+    ]
+    return extra
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_an_engine_pod_monitor_scrapes_the_engine_port_in_any_namespace(engine):
+    spec = _pod_monitors()[f"llm-vigil-{engine}"]["spec"]
+    assert spec["selector"] == {"matchLabels": {"llm-vigil.io/engine": engine}}
+    assert spec["namespaceSelector"] == {"any": True}
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert endpoint["portNumber"] == operator_resources.ENGINE_PORTS[engine]
+    assert "port" not in endpoint, "a port name takes precedence over portNumber"
+    assert endpoint["path"] == "/metrics"
+    meta = {**POD_META, "__address__": "10.4.5.6:8000", "__meta_kubernetes_namespace": "serving"}
+    labels = _scraped_labels(_pod_monitors()[f"llm-vigil-{engine}"], meta)
+    assert labels["job"] == _compose_engine_job(engine) == engine
+    assert labels["node"] == "gpu-node-1"
+    # The engine keeps its address as instance: the rules match it to the exporter's target.
+    assert labels["instance"] == "10.4.5.6:8000"
+
+
+def test_no_pod_monitor_scrapes_our_own_inference_process():
+    """The exporter republishes our process's metrics: scraping it too would double count."""
+    jobs = set()
+    for monitor in _pod_monitors().values():
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        jobs |= {
+            step["replacement"] for step in endpoint["relabelings"] if step["targetLabel"] == "job"
+        }
+    assert jobs == {"vigil-exporter", "vllm", "sglang"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('alertname="Watchdog"', [("alertname", "Watchdog", "=")]),
+        ("severity = critical", [("severity", "critical", "=")]),
+        ('cause!="hang"', [("cause", "hang", "!=")]),
+        ('alertname=~"A|B"', [("alertname", "A|B", "=~")]),
+        ('cause !~ "node|watchdog"', [("cause", "node|watchdog", "!~")]),
+        (r'msg="say \"hi\", a\\b"', [("msg", 'say "hi", a\\b', "=")]),
+        ('{a="1", b!~"2,3"}', [("a", "1", "="), ("b", "2,3", "!~")]),
+        ('a=""', [("a", "", "=")]),
+    ],
+)
+def test_alertmanager_matchers_are_parsed_into_objects(text, expected):
+    assert parse_matchers(text) == [
+        {"name": name, "value": value, "matchType": kind} for name, value, kind in expected
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "severity", '1a="b"', 'a=="b"', 'a="b', r'a="\q"'])
+def test_a_matcher_that_does_not_parse_fails(text):
+    with pytest.raises(ValueError):
+        parse_matchers(text)
+
+
+def _untranslated_route(route: dict) -> dict:
+    """An AlertmanagerConfig route back in alertmanager.yml's keys, matchers as tuples."""
+    keys = {value: key for key, value in operator_resources._ROUTE_KEYS.items()}
+    out = {keys[key]: value for key, value in route.items() if key in keys}
+    if "matchers" in route:
+        out["matchers"] = [(m["name"], m["value"], m["matchType"]) for m in route["matchers"]]
+    if "routes" in route:
+        out["routes"] = [_untranslated_route(child) for child in route["routes"]]
+    assert set(route) <= set(keys) | {"matchers", "routes"}, route
+    return out
+
+
+def _source_route(route: dict) -> dict:
+    out = {key: value for key, value in route.items() if key not in ("matchers", "routes")}
+    if "matchers" in route:
+        out["matchers"] = [
+            (m["name"], m["value"], m["matchType"])
+            for item in route["matchers"]
+            for m in parse_matchers(item)
+        ]
+    if "routes" in route:
+        out["routes"] = [_source_route(child) for child in route["routes"]]
+    return out
+
+
+def _alert_names() -> set[str]:
+    names = set()
+    for path in (REPO / "alerts").glob("*.rules.yml"):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            names |= {rule["alert"] for rule in group["rules"] if "alert" in rule}
+    return names
+
+
+def _is_scope(matcher: dict) -> bool:
+    return (matcher["name"], matcher["matchType"]) == ("alertname", "=~") and set(
+        matcher["value"].split("|")
+    ) == _alert_names()
+
+
+def test_the_alertmanager_config_routes_as_alertmanager_yml_does():
+    (config,) = _documents("alertmanagerconfig.yaml")
+    assert (config["apiVersion"], config["kind"]) == (
+        "monitoring.coreos.com/v1alpha1",
+        "AlertmanagerConfig",
+    )
+    source = yaml.safe_load((REPO / "alerts" / "alertmanager.yml").read_text())
+    route = dict(config["spec"]["route"])
+    # The root is limited to our alerts (the Operator makes it a child of the Alertmanager's
+    # root with continue: true); below it the tree is alertmanager.yml's.
+    *own, scope = route.pop("matchers")
+    assert _is_scope(scope)
+    if own:
+        route["matchers"] = own
+    assert _untranslated_route(route) == _source_route(source["route"])
+
+    inhibit = config["spec"]["inhibitRules"]
+    assert len(inhibit) == len(source["inhibit_rules"])
+    for translated, rule in zip(inhibit, source["inhibit_rules"], strict=True):
+        for side, key in (("sourceMatch", "source_matchers"), ("targetMatch", "target_matchers")):
+            *matchers, scope = translated[side]
+            assert _is_scope(scope)
+            assert matchers == [m for item in rule[key] for m in parse_matchers(item)]
+        assert translated.get("equal") == rule.get("equal")
+
+    receivers = {receiver["name"]: receiver for receiver in config["spec"]["receivers"]}
+    assert set(receivers) == {receiver["name"] for receiver in source["receivers"]}
+    for receiver in source["receivers"]:
+        hooks = receivers[receiver["name"]]["webhookConfigs"]
+        for hook, original in zip(hooks, receiver["webhook_configs"], strict=True):
+            path = original["url"].split("127.0.0.1:5001", 1)[1]
+            assert hook["url"] == operator_resources.NOTIFIER_URL + path
+            assert hook.get("sendResolved") == original.get("send_resolved")
+            assert hook.get("maxAlerts") == original.get("max_alerts")
+
+
+def _minimal_alertmanager_yml() -> dict:
+    return {
+        "route": {"receiver": "webhook"},
+        "receivers": [{"name": "webhook", "webhook_configs": [{"url": "http://x:5001/alerts"}]}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda c: c["receivers"][0].update(email_configs=[{"to": "a@b"}]), "email_configs"),
+        (lambda c: c["receivers"][0]["webhook_configs"][0].update(http_config={}), "http_config"),
+        (lambda c: c["route"].update(match={"a": "b"}), "match"),
+        (lambda c: c.update(time_intervals=[]), "time_intervals"),
+        (lambda c: c.update(inhibit_rules=[{"source_match": {"a": "b"}}]), "source_match"),
+    ],
+)
+def test_what_cannot_be_translated_fails_generation(change, named):
+    config = _minimal_alertmanager_yml()
+    alertmanager_config(config)  # the minimal one translates
+    change(config)
+    with pytest.raises(ValueError, match=named):
+        alertmanager_config(config)
+
+
+# --- the CRDs' schemas ----------------------------------------------------------------------------
+
+
+def _schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> openAPIV3Schema of each served version of the vendored CRDs."""
+    if not all((CRD_DIR / name).is_file() for name in CRD_FILES.values()):
+        pytest.skip(
+            f"the Prometheus Operator {OPERATOR_VERSION} CRDs are not in {CRD_DIR}"
+            " (set VIGIL_OPERATOR_CRDS; see this module's docstring)"
+        )
+    schemas = {}
+    for kind, name in CRD_FILES.items():
+        crd = yaml.load((CRD_DIR / name).read_text(), Loader=_Loader)  # noqa: S506
+        assert crd["spec"]["names"]["kind"] == kind
+        for version in crd["spec"]["versions"]:
+            if version["served"]:
+                api_version = f"{crd['spec']['group']}/{version['name']}"
+                schemas[(api_version, kind)] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def undeclared_fields(value, schema: dict, path: str = "") -> list[str]:
+    """Paths of the fields in ``value`` that ``schema`` does not declare: the API server prunes
+    them from a structural schema's object without a word (only x-kubernetes-preserve-unknown-
+    fields keeps them), so a misspelt field is a setting silently lost."""
+    found = []
+    if isinstance(value, dict):
+        properties = schema.get("properties")
+        additional = schema.get("additionalProperties")
+        for key, item in value.items():
+            if properties is not None and key in properties:
+                found += undeclared_fields(item, properties[key], f"{path}.{key}")
+            elif isinstance(additional, dict):
+                found += undeclared_fields(item, additional, f"{path}.{key}")
+            elif properties is not None or not schema.get("x-kubernetes-preserve-unknown-fields"):
+                found.append(f"{path}.{key}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            found += undeclared_fields(item, schema["items"], f"{path}[{index}]")
+    return found
+
+
+def test_the_strict_walk_finds_a_field_the_schema_does_not_declare():
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "object", "properties": {"b": {"type": "string"}}},
+            "l": {"type": "array", "items": {"type": "object", "properties": {"c": {}}}},
+            "m": {"type": "object", "additionalProperties": {"type": "string"}},
+            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        },
+    }
+    good = {"a": {"b": "x"}, "l": [{"c": 1}], "m": {"any": "y"}, "free": {"z": 1}}
+    assert undeclared_fields(good, schema) == []
+    bad = {"a": {"b": "x", "bb": 1}, "l": [{"c": 1}, {"d": 2}], "e": 3}
+    assert undeclared_fields(bad, schema) == [".a.bb", ".l[1].d", ".e"]
+
+
+def _child_routes(route: dict, path: str):
+    for index, child in enumerate(route.get("routes", [])):
+        yield f"{path}.routes[{index}]", child
+        yield from _child_routes(child, f"{path}.routes[{index}]")
+
+
+def _problems(document: dict, schemas: dict) -> list[str]:
+    schema = schemas[(document["apiVersion"], document["kind"])]
+    problems = [
+        f"{'.'.join(map(str, error.absolute_path))}: {error.message}"
+        for error in jsonschema.Draft7Validator(schema).iter_errors(document)
+    ]
+    # metadata is the API server's ObjectMeta, which the CRD's schema leaves undeclared.
+    body = {key: value for key, value in document.items() if key != "metadata"}
+    problems += [f"undeclared {path}" for path in undeclared_fields(body, schema)]
+    if document["kind"] == "AlertmanagerConfig":
+        # Child routes are x-kubernetes-preserve-unknown-fields in the CRD; the Operator decodes
+        # each as a Route with DisallowUnknownFields (pkg/apis/monitoring/v1alpha1/
+        # alertmanager_config_types.go, Route.ChildRoutes) and rejects the whole object.
+        route_schema = schema["properties"]["spec"]["properties"]["route"]
+        for path, child in _child_routes(document["spec"]["route"], "spec.route"):
+            problems += [
+                f"{path}: {error.message}"
+                for error in jsonschema.Draft7Validator(route_schema).iter_errors(child)
+            ]
+            problems += [f"undeclared {path}{p}" for p in undeclared_fields(child, route_schema)]
+    return problems
+
+
+def test_every_operator_resource_has_only_fields_its_crd_declares():
+    schemas = _schemas()
+    resources = _operator_resources()
+    assert {doc["kind"] for doc in resources} == set(CRD_FILES)
+    for document in resources:
+        assert _problems(document, schemas) == [], document["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "spoil", "expected"),
+    [
+        # A plausible slip: `portName` for `port`. jsonschema alone accepts it (the CRD's
+        # objects allow additional properties); the API server would drop it and scrape every
+        # declared port.
+        (
+            "PodMonitor",
+            lambda d: d["spec"]["podMetricsEndpoints"][0].update(portName="metrics"),
+            "undeclared .spec.podMetricsEndpoints[0].portName",
+        ),
+        (
+            "AlertmanagerConfig",
+            lambda d: d["spec"]["route"]["routes"][0].update(group_wait="0s"),
+            "undeclared spec.route.routes[0].group_wait",
+        ),
+        (
+            "AlertmanagerConfig",
+            lambda d: d["spec"]["route"]["matchers"][0].update(matchType="=="),
+            "spec.route.matchers.0.matchType: '==' is not one of",
+        ),
+    ],
+)
+def test_a_wrong_field_is_caught(kind, spoil, expected):
+    schemas = _schemas()
+    (document,) = [doc for doc in _operator_resources() if doc["kind"] == kind][:1]
+    spoil(document)
+    problems = _problems(document, schemas)
+    assert any(problem.startswith(expected) for problem in problems), problems
