@@ -17,6 +17,18 @@ engine-agnostic panels read the engine vocabulary recorded by alerts/engines.py
 (``vigil:engine_*``, labels ``engine``, ``instance``, ``model``; the recording rules carry their
 own windows, so those panels need no ``rate``), chosen with an ``engine`` variable. Their panels
 on this project's own richer series say so in their description (ENGINE_VIGIL_ONLY).
+
+Place: in Kubernetes every series carries ``node``, ``namespace`` and ``pod`` (relabelled from
+its pod), and ``cluster`` (an external label, present in a central store such as Mimir or
+Thanos and on remote-written data). Every Prometheus board has ``cluster``, ``namespace`` and
+``node`` variables, chained in that order before ``instance``, and every PromQL selector carries
+their matchers (PLACE_FILTER, inside INSTANCE_FILTER). Outside Kubernetes no series has these
+labels: the variables find no values and stay at All, whose value ``.*`` matches the absent
+label (Prometheus compares a missing label as the empty string), so the boards show what they
+show without them. The fleet board (``fleet.json``) reads the per-node recording rules of
+alerts/rules.py (group ``vigil-fleet``, labels ``cluster`` and ``node``): its place is cluster
+and node. Log lines carry no place (Alloy labels them with ``service`` and ``level`` only):
+Loki panels are not filtered by it, and say so.
 """
 
 from __future__ import annotations
@@ -28,8 +40,20 @@ from pathlib import Path
 DASHBOARDS_DIR = Path(__file__).resolve().parent
 PROMETHEUS_DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 LOKI_DATASOURCE = {"type": "loki", "uid": "${loki_datasource}"}
-# Label matchers for the instances, models and GPUs chosen in the dashboard's variables.
-INSTANCE_FILTER = 'instance=~"$instance"'
+# Where a series comes from, outermost first: the place variables, chained in this order.
+PLACE_LABELS = ("cluster", "namespace", "node")
+# The fleet board's series are per node (alerts/rules.py, group vigil-fleet: by cluster, node).
+FLEET_PLACE_LABELS = ("cluster", "node")
+
+
+def place_filter(labels: tuple[str, ...] = PLACE_LABELS) -> str:
+    """The label matchers for the places chosen in the board's variables."""
+    return ",".join(f'{label}=~"${label}"' for label in labels)
+
+
+PLACE_FILTER = place_filter()
+# Label matchers for the places, instances, models and GPUs chosen in the dashboard's variables.
+INSTANCE_FILTER = PLACE_FILTER + ',instance=~"$instance"'
 INSTANCE_MODEL_FILTER = INSTANCE_FILTER + ',model=~"$model"'
 INSTANCE_GPU_FILTER = INSTANCE_FILTER + ',gpu=~"$gpu"'
 # The engine vocabulary (alerts/engines.py) for the engines, instances and models chosen.
@@ -64,6 +88,23 @@ LOG_LEVELS = (
 )
 GPU_LEGEND = "{{gpu}} {{gpu_name}}"
 GRID_COLUMNS = 24  # the width of Grafana's grid
+# Where the place variables find their values, per kind of board.
+EXPORTERS = "vigil_exporter_build_info"
+FLEET_SERIES = "vigil:node_gpus|vigil:node_engines"  # every node has both (0 when none)
+NO_PLACE_IN_LOGS = (
+    "Not filtered by cluster, namespace or node: log lines carry no such label (Alloy labels "
+    "them with service and level only)."
+)
+# A cell that turns red from 1 up (a count of broken things).
+RED_FROM_ONE = [{"color": "green", "value": None}, {"color": "red", "value": 1}]
+
+
+def _selector(series: str, matchers: str = "") -> str:
+    """A selector of ``series`` (a metric name, or an alternation of names) with ``matchers``."""
+    if "|" in series:
+        inside = f'__name__=~"{series}"' + (f",{matchers}" if matchers else "")
+        return "{" + inside + "}"
+    return f"{series}{{{matchers}}}" if matchers else series
 
 
 class Board:
@@ -75,9 +116,11 @@ class Board:
         loki: bool = False,
         gpu: bool = False,
         engines: bool = False,
+        fleet: bool = False,
     ):
         self.uid, self.title, self.description = uid, title, description
-        self.loki, self.gpu, self.engines = loki, gpu, engines
+        self.loki, self.gpu, self.engines, self.fleet = loki, gpu, engines, fleet
+        self.place = FLEET_PLACE_LABELS if fleet else PLACE_LABELS
         self.panels: list[dict] = []
         self._next_x = self._row_y = 0
         self._row_height = 0
@@ -107,10 +150,24 @@ class Board:
         mappings: list | None = None,
         overrides: list | None = None,
         transformations: list | None = None,
+        thresholds: list | None = None,
+        sort_by: tuple[str, bool] | None = None,
     ) -> None:
-        """Add a panel; ``targets`` are (query, legend) pairs."""
+        """Add a panel; ``targets`` are (query, legend) pairs. ``thresholds`` are the steps of
+        absolute thresholds; ``sort_by`` is a table's initial sort, (column, descending)."""
         datasource = LOKI_DATASOURCE if logs else PROMETHEUS_DATASOURCE
         instant_table = {"instant": True, "range": False, "format": "table"} if instant else {}
+        defaults: dict = {"unit": unit}
+        if mappings:
+            defaults["mappings"] = mappings
+        if thresholds:
+            defaults["thresholds"] = {"mode": "absolute", "steps": thresholds}
+            defaults["color"] = {"mode": "thresholds"}
+        options: dict = {}
+        if sort_by:
+            # The table's initial sort (Grafana's schema: TableSortByFieldState, displayName and
+            # desc; packages/grafana-schema/src/common/mudball.cue): the worst rows on top.
+            options["sortBy"] = [{"displayName": sort_by[0], "desc": sort_by[1]}]
         panel = {
             "id": len(self.panels) + 1,
             "type": kind,
@@ -118,11 +175,8 @@ class Board:
             "description": description,
             "datasource": datasource,
             "gridPos": self._place(width, height),
-            "fieldConfig": {
-                "defaults": {"unit": unit, **({"mappings": mappings} if mappings else {})},
-                "overrides": overrides or [],
-            },
-            "options": {},
+            "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
+            "options": options,
             "targets": [
                 {
                     "refId": chr(ord("A") + index),
@@ -147,7 +201,13 @@ class Board:
                 "name": "datasource",
                 "label": "Prometheus",
                 "query": "prometheus",
-                "current": {},
+                # Grafana's default data source when it is a Prometheus one, else the first
+                # Prometheus by name (dashboard-scene's transformSaveModelToScene enables the
+                # "default" option for this current value; kube-prometheus-stack's own
+                # dashboards say the same). Both the compose stack's (uid vigil-prometheus) and
+                # kube-prometheus-stack's sidecar data source (uid prometheus, values.yaml
+                # grafana.sidecar.datasources.isDefaultDatasource: true) are the default.
+                "current": {"selected": True, "text": "default", "value": "default"},
                 "hide": 0,
             }
         ]
@@ -162,15 +222,35 @@ class Board:
                     "hide": 0,
                 }
             )
-        if self.engines:
+        if self.fleet:
+            source = FLEET_SERIES
+        elif self.engines:
             # The exporters, and the engines scraped on their own port (their instance is not
             # an exporter's); the models every engine serves.
-            sources = f"vigil_exporter_build_info|{ENGINE_VOCABULARY}"
+            source = f"{EXPORTERS}|{ENGINE_VOCABULARY}"
+        else:
+            source = EXPORTERS
+        # Chained: each place's values within the places chosen before it. A board without a
+        # Prometheus panel (Logs) keeps them hidden, only to carry the choice between boards.
+        hide = 0 if any(p["datasource"] == PROMETHEUS_DATASOURCE for p in self.panels) else 2
+        for index, label in enumerate(self.place):
+            within = place_filter(self.place[:index])
             variables.append(
-                _query_variable("instance", f'label_values({{__name__=~"{sources}"}}, instance)')
+                _query_variable(label, f"label_values({_selector(source, within)}, {label})", hide)
             )
+        if self.fleet:
+            return variables
+        variables.append(
+            _query_variable(
+                "instance", f"label_values({_selector(source, PLACE_FILTER)}, instance)"
+            )
+        )
+        if self.engines:
             variables.append(
-                _query_variable("engine", f"label_values({ENGINE_VOCABULARY}, engine)")
+                _query_variable(
+                    "engine",
+                    f"label_values({_selector(ENGINE_VOCABULARY, INSTANCE_FILTER)}, engine)",
+                )
             )
             variables.append(
                 _query_variable(
@@ -180,9 +260,6 @@ class Board:
                 )
             )
         else:
-            variables.append(
-                _query_variable("instance", "label_values(vigil_exporter_build_info, instance)")
-            )
             variables.append(
                 _query_variable(
                     "model", f"label_values(inference_model_info{{{INSTANCE_FILTER}}}, model)"
@@ -224,7 +301,12 @@ class Board:
         }
 
 
-def _query_variable(name: str, query: str) -> dict:
+def _query_variable(name: str, query: str, hide: int = 0) -> dict:
+    """A multi-value query variable with All, whose value is ``.*`` (Grafana's custom all value,
+    never escaped): it matches every value and also a series without the label. When the query
+    finds no value (no series has the label: a place outside Kubernetes), Grafana chooses All
+    (grafana/scenes MultiValueVariable: with no options and includeAll, the value is All, and a
+    custom all value is what is interpolated), so every matcher on it still matches."""
     return {
         "type": "query",
         "name": name,
@@ -238,7 +320,7 @@ def _query_variable(name: str, query: str) -> dict:
         "allValue": ".*",
         "sort": 1,
         "current": {},
-        "hide": 0,
+        "hide": hide,
     }
 
 
@@ -313,12 +395,14 @@ def overview() -> Board:
     board.panel(
         "table",
         "Alerts firing now",
-        "Alerts Prometheus evaluates as firing (ALERTS), by name, severity and place.",
+        "Alerts Prometheus evaluates as firing (ALERTS), by name, severity and place. With a "
+        "cluster, namespace or node chosen, only the alerts that carry it (an alert with no "
+        "instance, such as a missing series, carries no node).",
         "none",
         [
             (
-                "sort_desc(max by (alertname, severity, instance, model, gpu) "
-                '(ALERTS{alertstate="firing"}))',
+                "sort_desc(max by (alertname, severity, cluster, node, instance, model, gpu) "
+                f'(ALERTS{{alertstate="firing",{PLACE_FILTER}}}))',
                 "",
             )
         ],
@@ -864,7 +948,10 @@ def hang_forensics() -> Board:
         "Stall reports and stalled requests",
         "The watchdog's ERROR lines: the stall report (stage, the engine thread's line, every "
         "thread's stack in threads, the pending requests) and one line per stalled request with "
-        "its request_id and trace_id, which links to the trace. " + ENGINE_VIGIL_ONLY,
+        "its request_id and trace_id, which links to the trace. "
+        + ENGINE_VIGIL_ONLY
+        + " "
+        + NO_PLACE_IN_LOGS,
         "none",
         [(f'{{service="inference"}} {STALL_LINES} | json', "")],
         logs=True,
@@ -876,7 +963,7 @@ def hang_forensics() -> Board:
         "Slow or failed requests",
         f"Requests that took more than {SLOW_REQUEST_S} s or were answered with a 5xx: the "
         "last line of each request (event request_end), with its duration, status, error and "
-        "trace id. " + ENGINE_VIGIL_ONLY,
+        "trace id. " + ENGINE_VIGIL_ONLY + " " + NO_PLACE_IN_LOGS,
         "none",
         [
             (
@@ -891,6 +978,199 @@ def hang_forensics() -> Board:
     return board
 
 
+FLEET_FILTER = place_filter(FLEET_PLACE_LABELS)
+
+
+def _node_links(*boards: tuple[str, str]) -> list[dict]:
+    """Links from a table's ``node`` cell to other boards (uid, title), on that node, keeping
+    the data source, the cluster chosen and the time range. Grafana's data link variables:
+    ``${__value.raw}`` is the cell's value, ``${__url_time_range}`` the time range as from and
+    to (grafana.com/docs/grafana/latest/panels-visualizations/configure-data-links/), and
+    ``${name:queryparam}`` a variable as ``var-name=value`` (.../dashboards/variables/
+    variable-syntax/). kube-prometheus-stack's own tables link to a namespace the same way."""
+    return [
+        {
+            "matcher": {"id": "byName", "options": "node"},
+            "properties": [
+                {
+                    "id": "links",
+                    "value": [
+                        {
+                            "title": f"{title} on ${{__value.raw}}",
+                            "url": f"/d/{uid}?${{datasource:queryparam}}&${{cluster:queryparam}}"
+                            "&var-node=${__value.raw}&${__url_time_range}",
+                        }
+                        for uid, title in boards
+                    ],
+                }
+            ],
+        }
+    ]
+
+
+def _columns(names: dict[str, str]) -> list[dict]:
+    """An instant table's frames (one per query: Grafana names their values "Value #<refId>"
+    when a panel has more than one query, else "Value"; public/app/plugins/datasource/
+    prometheus/result_transformer.ts getValueText) merged into one row per node, without the
+    time column, the values renamed."""
+    return [
+        {"id": "merge", "options": {}},
+        {"id": "organize", "options": {"excludeByName": {"Time": True}, "renameByName": names}},
+    ]
+
+
+def fleet() -> Board:
+    board = Board(
+        "vigil-fleet",
+        "LLM fleet",
+        "Every node of the fleet in one view, worst first: its hung engines, its GPU memory "
+        "headroom and its faulty GPUs (the per-node rules of group vigil-fleet, by cluster and "
+        "node), and the alerts firing on it. A node's name links to its GPUs, its Overview and "
+        "its Hang forensics. Outside Kubernetes no series has a node: the whole stack is one "
+        "row without one.",
+        fleet=True,
+    )
+    gpus = ("vigil-gpus", "GPUs")
+    overview_board = ("vigil-overview", "Overview")
+    hangs = ("vigil-hang-forensics", "Hang forensics")
+    board.panel(
+        "stat",
+        "Nodes",
+        "Nodes with an exporter's GPUs or an engine.",
+        "short",
+        [(f"count(count by (cluster, node) ({_selector(FLEET_SERIES, FLEET_FILTER)}))", "")],
+        width=4,
+        height=4,
+    )
+    board.panel(
+        "stat",
+        "GPUs",
+        "GPUs the nodes' exporters read, each counted once by its uuid.",
+        "short",
+        [(f"sum(vigil:node_gpus{{{FLEET_FILTER}}})", "")],
+        width=4,
+        height=4,
+    )
+    board.panel(
+        "stat",
+        "Faulty GPUs",
+        "GPUs lost, with a failed or pending row remap, an uncorrected ECC error or a critical "
+        "XID in 10 minutes, or slowed down by heat or hardware (vigil:node_gpus_unhealthy).",
+        "short",
+        [(f"sum(vigil:node_gpus_unhealthy{{{FLEET_FILTER}}})", "")],
+        width=4,
+        height=4,
+        thresholds=RED_FROM_ONE,
+    )
+    board.panel(
+        "stat",
+        "Hung engines",
+        "Engines with work pending and no progress (vigil:node_engines_hung), of all the "
+        "engines on the nodes.",
+        "short",
+        [(f"sum(vigil:node_engines_hung{{{FLEET_FILTER}}})", "")],
+        width=4,
+        height=4,
+        thresholds=RED_FROM_ONE,
+    )
+    board.panel(
+        "stat",
+        "Least GPU memory headroom",
+        "The smallest share of a GPU's memory still free, over every GPU of the nodes "
+        "(vigil:node_gpu_memory_headroom_ratio).",
+        "percentunit",
+        [(f"min(vigil:node_gpu_memory_headroom_ratio{{{FLEET_FILTER}}})", "")],
+        width=4,
+        height=4,
+        thresholds=[
+            {"color": "red", "value": None},
+            {"color": "orange", "value": 0.05},
+            {"color": "green", "value": 0.1},
+        ],
+    )
+    board.panel(
+        "stat",
+        "Alerts firing",
+        "Alerts firing now on the nodes chosen (ALERTS); with every node, those without a node "
+        "too.",
+        "short",
+        [(f'count(ALERTS{{alertstate="firing",{FLEET_FILTER}}}) or vector(0)', "")],
+        width=4,
+        height=4,
+        thresholds=RED_FROM_ONE,
+    )
+    board.panel(
+        "table",
+        "Hung engines by node",
+        "Per node, the engines with work pending and no progress, of its engines; the most "
+        "hung first. The node links to its Hang forensics, Overview and GPUs.",
+        "short",
+        [
+            (f"sort_desc(vigil:node_engines_hung{{{FLEET_FILTER}}})", ""),
+            (f"vigil:node_engines{{{FLEET_FILTER}}}", ""),
+        ],
+        width=6,
+        height=10,
+        instant=True,
+        transformations=_columns({"Value #A": "Hung", "Value #B": "Engines"}),
+        sort_by=("Hung", True),
+        overrides=_node_links(hangs, overview_board, gpus),
+    )
+    board.panel(
+        "table",
+        "GPU memory headroom by node",
+        "Per node, the smallest share of a GPU's memory still free; the least first. The node "
+        "links to its GPUs and Overview.",
+        "percentunit",
+        [(f"sort(vigil:node_gpu_memory_headroom_ratio{{{FLEET_FILTER}}})", "")],
+        width=6,
+        height=10,
+        instant=True,
+        transformations=_columns({"Value": "Headroom"}),
+        sort_by=("Headroom", False),
+        overrides=_node_links(gpus, overview_board),
+    )
+    board.panel(
+        "table",
+        "Faulty GPUs by node",
+        "Per node, its faulty GPUs (lost, row remap failed or pending, uncorrected ECC, "
+        "critical XID, slowed by heat or hardware) of its GPUs; the most faulty first. The "
+        "node links to its GPUs and Overview.",
+        "short",
+        [
+            (f"sort_desc(vigil:node_gpus_unhealthy{{{FLEET_FILTER}}})", ""),
+            (f"vigil:node_gpus{{{FLEET_FILTER}}}", ""),
+        ],
+        width=6,
+        height=10,
+        instant=True,
+        transformations=_columns({"Value #A": "Faulty", "Value #B": "GPUs"}),
+        sort_by=("Faulty", True),
+        overrides=_node_links(gpus, overview_board),
+    )
+    board.panel(
+        "table",
+        "Alerts firing by node",
+        "Per node, the alerts firing on it (ALERTS that carry its node); the most first. The "
+        "node links to its Overview, whose table names them.",
+        "short",
+        [
+            (
+                "sort_desc(count by (cluster, node) "
+                f'(ALERTS{{alertstate="firing",node!="",{FLEET_FILTER}}}))',
+                "",
+            )
+        ],
+        width=6,
+        height=10,
+        instant=True,
+        transformations=_columns({"Value": "Alerts"}),
+        sort_by=("Alerts", True),
+        overrides=_node_links(overview_board, gpus),
+    )
+    return board
+
+
 def logs() -> tuple[Board, list[dict]]:
     """The logs board and its variables beyond the datasources, instance and model."""
     board = Board(
@@ -899,7 +1179,7 @@ def logs() -> tuple[Board, list[dict]]:
         "Every log line of the stack, searchable by service, level (as Alloy labels it: lower "
         "case; error includes a crash's stack and any other line of the inference or exporter "
         "process that is not JSON; unknown is another service's line without a level), request "
-        "id and trace id.",
+        "id and trace id. " + NO_PLACE_IN_LOGS,
         loki=True,
     )
     log_variables = [
@@ -978,6 +1258,7 @@ def boards() -> dict[str, dict]:
         "overview.json": overview().json(),
         "gpus.json": gpus().json(),
         "hang-forensics.json": hang_forensics().json(),
+        "fleet.json": fleet().json(),
         "logs.json": logs_board.json(logs_variables),
     }
 

@@ -16,13 +16,22 @@ import requests
 import yaml
 from conftest import start_exporter, start_prometheus, start_server
 
-from dashboards.generate import DASHBOARDS_DIR, render
+from dashboards.generate import DASHBOARDS_DIR, NO_PLACE_IN_LOGS, render
 from tools.metrics_reference import all_metric_names
 
 REPO = Path(__file__).resolve().parents[1]
 FLEET = Path(__file__).parent / "data" / "fake_fleet.json"
 LEZER = REPO / ".cache" / "npm" / "node_modules" / "@grafana" / "lezer-logql"
+# Where a series comes from, outermost first (issue 17's contract: in Kubernetes every series
+# carries node and namespace from its pod, and cluster in a central store).
+PLACE = ("cluster", "namespace", "node")
+# The place the real-data test gives the exporter's series, as Kubernetes' relabelling (node,
+# namespace) and a central store (cluster) would.
+A_PLACE = {"cluster": "test-cluster", "namespace": "vigil-test", "node": "gpu-node-1"}
 PROM_VARS = {
+    "$cluster": ".*",
+    "$namespace": ".*",
+    "$node": ".*",
     "$instance": ".*",
     "$engine": ".*",
     "$model": ".*",
@@ -46,6 +55,11 @@ EXPECTED_EMPTY = {
     ("hang-forensics.json", "KV-cache usage"): "no engine with a KV pool in this test",
 }
 STAND_INS = {"vigil:engine_kv_cache_usage_ratio": "vigil:engine_requests_running"}
+# Panels that have data only where series carry a place (Kubernetes), with the reason: each must
+# come back empty from the Prometheus whose series have none, and with data from the other.
+EMPTY_WITHOUT_PLACE = {
+    ("fleet.json", "Alerts firing by node"): "it counts the alerts that carry a node",
+}
 LOKI_VARS = {
     "$service": "inference",
     "$level": "error",
@@ -98,9 +112,15 @@ def recorded_names() -> set[str]:
     }
 
 
-def test_the_four_dashboards():
+def test_the_five_dashboards():
     # That the committed files are current: tests/test_generated_files.py.
-    assert set(render()) == {"overview.json", "gpus.json", "hang-forensics.json", "logs.json"}
+    assert set(render()) == {
+        "overview.json",
+        "gpus.json",
+        "hang-forensics.json",
+        "logs.json",
+        "fleet.json",
+    }
 
 
 def test_dashboard_conventions():
@@ -111,7 +131,8 @@ def test_dashboard_conventions():
         variables = {v["name"]: v for v in board["templating"]["list"]}
         kinds = [v["query"] for v in variables.values() if v["type"] == "datasource"]
         assert len(kinds) == len(set(kinds)), f"{name}: one datasource variable per kind"
-        assert {"instance", "model"} <= set(variables), name
+        if name != "fleet.json":  # the fleet board's rows are nodes
+            assert {"instance", "model"} <= set(variables), name
         for panel in board["panels"]:
             where = f"{name} / {panel['title']}"
             assert panel["description"], where
@@ -125,6 +146,168 @@ def test_dashboard_conventions():
     assert "gpu" in {v["name"] for v in gpu_board["templating"]["list"]}
 
 
+def place_of(board: dict) -> tuple[str, ...]:
+    """The place variables of a board, in the order of PLACE."""
+    names = {v["name"] for v in board["templating"]["list"]}
+    return tuple(label for label in PLACE if label in names)
+
+
+def selectors(expr: str) -> tuple[list[tuple[str, str]], set[str]]:
+    """The vector selectors of a PromQL expression as (metric name or "", matchers), and the
+    metric names it reads without braces (a selector with no matcher at all)."""
+    expr = re.sub(r"\b(by|on|without|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    found = []
+    for match in re.finditer(r"([a-zA-Z_:][a-zA-Z0-9_:]*)?\s*\{([^}]*)\}", expr):
+        name = match.group(1) or ""
+        found.append(("" if name in ("or", "and", "unless") else name, match.group(2)))
+    bare = metric_names(re.sub(r"\{[^}]*\}", "", expr)) - {name for name, _ in found}
+    return found, bare
+
+
+def test_selectors_finds_every_vector_selector():
+    found, bare = selectors(
+        'sum by (a_b) (rate(x_y{p="1",q=~"$q"}[5m])) / c_d or {__name__=~"e_f|g_h",p="2"}'
+    )
+    assert found == [("x_y", 'p="1",q=~"$q"'), ("", '__name__=~"e_f|g_h",p="2"')]
+    assert bare == {"c_d"}
+
+
+def test_every_prometheus_board_chooses_its_place():
+    """cluster, namespace and node (the fleet board: cluster and node, its series are per node)
+    are query variables chained in that order before instance, each with All whose value .*
+    also matches a series without the label: outside Kubernetes, where no series has one, the
+    variables find nothing and stay at All, and the boards show what they show without them."""
+    for name, board in boards().items():
+        variables = board["templating"]["list"]
+        by_name = {v["name"]: v for v in variables}
+        place = place_of(board)
+        assert place == (("cluster", "node") if name == "fleet.json" else PLACE), name
+        prometheus_panels = [p for p in board["panels"] if p["datasource"]["type"] == "prometheus"]
+        order = [v["name"] for v in variables]
+        for index, label in enumerate(place):
+            variable = by_name[label]
+            where = f"{name}: {label}"
+            assert variable["type"] == "query" and variable["includeAll"] and variable["multi"]
+            assert variable["allValue"] == ".*" and re.fullmatch(variable["allValue"], ""), where
+            assert variable["definition"].endswith(f", {label})"), where
+            outer = place[:index]
+            assert set(re.findall(r'(\w+)=~"\$(\w+)"', variable["definition"])) == {
+                (o, o) for o in outer
+            }, where
+            assert order.index(label) == order.index("datasource") + 1 + index + (
+                "loki_datasource" in order
+            ), where
+            # Shown where they filter panels; on the Logs board, hidden, they only carry the
+            # choice from board to board (the links keep the variables).
+            assert variable["hide"] == (0 if prometheus_panels else 2), where
+        for variable in variables:
+            if variable["type"] != "query" or variable["name"] in place:
+                continue
+            found, bare = selectors(variable["definition"])
+            assert not bare and found, variable["definition"]
+            for _series, matchers in found:
+                for label in place:
+                    assert f'{label}=~"${label}"' in matchers, (name, variable["name"])
+    datasource = next(
+        v for v in boards()["gpus.json"]["templating"]["list"] if v["name"] == "datasource"
+    )
+    # Grafana's default data source (kube-prometheus-stack's sidecar one, uid prometheus, is)
+    assert datasource["current"]["value"] == "default"
+
+
+def test_every_promql_query_is_filtered_by_the_place():
+    """Every selector of every Prometheus query carries the board's place matchers, so that a
+    node, namespace or cluster chosen narrows every panel."""
+    checked = 0
+    for name, panel, expr in queries("prometheus"):
+        place = place_of(boards()[name])
+        found, bare = selectors(expr)
+        where = f"{name} / {panel['title']}: {expr}"
+        assert found and not bare, where
+        for _series, matchers in found:
+            for label in place:
+                assert f'{label}=~"${label}"' in matchers, where
+            checked += 1
+    assert checked > 60
+
+
+def test_log_panels_say_that_logs_carry_no_place():
+    """Alloy labels log lines with service and level only (compose/alloy/config.alloy): no
+    Loki query can choose a node, and each log panel, or the Logs board, says so."""
+    alloy = (REPO / "compose" / "alloy" / "config.alloy").read_text()
+    labels = set(re.findall(r'target_label\s*=\s*"(\w+)"', alloy))
+    labels |= {
+        label
+        for block in re.findall(r"stage\.labels\s*\{\s*values\s*=\s*\{([^}]*)\}", alloy)
+        for label in re.findall(r"(\w+)\s*=", block)
+    }
+    assert labels == {"service", "level"}, labels
+    for name, panel, _expr in queries("loki"):
+        board = boards()[name]
+        assert NO_PLACE_IN_LOGS in panel["description"] + board["description"], panel["title"]
+
+
+def test_every_variable_used_is_defined_on_its_board():
+    """A $name Grafana cannot resolve stays in the query as text (a matcher on "$node" matches
+    nothing): every variable a query, a variable or a link uses is one of the board's, or one of
+    Grafana's own (__...)."""
+    for name, board in boards().items():
+        defined = {v["name"] for v in board["templating"]["list"]}
+        texts = [v.get("definition", "") for v in board["templating"]["list"]]
+        for panel in board["panels"]:
+            texts += [target["expr"] for target in panel["targets"]]
+            texts.append(json.dumps(panel["fieldConfig"]))
+        used = {u for text in texts for u in re.findall(r"\$\{?(\w+)", text)}
+        assert {u for u in used if not u.startswith("__")} <= defined, (name, used - defined)
+
+
+def test_the_fleet_board_puts_the_worst_nodes_first_and_links_them():
+    board = boards()["fleet.json"]
+    panels = {p["title"]: p for p in board["panels"]}
+    uids = {b["uid"]: b for b in boards().values()}
+    worst_first = {
+        "Hung engines by node": ("Hung", True),
+        "Faulty GPUs by node": ("Faulty", True),
+        "GPU memory headroom by node": ("Headroom", False),
+        "Alerts firing by node": ("Alerts", True),
+    }
+    for title, (column, desc) in worst_first.items():
+        panel = panels[title]
+        assert panel["type"] == "table"
+        assert panel["options"]["sortBy"] == [{"displayName": column, "desc": desc}], title
+        # Grafana names an instant table's value "Value #<refId>" when the panel has more than
+        # one query, else "Value": the columns renamed are the ones Grafana makes.
+        refs = [t["refId"] for t in panel["targets"]]
+        values = [f"Value #{r}" for r in refs] if len(refs) > 1 else ["Value"]
+        (organize,) = [t for t in panel["transformations"] if t["id"] == "organize"]
+        assert sorted(organize["options"]["renameByName"]) == sorted(values), title
+        assert column in organize["options"]["renameByName"].values(), title
+        assert all(t.get("format") == "table" and t["instant"] for t in panel["targets"])
+        (override,) = panel["fieldConfig"]["overrides"]
+        assert override["matcher"] == {"id": "byName", "options": "node"}, title
+        (links,) = [p["value"] for p in override["properties"] if p["id"] == "links"]
+        assert links, title
+        for link in links:
+            target_uid, query = re.fullmatch(r"/d/([\w-]+)\?(.*)", link["url"]).groups()
+            target = {v["name"] for v in uids[target_uid]["templating"]["list"]}
+            params = re.findall(r"var-(\w+)=", query) + re.findall(r"\$\{(\w+):queryparam\}", query)
+            assert set(params) == {"datasource", "cluster", "node"} <= target, link
+            assert "var-node=${__value.raw}" in query and "${__url_time_range}" in query
+    stats = {t for t, p in panels.items() if p["type"] == "stat"}
+    assert {"Nodes", "GPUs", "Faulty GPUs", "Hung engines", "Alerts firing"} <= stats
+    read = set().union(
+        *(metric_names(e) for _b, _p, e in queries("prometheus") if _b == "fleet.json")
+    )
+    assert read == {
+        "vigil:node_gpus",
+        "vigil:node_gpus_unhealthy",
+        "vigil:node_gpu_memory_headroom_ratio",
+        "vigil:node_engines",
+        "vigil:node_engines_hung",
+        "ALERTS",
+    }
+
+
 def test_the_engine_boards_hold_for_every_engine():
     """Overview and Hang forensics choose engines and read the vocabulary for their
     engine-agnostic panels; a panel on this project's own series says that only engine vigil
@@ -133,7 +316,11 @@ def test_the_engine_boards_hold_for_every_engine():
         board = boards()[name]
         variables = {v["name"]: v for v in board["templating"]["list"]}
         engine = variables["engine"]
-        assert engine["definition"] == "label_values(vigil:engine_requests_running, engine)"
+        # the engines on the places and instances chosen
+        assert re.fullmatch(
+            r'label_values\(vigil:engine_requests_running\{[^}]*instance=~"\$instance"\}, engine\)',
+            engine["definition"],
+        ), engine["definition"]
         assert engine["multi"] and engine["includeAll"] and engine["allValue"] == ".*"
         names = [v["name"] for v in board["templating"]["list"]]
         assert names.index("instance") < names.index("engine") < names.index("model"), names
