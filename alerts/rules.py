@@ -920,9 +920,15 @@ def fleet_alerts(p: dict[str, str]) -> list[Alert]:
             for_=p["node_vanished_for"],
             severity="critical",
             cause="node",
-            # A node that dies takes its exporter's target with it (the DaemonSet pod goes with
-            # the node), so neither up == 0 nor vigil_gpu_up == 0 is ever recorded for it: its
-            # series just end. Present within the window and gone now is the signal.
+            # A node that dies records no vigil_gpu_up == 0: its exporter's GPU series end (a
+            # failed scrape marks them stale, prometheus.io/docs/prometheus/latest/querying/
+            # basics/#staleness). Its exporter pod, a DaemonSet's, is not evicted (DaemonSet pods
+            # tolerate the node.kubernetes.io/unreachable and not-ready NoExecute taints with no
+            # tolerationSeconds, kubernetes.io/docs/concepts/workloads/controllers/daemonset/
+            # #taints-and-tolerations): its target stays, up == 0, until the Node object is
+            # deleted, which deletes its pods (kubernetes.io/docs/concepts/architecture/nodes/),
+            # and then up ends too, so VigilExporterDown stops. Present within the window and
+            # gone now is the signal, for either.
             expr=f"""(
             group by (cluster, node) (max_over_time(up{{{job}}}[{window}]))
             unless
@@ -937,8 +943,9 @@ def fleet_alerts(p: dict[str, str]) -> list[Alert]:
             summary="Node {{ $labels.node }} and its GPUs are gone from monitoring",
             description=(
                 "Node {{ $labels.node }} (cluster {{ $labels.cluster }}) had an exporter or "
-                f"GPUs within the last {window} and has none now: the node died, was removed, "
-                "or its exporter pod cannot run there. Nothing on it is watched."
+                f"GPUs within the last {window} and has none now: the node died or was "
+                "removed, or its exporter is down or cannot read them. Nothing on it is "
+                "watched."
             ),
         ),
     ]

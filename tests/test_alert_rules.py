@@ -482,6 +482,17 @@ CASES: dict[str, tuple[dict, dict]] = {
         case({f'vigil_exporter_collector_success{{{INSTANCE},collector="gpu"}}': "1x10"}, "10m"),
     ),
     "Watchdog": (case({}, "1m", [{}]), case({}, "1m", [{}])),  # it always fires
+    # The node alerts on the single-node stack, where no series has cluster or node: the whole
+    # stack is the one node, and the alert carries no place label (tests/test_fleet_rules.py
+    # has the fleet of several nodes in two clusters).
+    "NodeGpusFaulty": (
+        case({f"vigil_gpu_up{{{GPU}}}": "0x5", f"vigil_gpu_up{{{SECOND_GPU}}}": "0x5"}, "5m", [{}]),
+        case({f"vigil_gpu_up{{{GPU}}}": "0x5", f"vigil_gpu_up{{{SECOND_GPU}}}": "1x5"}, "5m"),
+    ),
+    "NodeGpusVanished": (
+        case({'up{instance="n1:9400",job="vigil-exporter"}': "1x10 stale"}, "30m", [{}]),
+        case({'up{instance="n1:9400",job="vigil-exporter"}': "1x10 stale 1x19"}, "30m"),
+    ),
 }
 
 # An idle, healthy server on a machine without GPUs: the heartbeat ages, nothing is in flight.
@@ -631,6 +642,23 @@ def test_annotations_render_with_the_place_and_the_value(tmp_path):
     _run_promtool(tmp_path, tests, [str(path) for path in sorted(ALERTS_DIR.glob("*.rules.yml"))])
 
 
+def test_every_grouping_that_keeps_instance_keeps_the_place():
+    """Every by (...) and on (...) that names instance names cluster, namespace and node too:
+    an alert says where it fires in a fleet, and two clusters' instances never merge."""
+    clauses = [
+        (rule.get("alert") or rule["record"], match.group(0), match.group(2))
+        for text in render().values()
+        for group in yaml.safe_load(text)["groups"]
+        for rule in group["rules"]
+        for match in re.finditer(r"\b(by|on)\s*\(([^()]*)\)", rule["expr"])
+    ]
+    keeping = [(name, clause) for name, clause, labels in clauses if "instance" in labels]
+    assert len(keeping) > 50  # the pattern finds them
+    for name, clause in keeping:
+        labels = {label.strip() for label in clause.split("(", 1)[1].rstrip(")").split(",")}
+        assert {"cluster", "namespace", "node"} <= labels, (name, clause)
+
+
 def test_every_alert_has_a_known_severity():
     # That the committed rule files are current: tests/test_generated_files.py.
     for name, labels in _rule_labels().items():
@@ -703,6 +731,10 @@ def test_every_metric_in_a_rule_is_in_the_reference():
         "min_over_time",
         "address",
         "vigil_signal",
+        "group",
+        "cluster",
+        "namespace",
+        "node",
     }
     rules = [
         (group["name"], rule)
