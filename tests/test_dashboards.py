@@ -485,9 +485,79 @@ def image_message(colour: str) -> list[dict]:
     return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]
 
 
-def test_every_promql_query_returns_data_after_real_traffic(tmp_path, demo_dir):
+def prometheus_config(rules: Path, exporter: str, place: dict[str, str] | None) -> str:
+    """Scrape the exporter every second with the shipped rules; with ``place``, its series carry
+    those labels, as Kubernetes' relabelling gives node and namespace and a central store
+    cluster (a relabel rule without source labels sets its target label to its replacement)."""
+    relabel = ", ".join(
+        f"{{target_label: {label}, replacement: {value}}}" for label, value in (place or {}).items()
+    )
+    return f"""
+global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
+rule_files: ["{rules}/*.rules.yml"]
+scrape_configs:
+  - job_name: vigil-exporter
+    static_configs: [{{targets: ["{exporter}"]}}]
+    relabel_configs: [{relabel}]
+"""
+
+
+def empty_queries(prometheus, values: dict[str, str], without_place: bool) -> list[str]:
+    """What is wrong with the boards' queries on ``prometheus`` with ``values`` for the
+    variables: a query without data, or one listed as empty that has data (listed in
+    EXPECTED_EMPTY, or in EMPTY_WITHOUT_PLACE when the series carry no place)."""
     import torch
 
+    wrong = []
+    cuda = torch.cuda.is_available()
+    for board, panel, expr in queries("prometheus"):
+        if "cuda-only" in panel.get("tags", []) and not cuda:
+            continue
+        where = f"{board} / {panel['title']}: {expr}"
+        result = prometheus.query(substitute(expr, values))  # a bad query raises here
+        reason = EXPECTED_EMPTY.get((board, panel["title"]))
+        if reason is None and without_place:
+            reason = EMPTY_WITHOUT_PLACE.get((board, panel["title"]))
+        if reason is None:
+            if not result:
+                wrong.append(f"without data: {where}")
+            continue
+        if result:
+            wrong.append(f"listed as empty ({reason}), yet with data: {where}")
+        if (board, panel["title"]) in EMPTY_WITHOUT_PLACE:
+            continue
+        swapped = expr
+        for series, stand_in in STAND_INS.items():
+            swapped = swapped.replace(series, stand_in)
+        assert swapped != expr, f"{where}: no stand-in for its series"
+        if not prometheus.query(substitute(swapped, values)):
+            wrong.append(f"empty with a stand-in series: {where}")
+    return wrong
+
+
+def variable_values(prometheus, values: dict[str, str]) -> dict[tuple[str, str], set[str]]:
+    """(board, variable) -> the values of every query variable (label_values(selector, label)
+    as a PromQL count)."""
+    found = {}
+    for name, board in boards().items():
+        for variable in board["templating"]["list"]:
+            if variable["type"] != "query":
+                continue
+            selector, label = re.fullmatch(
+                r"label_values\((.+), (\w+)\)", variable["definition"]
+            ).groups()
+            query = substitute(f"count by ({label}) ({selector})", values)
+            got = {r["metric"].get(label) for r in prometheus.query(query)}
+            found[(name, variable["name"])] = got - {None, ""}
+    return found
+
+
+def test_every_promql_query_returns_data_after_real_traffic(tmp_path, demo_dir):
+    """Real traffic on two servers, one exporter, and two Prometheus scraping it: one as
+    outside Kubernetes (no series has a cluster, namespace or node), one whose series carry a
+    place. Every query of every board returns data from both with the variables at All, and
+    from the second with its place chosen; every query variable has values, except the place
+    variables outside Kubernetes, which have none (and stay at All in Grafana)."""
     server = start_server(tmp_path, demo_dir, "--enable-fault-injection")
     vision_dir = tmp_path / "vision"
     vision_dir.mkdir()
@@ -510,18 +580,15 @@ def test_every_promql_query_returns_data_after_real_traffic(tmp_path, demo_dir):
         "--canary-interval",
         "2",
     )
-    rules = REPO / "alerts"
-    prometheus = start_prometheus(
-        tmp_path,
-        f"""
-global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
-rule_files: ["{rules}/*.rules.yml"]
-scrape_configs:
-  - job_name: vigil-exporter
-    static_configs: [{{targets: ["{exporter.base_url.removeprefix("http://")}"]}}]
-""",
-    )
+    started = []
     try:
+        for directory, place in (("plain", None), ("placed", A_PLACE)):
+            (tmp_path / directory).mkdir()
+            config = prometheus_config(
+                REPO / "alerts", exporter.base_url.removeprefix("http://"), place
+            )
+            started.append(start_prometheus(tmp_path / directory, config))
+        plain, placed = started
         url = server.url("/v1/completions")
         for index in range(6):
             assert (
@@ -563,53 +630,41 @@ scrape_configs:
             ).status_code
             == 503
         )
-        prometheus.wait_for("count(inference_empty_outputs_total)", lambda v: v is not None)
-        prometheus.wait_for("count(vigil_gpu_xid_errors_total)", lambda v: v is not None)
-        # The vocabulary our own process feeds (the rules evaluate every second).
-        for series in ("vigil:engine_request_errors:rate5m", "vigil:engine_progress:rate1m"):
-            prometheus.wait_for(f'count({series}{{engine="vigil"}})', lambda v: v is not None)
-        prometheus.wait_for("count(vigil_engine_process_info)", lambda v: v is not None)
+        for prometheus in started:
+            prometheus.wait_for("count(inference_empty_outputs_total)", lambda v: v is not None)
+            prometheus.wait_for("count(vigil_gpu_xid_errors_total)", lambda v: v is not None)
+            # The vocabulary our own process feeds (the rules evaluate every second).
+            for series in ("vigil:engine_request_errors:rate5m", "vigil:engine_progress:rate1m"):
+                prometheus.wait_for(f'count({series}{{engine="vigil"}})', lambda v: v is not None)
+            prometheus.wait_for("count(vigil_engine_process_info)", lambda v: v is not None)
+            prometheus.wait_for("count(vigil:node_engines_hung)", lambda v: v is not None)
+        placed.wait_for('count(ALERTS{alertstate="firing",node!=""})', lambda v: v is not None)
         time.sleep(3)
-        empty, filled, stand_in_empty = [], [], []
-        cuda = torch.cuda.is_available()
-        for board, panel, expr in queries("prometheus"):
-            if "cuda-only" in panel.get("tags", []) and not cuda:
-                continue
-            where = f"{board} / {panel['title']}: {expr}"
-            result = prometheus.query(substitute(expr, PROM_VARS))  # a bad query raises here
-            reason = EXPECTED_EMPTY.get((board, panel["title"]))
-            if reason is None:
-                if not result:
-                    empty.append(where)
-                continue
-            if result:
-                filled.append(f"{where} (listed as empty: {reason})")
-            swapped = expr
-            for series, stand_in in STAND_INS.items():
-                swapped = swapped.replace(series, stand_in)
-            assert swapped != expr, f"{where}: no stand-in for its series"
-            if not prometheus.query(substitute(swapped, PROM_VARS)):
-                stand_in_empty.append(where)
-        assert empty == [], "queries without data:\n" + "\n".join(empty)
-        assert filled == [], "listed as empty, yet with data:\n" + "\n".join(filled)
-        assert stand_in_empty == [], "empty with a stand-in series:\n" + "\n".join(stand_in_empty)
+        chosen = PROM_VARS | {f"${label}": value for label, value in A_PLACE.items()}
+        passes = (
+            ("outside Kubernetes, at All", plain, PROM_VARS, True),
+            ("with a place, at All", placed, PROM_VARS, False),
+            ("with a place, chosen", placed, chosen, False),
+        )
+        wrong = []
+        for what, prometheus, values, without_place in passes:
+            wrong += [f"{what}: {w}" for w in empty_queries(prometheus, values, without_place)]
+        assert wrong == [], "\n".join(wrong)
         seen = {(board, panel["title"]) for board, panel, _expr in queries("prometheus")}
-        assert set(EXPECTED_EMPTY) <= seen
-        # Every query variable has values (label_values(selector, label) as a PromQL count).
-        for name, board in boards().items():
-            for variable in board["templating"]["list"]:
-                if variable["type"] != "query":
-                    continue
-                selector, label = re.fullmatch(
-                    r"label_values\((.+), (\w+)\)", variable["definition"]
-                ).groups()
-                query = substitute(f"count by ({label}) ({selector})", PROM_VARS)
-                values = {r["metric"].get(label) for r in prometheus.query(query)}
-                assert values - {None, ""}, f"{name}: variable {variable['name']}: {query}"
-                if variable["name"] == "engine":
-                    assert "vigil" in values, values
+        assert set(EXPECTED_EMPTY) | set(EMPTY_WITHOUT_PLACE) <= seen
+        # Every query variable has values; outside Kubernetes the place variables have none.
+        for what, prometheus, values, without_place in passes:
+            for (name, variable), got in variable_values(prometheus, values).items():
+                where = f"{what}: {name}: variable {variable}: {got}"
+                if variable in PLACE:
+                    assert got == (set() if without_place else {A_PLACE[variable]}), where
+                else:
+                    assert got, where
+                if variable == "engine":
+                    assert "vigil" in got, where
     finally:
-        prometheus.stop()
+        for prometheus in started:
+            prometheus.stop()
         exporter.stop()
         server.stop()
         vision.stop()
