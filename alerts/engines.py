@@ -2,7 +2,9 @@
 series, so that the engine-agnostic alerts and dashboards are written once.
 
 Every vocabulary series carries ``engine`` (vigil, vllm, sglang, tgi), ``instance`` and
-``model``:
+``model``, and where the scrape has them ``cluster``, ``namespace`` and ``node`` (the rules'
+generator adds them to every aggregation that keeps ``instance``: alerts/rules.py
+``with_place``):
 
     vigil:engine_requests_running               requests in the running batch
     vigil:engine_requests_waiting               requests queued for a slot
