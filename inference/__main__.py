@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import faulthandler
 import gc
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -28,6 +29,14 @@ def _bind(config: Config) -> socket.socket:
     sock.listen(ACCEPT_BACKLOG)
     sock.set_inheritable(True)
     return sock
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the process outside uvicorn's own handlers."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
 
 
 def server_config(app: Any, guard: Any) -> Any:
@@ -91,8 +100,17 @@ def serve(config: Config, sock: socket.socket, max_connections: int) -> int:
     # the process: out of the collector's sight, a full collection takes microseconds instead
     # of a fifth of a second, during which no thread, the event loop included, would run.
     gc.freeze()
+    # uvicorn stops gracefully on SIGTERM, then restores the handler it found and raises the
+    # signal again (uvicorn/server.py, capture_signals). With the default handler found, that
+    # killed the process before the cleanup below: its identity file stayed in the state
+    # directory and the exporter counted every `docker stop`, rollout or stack stop as an
+    # unclean exit (InferenceProcessDied). This handler turns the re-raised signal into an
+    # exception that runs the cleanup.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         server.run(sockets=[sock])
+    except _Terminated:
+        pass
     finally:
         guard.flush()  # the connections closed or refused that the last interval counted
         service.stop()

@@ -149,6 +149,19 @@ scrape_configs:
         prometheus.stop()
 
 
+def test_a_stop_by_sigterm_is_a_clean_exit_for_the_exporter(tmp_path, demo_dir):
+    """docker stop, a Kubernetes rollout and the stack's stop send SIGTERM: the inference process
+    stops gracefully, removes its identity and exits 0, so the exporter counts no unclean exit
+    (uvicorn re-raises the signal after its graceful stop, which used to skip the cleanup)."""
+    server = start_server(tmp_path, demo_dir)
+    pid = server.process.pid
+    assert (Path(server.state_dir) / "processes" / f"{pid}.json").exists()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(30) == 0
+    assert not (Path(server.state_dir) / "processes" / f"{pid}.json").exists()
+    assert '"stopped"' in server.log_path.read_text()
+
+
 def test_exporter_serves_without_targets_gpus_or_inference(tmp_path):
     """Default NVML backend on a machine without one, an empty state dir, no target."""
     exporter = start_exporter(tmp_path, tmp_path / "empty-state")
