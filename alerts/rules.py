@@ -798,6 +798,18 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
     return files
 
 
+# An engine the vocabulary has already, read by Prometheus from its own metrics: the same
+# host:port (the exporter's target as ``address``, Prometheus' ``instance``), or, on Kubernetes,
+# the same engine and model on the same node: there the exporter reaches the engine through a
+# node-local Service (kubernetes/overlays/vllm) while Prometheus scrapes the pod's own address,
+# so the addresses differ. Only series with a node take the second way: outside Kubernetes two
+# hosts without a node label are not one place.
+_SEEN_DIRECTLY = """unless on (engine, address, cluster)
+    label_replace(vigil:engine_progress:rate1m, "address", "$1", "instance", "(.*)")
+    unless on (engine, model, cluster, node)
+    vigil:engine_progress:rate1m{node!=""}"""
+
+
 # The exporter's view of engines Prometheus does not read from their own metrics (a frozen engine
 # whose scrapes fail, or one without a scrape job): its vigil_engine_* series, keyed by the
 # target's host:port as ``address``, left out where the vocabulary has that engine already.
@@ -805,8 +817,7 @@ def _exporter_only(series: str) -> str:
     return f"""label_replace(
     sum by (instance, target, engine, model) ({series}),
     "address", "$1", "target", "https?://([^/]+).*")
-    unless on (engine, address)
-    label_replace(vigil:engine_progress:rate1m, "address", "$1", "instance", "(.*)")"""
+    {_SEEN_DIRECTLY}"""
 
 
 def _engines_hung(p: dict[str, str]) -> str:
@@ -826,8 +837,7 @@ def _engines_hung(p: dict[str, str]) -> str:
     and on (instance, target, engine, model)
     sum by (instance, target, engine, model) (increase(vigil_engine_progress_total[{p["engine_progress_window"]}])) == 0,
     "address", "$1", "target", "https?://([^/]+).*")
-    unless on (engine, address)
-    label_replace(vigil:engine_progress:rate1m, "address", "$1", "instance", "(.*)")
+    {_SEEN_DIRECTLY}
     )"""
 
 

@@ -72,6 +72,11 @@ def vllm(cluster: str, node: str, model: str) -> str:
     )
 
 
+def engine_service(model: str) -> str:
+    """The exporter's target for a vLLM pod: the node-local Service (kubernetes/overlays/vllm)."""
+    return f"http://llm-vigil-vllm-{model}.serving.svc:8000"
+
+
 def healthy_node(cluster: str, node: str) -> dict[str, str]:
     """Everything an exporter and its node's vLLM pods publish when all is well."""
     at = exporter(cluster, node)
@@ -96,12 +101,21 @@ def healthy_node(cluster: str, node: str) -> dict[str, str]:
             f"vigil_gpu_remapped_rows_failure{{{g}}}": f"0x{STEPS}",
         }
     for model in FLEET[(cluster, node)]:
-        target = f'{at},target="http://vllm-{model}:8000"'
+        target = f'{at},target="{engine_service(model)}"'
         series |= {
             f'vigil_probe_success{{{target},check="{check}"}}': f"1x{STEPS}"
             for check in ("health", "ready", "canary")
         }
         series[f'vigil_process_alive{{{at},model="{model}",pid="1"}}'] = f"1x{STEPS}"
+        # The exporter reads the engine's /metrics too, through the node-local Service of
+        # kubernetes/overlays/vllm (another address than the pod's, which Prometheus scrapes):
+        # one engine, which must not be counted or alerted on twice.
+        seen = f'{at},target="{engine_service(model)}",engine="vllm",model="{model}"'
+        series |= {
+            f"vigil_engine_requests_running{{{seen}}}": f"4x{STEPS}",
+            f"vigil_engine_requests_waiting{{{seen}}}": f"1x{STEPS}",
+            f"vigil_engine_progress_total{{{seen}}}": f"0+600x{STEPS}",
+        }
         v = vllm(cluster, node, model)
         series |= {
             f"vllm:num_requests_running{{{v}}}": f"4x{STEPS}",
@@ -134,6 +148,9 @@ def bad_fleet() -> dict[str, str]:
         series[f"vllm:generation_tokens_total{{{vllm(cluster, node, model)}}}"] = (
             f"0+600x3 1800x{STEPS - 3}"
         )
+        at = exporter(cluster, node)
+        seen = f'{at},target="{engine_service(model)}",engine="vllm",model="{model}"'
+        series[f"vigil_engine_progress_total{{{seen}}}"] = f"0+600x3 1800x{STEPS - 3}"
     return series
 
 
