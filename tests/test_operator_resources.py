@@ -11,10 +11,23 @@ alertmanagerconfigs}.yaml of prometheus-operator at tag OPERATOR_VERSION (v0.93.
 in CRD_DIR: $VIGIL_OPERATOR_CRDS, or shared/crds/prometheus-operator/<version>/ beside the
 repository (the workplace keeps material brought from other repositories in shared/, not in
 this repository's commits). The tests that need them skip, saying so, where they are absent.
+
+The Operator's Go API types, from a package registry, so that CI checks too: npm
+@kubernetes-models/prometheus-operator (MODELS_VERSION), TypeScript models generated from
+pkg/apis/monitoring v1 and v1alpha1 of prometheus-operator MODELS_OPERATOR_VERSION (its
+CHANGELOG and go.mod; it has that release's fields, such as Sigv4's externalId, and none of
+v0.92.0's, such as a webhook's payload). tests/operator_models.mjs types each resource as an
+object literal of the package's interface and runs TypeScript's compiler (strict): an undeclared
+field fails the excess property check, a wrong type the assignment; and it runs the package's
+validate() (ajv: types, required fields, enums, which TypeScript sees as plain strings). Both
+check an AlertmanagerConfig's child routes as routes (the Go type leaves them free-form JSON).
+scripts/test installs the packages (scripts/lib/venv.sh, NPM_PACKAGES) into .cache/npm; the
+tests skip where node or the packages are missing.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -495,3 +508,179 @@ def test_a_wrong_field_is_caught(kind, spoil, expected):
     spoil(document)
     problems = _problems(document, schemas)
     assert any(problem.startswith(expected) for problem in problems), problems
+
+
+# --- the Operator's Go API types (npm @kubernetes-models/prometheus-operator) --------------------
+
+NODE = shutil.which("node")
+NPM_MODULES = REPO / ".cache" / "npm" / "node_modules"
+MODELS_PACKAGE = "@kubernetes-models/prometheus-operator"
+MODELS_VERSION = "6.0.0"  # pinned in scripts/lib/venv.sh
+MODELS_OPERATOR_VERSION = "v0.91.0"
+MODELS_CHECK = REPO / "tests" / "operator_models.mjs"
+ROUTE_MODEL = "monitoring.coreos.com/v1alpha1/Route"
+
+
+def _model_units(document: dict) -> list[tuple[str, str, dict]]:
+    """(path, model, value) to check: the document, and each child route of an
+    AlertmanagerConfig as a Route (the Go type's ChildRoutes are apiextensionsv1.JSON, which the
+    package types as {}: the Operator decodes each as a Route, see _problems)."""
+    units = [("", f"{document['apiVersion']}/{document['kind']}", document)]
+    if document["kind"] == "AlertmanagerConfig":
+        units += [
+            (path, ROUTE_MODEL, child)
+            for path, child in _child_routes(document["spec"]["route"], ".spec.route")
+        ]
+    return units
+
+
+def _model_problems(documents: list[dict]) -> list[list[str]]:
+    """Per document: "tsc PATH: message" and "validate PATH: message" for each problem that
+    tests/operator_models.mjs finds (TypeScript names the first problem of each document and
+    child route, validate() all)."""
+    package = NPM_MODULES / MODELS_PACKAGE / "package.json"
+    if NODE is None or not package.is_file() or not (NPM_MODULES / "typescript").is_dir():
+        pytest.skip(
+            f"node, typescript or {MODELS_PACKAGE} missing (scripts/test installs them with npm"
+            " into .cache/npm)"
+        )
+    installed = json.loads(package.read_text())["version"]
+    assert installed == MODELS_VERSION, (
+        f"{MODELS_PACKAGE} {installed} in {NPM_MODULES}, not {MODELS_VERSION} (scripts/test"
+        " installs the version scripts/lib/venv.sh pins)"
+    )
+    units = [
+        (index, path, model, value)
+        for index, document in enumerate(documents)
+        for path, model, value in _model_units(document)
+    ]
+    result = subprocess.run(
+        [NODE, str(MODELS_CHECK), str(NPM_MODULES)],
+        input=json.dumps([{"type": model, "value": value} for _, _, model, value in units]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    *found, outside = json.loads(result.stdout)
+    assert outside == [], outside  # an import that does not resolve, say
+    problems: list[list[str]] = [[] for _ in documents]
+    for (index, prefix, _, _), unit_problems in zip(units, found, strict=True):
+        problems[index] += [
+            f"{p['check']} {prefix}{p['path']}: {p['message']}" for p in unit_problems
+        ]
+    return problems
+
+
+def _built_resources() -> list[dict]:
+    """The Operator resources as `kubectl kustomize` builds the folder where kubectl is
+    installed (what `kubectl apply -k` sends), else as the folder's files hold them."""
+    if KUBECTL is None:
+        return _operator_resources()
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(FOLDER)], capture_output=True, text=True, check=True
+    )
+    built = [doc for doc in yaml.load_all(result.stdout, Loader=_Loader) if doc]  # noqa: S506
+    return [doc for doc in built if doc["apiVersion"].startswith("monitoring.coreos.com/")]
+
+
+def test_every_operator_resource_passes_the_operators_go_types():
+    resources = _built_resources()
+    assert sorted(doc["kind"] for doc in resources) == sorted(
+        ["PrometheusRule", "AlertmanagerConfig"] + ["PodMonitor"] * 3
+    )
+    assert any(_model_units(doc)[1:] for doc in resources), "child routes are checked"
+    problems = _model_problems(resources)
+    for document, found in zip(resources, problems, strict=True):
+        assert found == [], (
+            f"{document['kind']} {document['metadata']['name']} against the Operator's"
+            f" {MODELS_OPERATOR_VERSION} types ({MODELS_PACKAGE} {MODELS_VERSION}): {found}"
+        )
+
+
+SPOILT = [
+    # An undeclared field: `portName` for `port` (validate() lets it through).
+    (
+        "PodMonitor",
+        lambda d: d["spec"]["podMetricsEndpoints"][0].update(portName="metrics"),
+        [
+            "tsc .spec.podMetricsEndpoints[0].portName: Object literal may only specify"
+            " known properties, and 'portName' does not exist in type 'IPodMetricsEndpoint'"
+        ],
+    ),
+    # A wrong type: an interval in seconds as a number, not a duration.
+    (
+        "PodMonitor",
+        lambda d: d["spec"]["podMetricsEndpoints"][0].update(interval=10),
+        [
+            "tsc .spec.podMetricsEndpoints[0].interval: Type 'number' is not assignable to"
+            " type 'string'",
+            "validate .spec.podMetricsEndpoints[0].interval: must be string",
+        ],
+    ),
+    (
+        "PrometheusRule",
+        lambda d: d["spec"]["groups"][0]["rules"][0].update(labels={"severity": 1}),
+        [
+            "tsc .spec.groups[0].rules[0].labels.severity: Type 'number' is not assignable"
+            " to type 'string'",
+            "validate .spec.groups[0].rules[0].labels.severity: must be string",
+        ],
+    ),
+    # alertmanager.yml's group_by spelt with the wrong case, at the root and in a child
+    # route (the Go type leaves child routes free-form: checked as routes of their own).
+    (
+        "AlertmanagerConfig",
+        lambda d: d["spec"]["route"].update(groupby=["alertname"]),
+        [
+            "tsc .spec.route.groupby: Object literal may only specify known properties,"
+            " but 'groupby' does not exist in type 'IRoute'. Did you mean to write 'groupBy'?"
+        ],
+    ),
+    (
+        "AlertmanagerConfig",
+        lambda d: d["spec"]["route"]["routes"][0].update(groupby=["alertname"]),
+        ["tsc .spec.route.routes[0].groupby: Object literal may only specify known"],
+    ),
+    # A wrong type two levels down (alertmanager.yml's node and GPU route's children).
+    (
+        "AlertmanagerConfig",
+        lambda d: d["spec"]["route"]["routes"][1]["routes"][0].update(groupWait=30),
+        [
+            "tsc .spec.route.routes[1].routes[0].groupWait: Type 'number' is not assignable"
+            " to type 'string'",
+            "validate .spec.route.routes[1].routes[0].groupWait: must be string",
+        ],
+    ),
+    # An enum, which the types leave a string and validate() checks.
+    (
+        "AlertmanagerConfig",
+        lambda d: d["spec"]["route"]["routes"][0]["matchers"][0].update(matchType="=="),
+        [
+            "validate .spec.route.routes[0].matchers[0].matchType: must be equal to one of"
+            " the allowed values (!=, =, =~, !~)"
+        ],
+    ),
+]
+
+
+@functools.cache
+def _spoilt_problems() -> list[list[str]]:
+    """The problems of each case of SPOILT: all in one run of node (each takes seconds)."""
+    documents = []
+    for kind, spoil, _ in SPOILT:
+        documents.append(next(doc for doc in _operator_resources() if doc["kind"] == kind))
+        spoil(documents[-1])
+    return _model_problems(documents)
+
+
+@pytest.mark.parametrize(
+    "case",
+    range(len(SPOILT)),
+    ids=[f"{kind}:{expected[0].split(':')[0]}" for kind, _, expected in SPOILT],
+)
+def test_a_wrong_field_fails_the_operators_go_types(case):
+    problems = _spoilt_problems()[case]
+    for start in SPOILT[case][2]:
+        assert any(problem.startswith(start) for problem in problems), (start, problems)

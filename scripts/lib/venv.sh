@@ -162,16 +162,40 @@ _disable_packaged_services() {
   return 0
 }
 
-# Grafana's LogQL grammar (npm @grafana/lezer-logql) checks the dashboards' LogQL; installed
-# into .cache/npm where node and npm are available.
-ensure_logql_parser() {
-  [ -d .cache/npm/node_modules/@grafana/lezer-logql ] && return 0
-  if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
-    mkdir -p .cache/npm
-    npm install --silent --no-save --no-audit --no-fund --prefix .cache/npm \
-      @grafana/lezer-logql@0.4.2 >/dev/null 2>&1 \
-      || echo "note: npm could not install @grafana/lezer-logql; LogQL checks will be skipped" >&2
-  else
-    echo "note: node/npm missing; the dashboards' LogQL checks will be skipped" >&2
+# The npm packages the tests use, pinned, installed into .cache/npm where node and npm are
+# available (the tests that need them skip, saying so, where they are not):
+#   @grafana/lezer-logql                    Grafana's LogQL grammar: the dashboards' LogQL
+#   @kubernetes-models/prometheus-operator  the Prometheus Operator's Go API types (v0.91.0) as
+#   typescript                              TypeScript, and the compiler that checks
+#                                           kubernetes/prometheus-operator/ against them
+# All in one `npm install`: a later `npm install --no-save` removes what an earlier one put there.
+NPM_PACKAGES=(
+  @grafana/lezer-logql@0.4.2
+  @kubernetes-models/prometheus-operator@6.0.0
+  typescript@5.9.3
+)
+
+# _npm_stale: true unless every package of NPM_PACKAGES is in .cache/npm at its pinned version.
+_npm_stale() {
+  local spec name
+  for spec in "${NPM_PACKAGES[@]}"; do
+    name="${spec%@*}"
+    [ "$(node -p 'require(process.argv[1]).version' \
+      "$PWD/.cache/npm/node_modules/$name/package.json" 2>/dev/null)" = "${spec##*@}" ] || return 0
+  done
+  return 1
+}
+
+ensure_npm_packages() {
+  if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
+    echo "note: node/npm missing; the dashboards' LogQL checks and the Prometheus Operator" \
+      "resources' TypeScript checks will be skipped" >&2
+    return 0
   fi
+  _npm_stale || return 0
+  mkdir -p .cache/npm
+  npm install --silent --no-save --no-audit --no-fund --prefix .cache/npm "${NPM_PACKAGES[@]}" \
+    >/dev/null 2>&1 \
+    || echo "note: npm could not install ${NPM_PACKAGES[*]}; the checks that use them will be" \
+      "skipped" >&2
 }
