@@ -5,8 +5,10 @@ security contexts, the probes, the shared state directory, the node-local probe 
 labels, ports and images the other parts of the project rely on.
 
 The container arguments are read by the programs' own configuration loaders (exporter/config.py,
-inference/config.py), so a flag that does not exist, or a path that differs between the exporter
-and the inference process, fails here rather than on a cluster.
+inference/config.py, notifier/config.py), so a flag that does not exist, or a path that differs
+between the exporter and the inference process, fails here rather than on a cluster. The
+notifier's Service is checked against the webhook URLs of the generated
+kubernetes/prometheus-operator/alertmanagerconfig.yaml, read from that file.
 
 Schemas: Kubernetes 1.37, the newest release kubernetes-validate carries, and 1.35, the oldest
 still maintained upstream when this was written (November 2026; the project maintains release
@@ -29,6 +31,10 @@ import yaml
 
 from exporter.config import load_config as load_exporter_config
 from inference.config import load_config as load_inference_config
+from notifier.config import OPTIONS as NOTIFIER_OPTIONS
+from notifier.config import ConfigError as NotifierConfigError
+from notifier.config import load_config as load_notifier_config
+from notifier.server import WEBHOOKS
 from vigil.engines import parse_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +49,19 @@ NAMESPACE = "llm-vigil"
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - a value compared, nothing bound
 # The labels kubernetes/prometheus-operator/ (PodMonitors) and the dashboards select on.
 POD_LABELS = {"app.kubernetes.io/name": "llm-vigil", "app.kubernetes.io/part-of": "llm-vigil"}
-COMPONENTS = {"exporter", "inference"}
-IMAGES = {"exporter": "llm-vigil-exporter", "inference": "llm-vigil-inference"}
+COMPONENTS = {"exporter", "inference", "notifier"}
+# The notifier runs from the exporter's image (the light install), as compose runs it.
+IMAGES = {
+    "exporter": "llm-vigil-exporter",
+    "inference": "llm-vigil-inference",
+    "notifier": "llm-vigil-exporter",
+}
+COMMANDS = {
+    "exporter": "vigil-exporter",
+    "inference": "vigil-inference",
+    "notifier": "vigil-notifier",
+}
+ALERTMANAGER_CONFIG = KUBERNETES / "prometheus-operator" / "alertmanagerconfig.yaml"
 # The one container that runs as root, and the capability it holds (kubernetes/README.md).
 ROOT_CONTAINERS = {"state-dir-owner": ["CHOWN"]}
 # Capabilities any other container may add: ptrace, for py-spy's stack dumps of a foreign engine.
@@ -114,6 +131,12 @@ def inference_config(objects: list[dict]):
     return load_inference_config(container["args"], environ(container))
 
 
+def notifier_config(objects: list[dict]):
+    container = main_container(workloads(objects)["notifier"])
+    assert container["command"] == ["vigil-notifier"]
+    return load_notifier_config(container["args"], environ(container))
+
+
 def host_path_mount(workload: dict, container: dict) -> tuple[str, str]:
     """(mount path in the container, node path) of the container's one hostPath volume."""
     volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
@@ -134,7 +157,9 @@ def host_path_mount(workload: dict, container: dict) -> tuple[str, str]:
 def test_each_build_renders_our_objects_and_no_custom_resource(name):
     objects = build(name)
     kinds = {obj["kind"] for obj in objects}
-    assert {"Namespace", "DaemonSet"} <= kinds
+    assert {"Namespace", "DaemonSet", "Deployment", "Service"} <= kinds
+    # Never a Secret: the notifier's robots and their secrets are the operator's, created apart.
+    assert "Secret" not in kinds
     # The Prometheus Operator's resources are kubernetes/prometheus-operator/'s, applied on
     # their own (they need its CRDs); these builds hold core kinds only.
     groups = {obj["apiVersion"].rpartition("/")[0] for obj in objects}
@@ -197,6 +222,7 @@ def test_pod_templates_carry_the_contract_labels_images_and_no_service_links(nam
         selector = workload["spec"]["selector"]["matchLabels"]
         assert selector.items() <= labels.items()
         spec = pod_spec(workload)
+        assert main_container(workload)["command"] == [COMMANDS[component]]
         # Service links would inject VIGIL_<SERVICE>_* variables, which the programs refuse.
         assert spec["enableServiceLinks"] is False
         for container in all_containers(workload):
@@ -209,10 +235,13 @@ def test_pod_templates_carry_the_contract_labels_images_and_no_service_links(nam
 
 def test_the_commands_are_the_installed_programs():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert {"vigil-exporter", "vigil-inference"} <= scripts.keys()
+    assert set(COMMANDS.values()) <= scripts.keys()
     for image in IMAGES.values():
         dockerfile = image.removeprefix("llm-vigil-")
         assert (REPO / "compose" / f"{dockerfile}.Dockerfile").is_file()
+    # The notifier's image is the exporter's: its build installs the notifier package too.
+    light = REPO / "compose" / f"{IMAGES['notifier'].removeprefix('llm-vigil-')}.Dockerfile"
+    assert "COPY notifier ./notifier" in light.read_text()
 
 
 # -- security contexts ---------------------------------------------------------------------------
@@ -425,3 +454,112 @@ def test_the_disruption_budget_covers_the_inference_pods_and_lets_a_drain_throug
     assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
     # maxUnavailable 1, not minAvailable: a single replica must not block a drain for good.
     assert budget["spec"]["maxUnavailable"] == 1 and "minAvailable" not in budget["spec"]
+
+
+# -- the notifier ----------------------------------------------------------------------------------
+
+
+def alertmanager_webhook_urls() -> dict[str, str]:
+    """receiver name -> webhook URL, as the generated AlertmanagerConfig sends them."""
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    urls = {}
+    for receiver in config["spec"]["receivers"]:
+        (webhook,) = receiver["webhookConfigs"]
+        urls[receiver["name"]] = webhook["url"]
+    return urls
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", BUILDS)
+def test_the_notifier_listens_where_its_probes_and_service_look(name):
+    objects = build(name)
+    notifier = workloads(objects)["notifier"]
+    container = main_container(notifier)
+    config = notifier_config(objects)
+    assert (config.host, config.port) == (ALL_INTERFACES, 5001)
+    assert container["ports"] == [{"name": "http", "containerPort": 5001, "protocol": "TCP"}]
+    for kind in ("liveness", "readiness"):
+        assert container[f"{kind}Probe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert "startupProbe" not in container
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", BUILDS)
+def test_alertmanager_reaches_the_notifier_at_the_generated_urls(name):
+    """Every webhook URL of kubernetes/prometheus-operator/alertmanagerconfig.yaml names the
+    notifier's Service, namespace, port and one of its webhook paths: renaming either side
+    fails here."""
+    objects = build(name)
+    notifier = workloads(objects)["notifier"]
+    labels = notifier["spec"]["template"]["metadata"]["labels"]
+    container = main_container(notifier)
+    urls = alertmanager_webhook_urls()
+    paths = {}
+    for receiver, url in urls.items():
+        parts = urlsplit(url)
+        assert parts.scheme == "http", url
+        service_name, namespace, svc = parts.hostname.split(".")
+        assert svc == "svc", url
+        (service,) = [
+            o
+            for o in objects
+            if o["kind"] == "Service"
+            and (o["metadata"]["name"], o["metadata"]["namespace"]) == (service_name, namespace)
+        ]
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+        assert "internalTrafficPolicy" not in service["spec"]  # any node's Alertmanager
+        assert service["spec"]["selector"].items() <= labels.items()
+        for component, other in workloads(objects).items():  # the notifier's pods only
+            other_labels = other["spec"]["template"]["metadata"]["labels"]
+            assert (component == "notifier") is (
+                service["spec"]["selector"].items() <= other_labels.items()
+            )
+        (port,) = [p for p in service["spec"]["ports"] if p["port"] == parts.port]
+        (target,) = [
+            p for p in container["ports"] if port["targetPort"] in (p["name"], p["containerPort"])
+        ]
+        assert target["containerPort"] == notifier_config(objects).port
+        paths[receiver] = WEBHOOKS[parts.path]  # KeyError: a path the notifier does not serve
+    # The dead man's switch route posts to /watchdog, everything else to /alerts.
+    assert paths == {"webhook": "alerts", "deadmansswitch": "watchdog"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", BUILDS)
+def test_one_notifier_anywhere_with_its_secrets_from_an_optional_secret(name):
+    notifier = workloads(build(name))["notifier"]
+    spec = pod_spec(notifier)
+    container = main_container(notifier)
+    # Two would each run a dead man's switch (one alarming for the Watchdogs the other got)
+    # and print and relay a notification Alertmanager retried twice; a rollout stops the old
+    # pod before it starts the new one.
+    assert notifier["spec"]["replicas"] == 1
+    assert notifier["spec"]["strategy"] == {"type": "Recreate"}
+    assert spec["automountServiceAccountToken"] is False
+    # No GPU and no node state: any node.
+    for field in ("nodeSelector", "affinity", "tolerations", "volumes", "runtimeClassName"):
+        assert field not in spec, field
+    assert "nvidia.com/gpu" not in str(container["resources"])
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert "NVIDIA_VISIBLE_DEVICES" not in environ(container)
+    # Webhooks and secrets only from the Secret, which may be absent (printing only).
+    assert container["envFrom"] == [{"secretRef": {"name": "llm-vigil-notifier", "optional": True}}]
+    assert not [item for item in container.get("env", []) if item["name"].startswith("VIGIL_")]
+
+
+def test_the_notifier_variables_the_manifests_and_readme_name_exist():
+    """The Secret's keys shown in notifier-deployment.yaml and kubernetes/README.md are
+    variables the notifier's loader knows; an unknown VIGIL_NOTIFIER_* key stops it at start."""
+    known = {option.env for option in NOTIFIER_OPTIONS}
+    for path in (KUBERNETES / "base" / "notifier-deployment.yaml", KUBERNETES / "README.md"):
+        named = set(re.findall(r"\bVIGIL_NOTIFIER_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+        assert named, path
+        assert named <= known, (path, named - known)
+        # The example names both robots' webhook and secret.
+        assert {
+            f"VIGIL_NOTIFIER_{tool}_{what}"
+            for tool in ("DINGTALK", "FEISHU")
+            for what in ("WEBHOOK", "SECRET")
+        } <= named, path
+    with pytest.raises(NotifierConfigError, match="VIGIL_NOTIFIER_DINGTALK_WEBHOK"):
+        load_notifier_config([], {"VIGIL_NOTIFIER_DINGTALK_WEBHOK": "https://example.com/x"})
