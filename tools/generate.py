@@ -7,7 +7,9 @@ The generated files: the alert rules (``alerts/*.rules.yml``, alerts/rules.py), 
 table in alerts/README.md (the rest of that file is written by hand), the dashboards
 (``dashboards/*.json``, dashboards/generate.py), the metrics reference (docs/metrics.md,
 tools/metrics_reference.py), the Prometheus Operator's resources (kubernetes/prometheus-operator/,
-tools/operator_resources.py) and the tests' golden files (tools/golden.py).
+tools/operator_resources.py), the configuration of a plain Prometheus and Alertmanager in a cluster
+without the Operator (kubernetes/without-operator/, tools/plain_kubernetes.py) and the tests'
+golden files (tools/golden.py).
 tests/test_generated_files.py runs the check, so the tests fail while a committed file is stale.
 """
 
@@ -21,11 +23,16 @@ from pathlib import Path
 
 from alerts import rules
 from dashboards import generate as dashboards
-from tools import golden, metrics_reference, operator_resources
+from tools import golden, metrics_reference, operator_resources, plain_kubernetes
 
 REPO = Path(__file__).resolve().parents[1]
 # Folders whose files of this pattern are all generated: one that no generator writes is stale.
-GENERATED_ONLY = ("alerts/*.rules.yml", "dashboards/*.json", "kubernetes/prometheus-operator/*")
+GENERATED_ONLY = (
+    "alerts/*.rules.yml",
+    "dashboards/*.json",
+    "kubernetes/prometheus-operator/*",
+    "kubernetes/without-operator/*",
+)
 DIFF_LINES = 40  # of each stale file's diff shown by --check
 
 
@@ -64,6 +71,7 @@ def expected_files(repo: Path = REPO) -> dict[str, str]:
     files["docs/metrics.md"] = metrics_reference.render()
     files.update(golden.render())
     files.update(operator_resources.render())
+    files.update(plain_kubernetes.render())
     return files
 
 
