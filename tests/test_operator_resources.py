@@ -40,7 +40,12 @@ import pytest
 import yaml
 
 from tools import operator_resources
-from tools.operator_resources import OPERATOR_VERSION, alertmanager_config, parse_matchers
+from tools.operator_resources import (
+    EXPORTER_NAMESPACE,
+    OPERATOR_VERSION,
+    alertmanager_config,
+    parse_matchers,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDER = REPO / "kubernetes" / "prometheus-operator"
@@ -130,7 +135,11 @@ def test_kubectl_kustomize_builds_the_folder():
     assert kinds == sorted(
         ["ConfigMap"] * dashboards + ["PrometheusRule", "AlertmanagerConfig"] + ["PodMonitor"] * 3
     )
-    assert _rule(built) == _rule(_documents("prometheusrule.yaml"))
+    # Every object lands in the namespace of kubernetes/base, the rest unchanged.
+    assert {doc["metadata"]["namespace"] for doc in built} == {EXPORTER_NAMESPACE}
+    committed = _rule(_documents("prometheusrule.yaml"))
+    committed["metadata"]["namespace"] = EXPORTER_NAMESPACE
+    assert _rule(built) == committed
 
 
 def _operator_resources() -> list[dict]:

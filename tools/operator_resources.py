@@ -381,8 +381,8 @@ ALERTMANAGER_CONFIG_NOTE = """\
 # An example: alerts/alertmanager.yml's routes, inhibit rules and receivers for an Alertmanager
 # run by the Prometheus Operator. Every route and inhibit rule is limited to our alerts (by
 # alertname); the webhooks post to the notifier at {notifier}
-# (a Service named llm-vigil-notifier in namespace llm-vigil, port 5001, that this folder does
-# not deploy: point the URLs at wherever the notifier runs).
+# (the Service llm-vigil-notifier in namespace llm-vigil, port 5001, which kubernetes/base
+# deploys; point the URLs elsewhere if your notifier runs elsewhere).
 #
 # Namespaces: the Operator adds namespace="<this object's namespace>" to this config's route
 # and to both sides of its inhibit rules, unless the Alertmanager resource sets
@@ -428,6 +428,10 @@ def render() -> dict[str, str]:
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
+        # Every object in the namespace kubernetes/base creates, next to the exporter and the
+        # notifier (kube-prometheus-stack's values in kubernetes/kube-prometheus-stack select
+        # rules, PodMonitors and dashboards in every namespace).
+        "namespace": EXPORTER_NAMESPACE,
         "resources": [
             "prometheusrule.yaml",
             "dashboards.yaml",
