@@ -6,7 +6,10 @@ Prometheus started with --web.enable-remote-write-receiver, standing in for Mimi
 holds the raw series and the recorded vigil:* series, every one with the `cluster` label, and the
 alerts reach Alertmanager with it. Also the Helm values for kube-prometheus-stack users: every key
 path they set exists in that chart's values.yaml, or, inside remoteWrite, in the Prometheus
-Operator's RemoteWriteSpec of the same chart release."""
+Operator's RemoteWriteSpec of the same chart release; the Alertmanager they configure selects our
+AlertmanagerConfig without scoping it to its namespace, and a real Alertmanager running the
+chart's configuration merged with it as the Operator does routes our Watchdog to the notifier
+and, with the values' inhibit rules (not the chart's), mutes none of our info alerts."""
 
 from __future__ import annotations
 
@@ -248,6 +251,49 @@ def test_raw_and_recorded_series_reach_the_central_store_with_the_cluster_label(
 # cf408a290aec489277a94450bb3511432477a53a, chart kube-prometheus-stack 88.5.3 (appVersion
 # v0.93.1, the Prometheus Operator): the file charts/kube-prometheus-stack/values.yaml is 207 kB,
 # so only the key paths the values file sets are copied here, each with the chart's default.
+# Its alertmanager.config (lines 553-592 of that values.yaml), verbatim: the base configuration
+# the Operator adds the selected AlertmanagerConfigs to.
+CHART_ALERTMANAGER_CONFIG = yaml.safe_load("""
+global:
+  resolve_timeout: 5m
+inhibit_rules:
+  - source_matchers:
+      - 'severity = critical'
+    target_matchers:
+      - 'severity =~ warning|info'
+    equal:
+      - 'namespace'
+      - 'alertname'
+  - source_matchers:
+      - 'severity = warning'
+    target_matchers:
+      - 'severity = info'
+    equal:
+      - 'namespace'
+      - 'alertname'
+  - source_matchers:
+      - 'alertname = InfoInhibitor'
+    target_matchers:
+      - 'severity = info'
+    equal:
+      - 'namespace'
+  - target_matchers:
+      - 'alertname = InfoInhibitor'
+route:
+  group_by: ['namespace']
+  group_wait: 30s
+  group_interval: 5m
+  repeat_interval: 12h
+  receiver: 'null'
+  routes:
+  - receiver: 'null'
+    matchers:
+      - alertname = "Watchdog"
+receivers:
+- name: 'null'
+templates:
+- '/etc/alertmanager/config/*.tmpl'
+""")
 CHART = "kube-prometheus-stack"
 CHART_VERSION = "88.5.3"
 CHART_KEYS = {
@@ -265,9 +311,20 @@ CHART_KEYS = {
     "grafana.sidecar.dashboards.label": "grafana_dashboard",
     "grafana.sidecar.dashboards.labelValue": "1",
     "grafana.sidecar.dashboards.searchNamespace": "ALL",
+    "alertmanager.alertmanagerSpec.alertmanagerConfigSelector": {},
+    "alertmanager.alertmanagerSpec.alertmanagerConfigNamespaceSelector": {},
+    "alertmanager.alertmanagerSpec.alertmanagerConfigMatcherStrategy": {},
+    "alertmanager.config.inhibit_rules": CHART_ALERTMANAGER_CONFIG["inhibit_rules"],
 }
-# Maps whose keys are the user's (label names).
-FREE_MAPS = {"prometheus.prometheusSpec.externalLabels"}
+# Maps whose keys are the user's (label names) or, below, the Operator's.
+FREE_MAPS = {
+    "prometheus.prometheusSpec.externalLabels",
+    "alertmanager.alertmanagerSpec.alertmanagerConfigMatcherStrategy",
+}
+# The Operator's AlertmanagerConfigMatcherStrategy (pkg/apis/monitoring/v1/alertmanager_types.go,
+# v0.93.0): one field, type, an enum whose default is OnNamespace.
+MATCHER_STRATEGY_TYPES = {"OnNamespace", "OnNamespaceExceptForAlertmanagerNamespace", "None"}
+AMCONFIG = REPO / "kubernetes" / "prometheus-operator" / "alertmanagerconfig.yaml"
 # The Prometheus Operator's RemoteWriteSpec, from the same chart release:
 # charts/kube-prometheus-stack/charts/crds/crds/crd-prometheuses.yaml (operator 0.93.1),
 # spec.remoteWrite.items.properties, and those of its queueConfig and metadataConfig.
@@ -321,6 +378,220 @@ def test_every_key_path_of_the_helm_values_exists_in_the_chart():
     for config_map in dashboards:
         labels = config_map["metadata"]["labels"]
         assert labels.get(sidecar["label"]) == sidecar["labelValue"], config_map["metadata"]
+    strategy = values["alertmanager"]["alertmanagerSpec"]["alertmanagerConfigMatcherStrategy"]
+    assert set(strategy) <= {"type"} and strategy["type"] in MATCHER_STRATEGY_TYPES, strategy
+
+
+def _our_alertmanagerconfig() -> dict[str, Any]:
+    (config,) = yaml.safe_load_all(AMCONFIG.read_text(encoding="utf-8"))
+    return config
+
+
+def _our_alertnames() -> str:
+    """The alertname regex our AlertmanagerConfig's route matches (every alert of alerts/)."""
+    (matcher,) = _our_alertmanagerconfig()["spec"]["route"]["matchers"]
+    assert matcher["name"] == "alertname" and matcher["matchType"] == "=~", matcher
+    return matcher["value"]
+
+
+def test_the_alertmanager_selects_our_alertmanagerconfig_and_lets_it_see_every_alert():
+    """The chart always renders alertmanagerConfigSelector ({} when empty or null) and renders
+    alertmanagerConfigNamespaceSelector as given (templates/alertmanager/alertmanager.yaml); the
+    Operator reads a nil namespace selector as "the Alertmanager's namespace only" and an empty
+    one, like an empty label selector, as everything (pkg/alertmanager/operator.go
+    selectAlertmanagerConfigs, metav1.LabelSelectorAsSelector). Ours is in llm-vigil, not the
+    release's namespace, and carries only app.kubernetes.io labels."""
+    spec = _values()["alertmanager"]["alertmanagerSpec"]
+    assert spec["alertmanagerConfigSelector"] == {}, "empty: every AlertmanagerConfig"
+    assert spec["alertmanagerConfigNamespaceSelector"] == {}, "empty (not null): every namespace"
+    # OnNamespace (the default) would add namespace="llm-vigil" to our route and inhibit rules;
+    # the namespace-less alerts (absent(), the fleet's, the Watchdog) would miss the notifier.
+    assert spec["alertmanagerConfigMatcherStrategy"] == {"type": "None"}
+    alertnames = set(_our_alertnames().split("|"))
+    for rules in ALERTS.glob("*.rules.yml"):
+        for group in yaml.safe_load(rules.read_text(encoding="utf-8"))["groups"]:
+            for rule in group["rules"]:
+                if "alert" in rule:
+                    assert rule["alert"] in alertnames, (rules.name, rule["alert"])
+    assert _our_alertmanagerconfig()["metadata"].get("namespace") in (None, "llm-vigil")
+
+
+def test_the_charts_inhibit_rules_are_kept_but_the_info_inhibitor_spares_our_alerts():
+    """Helm replaces lists: the values restate the chart's four inhibit rules, changed only in
+    the InfoInhibitor rule's targets, which leave out every one of our alerts."""
+    rules = _values()["alertmanager"]["config"]["inhibit_rules"]
+    expected = copy.deepcopy(CHART_ALERTMANAGER_CONFIG["inhibit_rules"])
+    info = expected[2]
+    assert info["source_matchers"] == ["alertname = InfoInhibitor"]
+    info["target_matchers"].append(f'alertname !~ "{_our_alertnames()}"')
+    assert rules == expected, "the chart's rules, InfoInhibitor's targets less our alerts"
+
+
+def _helm_merge(base: Any, override: Any) -> Any:
+    """Helm's coalescing of user values over the chart's: maps merged key by key, anything else
+    (lists included) replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = _helm_merge(base[key], value) if key in base else value
+        return merged
+    return copy.deepcopy(override)
+
+
+def _matchers(matchers: list[dict[str, str]]) -> list[str]:
+    # monitoringv1alpha1.Matcher.String(): name, match type, quoted value.
+    return [f'{m["name"]}{m.get("matchType", "=")}"{m["value"]}"' for m in matchers]
+
+
+def _operator_config(base: dict[str, Any], strategy: str) -> dict[str, Any]:
+    """What the Operator (v0.93.0, pkg/alertmanager/amcfg.go) makes of the base configuration
+    and our AlertmanagerConfig (namespace llm-vigil): receivers named <namespace>/<name>/<receiver>
+    (makeNamespacedString), matchers as strings (Matcher.String), a namespace matcher added to
+    the top route and both sides of each inhibit rule unless the strategy says otherwise
+    (namespaceEnforcer), continue: true on the top route (continueToNextRoute), and that route
+    put before the base's routes (AddAlertmanagerConfigs)."""
+    amconfig = _our_alertmanagerconfig()
+    namespace, name = (
+        amconfig["metadata"].get("namespace", "llm-vigil"),
+        amconfig["metadata"]["name"],
+    )
+    # Ours is not in the Alertmanager's namespace: only None leaves it unscoped.
+    scope = [] if strategy == "None" else [f'namespace="{namespace}"']
+    keys = {"groupBy": "group_by", "groupWait": "group_wait", "groupInterval": "group_interval",
+            "repeatInterval": "repeat_interval"}  # fmt: skip
+
+    def route(node: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {keys[k]: v for k, v in node.items() if k in keys}
+        if "receiver" in node:
+            out["receiver"] = f"{namespace}/{name}/{node['receiver']}"
+        out["matchers"] = _matchers(node.get("matchers", []))
+        if node.get("routes"):
+            out["routes"] = [route(child) for child in node["routes"]]
+        return out
+
+    config = copy.deepcopy(base)
+    config.pop("templates", None)  # the chart's /etc/alertmanager/config, not here
+    spec = amconfig["spec"]
+    top = route(spec["route"])
+    top["matchers"] += scope
+    top["continue"] = True
+    config["route"]["routes"] = [top, *config["route"].get("routes", [])]
+    for rule in spec.get("inhibitRules", []):
+        config["inhibit_rules"].append(
+            {
+                "source_matchers": _matchers(rule.get("sourceMatch", [])) + scope,
+                "target_matchers": _matchers(rule.get("targetMatch", [])) + scope,
+                "equal": rule.get("equal", []),
+            }
+        )
+    for receiver in spec["receivers"]:
+        config["receivers"].append(
+            {
+                "name": f"{namespace}/{name}/{receiver['name']}",
+                "webhook_configs": [
+                    {
+                        "url": hook["url"],
+                        "send_resolved": hook.get("sendResolved", True),
+                        "max_alerts": hook.get("maxAlerts", 0),
+                    }
+                    for hook in receiver.get("webhookConfigs", [])
+                ],
+            }
+        )
+    return config
+
+
+def _post_and_read(alertmanager: Prometheus, alerts: list[dict[str, str]]) -> dict[str, Any]:
+    """Post alerts (firing, an hour to live) and read back each one's receivers and state."""
+    now = time.time()
+    body = [
+        {
+            "labels": labels,
+            "startsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 60)),
+            "endsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 3600)),
+        }
+        for labels in alerts
+    ]
+    requests.post(
+        alertmanager.base_url + "/api/v2/alerts", json=body, timeout=10
+    ).raise_for_status()
+
+    def read() -> dict[str, Any] | None:
+        answer = requests.get(alertmanager.base_url + "/api/v2/alerts", timeout=10)
+        answer.raise_for_status()
+        found = {(a["labels"]["alertname"], a["labels"].get("namespace")): a for a in answer.json()}
+        # The inhibitor sees a source once it is in the alert store: wait until it has run.
+        if len(found) == len(alerts) and all(
+            a["status"]["state"] != "unprocessed" for a in found.values()
+        ):
+            return found
+        return None
+
+    return _wait(read, "the alerts at Alertmanager", timeout=30, logs=(alertmanager.log_path,))
+
+
+@pytest.mark.parametrize("with_values", [True, False], ids=["our values", "chart defaults"])
+def test_a_real_alertmanager_with_the_operators_merge_delivers_our_watchdog(tmp_path, with_values):
+    """The chart's configuration (with our values, or as the chart ships it) plus our
+    AlertmanagerConfig as the Operator merges them, run by a real Alertmanager: our Watchdog
+    reaches the notifier's dead man's switch before the chart's Watchdog route ends it at
+    'null'; with the chart's own inhibit rules, the InfoInhibitor (which fires while an info
+    alert fires without a warning or critical one in its namespace, here none) mutes it and
+    GpuPowerCapped; with ours it mutes neither, and still mutes another team's info alert."""
+    values = _values()
+    base = CHART_ALERTMANAGER_CONFIG
+    if with_values:
+        base = _helm_merge(base, values["alertmanager"]["config"])
+    strategy = values["alertmanager"]["alertmanagerSpec"]["alertmanagerConfigMatcherStrategy"]
+    config = _operator_config(base, strategy["type"])
+    # Nothing listens there: the notifications are not the point, where they are routed is.
+    silent = f"http://127.0.0.1:{free_port()}"
+    for receiver in config["receivers"]:
+        for hook in receiver.get("webhook_configs", []):
+            hook["url"] = silent + "/" + hook["url"].split("/", 3)[3]
+    alertmanager = start_alertmanager(tmp_path, yaml.safe_dump(config, sort_keys=False))
+    try:
+        cluster = {"cluster": "gpu-cluster-1"}
+        ours = {"severity": "info", **cluster}
+        found = _post_and_read(
+            alertmanager,
+            [
+                # The chart's InfoInhibitor (defaultRules, general.rules: severity none), one per
+                # namespace (none for the Watchdog's) where an info alert fires without a warning
+                # or critical one, as for each info alert below.
+                *(
+                    {"alertname": "InfoInhibitor", "severity": "none", **cluster, **place}
+                    for place in ({}, {"namespace": "llm-vigil"}, {"namespace": "team-a"})
+                ),
+                {"alertname": "Watchdog", "cause": "watchdog", **ours},
+                {
+                    "alertname": "GpuPowerCapped",
+                    "cause": "throttle",
+                    "namespace": "llm-vigil",
+                    **ours,
+                },
+                {"alertname": "KubeQuotaAlmostFull", "namespace": "team-a", **ours},
+            ],
+        )
+    finally:
+        alertmanager.stop()
+
+    def receivers(alert: dict[str, Any]) -> list[str]:
+        return [r["name"] for r in alert["receivers"]]
+
+    watchdog, capped = found["Watchdog", None], found["GpuPowerCapped", "llm-vigil"]
+    # Ours first (continue: true), then the chart's Watchdog route.
+    assert receivers(watchdog) == ["llm-vigil/llm-vigil/deadmansswitch", "null"]
+    assert receivers(capped) == ["llm-vigil/llm-vigil/webhook"]
+    other = found["KubeQuotaAlmostFull", "team-a"]
+    assert receivers(other) == ["null"], "another team's alert is not ours"
+    assert other["status"]["inhibitedBy"], "the chart's InfoInhibitor still works for others"
+    if with_values:
+        assert watchdog["status"] == {"state": "active", "silencedBy": [], "inhibitedBy": []}
+        assert capped["status"]["inhibitedBy"] == []
+    else:
+        assert watchdog["status"]["inhibitedBy"], "the chart's InfoInhibitor rule mutes it"
+        assert capped["status"]["inhibitedBy"]
 
 
 def test_the_helm_values_say_what_the_compose_config_says():
