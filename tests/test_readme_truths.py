@@ -69,3 +69,32 @@ def test_the_notifier_variables_the_readme_names_are_the_notifiers():
     known = {ENV_PREFIX + option.name.upper() for option in OPTIONS}
     named = set(re.findall(r"VIGIL_NOTIFIER_[A-Z_]+[A-Z]", README))
     assert named and named <= known, named - known
+
+
+def _section(title: str) -> str:
+    return README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_kubernetes_section_names_what_exists_and_the_measured_figures():
+    """Every path, overlay and image the Kubernetes section names exists; the chart version is the
+    one the values file was checked against; the series figures are docs/cardinality.md's."""
+    section = _section("Kubernetes")
+    paths = set(
+        re.findall(r"\b((?:kubernetes|compose|docs|alerts|dashboards)/[\w./-]*\w)", section)
+    )
+    assert "kubernetes/overlays/inference" in paths
+    assert paths, "no path found"
+    for path in paths:
+        assert (REPO / path).exists(), f"README's Kubernetes section names {path}: missing"
+    for overlay in re.findall(r"overlays/(\w+)", section):
+        assert (REPO / "kubernetes" / "overlays" / overlay / "kustomization.yaml").is_file()
+    for dockerfile in re.findall(r"-f (compose/\S+\.Dockerfile)", section):
+        assert (REPO / dockerfile).is_file()
+    values = (REPO / "kubernetes" / "kube-prometheus-stack" / "values.yaml").read_text()
+    (chart,) = re.findall(r"--version (\S+)", section)
+    assert f"chart\n# {chart}" in values or f"chart {chart}" in values, chart
+    table = (REPO / "docs" / "cardinality.md").read_text()
+    measured, budget = re.search(
+        r"^\| total per node \| ([\d,]+) \| ([\d,]+) \|", table, re.M
+    ).groups()
+    assert f"{measured} series, budget {budget}" in section
