@@ -156,11 +156,18 @@ def _pod_monitors() -> dict[str, dict]:
 
 
 def _relabel(labels: dict[str, str], relabelings: list[dict]) -> dict[str, str]:
-    """Prometheus' relabeling, action replace only (the only one these PodMonitors use):
-    source labels joined by ';', regex (.*) anchored, $1 into the target label."""
+    """Prometheus' relabeling, actions replace and labeldrop (the only ones these PodMonitors
+    use; prometheus.io/docs, configuration: relabel_config): replace joins the source labels by
+    ';', matches the regex (default (.*)) anchored at both ends and writes the replacement
+    ($1 by default) into the target label; labeldrop removes every label whose name matches the
+    regex, anchored likewise."""
     labels = dict(labels)
     for step in relabelings:
-        assert step.get("action", "replace") == "replace", step
+        action = step.get("action", "replace").lower()
+        if action == "labeldrop":
+            labels = {k: v for k, v in labels.items() if not re.fullmatch(step["regex"], k)}
+            continue
+        assert action == "replace", step
         value = ";".join(labels.get(name, "") for name in step.get("sourceLabels", []))
         match = re.fullmatch(step.get("regex", "(.*)"), value)
         if match:
@@ -172,15 +179,18 @@ def _relabel(labels: dict[str, str], relabelings: list[dict]) -> dict[str, str]:
 
 def _scraped_labels(monitor: dict, meta: dict[str, str]) -> dict[str, str]:
     """The target labels Prometheus gives a pod: the Operator's relabelings first (namespace,
-    container, pod, then job = <namespace>/<PodMonitor>: pkg/prometheus/promcfg.go
-    generatePodMonitorConfig), then the endpoint's; instance from __address__ when unset."""
+    container, pod, then job = <namespace>/<PodMonitor>, then endpoint = the port's name when
+    the endpoint names one: pkg/prometheus/promcfg.go generatePodMonitorConfig, v0.93.0 lines
+    1599-1654), then the endpoint's (line 1661); instance from __address__ when unset."""
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     operator = [
         {"sourceLabels": ["__meta_kubernetes_namespace"], "targetLabel": "namespace"},
         {"sourceLabels": ["__meta_kubernetes_pod_container_name"], "targetLabel": "container"},
         {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "pod"},
         {"targetLabel": "job", "replacement": f"monitoring/{monitor['metadata']['name']}"},
     ]
-    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    if endpoint.get("port"):
+        operator.append({"targetLabel": "endpoint", "replacement": endpoint["port"]})
     labels = _relabel(meta, operator + endpoint.get("relabelings", []))
     labels.setdefault("instance", labels["__address__"])
     return {name: value for name, value in labels.items() if not name.startswith("__")}
@@ -218,14 +228,33 @@ def test_the_exporter_pod_monitor_selects_the_exporter_and_yields_job_vigil_expo
     # alerts/rules.py's exporter_job: the rules' absent() and up{} select it.
     assert labels["job"] == "vigil-exporter"
     assert labels["node"] == labels["instance"] == "gpu-node-1"
-    assert (labels["namespace"], labels["pod"]) == ("llm-vigil", "llm-vigil-exporter-x7k2p")
-    # A replaced DaemonSet pod (new name and address, same node) keeps the instance.
+    assert labels["namespace"] == "llm-vigil"
+
+
+def test_a_replaced_exporter_pod_continues_the_same_series():
+    """A DaemonSet pod replaced on its node (new name and address; after a restart of the
+    container its name too may differ): the target's labels, hence every series' labels, are
+    the old pod's. With the Operator's pod, container or endpoint left on, the new pod's series
+    would start beside the old ones, and a GPU join would see two series of one GPU until the
+    old went stale."""
+    monitor = _pod_monitors()["llm-vigil-exporter"]
     replaced = {
         **POD_META,
         "__address__": "10.1.9.9:9400",
         "__meta_kubernetes_pod_name": "llm-vigil-exporter-q4m8z",
+        "__meta_kubernetes_pod_container_name": "exporter-renamed",
     }
-    assert _scraped_labels(monitor, replaced)["instance"] == "gpu-node-1"
+    old, new = _scraped_labels(monitor, POD_META), _scraped_labels(monitor, replaced)
+    assert old == new
+    assert old == {
+        "job": "vigil-exporter",
+        "instance": "gpu-node-1",
+        "node": "gpu-node-1",
+        "namespace": "llm-vigil",
+    }
+    # Another node's exporter stays apart.
+    elsewhere = {**replaced, "__meta_kubernetes_pod_node_name": "gpu-node-2"}
+    assert _scraped_labels(monitor, elsewhere)["instance"] == "gpu-node-2"
 
 
 def _compose_engine_job(engine: str) -> str:
@@ -253,8 +282,10 @@ def test_an_engine_pod_monitor_scrapes_the_engine_port_in_any_namespace(engine):
     labels = _scraped_labels(_pod_monitors()[f"llm-vigil-{engine}"], meta)
     assert labels["job"] == _compose_engine_job(engine) == engine
     assert labels["node"] == "gpu-node-1"
-    # The engine keeps its address as instance: the rules match it to the exporter's target.
+    # The engine keeps its address as instance: the rules match it to the exporter's target;
+    # and its pod (an engine pod is its own server, not a node's).
     assert labels["instance"] == "10.4.5.6:8000"
+    assert labels["pod"] == POD_META["__meta_kubernetes_pod_name"]
 
 
 def test_no_pod_monitor_scrapes_our_own_inference_process():
@@ -263,7 +294,9 @@ def test_no_pod_monitor_scrapes_our_own_inference_process():
     for monitor in _pod_monitors().values():
         (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
         jobs |= {
-            step["replacement"] for step in endpoint["relabelings"] if step["targetLabel"] == "job"
+            step["replacement"]
+            for step in endpoint["relabelings"]
+            if step.get("targetLabel") == "job"
         }
     assert jobs == {"vigil-exporter", "vllm", "sglang"}
 

@@ -54,12 +54,16 @@ def _pod_monitors() -> dict[str, dict]:
 
 
 def _relabel(labels: dict[str, str], configs: list[dict]) -> dict[str, str] | None:
-    """Actions replace, keep and drop; defaults separator ';', regex '(.*)' (anchored at both
-    ends), replacement '$1', action replace. A replace whose result is empty removes the target
-    label. None: the target was dropped."""
+    """Actions replace, keep, drop and labeldrop; defaults separator ';', regex '(.*)' (anchored
+    at both ends), replacement '$1', action replace. A replace whose result is empty removes the
+    target label; labeldrop removes every label whose name matches. None: the target was
+    dropped."""
     labels = dict(labels)
     for config in configs:
         action = config.get("action", "replace")
+        if action == "labeldrop":
+            labels = {k: v for k, v in labels.items() if not re.fullmatch(config["regex"], k)}
+            continue
         value = config.get("separator", ";").join(
             labels.get(name, "") for name in config.get("source_labels", [])
         )
@@ -112,16 +116,9 @@ def _discovered(
 EXPORTER_POD = operator_resources.EXPORTER_POD_LABELS
 
 
-def _operator_labels(monitor: dict, meta: dict[str, str]) -> dict[str, str]:
-    """The PodMonitor replay of test_operator_resources.py, plus the endpoint label, which the
-    Operator sets to the endpoint's port name after the job (promcfg.go
-    generatePodMonitorConfig: target_label endpoint, replacement the port) and the replay
-    leaves out."""
-    labels = _scraped_labels(monitor, meta)
-    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-    if endpoint.get("port"):
-        labels["endpoint"] = endpoint["port"]
-    return labels
+# The PodMonitor replay of test_operator_resources.py (the Operator's steps, endpoint included,
+# then the PodMonitor's relabelings).
+_operator_labels = _scraped_labels
 
 
 def test_the_exporter_job_gives_the_labels_the_pod_monitor_gives():
@@ -129,15 +126,21 @@ def test_the_exporter_job_gives_the_labels_the_pod_monitor_gives():
     meta = _discovered(EXPORTER_POD, ("metrics", 9400))
     labels = _target_labels(job, meta)
     assert labels == _operator_labels(_pod_monitors()["llm-vigil-exporter"], meta)
+    # The node names the exporter: no pod, container or endpoint (a replaced pod continues the
+    # same series, as under the Operator).
     assert labels == {
         "job": "vigil-exporter",
         "instance": "gpu-node-1",
         "node": "gpu-node-1",
         "namespace": "llm-vigil",
-        "pod": "llm-vigil-exporter-x7k2p",
-        "container": "exporter",
-        "endpoint": "metrics",
     }
+    replaced = _discovered(
+        EXPORTER_POD,
+        ("metrics", 9400),
+        __address__="10.1.9.9:9400",
+        __meta_kubernetes_pod_name="llm-vigil-exporter-q4m8z",
+    )
+    assert _target_labels(job, replaced) == labels
     assert job["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": ["llm-vigil"]}}]
 
 

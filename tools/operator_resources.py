@@ -116,6 +116,23 @@ NODE_RELABELING = {
 }
 
 
+# The labels that name the exporter's pod rather than its node, which the Operator puts on every
+# target of a PodMonitor (promcfg.go generatePodMonitorConfig at v0.93.0: container and pod from
+# the pod's meta labels, lines 1599-1614; endpoint, the port's name, lines 1644-1654), dropped
+# after them: the endpoint's relabelings are appended last (line 1661), so they see and can
+# remove those labels. A replaced DaemonSet pod (a new name on the same node) then continues the
+# same series under the same instance instead of starting new ones beside the old, which stay
+# until they go stale and make a GPU join see two series of one GPU ("many-to-one matching must
+# be explicit"). Not metricRelabelings: those are applied to scraped samples only ("Metric
+# relabeling does not apply to automatically generated timeseries such as up",
+# prometheus.io/docs, configuration: metric_relabel_configs), so `up` and the scrape_* series,
+# which VigilExporterDown reads, would keep the pod. The exporter's own metrics carry no label of
+# these names (they would otherwise come out as exported_pod and the like, then as pod). The
+# DaemonSet's rolling update (kubernetes/base: maxUnavailable 1, no maxSurge) removes the old pod
+# before it starts the new one, so two targets never write the same series at once.
+EXPORTER_LABELDROP = {"action": "labeldrop", "regex": "pod|container|endpoint"}
+
+
 def _job(name: str) -> dict:
     return {"targetLabel": "job", "replacement": name}
 
@@ -157,6 +174,7 @@ def pod_monitors() -> list[dict]:
                             "sourceLabels": ["__meta_kubernetes_pod_node_name"],
                             "targetLabel": "instance",
                         },
+                        EXPORTER_LABELDROP,
                     ],
                 }
             ],
@@ -370,10 +388,11 @@ def alertmanager_config(config: dict | None = None) -> dict:
 
 
 PODMONITORS_NOTE = """\
-# The exporter (job vigil-exporter, instance = its node) and the engines that serve their own
-# /metrics, in pods labelled llm-vigil.io/engine: vllm or sglang (jobs vllm and sglang, port
-# 8000 or 30000: patch portNumber for another). Our own inference process is not scraped: the
-# exporter publishes its metrics, and scraping both would count them twice.
+# The exporter (job vigil-exporter, instance = its node; the Operator's pod, container and
+# endpoint labels dropped, so that its series go on across a replaced pod) and the engines that
+# serve their own /metrics, in pods labelled llm-vigil.io/engine: vllm or sglang (jobs vllm and
+# sglang, port 8000 or 30000: patch portNumber for another). Our own inference process is not
+# scraped: the exporter publishes its metrics, and scraping both would count them twice.
 """
 
 

@@ -5,10 +5,12 @@ kubernetes/prometheus-operator/ (tools/generate.py writes it; a test fails while
 - ``prometheus.yml``: one ``kubernetes_sd_configs`` (role ``pod``) scrape job per PodMonitor of
   tools/operator_resources.py, translated here the way the Operator translates a PodMonitor
   (pkg/prometheus/promcfg.go generatePodMonitorConfig, v0.93.0), so that the targets get the
-  same ``job``, ``instance``, ``node``, ``namespace``, ``pod``, ``container`` and ``endpoint``
-  labels. The PodMonitors are the one source: a field of theirs that this translation does not
-  know is an error, not dropped. Then the timing of alerts/prometheus.yml, the ``cluster``
-  external label, the rule files (beside it) and the Alertmanager Service ALERTMANAGER.
+  same labels: ``job``, ``instance``, ``node`` and ``namespace``, and ``pod``, ``container`` and
+  ``endpoint`` where the PodMonitor's relabelings keep them (the exporter's drop them, after the
+  Operator's steps that set them, as here). The PodMonitors are the one source: a field of
+  theirs that this translation does not know is an error, not dropped. Then the timing of
+  alerts/prometheus.yml, the ``cluster`` external label, the rule files (beside it) and the
+  Alertmanager Service ALERTMANAGER.
 - ``*.rules.yml``: alerts/*.rules.yml, unchanged, beside prometheus.yml (its ``rule_files`` are
   relative to it, as alerts/prometheus.yml's are).
 - ``alertmanager.yml``: alerts/alertmanager.yml with the webhooks pointed at the notifier's
@@ -267,8 +269,8 @@ def _templates() -> dict[str, str]:
 
 PROMETHEUS_NOTE = f"""\
 # Prometheus without the Prometheus Operator: the scrape jobs of
-# kubernetes/prometheus-operator/podmonitors.yaml as the Operator would write them (same job,
-# instance, node, namespace, pod, container and endpoint labels), the rules of alerts/, the
+# kubernetes/prometheus-operator/podmonitors.yaml as the Operator would write them (the same
+# target labels: the exporter's without pod, container and endpoint), the rules of alerts/, the
 # timing of alerts/prometheus.yml. Mount the ConfigMap {PROMETHEUS_CONFIG_MAP} (kustomization.yaml:
 # this file and every *.rules.yml) at {PROMETHEUS_DIR} and run Prometheus with
 # --config.file={PROMETHEUS_DIR}/prometheus.yml. Its service account needs get, list and watch on
