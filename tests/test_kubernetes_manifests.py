@@ -40,9 +40,30 @@ from vigil.engines import parse_target
 REPO = Path(__file__).resolve().parents[1]
 KUBERNETES = REPO / "kubernetes"
 KUBECTL = shutil.which("kubectl")
-BUILDS = ("base", "overlays/inference", "overlays/cpu", "overlays/vllm", "overlays/sglang")
+BUILDS = (
+    "base",
+    "overlays/inference",
+    "overlays/cpu",
+    "overlays/vllm",
+    "overlays/sglang",
+    "overlays/vllm-sglang",
+)
 WITH_INFERENCE = ("overlays/inference", "overlays/cpu")
-WITH_GPU = ("base", "overlays/inference", "overlays/vllm", "overlays/sglang")
+WITH_GPU = tuple(name for name in BUILDS if name != "overlays/cpu")
+# The engines each build's exporter probes (--target ENGINE=URL), one node-local probe Service each.
+TARGET_ENGINES = {
+    "base": set(),
+    "overlays/inference": {"vigil"},
+    "overlays/cpu": {"vigil"},
+    "overlays/vllm": {"vllm"},
+    "overlays/sglang": {"sglang"},
+    "overlays/vllm-sglang": {"vllm", "sglang"},
+}
+# The engines' default ports: vLLM's --port, SGLang's --port (the probe Services' comments).
+ENGINE_PORTS = {"vllm": 8000, "sglang": 30000}
+PODMONITORS = KUBERNETES / "prometheus-operator" / "podmonitors.yaml"
+README = KUBERNETES / "README.md"
+SERVING_NODES = {"llm-vigil.io/serving": "true"}
 SCHEMA_VERSIONS = ("1.35.0", "1.37.0")
 NAMESPACE = "llm-vigil"
 # Pods are reached on their IP (the kubelet's probes, Prometheus, the Service).
@@ -209,7 +230,7 @@ def test_the_namespace_is_ours_and_admits_the_exporter(name):
         assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]
 
 
-ENGINE_SERVICES = {"llm-vigil-vllm", "llm-vigil-sglang"}
+ENGINE_SERVICES = {"llm-vigil-vllm-probe", "llm-vigil-sglang-probe"}
 
 
 @needs_kubectl
@@ -366,41 +387,131 @@ def test_the_inference_probes_cover_the_model_load(name):
     assert pod_spec(inference).get("restartPolicy", "Always") == "Always"
 
 
+def services_of(objects: list[dict]) -> dict[tuple[str, str], dict]:
+    """(name, namespace) -> Service."""
+    return {
+        (o["metadata"]["name"], o["metadata"]["namespace"]): o
+        for o in objects
+        if o["kind"] == "Service"
+    }
+
+
+def target_service(objects: list[dict], url: str) -> dict:
+    """The Service of this build that a --target URL's host names (NAME.NAMESPACE.svc)."""
+    service_name, namespace, svc = urlsplit(url).hostname.split(".")
+    assert svc == "svc", url
+    return services_of(objects)[service_name, namespace]
+
+
+def selects(service: dict, labels: dict) -> bool:
+    return service["spec"]["selector"].items() <= labels.items()
+
+
 @needs_kubectl
 @pytest.mark.parametrize("name", BUILDS)
-def test_targets_reach_only_the_pod_on_the_node(name):
+def test_targets_reach_the_pod_on_the_node_ready_or_not(name):
+    """Each --target names a Service of the build that is node-local (the pod of the
+    exporter's own node) and publishes not-ready addresses: a pod loading its model or stalled
+    (/ready 503, out of every ready-only Service) still answers the probe with /health 200 and
+    /ready 503 instead of no endpoint at all (InferenceTargetDown on every start)."""
     objects = build(name)
     found = workloads(objects)
     exporter_spec = pod_spec(found["exporter"])
     targets = [parse_target(text) for text in exporter_config(objects).target]
+    assert {target.engine for target in targets} == TARGET_ENGINES[name]
+    assert len(targets) == len(TARGET_ENGINES[name])
     if name == "base":
-        assert targets == []  # the base watches the state directory only
-        assert "nodeSelector" not in exporter_spec
+        assert "nodeSelector" not in exporter_spec  # every GPU node, by the base's affinity
         return
-    (target,) = targets
-    host = urlsplit(target.url).hostname
-    service_name, namespace, svc = host.split(".")
-    assert svc == "svc"
-    (service,) = [
-        o
-        for o in objects
-        if o["kind"] == "Service"
-        and (o["metadata"]["name"], o["metadata"]["namespace"]) == (service_name, namespace)
-    ]
-    assert service["spec"]["internalTrafficPolicy"] == "Local"
-    assert target.port in [port["port"] for port in service["spec"]["ports"]]
-    if target.engine == "vigil":
-        labels = found["inference"]["spec"]["template"]["metadata"]["labels"]
-        assert service["spec"]["selector"].items() <= labels.items()
-        assert pod_spec(found["inference"])["nodeSelector"] == exporter_spec["nodeSelector"]
-    else:
-        assert target.engine in ("vllm", "sglang")
-        # The label the PodMonitors of kubernetes/prometheus-operator/ select engine pods by.
-        assert service["spec"]["selector"] == {"llm-vigil.io/engine": target.engine}
+    probed = set()
+    for target in targets:
+        service = target_service(objects, target.url)
+        probed.add(service["metadata"]["name"])
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+        assert service["spec"]["internalTrafficPolicy"] == "Local"
+        assert service["spec"]["publishNotReadyAddresses"] is True
         (port,) = service["spec"]["ports"]
-        assert port["targetPort"] == {"vllm": 8000, "sglang": 30000}[target.engine]
+        assert port["port"] == target.port
+        if target.engine == "vigil":
+            inference = found["inference"]
+            assert selects(service, inference["spec"]["template"]["metadata"]["labels"])
+            (container_port,) = main_container(inference)["ports"]
+            assert port["targetPort"] in (container_port["name"], container_port["containerPort"])
+            assert pod_spec(inference)["nodeSelector"] == exporter_spec["nodeSelector"]
+        else:
+            # The label the PodMonitors of kubernetes/prometheus-operator/ select engine pods by.
+            assert service["spec"]["selector"] == {"llm-vigil.io/engine": target.engine}
+            assert port["targetPort"] == ENGINE_PORTS[target.engine]
+    assert len(probed) == len(targets)  # one probe Service per engine
+    # Only probe Services publish not-ready addresses: a client must never reach a pod that
+    # is not ready.
+    for (service_name, _), service in services_of(objects).items():
+        assert bool(service["spec"].get("publishNotReadyAddresses")) is (service_name in probed), (
+            service_name
+        )
     # Exporters only where the watched server runs: elsewhere the probe would find no endpoint.
-    assert exporter_spec["nodeSelector"] == {"llm-vigil.io/serving": "true"}
+    assert exporter_spec["nodeSelector"] == SERVING_NODES
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", WITH_INFERENCE)
+def test_clients_keep_a_ready_only_service_on_every_node(name):
+    """llm-vigil-inference, the clients' Service, routes to ready pods only, from any node; the
+    exporter's probe Service is another one over the same pods."""
+    objects = build(name)
+    found = workloads(objects)
+    labels = found["inference"]["spec"]["template"]["metadata"]["labels"]
+    over_inference = {
+        key: service for key, service in services_of(objects).items() if selects(service, labels)
+    }
+    client = over_inference.pop(("llm-vigil-inference", NAMESPACE))
+    assert "publishNotReadyAddresses" not in client["spec"]
+    assert "internalTrafficPolicy" not in client["spec"]  # Cluster, the default: any node
+    assert client["spec"].get("type", "ClusterIP") == "ClusterIP"
+    ((probe_name, _),) = over_inference  # the other one is the exporter's
+    (target,) = exporter_config(objects).target
+    assert urlsplit(parse_target(target).url).hostname.split(".")[0] == probe_name
+    assert probe_name != "llm-vigil-inference"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", [n for n in BUILDS if TARGET_ENGINES[n] - {"vigil"}])
+def test_engine_probe_services_and_podmonitors_agree_on_the_port(name):
+    """The PodMonitors keep only pods whose container declares their portNumber; the probe
+    Service reaches the same port; kubernetes/README.md tells the engine to declare it."""
+    monitors = {
+        doc["spec"]["selector"]["matchLabels"]["llm-vigil.io/engine"]: doc
+        for doc in yaml.safe_load_all(PODMONITORS.read_text())
+        if doc and "llm-vigil.io/engine" in doc["spec"]["selector"].get("matchLabels", {})
+    }
+    section = readme_section("Watching vLLM or SGLang")
+    objects = build(name)
+    for text in exporter_config(objects).target:
+        target = parse_target(text)
+        (endpoint,) = monitors[target.engine]["spec"]["podMetricsEndpoints"]
+        (port,) = target_service(objects, target.url)["spec"]["ports"]
+        assert endpoint["portNumber"] == port["targetPort"] == ENGINE_PORTS[target.engine]
+        assert f"containerPort: {endpoint['portNumber']}" in section, target.engine
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text()
+    assert f"\n## {title}\n" in text, title
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_states_the_limits_of_node_local_probing():
+    """kubernetes/README.md says what the manifests cannot enforce: replicas equal to the
+    labelled nodes, one engine pod per node per probe Service, the combined overlay for both
+    engines, and where the base's GPU affinity finds no node."""
+    which = " ".join(readme_section("Which nodes").split())
+    assert "replicas must equal the number of labelled nodes" in which
+    assert "0 pods" in which and "GPU Feature Discovery" in which
+    engines = " ".join(readme_section("Watching vLLM or SGLang").split())
+    assert "one engine pod per node" in engines
+    assert "overlays/vllm-sglang" in engines
+    probing = " ".join(readme_section("Probing a server that is not ready").split())
+    assert "publishNotReadyAddresses" in probing and "kube-proxy" in probing
 
 
 # -- GPU and CPU ----------------------------------------------------------------------------------
@@ -416,9 +527,16 @@ def test_on_gpu_nodes_the_exporter_reads_every_gpu_without_taking_one(name):
     assert exporter_config(objects).gpu_backend == "nvml"
     assert environ(container)["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert "nvidia.com/gpu" not in str(container["resources"])
-    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-    keys = {e["key"] for t in terms["nodeSelectorTerms"] for e in t["matchExpressions"]}
-    assert keys == {"feature.node.kubernetes.io/pci-10de.present", "nvidia.com/gpu.present"}
+    if name == "base":
+        # Every GPU node, as NFD or GPU Feature Discovery labels them.
+        terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        keys = {e["key"] for t in terms["nodeSelectorTerms"] for e in t["matchExpressions"]}
+        assert keys == {"feature.node.kubernetes.io/pci-10de.present", "nvidia.com/gpu.present"}
+    else:
+        # With a target, the labelled nodes only: no affinity on labels that a cluster with
+        # the device plugin alone lacks (the DaemonSet would get 0 pods).
+        assert "affinity" not in spec
+        assert spec["nodeSelector"] == SERVING_NODES
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
         "tolerations"
     ]
