@@ -6,14 +6,17 @@ Prometheus started with --web.enable-remote-write-receiver, standing in for Mimi
 holds the raw series and the recorded vigil:* series, every one with the `cluster` label, and the
 alerts reach Alertmanager with it. Also the Helm values for kube-prometheus-stack users: every key
 path they set exists in that chart's values.yaml, or, inside remoteWrite, in the Prometheus
-Operator's RemoteWriteSpec of the same chart release; the Alertmanager they configure selects our
-AlertmanagerConfig without scoping it to its namespace, and a real Alertmanager running the
-chart's configuration merged with it as the Operator does routes our Watchdog to the notifier
-and, with the values' inhibit rules (not the chart's), mutes none of our info alerts."""
+Operator's RemoteWriteSpec of the same chart release; they leave the cluster-wide scrape and
+evaluation intervals alone (our PodMonitors and rule groups carry their own); the Alertmanager they
+configure selects our AlertmanagerConfig, in its own namespace, where the matcher strategy leaves
+it unscoped, and a real Alertmanager running the chart's configuration merged with it as the
+Operator does routes our Watchdog to the notifier, the chart's Watchdog only to 'null', and, with
+the values' inhibit rules (not the chart's), mutes none of our info alerts."""
 
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 import sys
@@ -298,8 +301,6 @@ CHART = "kube-prometheus-stack"
 CHART_VERSION = "88.5.3"
 CHART_KEYS = {
     "prometheus.prometheusSpec.externalLabels": {},
-    "prometheus.prometheusSpec.scrapeInterval": "",
-    "prometheus.prometheusSpec.evaluationInterval": "",
     "prometheus.prometheusSpec.ruleSelectorNilUsesHelmValues": True,
     "prometheus.prometheusSpec.ruleSelector": {},
     "prometheus.prometheusSpec.ruleNamespaceSelector": {},
@@ -325,6 +326,11 @@ FREE_MAPS = {
 # v0.93.0): one field, type, an enum whose default is OnNamespace.
 MATCHER_STRATEGY_TYPES = {"OnNamespace", "OnNamespaceExceptForAlertmanagerNamespace", "None"}
 AMCONFIG = REPO / "kubernetes" / "prometheus-operator" / "alertmanagerconfig.yaml"
+OPERATOR_FOLDER = REPO / "kubernetes" / "prometheus-operator"
+# Prometheus' default max_shards (DefaultQueueConfig in config/config.go of prometheus/prometheus
+# v3.14.0, the image chart 88.5.3 runs): the values keep it, for a queue that ships the whole
+# cluster's series, not only ours.
+DEFAULT_MAX_SHARDS = 50
 # The Prometheus Operator's RemoteWriteSpec, from the same chart release:
 # charts/kube-prometheus-stack/charts/crds/crds/crd-prometheuses.yaml (operator 0.93.1),
 # spec.remoteWrite.items.properties, and those of its queueConfig and metadataConfig.
@@ -382,6 +388,12 @@ def test_every_key_path_of_the_helm_values_exists_in_the_chart():
     assert set(strategy) <= {"type"} and strategy["type"] in MATCHER_STRATEGY_TYPES, strategy
 
 
+def _release_namespace() -> str:
+    """The namespace the values file's helm command installs the chart in (its Alertmanager's)."""
+    (namespace,) = re.findall(r"^#\s.*\s-n (\S+)\s", VALUES.read_text(encoding="utf-8"), re.M)
+    return namespace
+
+
 def _our_alertmanagerconfig() -> dict[str, Any]:
     (config,) = yaml.safe_load_all(AMCONFIG.read_text(encoding="utf-8"))
     return config
@@ -389,8 +401,9 @@ def _our_alertmanagerconfig() -> dict[str, Any]:
 
 def _our_alertnames() -> str:
     """The alertname regex our AlertmanagerConfig's route matches (every alert of alerts/)."""
-    (matcher,) = _our_alertmanagerconfig()["spec"]["route"]["matchers"]
-    assert matcher["name"] == "alertname" and matcher["matchType"] == "=~", matcher
+    matchers = _our_alertmanagerconfig()["spec"]["route"]["matchers"]
+    (matcher,) = [m for m in matchers if m["name"] == "alertname"]
+    assert matcher["matchType"] == "=~", matcher
     return matcher["value"]
 
 
@@ -399,21 +412,26 @@ def test_the_alertmanager_selects_our_alertmanagerconfig_and_lets_it_see_every_a
     alertmanagerConfigNamespaceSelector as given (templates/alertmanager/alertmanager.yaml); the
     Operator reads a nil namespace selector as "the Alertmanager's namespace only" and an empty
     one, like an empty label selector, as everything (pkg/alertmanager/operator.go
-    selectAlertmanagerConfigs, metav1.LabelSelectorAsSelector). Ours is in llm-vigil, not the
-    release's namespace, and carries only app.kubernetes.io labels."""
+    selectAlertmanagerConfigs, metav1.LabelSelectorAsSelector). Ours carries only
+    app.kubernetes.io labels and is in the release's namespace, the Alertmanager's, where
+    OnNamespaceExceptForAlertmanagerNamespace adds no namespace matcher to it (amcfg.go
+    otherNamespaceEnforcer) while other teams' AlertmanagerConfigs keep theirs."""
     spec = _values()["alertmanager"]["alertmanagerSpec"]
     assert spec["alertmanagerConfigSelector"] == {}, "empty: every AlertmanagerConfig"
     assert spec["alertmanagerConfigNamespaceSelector"] == {}, "empty (not null): every namespace"
-    # OnNamespace (the default) would add namespace="llm-vigil" to our route and inhibit rules;
+    # OnNamespace (the default) would add namespace="monitoring" to our route and inhibit rules;
     # the namespace-less alerts (absent(), the fleet's, the Watchdog) would miss the notifier.
-    assert spec["alertmanagerConfigMatcherStrategy"] == {"type": "None"}
+    # None would unscope every team's AlertmanagerConfig.
+    assert spec["alertmanagerConfigMatcherStrategy"] == {
+        "type": "OnNamespaceExceptForAlertmanagerNamespace"
+    }
+    assert _our_alertmanagerconfig()["metadata"]["namespace"] == _release_namespace()
     alertnames = set(_our_alertnames().split("|"))
     for rules in ALERTS.glob("*.rules.yml"):
         for group in yaml.safe_load(rules.read_text(encoding="utf-8"))["groups"]:
             for rule in group["rules"]:
                 if "alert" in rule:
                     assert rule["alert"] in alertnames, (rules.name, rule["alert"])
-    assert _our_alertmanagerconfig()["metadata"].get("namespace") in (None, "llm-vigil")
 
 
 def test_the_charts_inhibit_rules_are_kept_but_the_info_inhibitor_spares_our_alerts():
@@ -443,20 +461,22 @@ def _matchers(matchers: list[dict[str, str]]) -> list[str]:
     return [f'{m["name"]}{m.get("matchType", "=")}"{m["value"]}"' for m in matchers]
 
 
-def _operator_config(base: dict[str, Any], strategy: str) -> dict[str, Any]:
+def _operator_config(base: dict[str, Any], strategy: str, alertmanager_namespace: str) -> dict:
     """What the Operator (v0.93.0, pkg/alertmanager/amcfg.go) makes of the base configuration
-    and our AlertmanagerConfig (namespace llm-vigil): receivers named <namespace>/<name>/<receiver>
-    (makeNamespacedString), matchers as strings (Matcher.String), a namespace matcher added to
-    the top route and both sides of each inhibit rule unless the strategy says otherwise
-    (namespaceEnforcer), continue: true on the top route (continueToNextRoute), and that route
-    put before the base's routes (AddAlertmanagerConfigs)."""
+    and our AlertmanagerConfig for an Alertmanager in ``alertmanager_namespace``: receivers named
+    <namespace>/<name>/<receiver> (makeNamespacedString), matchers as strings (Matcher.String), a
+    namespace matcher added to the top route and both sides of each inhibit rule unless the
+    strategy says otherwise (getEnforcer: None adds none, OnNamespaceExceptForAlertmanagerNamespace
+    none for an AlertmanagerConfig in the Alertmanager's namespace, otherwise namespaceEnforcer),
+    continue: true on the top route (continueToNextRoute), and that route put before the base's
+    routes (AddAlertmanagerConfigs)."""
     amconfig = _our_alertmanagerconfig()
-    namespace, name = (
-        amconfig["metadata"].get("namespace", "llm-vigil"),
-        amconfig["metadata"]["name"],
+    namespace, name = amconfig["metadata"]["namespace"], amconfig["metadata"]["name"]
+    unscoped = strategy == "None" or (
+        strategy == "OnNamespaceExceptForAlertmanagerNamespace"
+        and namespace == alertmanager_namespace
     )
-    # Ours is not in the Alertmanager's namespace: only None leaves it unscoped.
-    scope = [] if strategy == "None" else [f'namespace="{namespace}"']
+    scope = [] if unscoped else [f'namespace="{namespace}"']
     keys = {"groupBy": "group_by", "groupWait": "group_wait", "groupInterval": "group_interval",
             "repeatInterval": "repeat_interval"}  # fmt: skip
 
@@ -519,7 +539,10 @@ def _post_and_read(alertmanager: Prometheus, alerts: list[dict[str, str]]) -> di
     def read() -> dict[str, Any] | None:
         answer = requests.get(alertmanager.base_url + "/api/v2/alerts", timeout=10)
         answer.raise_for_status()
-        found = {(a["labels"]["alertname"], a["labels"].get("namespace")): a for a in answer.json()}
+        found = {
+            (a["labels"]["alertname"], a["labels"].get("namespace"), a["labels"].get("cause")): a
+            for a in answer.json()
+        }
         # The inhibitor sees a source once it is in the alert store: wait until it has run.
         if len(found) == len(alerts) and all(
             a["status"]["state"] != "unprocessed" for a in found.values()
@@ -533,17 +556,19 @@ def _post_and_read(alertmanager: Prometheus, alerts: list[dict[str, str]]) -> di
 @pytest.mark.parametrize("with_values", [True, False], ids=["our values", "chart defaults"])
 def test_a_real_alertmanager_with_the_operators_merge_delivers_our_watchdog(tmp_path, with_values):
     """The chart's configuration (with our values, or as the chart ships it) plus our
-    AlertmanagerConfig as the Operator merges them, run by a real Alertmanager: our Watchdog
-    reaches the notifier's dead man's switch before the chart's Watchdog route ends it at
-    'null'; with the chart's own inhibit rules, the InfoInhibitor (which fires while an info
-    alert fires without a warning or critical one in its namespace, here none) mutes it and
+    AlertmanagerConfig as the Operator merges them (under the values' matcher strategy, for an
+    Alertmanager in the release's namespace), run by a real Alertmanager: our Watchdog reaches
+    the notifier's dead man's switch before the chart's Watchdog route ends it at 'null'; the
+    chart's own Watchdog (severity none, no cause) reaches 'null' only, not our webhook; with
+    the chart's own inhibit rules, the InfoInhibitor (which fires while an info alert fires
+    without a warning or critical one in its namespace, here none) mutes our Watchdog and
     GpuPowerCapped; with ours it mutes neither, and still mutes another team's info alert."""
     values = _values()
     base = CHART_ALERTMANAGER_CONFIG
     if with_values:
         base = _helm_merge(base, values["alertmanager"]["config"])
     strategy = values["alertmanager"]["alertmanagerSpec"]["alertmanagerConfigMatcherStrategy"]
-    config = _operator_config(base, strategy["type"])
+    config = _operator_config(base, strategy["type"], _release_namespace())
     # Nothing listens there: the notifications are not the point, where they are routed is.
     silent = f"http://127.0.0.1:{free_port()}"
     for receiver in config["receivers"]:
@@ -564,6 +589,9 @@ def test_a_real_alertmanager_with_the_operators_merge_delivers_our_watchdog(tmp_
                     for place in ({}, {"namespace": "llm-vigil"}, {"namespace": "team-a"})
                 ),
                 {"alertname": "Watchdog", "cause": "watchdog", **ours},
+                # The chart's Watchdog (templates/prometheus/rules-1.14/general.rules.yaml:
+                # vector(1), labels severity none; the cluster external label added).
+                {"alertname": "Watchdog", "severity": "none", **cluster},
                 {
                     "alertname": "GpuPowerCapped",
                     "cause": "throttle",
@@ -579,11 +607,15 @@ def test_a_real_alertmanager_with_the_operators_merge_delivers_our_watchdog(tmp_
     def receivers(alert: dict[str, Any]) -> list[str]:
         return [r["name"] for r in alert["receivers"]]
 
-    watchdog, capped = found["Watchdog", None], found["GpuPowerCapped", "llm-vigil"]
+    watchdog = found["Watchdog", None, "watchdog"]
+    capped = found["GpuPowerCapped", "llm-vigil", "throttle"]
+    prefix = "{namespace}/{name}/".format(**_our_alertmanagerconfig()["metadata"])
     # Ours first (continue: true), then the chart's Watchdog route.
-    assert receivers(watchdog) == ["llm-vigil/llm-vigil/deadmansswitch", "null"]
-    assert receivers(capped) == ["llm-vigil/llm-vigil/webhook"]
-    other = found["KubeQuotaAlmostFull", "team-a"]
+    assert receivers(watchdog) == [prefix + "deadmansswitch", "null"]
+    assert receivers(capped) == [prefix + "webhook"]
+    # The chart's Watchdog has the name but not a cause: not ours, printed and relayed by nobody.
+    assert receivers(found["Watchdog", None, None]) == ["null"]
+    other = found["KubeQuotaAlmostFull", "team-a", None]
     assert receivers(other) == ["null"], "another team's alert is not ours"
     assert other["status"]["inhibitedBy"], "the chart's InfoInhibitor still works for others"
     if with_values:
@@ -594,13 +626,33 @@ def test_a_real_alertmanager_with_the_operators_merge_delivers_our_watchdog(tmp_
         assert capped["status"]["inhibitedBy"]
 
 
+def test_the_helm_values_leave_the_clusters_intervals_and_ours_carry_their_own():
+    """The chart's global scrapeInterval and evaluationInterval would change every target's and
+    every rule group's timing in the cluster: the values leave them unset, and our PodMonitor
+    endpoints and PrometheusRule groups carry alerts/prometheus.yml's (the Operator writes a
+    PodMonitor endpoint's interval as its job's scrape_interval, promcfg.go
+    generatePodMonitorConfig; a PrometheusRule's spec, each RuleGroup's interval with it, is
+    marshalled into the rule file, pkg/operator/rules.go; prometheusrule_types.go
+    RuleGroup.interval: "how often rules in the group are evaluated")."""
+    spec = _values()["prometheus"]["prometheusSpec"]
+    assert "scrapeInterval" not in spec and "evaluationInterval" not in spec, spec
+    timing = _shipped()["global"]
+    monitors = list(yaml.safe_load_all((OPERATOR_FOLDER / "podmonitors.yaml").read_text()))
+    assert monitors
+    for monitor in monitors:
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert endpoint["interval"] == timing["scrape_interval"], monitor["metadata"]
+    (rule,) = yaml.safe_load_all((OPERATOR_FOLDER / "prometheusrule.yaml").read_text())
+    for group in rule["spec"]["groups"]:
+        assert group.get("interval") == timing["evaluation_interval"], group["name"]
+
+
 def test_the_helm_values_say_what_the_compose_config_says():
-    """The same cluster label, intervals, queue and store in both places (camelCase there)."""
+    """The same cluster label, queue and store in both places (camelCase there), except the
+    queue's maxShards: Prometheus' default in the values, whose queue ships the whole cluster."""
     spec = _values()["prometheus"]["prometheusSpec"]
     shipped = _shipped()
     assert spec["externalLabels"] == shipped["global"]["external_labels"]
-    assert spec["scrapeInterval"] == shipped["global"]["scrape_interval"]
-    assert spec["evaluationInterval"] == shipped["global"]["evaluation_interval"]
     (remote,) = spec["remoteWrite"]
     (ours,) = shipped["remote_write"]
     assert remote["url"] == ours["url"] and remote["name"] == ours["name"]
@@ -611,6 +663,7 @@ def test_the_helm_values_say_what_the_compose_config_says():
 
     expected = {camel(k): v for k, v in ours["queue_config"].items()}
     expected["retryOnRateLimit"] = expected.pop("retryOnHttp429")
+    expected["maxShards"] = DEFAULT_MAX_SHARDS
     assert remote["queueConfig"] == expected
 
 

@@ -50,6 +50,13 @@ DASHBOARD_LABEL = {"grafana_dashboard": "1"}
 # Where kubernetes/base runs the exporter (a DaemonSet, one pod per GPU node) and how its pods
 # and their metrics port are named.
 EXPORTER_NAMESPACE = "llm-vigil"
+# The namespace of kube-prometheus-stack's Alertmanager (the Helm release's: `-n monitoring` in
+# kubernetes/kube-prometheus-stack/values.yaml), where the AlertmanagerConfig goes: under the
+# matcher strategy OnNamespaceExceptForAlertmanagerNamespace the Operator adds no namespace
+# matcher to an AlertmanagerConfig in the Alertmanager's own namespace
+# (pkg/alertmanager/amcfg.go v0.93.0, otherNamespaceEnforcer), and keeps it on everyone else's.
+# Every other object stays in EXPORTER_NAMESPACE, beside the exporter and the notifier.
+ALERTMANAGER_NAMESPACE = "monitoring"
 EXPORTER_POD_LABELS = {"app.kubernetes.io/name": NAME, "app.kubernetes.io/component": "exporter"}
 EXPORTER_PORT_NAME = "metrics"  # containerPort 9400
 # Pods of a foreign engine to scrape directly are labelled llm-vigil.io/engine: <engine>. The
@@ -74,7 +81,7 @@ def prometheus_rule() -> dict:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
-        "metadata": {"name": NAME, "labels": dict(LABELS)},
+        "metadata": {"name": NAME, "namespace": EXPORTER_NAMESPACE, "labels": dict(LABELS)},
         "spec": {"groups": groups},
     }
 
@@ -89,6 +96,7 @@ def dashboard_config_maps() -> list[dict]:
                 "kind": "ConfigMap",
                 "metadata": {
                     "name": f"{NAME}-dashboard-{stem}",
+                    "namespace": EXPORTER_NAMESPACE,
                     "labels": {**LABELS, **DASHBOARD_LABEL},
                 },
                 "data": {name: text},
@@ -141,7 +149,7 @@ def _pod_monitor(name: str, spec: dict) -> dict:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
-        "metadata": {"name": name, "labels": dict(LABELS)},
+        "metadata": {"name": name, "namespace": EXPORTER_NAMESPACE, "labels": dict(LABELS)},
         "spec": spec,
     }
 
@@ -346,6 +354,19 @@ def scope_matcher() -> dict:
     return {"name": "alertname", "value": "|".join(alert_names()), "matchType": "=~"}
 
 
+# Every alert of ours carries a cause (alerts/rules.py; the rules' tests check it), and another
+# stack's alert of the same name need not: kube-prometheus-stack's own Watchdog (defaultRules,
+# general.rules: severity none, no cause) matches the alertname list, would miss our
+# cause="watchdog" route and fall to our default receiver, printed and relayed every
+# repeat_interval. A label missing from an alert matches =~".+" as the empty string: no match.
+CAUSE_MATCHER = {"name": "cause", "value": ".+", "matchType": "=~"}
+
+
+def scope_matchers() -> list[dict]:
+    """Our alerts: by name, and carrying a cause."""
+    return [scope_matcher(), dict(CAUSE_MATCHER)]
+
+
 def alertmanager_config(config: dict | None = None) -> dict:
     """alerts/alertmanager.yml (or ``config``, parsed) as an AlertmanagerConfig.
 
@@ -361,19 +382,19 @@ def alertmanager_config(config: dict | None = None) -> dict:
     )
     _unknown("global", set(config.get("global", {})) - {"resolve_timeout"})
     route = _route(config["route"])
-    # The scope matcher, after those that say what a route is for. The Operator makes this
+    # The scope matchers, after those that say what a route is for. The Operator makes this
     # route the first child of the Alertmanager's root, with continue: true
-    # (pkg/alertmanager/amcfg.go, continueToNextRoute); without the scope (under
-    # alertmanagerConfigMatcherStrategy None) it would send every alert of the cluster to the
-    # notifier.
-    matchers = [*route.pop("matchers", []), scope_matcher()]
+    # (pkg/alertmanager/amcfg.go, continueToNextRoute), and adds no namespace matcher to it in
+    # the Alertmanager's namespace (ALERTMANAGER_NAMESPACE); without the scope it would send
+    # every alert of the cluster to the notifier.
+    matchers = [*route.pop("matchers", []), *scope_matchers()]
     route = {"matchers": matchers, **route}
     inhibit_rules = []
     for index, rule in enumerate(config.get("inhibit_rules", [])):
         translated = _inhibit_rule(rule, f"inhibit_rules[{index}]")
         # Likewise: an inhibit rule of ours silences only our alerts.
-        translated["sourceMatch"].append(scope_matcher())
-        translated["targetMatch"].append(scope_matcher())
+        translated["sourceMatch"] += scope_matchers()
+        translated["targetMatch"] += scope_matchers()
         inhibit_rules.append(translated)
     receivers = [
         _receiver(receiver, f"receivers[{index}]")
@@ -382,7 +403,7 @@ def alertmanager_config(config: dict | None = None) -> dict:
     return {
         "apiVersion": "monitoring.coreos.com/v1alpha1",
         "kind": "AlertmanagerConfig",
-        "metadata": {"name": NAME, "labels": dict(LABELS)},
+        "metadata": {"name": NAME, "namespace": ALERTMANAGER_NAMESPACE, "labels": dict(LABELS)},
         "spec": {"route": route, "inhibitRules": inhibit_rules, "receivers": receivers},
     }
 
@@ -399,23 +420,27 @@ PODMONITORS_NOTE = """\
 ALERTMANAGER_CONFIG_NOTE = """\
 # An example: alerts/alertmanager.yml's routes, inhibit rules and receivers for an Alertmanager
 # run by the Prometheus Operator. Every route and inhibit rule is limited to our alerts (by
-# alertname); the webhooks post to the notifier at {notifier}
+# alertname, and carrying a cause label: another stack's Watchdog has none); the webhooks post
+# to the notifier at {notifier}
 # (the Service llm-vigil-notifier in namespace llm-vigil, port 5001, which kubernetes/base
 # deploys; point the URLs elsewhere if your notifier runs elsewhere).
 #
-# Namespaces: the Operator adds namespace="<this object's namespace>" to this config's route
-# and to both sides of its inhibit rules, unless the Alertmanager resource sets
-# spec.alertmanagerConfigMatcherStrategy.type to None, or to
-# OnNamespaceExceptForAlertmanagerNamespace with this object in the Alertmanager's namespace
-# (Documentation/api-reference/api.md, AlertmanagerConfigMatcherStrategyType; the default is
-# OnNamespace; kube-prometheus-stack's value:
-# alertmanager.alertmanagerSpec.alertmanagerConfigMatcherStrategy).
-# Our alerts keep the namespace of the pod their series were scraped from (alerts/rules.py
-# with_place): the exporter's (llm-vigil) or a directly scraped engine's. Those from absent()
-# (InferenceProbeAbsent, InferenceNoLiveProcess, VigilExporterDown when no exporter is scraped),
-# the fleet's alerts (by cluster and node) and the Watchdog (vector(1)) carry none: with
-# OnNamespace they never reach this config, and the notifier's dead man's switch alarms. Use
-# None (or the Alertmanager's namespace as above), which the alertname matchers make safe.
+# Namespace: {namespace}, the Alertmanager's (kube-prometheus-stack's release namespace in
+# kubernetes/kube-prometheus-stack/values.yaml; change metadata.namespace if yours differs).
+# The Operator adds namespace="<this object's namespace>" to an AlertmanagerConfig's route and
+# to both sides of its inhibit rules, unless the Alertmanager resource's
+# spec.alertmanagerConfigMatcherStrategy.type is None, or is
+# OnNamespaceExceptForAlertmanagerNamespace and the object is in the Alertmanager's namespace
+# (pkg/apis/monitoring/v1/alertmanager_types.go, AlertmanagerConfigMatcherStrategyType; the
+# default is OnNamespace; kube-prometheus-stack's value:
+# alertmanager.alertmanagerSpec.alertmanagerConfigMatcherStrategy). Our values set the latter:
+# this config sees every alert, other teams' AlertmanagerConfigs stay scoped to their namespace.
+# It must: our alerts keep the namespace of the pod their series were scraped from
+# (alerts/rules.py with_place), the exporter's (llm-vigil) or a directly scraped engine's, and
+# those from absent() (InferenceProbeAbsent, InferenceNoLiveProcess, VigilExporterDown when no
+# exporter is scraped), the fleet's alerts (by cluster and node) and the Watchdog (vector(1))
+# carry none: under a namespace matcher they would never reach this config, and the notifier's
+# dead man's switch would alarm.
 #
 # The Alertmanager resource selects this object by spec.alertmanagerConfigSelector and
 # spec.alertmanagerConfigNamespaceSelector (both {{}}, everything, in kube-prometheus-stack's
@@ -447,10 +472,11 @@ def render() -> dict[str, str]:
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
-        # Every object in the namespace kubernetes/base creates, next to the exporter and the
-        # notifier (kube-prometheus-stack's values in kubernetes/kube-prometheus-stack select
-        # rules, PodMonitors and dashboards in every namespace).
-        "namespace": EXPORTER_NAMESPACE,
+        # No kustomization-wide namespace: each object names its own. The PrometheusRule, the
+        # PodMonitors and the dashboards go in the namespace kubernetes/base creates, next to the
+        # exporter and the notifier (kube-prometheus-stack's values in
+        # kubernetes/kube-prometheus-stack select rules, PodMonitors and dashboards in every
+        # namespace); the AlertmanagerConfig in the Alertmanager's (ALERTMANAGER_NAMESPACE).
         "resources": [
             "prometheusrule.yaml",
             "dashboards.yaml",
@@ -467,7 +493,9 @@ def render() -> dict[str, str]:
         + PODMONITORS_NOTE
         + _dump(pod_monitors()),
         f"{FOLDER}/alertmanagerconfig.yaml": HEADER.format(source=" from alerts/alertmanager.yml")
-        + ALERTMANAGER_CONFIG_NOTE.format(notifier=NOTIFIER_URL, version=OPERATOR_VERSION)
+        + ALERTMANAGER_CONFIG_NOTE.format(
+            notifier=NOTIFIER_URL, namespace=ALERTMANAGER_NAMESPACE, version=OPERATOR_VERSION
+        )
         + _dump([alertmanager_config()]),
         f"{FOLDER}/kustomization.yaml": HEADER.format(source="") + _dump([kustomization]),
     }
