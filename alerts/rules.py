@@ -63,6 +63,13 @@ class Parameter:
 
 PARAMETERS: dict[str, Parameter] = {
     "exporter_job": Parameter("vigil-exporter", "Prometheus job name of the exporter."),
+    "evaluation_interval": Parameter(
+        "10s",
+        "How often every rule group is evaluated (each group's interval), and the step of the "
+        "rules' subqueries: the evaluation_interval of alerts/prometheus.yml, written into the "
+        "groups so that they keep it in a Prometheus whose global interval is another "
+        "(kube-prometheus-stack's 30s).",
+    ),
     "runbook_base": Parameter(
         "https://github.com/llm-vigil/llm-vigil/blob/main/alerts/runbooks",
         "Where the runbooks are published; each alert links <runbook_base>/<Alert>.md.",
@@ -151,7 +158,13 @@ PARAMETERS: dict[str, Parameter] = {
         "Faulty GPUs (vigil:node_gpus_unhealthy) that make a node the news: NodeGpusFaulty "
         "pages once for the node and Alertmanager holds back its per-GPU and per-engine alerts.",
     ),
-    "node_faulty_for": Parameter("1m", "How long a node must have that many faulty GPUs."),
+    "node_faulty_for": Parameter(
+        "0s",
+        "How long a node must have that many faulty GPUs. 0s: the faults carry their own windows "
+        "(lost for gpu_lost_for, an XID or ECC error within 10 minutes), and the node alert must "
+        "reach Alertmanager within the node route's group_wait after the per-GPU alerts it "
+        "holds back (alerts/alertmanager.yml).",
+    ),
     "node_vanished_window": Parameter(
         "1h",
         "How far back a node's exporter or GPU series count as present: a node whose series "
@@ -161,6 +174,13 @@ PARAMETERS: dict[str, Parameter] = {
     "node_vanished_for": Parameter(
         "5m",
         "How long a node must stay gone (longer than an exporter pod's restart or rollout).",
+    ),
+    "own_process_window": Parameter(
+        "1h",
+        "How long after an exporter last published our inference process "
+        "(inference_build_info) that process still counts as expected there, for "
+        "InferenceNoLiveProcess, where the exporter does not (or no longer) know a target of "
+        "engine vigil.",
     ),
 }
 
@@ -352,9 +372,14 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             for_=p["probe_for"],
             severity="critical",
             cause="down",
-            expr=f'absent(vigil_process_alive{{job="{p["exporter_job"]}"}} == 1)',
-            summary="No live inference process",
-            description="No exporter reports a live inference process in its state directory.",
+            expr=_no_live_own_process(p),
+            summary="No live inference process on {{ $labels.instance }}",
+            description=(
+                "The exporter {{ $labels.instance }} watches our inference process (it probes "
+                "a target of engine vigil, or the process was in its state directory within "
+                f"the last {p['own_process_window']}) and none is alive there: the server "
+                "is not running, or the exporter does not share its state directory."
+            ),
         ),
         Alert(
             name="InferenceProcessDied",
@@ -426,10 +451,16 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             for_="10m",
             severity="warning",
             cause="vram",
-            expr=f"""predict_linear(vigil_gpu_memory_used_bytes[{p["vram_predict_window"]}], 3600)
-            > on (instance, gpu, uuid, gpu_name) vigil_gpu_memory_total_bytes
+            # One series per GPU on each side (max by the GPU's labels): a replaced exporter pod
+            # leaves its series (another pod label) in the window beside the new pod's, and a
+            # one-to-one match of them errs ("many-to-one matching must be explicit"). The
+            # subquery joins the old and the new pod's samples into one history to extrapolate.
+            expr=f"""predict_linear(max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_used_bytes)[{p["vram_predict_window"]}:{p["evaluation_interval"]}], 3600)
+            > on (instance, gpu, uuid, gpu_name)
+            max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_total_bytes)
             and on (instance, gpu, uuid, gpu_name)
-            vigil_gpu_memory_used_bytes / vigil_gpu_memory_total_bytes > 0.5""",
+            max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_used_bytes)
+            / max by (instance, gpu, uuid, gpu_name) (vigil_gpu_memory_total_bytes) > 0.5""",
             summary=(
                 "GPU {{ $labels.gpu }} memory will overflow within the hour on "
                 "{{ $labels.instance }}"
@@ -791,11 +822,52 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             "rules": [alert.rule(p["runbook_base"]) for alert in fleet_alerts(p)],
         },
     ]
-    for body in files.values():
-        for group in body:
+    for stem, body in files.items():
+        # Every group with its interval: a rule group without one is evaluated at the loading
+        # Prometheus' global evaluation_interval ("[ interval: <duration> | default =
+        # global.evaluation_interval ]", prometheus.io/docs/prometheus/latest/configuration/
+        # recording_rules/#rule_group), and the rules' windows, for durations and the node
+        # route's group_wait (alerts/alertmanager.yml) were written for ours.
+        files[stem] = [
+            {"name": group["name"], "interval": p["evaluation_interval"], **group} for group in body
+        ]
+        for group in files[stem]:
             for rule in group["rules"]:
                 rule["expr"] = with_place(rule["expr"])
     return files
+
+
+def _no_live_own_process(p: dict[str, str]) -> str:
+    """Per exporter: our own inference process is expected there and none of it is alive.
+
+    Expected: the exporter probes a target whose engine is vigil (vigil_engine_metrics_up
+    {engine="vigil"}, published from its first probe round on when --target names the engine,
+    and from the first read of the target's /metrics when it recognises it; kept while the
+    exporter runs, with 0 while /metrics fails), or it shows one of ours dead
+    (vigil_process_alive 0 comes only from the state directory), or it published one of ours
+    within own_process_window (inference_build_info: a gauge of our process, from the state
+    directory, gone once the process is). Not expected where the exporter watches other engines
+    only (vLLM, SGLang, TGI): on Kubernetes it reaches them through a Service and has no process
+    view of them, and in compose it may have none either (no permission, nothing found behind
+    the port); InferenceTargetDown reports such an engine down.
+    Alive: vigil_process_alive 1, except the processes of a target known to be another engine
+    (vigil_engine_process_info, where the exporter sees them from their port): a live vLLM
+    beside our dead process hides nothing. Our own process behind a local target has engine
+    vigil there, and one not recognised yet has engine "": both count as ours."""
+    job = f'job="{p["exporter_job"]}"'
+    return f"""(
+    group by (instance) (vigil_engine_metrics_up{{{job},engine="vigil"}})
+    or
+    group by (instance) (vigil_process_alive{{{job}}} == 0)
+    or
+    group by (instance) (max_over_time(inference_build_info{{{job}}}[{p["own_process_window"]}]))
+    )
+    unless on (instance)
+    (
+    vigil_process_alive{{{job}}} == 1
+    unless on (instance, pid)
+    vigil_engine_process_info{{{job},engine!~"|vigil"}}
+    )"""
 
 
 # An engine the vocabulary has already, read by Prometheus from its own metrics: the same
@@ -826,14 +898,14 @@ def _engines_hung(p: dict[str, str]) -> str:
     Prometheus cannot read itself. InferenceEngineNoProgress fires on it after engine_hang_for;
     vigil:node_engines_hung counts it per node."""
     return f"""(
-    min_over_time((vigil:engine_requests_running + vigil:engine_requests_waiting)[{p["engine_pending_window"]}:]) > 0
+    min_over_time((vigil:engine_requests_running + vigil:engine_requests_waiting)[{p["engine_pending_window"]}:{p["evaluation_interval"]}]) > 0
     and on (engine, instance, model)
     vigil:engine_progress:rate1m == 0
     )
     or
     (
     label_replace(
-    min_over_time((sum by (instance, target, engine, model) (vigil_engine_requests_running) + sum by (instance, target, engine, model) (vigil_engine_requests_waiting))[{p["engine_pending_window"]}:]) > 0
+    min_over_time((sum by (instance, target, engine, model) (vigil_engine_requests_running) + sum by (instance, target, engine, model) (vigil_engine_requests_waiting))[{p["engine_pending_window"]}:{p["evaluation_interval"]}]) > 0
     and on (instance, target, engine, model)
     sum by (instance, target, engine, model) (increase(vigil_engine_progress_total[{p["engine_progress_window"]}])) == 0,
     "address", "$1", "target", "https?://([^/]+).*")
@@ -841,30 +913,31 @@ def _engines_hung(p: dict[str, str]) -> str:
     )"""
 
 
-# The GPU readings that mean a fault now, each as a per-GPU filter (vigil_gpu_* series carry
-# gpu, uuid and gpu_name, docs/metrics.md). The same notions as the per-GPU alerts: lost
-# (GpuLost, without its 1m), row remap failure or pending, an uncorrected ECC error or a
-# critical XID within 10 minutes (GpuEccUncorrectable, GpuXidError), and a thermal or hardware
-# slowdown held for throttle_for (GpuThermalThrottling, GpuPowerBrake). Not the power cap: it
-# is normal under full load.
+# The GPU readings that mean a hard fault now, each as a per-GPU filter (vigil_gpu_* series
+# carry gpu, uuid and gpu_name, docs/metrics.md). The same notions as the per-GPU alerts, each
+# with its window in the expression (NodeGpusFaulty has no ``for`` of its own): lost for
+# gpu_lost_for (GpuLost), row remap failure or pending (GpuRowRemapFailure, GpuRowRemapPending),
+# an uncorrected ECC error or a critical XID within 10 minutes (GpuEccUncorrectable,
+# GpuXidError). Not a slowdown (heat, power brake, power cap): a throttling GPU still computes,
+# slower, and two of them are no reason to drain the node and hold back all its alerts;
+# GpuThermalThrottling and GpuPowerBrake report them per GPU.
 def _gpu_faults(p: dict[str, str]) -> list[str]:
     xid = f'vigil_gpu_xid_errors_total{{xid=~"{p["xid_critical_codes"]}"}}'
-    slowdown = "hw_thermal_slowdown|sw_thermal_slowdown|hw_slowdown|hw_power_brake_slowdown"
     return [
-        "vigil_gpu_up == 0",
+        f"max_over_time(vigil_gpu_up[{p['gpu_lost_for']}]) == 0",
         "vigil_gpu_remapped_rows_failure == 1",
         "vigil_gpu_remapped_rows_pending == 1",
         'increase(vigil_gpu_ecc_errors_total{type="uncorrected"}[10m]) > 0',
         f"increase({xid}[10m]) > 0",
         # A counter first seen with its XID already counted (as GpuXidError's second branch).
         f"({xid} unless on (instance, uuid, xid) ({xid} offset 10m))",
-        f'min_over_time(vigil_gpu_clock_event_reason{{reason=~"{slowdown}"}}[{p["throttle_for"]}]) == 1',
     ]
 
 
 def fleet_recording_rules(p: dict[str, str]) -> list[dict]:
-    """The fleet in one view: per node (by cluster and node), its GPUs, the faulty ones, the
-    least free GPU memory, its engines and the hung ones. The fleet dashboard reads these names;
+    """The fleet in one view: per node (by cluster and node), its GPUs, the faulty ones (hard
+    faults only: lost, row remap, uncorrected ECC, critical XID; not slowdowns), the least free
+    GPU memory, its engines and the hung ones. The fleet dashboard reads these names;
     keep them, their labels and their meaning. The per-GPU figures count each GPU once by its
     uuid (an exporter pod replaced mid-scrape shows the same GPU twice for a moment)."""
     gpus = "group by (cluster, node, uuid) (vigil_gpu_up)"
@@ -906,7 +979,10 @@ def fleet_recording_rules(p: dict[str, str]) -> list[dict]:
 def fleet_alerts(p: dict[str, str]) -> list[Alert]:
     """The node as the unit of paging: each fires once per (cluster, node), and Alertmanager
     (alertmanager.yml) groups the GPU and node alerts by cluster and node and holds back every
-    other alert of that node while one of these fires."""
+    other alert of that node while one of these fires. NodeGpusFaulty counts hard faults only
+    (``_gpu_faults``), and has no ``for`` by default (node_faulty_for): it must reach
+    Alertmanager within the node route's group_wait after the first per-GPU alert, or that one
+    is sent on its own before the node alert can hold it back."""
     job = f'job="{p["exporter_job"]}"'
     window = p["node_vanished_window"]
     return [
@@ -919,10 +995,10 @@ def fleet_alerts(p: dict[str, str]) -> list[Alert]:
             summary="{{ $value }} GPUs of node {{ $labels.node }} are faulty",
             description=(
                 "{{ $value }} GPUs of node {{ $labels.node }} (cluster {{ $labels.cluster }}) "
-                "are lost, failed a row remap or wait for one, had an uncorrected ECC error or a "
-                "critical XID in 10 minutes, or are slowed down by heat or hardware: the node is "
-                "the problem, not one GPU or one model. Its per-GPU and per-engine alerts are "
-                "held back while this fires. Drain the node."
+                "are lost, failed a row remap or wait for one, or had an uncorrected ECC error "
+                "or a critical XID in 10 minutes: the node is the problem, not one GPU or one "
+                "model. Its per-GPU and per-engine alerts are held back while this fires. Drain "
+                "the node."
             ),
         ),
         Alert(

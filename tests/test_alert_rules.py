@@ -168,8 +168,10 @@ CASES: dict[str, tuple[dict, dict]] = {
         ),
         case({f'vigil_probe_success{{{TARGET},check="health"}}': "0x10"}, "10m"),
     ),
+    # Per exporter, where our own process is expected (test_no_live_process_only_where_ours_
+    # is_expected has the other cases): a dead process in the state directory is ours.
     "InferenceNoLiveProcess": (
-        case({f"vigil_process_alive{{{PROCESS}}}": "0x10"}, "10m", [{}]),
+        case({f"vigil_process_alive{{{PROCESS}}}": "0x10"}, "10m", [AT_INSTANCE]),
         case({f"vigil_process_alive{{{PROCESS}}}": "1x10"}, "10m"),
     ),
     "InferenceProcessDied": (
@@ -523,11 +525,12 @@ IDLE = {
     f"vigil_nvml_up{{{INSTANCE}}}": "0x20",
     f'vigil_exporter_collector_success{{{INSTANCE},collector="gpu"}}': "1x20",
 }
-# With no data at all, only the alerts about missing data (and the Watchdog) fire.
+# With no data at all, only the alerts about missing data (and the Watchdog) fire. Not
+# InferenceNoLiveProcess: with no exporter nothing says that our process is expected anywhere
+# (VigilExporterDown is the news).
 FIRES_WITHOUT_DATA = {
     "Watchdog": [{}],
     "InferenceProbeAbsent": [{"check": "health", "job": "vigil-exporter"}],
-    "InferenceNoLiveProcess": [{}],
     "VigilExporterDown": [{"job": "vigil-exporter"}],
 }
 
@@ -615,6 +618,124 @@ def test_an_idle_server_raises_nothing_but_the_watchdog(tmp_path):
 def test_missing_data_fires_only_the_absence_alerts(tmp_path):
     expected = {name: FIRES_WITHOUT_DATA.get(name, []) for name in alert_names()}
     _run_promtool(tmp_path, [_promtool_test({}, "20m", expected)], _labels_only_rules(tmp_path))
+
+
+@needs_promtool
+def test_no_live_process_only_where_ours_is_expected(tmp_path):
+    """InferenceNoLiveProcess fires per exporter where our own inference process is expected
+    and none is alive, never where the exporter watches only other engines (on Kubernetes
+    through a Service, without a process view of them)."""
+    vllm_target = INSTANCE + ',target="http://llm-vigil-vllm.serving.svc:8000"'
+    foreign = {
+        # What the exporter publishes for a vLLM target: probes and the engine's state.
+        f'vigil_probe_success{{{vllm_target},check="health"}}': "1x90",
+        f'vigil_engine_metrics_up{{{vllm_target},engine="vllm"}}': "1x90",
+        f'vigil_engine_requests_running{{{vllm_target},engine="vllm",model="glm"}}': "1x90",
+    }
+    vllm_process = f'{INSTANCE},model="glm",pid="100"'
+    vllm_seen_locally = {
+        # compose with vLLM: the exporter finds vLLM's processes from the target's port.
+        f"vigil_process_alive{{{vllm_process}}}": "1x90",
+        f'vigil_engine_process_info{{{vllm_process},target="http://127.0.0.1:8000",engine="vllm",role="listener",comm="vllm"}}': "1x90",
+    }
+    ours_target = {f'vigil_engine_metrics_up{{{TARGET},engine="vigil"}}': "0x90"}
+    build_info = (
+        f'inference_build_info{{{INSTANCE},pid="7",version="0.1",torch="2",transformers="4"}}'
+    )
+    second = 'instance="n2:9400",job="vigil-exporter"'
+    quiet: list[tuple[str, dict[str, str]]] = [
+        ("vLLM through a Service, no process view", foreign),
+        ("vLLM seen locally", foreign | vllm_seen_locally),
+        (
+            "vLLM where the process view fails",
+            foreign | {f'vigil_engine_processes{{{vllm_target},engine="vllm"}}': "0x90"},
+        ),
+        (
+            "ours alive behind a local target",
+            ours_target
+            | {
+                f"vigil_process_alive{{{PROCESS}}}": "1x90",
+                f'vigil_engine_process_info{{{PROCESS},target="http://a:8000",engine="vigil",role="listener",comm="python"}}': "1x90",
+            },
+        ),
+        ("ours last seen more than own_process_window ago", {build_info: "1x10 stale"}),
+    ]
+    fires: list[tuple[str, dict[str, str], list[dict]]] = [
+        ("a target of engine vigil, nothing alive", ours_target, [AT_INSTANCE]),
+        ("ours seen within own_process_window", {build_info: "1x60 stale"}, [AT_INSTANCE]),
+        ("a live vLLM beside our dead process", ours_target | vllm_seen_locally, [AT_INSTANCE]),
+        (
+            "one exporter of two",
+            ours_target
+            | {
+                f"vigil_process_alive{{{PROCESS}}}": "1x90",
+                f'vigil_engine_metrics_up{{{second},target="http://a:8000",engine="vigil"}}': "1x90",
+                f'vigil_process_alive{{{second},model="glm",pid="9"}}': "0x90",
+            },
+            [{"instance": "n2:9400"}],
+        ),
+    ]
+    tests = [
+        _promtool_test(series, "90m", {"InferenceNoLiveProcess": []}) for _name, series in quiet
+    ]
+    tests += [
+        _promtool_test(series, "90m", {"InferenceNoLiveProcess": expected})
+        for _name, series, expected in fires
+    ]
+    _run_promtool(tmp_path, tests, _labels_only_rules(tmp_path))
+
+
+@needs_promtool
+def test_memory_forecast_survives_a_replaced_exporter_pod(tmp_path):
+    """An exporter pod replaced at minute 20: the old pod's GPU series end (a staleness
+    marker), the new pod's, with another pod label, start; both are in the forecast's window.
+    GpuMemoryFullWithinAnHour evaluates without error (promtool fails a rule that errs, as a
+    one-to-one match of the two pods' series does) and still fires on the rising trend."""
+    old, new = GPU + ',pod="vigil-exporter-a"', GPU + ',pod="vigil-exporter-b"'
+    rising = {
+        f"vigil_gpu_memory_used_bytes{{{old}}}": "60+2x20 stale",
+        f"vigil_gpu_memory_total_bytes{{{old}}}": "200x20 stale",
+        f"vigil_gpu_memory_used_bytes{{{new}}}": "_x21 102+2x40",
+        f"vigil_gpu_memory_total_bytes{{{new}}}": "_x21 200x40",
+    }
+    flat = {
+        selector: values.replace("60+2x20", "150x20").replace("102+2x40", "150x40")
+        for selector, values in rising.items()
+    }
+    expected = {"GpuMemoryFullWithinAnHour": [AT_GPU], "GpuMemoryNearlyFull": []}
+    tests = [
+        _promtool_test(rising, "40m", expected),
+        _promtool_test(flat, "40m", {name: [] for name in expected}),
+    ]
+    _run_promtool(tmp_path, tests, _labels_only_rules(tmp_path))
+
+
+def test_every_group_is_evaluated_at_the_stacks_interval():
+    """Each rule group names its interval, alerts/prometheus.yml's evaluation_interval, and no
+    subquery takes its step from the loading Prometheus's global interval: the rules keep their
+    cadence in a Prometheus whose global interval is another (kube-prometheus-stack)."""
+    interval = yaml.safe_load((ALERTS_DIR / "prometheus.yml").read_text())["global"][
+        "evaluation_interval"
+    ]
+    assert PARAMETERS["evaluation_interval"].default == interval
+    groups_seen = 0
+    for text in render().values():
+        for group in yaml.safe_load(text)["groups"]:
+            groups_seen += 1
+            assert group.get("interval") == interval, group["name"]
+            for rule in group["rules"]:
+                assert not re.search(r":\s*\]", rule["expr"]), (group["name"], rule["expr"])
+    assert groups_seen >= 10
+
+
+def test_every_alert_has_a_cause():
+    """Alertmanager's node inhibition holds back only alerts with a cause (cause=~".+"), so
+    that other teams' alerts of the node are not muted: every alert of ours must have one."""
+    config = yaml.safe_load((ALERTS_DIR / "alertmanager.yml").read_text())
+    node_rule = next(r for r in config["inhibit_rules"] if r["source_matchers"] == ['cause="node"'])
+    assert 'cause=~".+"' in node_rule["target_matchers"]
+    for name, labels in _rule_labels().items():
+        assert re.fullmatch(r"[a-z_]+", labels.get("cause", "")), name
 
 
 @needs_promtool

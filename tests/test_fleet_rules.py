@@ -9,16 +9,18 @@ back, while another node's and another cluster's alerts arrive."""
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
+import yaml
 from conftest import WebhookReceiver, start_alertmanager
 from test_alert_rules import _labels_only_rules, _rule_labels, _run_promtool, needs_promtool
 from test_alerting_e2e import alertmanager_config
 
-from alerts.rules import alert_names
+from alerts.rules import ALERTS_DIR, PARAMETERS, alert_names
 
 GPUS = 8
 # (cluster, node) -> the models its vLLM pods serve. Node "gpu-a" exists in both clusters: the
@@ -106,7 +108,9 @@ def healthy_node(cluster: str, node: str) -> dict[str, str]:
             f'vigil_probe_success{{{target},check="{check}"}}': f"1x{STEPS}"
             for check in ("health", "ready", "canary")
         }
-        series[f'vigil_process_alive{{{at},model="{model}",pid="1"}}'] = f"1x{STEPS}"
+        # No vigil_process_* series: the exporter reaches the vLLM pod through a Service and
+        # has no process view of it (exporter/engine_processes.py, is_local).
+        series[f'vigil_engine_metrics_up{{{target},engine="vllm"}}'] = f"1x{STEPS}"
         # The exporter reads the engine's /metrics too, through the node-local Service of
         # kubernetes/overlays/vllm (another address than the pod's, which Prometheus scrapes):
         # one engine, which must not be counted or alerted on twice.
@@ -286,6 +290,106 @@ def test_a_vanished_node_fires(tmp_path):
     )
 
 
+@needs_promtool
+def test_throttling_gpus_do_not_make_a_faulty_node(tmp_path):
+    """Two GPUs of a node slowed down by heat for an hour: each raises its own
+    GpuThermalThrottling, and the node is not faulty (no NodeGpusFaulty, which would hold back
+    every alert of the node and ask for a drain)."""
+    cluster, node = BAD
+    series = healthy_fleet()
+    for index in (0, 1):
+        g = gpu(cluster, node, index)
+        series[f'vigil_gpu_clock_event_reason{{{g},reason="hw_thermal_slowdown"}}'] = f"1x{STEPS}"
+    at_gpu = {"cluster": cluster, "namespace": "vigil", "node": node, "instance": node}
+    expected = {
+        "NodeGpusFaulty": [],
+        "GpuThermalThrottling": [
+            {**at_gpu, "gpu": str(i), "uuid": f"GPU-{node}-{i}-{cluster}", "gpu_name": "H100"}
+            for i in (0, 1)
+        ],
+    }
+    checks = [_per_node("vigil:node_gpus_unhealthy", dict.fromkeys(FLEET, 0))]
+    tests = [
+        _alerts(series, "20m", expected),
+        {
+            "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in series.items()],
+            "promql_expr_test": checks,
+        },
+    ]
+    _run_promtool(tmp_path, tests, _labels_only_rules(tmp_path))
+
+
+@needs_promtool
+def test_the_node_alert_fires_with_the_first_gpu_alerts(tmp_path):
+    """The node alert fires with the per-GPU ones, not a ``for`` later: Alertmanager's node
+    route waits for it only group_wait (test below). The XID counters appear at minute 3 with
+    their first error, as the exporter creates them. Evaluated every evaluation_interval, as
+    the groups are, in an order promtool leaves open (like Prometheus' offsets): GpuXidError
+    fires at 3m, the node alert by the next evaluation, once the recording rule has run."""
+    cluster, node = BAD
+    series = bad_fleet()
+    for index in range(GPUS):
+        g = gpu(cluster, node, index)
+        series[f'vigil_gpu_xid_errors_total{{{g},xid="79"}}'] = f"_x3 1x{STEPS - 3}"
+    expected = {
+        "NodeGpusFaulty": [{"cluster": cluster, "node": node}],
+        "GpuXidError": [
+            {
+                "cluster": cluster,
+                "namespace": "vigil",
+                "node": node,
+                "instance": node,
+                "gpu": str(index),
+                "uuid": f"GPU-{node}-{index}-{cluster}",
+                "gpu_name": "H100",
+                "xid": "79",
+            }
+            for index in range(GPUS)
+        ],
+    }
+    quiet = {name: [] for name in expected}
+    step = PARAMETERS["evaluation_interval"].default
+    _run_promtool(
+        tmp_path,
+        [
+            _alerts(series, f"3m{step}", expected),
+            _alerts(series, f"2m{60 - _duration_s(step)}s", quiet),
+        ],
+        _labels_only_rules(tmp_path),
+        evaluation_interval=step,
+    )
+
+
+@needs_promtool
+def test_no_live_process_fires_on_the_node_that_runs_ours_only(tmp_path):
+    """The vLLM nodes of the fleet and one node running our inference process
+    (kubernetes/overlays/inference: the exporter probes it as engine vigil and reads its state
+    directory). Its process gone, InferenceNoLiveProcess fires there, with its place, and
+    nowhere else."""
+    node = ("c2", "gpu-c")
+    at = exporter(*node)
+    target = f'{at},target="http://llm-vigil-inference.llm-vigil.svc:8000"'
+    series = healthy_fleet() | {
+        f"up{{{at}}}": f"1x{STEPS}",
+        f'vigil_engine_metrics_up{{{target},engine="vigil"}}': f"1x9 0x{STEPS - 9}",
+        f'vigil_process_alive{{{at},model="glm",pid="1"}}': "1x9 stale",
+    }
+    expected = {
+        "InferenceNoLiveProcess": [
+            {"cluster": node[0], "namespace": "vigil", "node": node[1], "instance": node[1]}
+        ]
+    }
+    _run_promtool(
+        tmp_path,
+        [
+            _alerts(series, "20m", expected),
+            _alerts(series, "8m", {"InferenceNoLiveProcess": []}),
+        ],
+        _labels_only_rules(tmp_path),
+    )
+
+
 # --- Alertmanager ----------------------------------------------------------------------------
 
 
@@ -376,10 +480,65 @@ def manager_and_receiver(tmp_path):
         receiver.stop()
 
 
-def test_one_bad_node_makes_one_notification(manager_and_receiver):
-    manager, receiver = manager_and_receiver
+def _duration_s(text: str) -> float:
+    """Seconds of a Prometheus duration of one unit (10s, 1m)."""
+    value, unit = re.fullmatch(r"(\d+)([smh])", text).groups()
+    return int(value) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def _node_route(config: dict) -> dict:
+    """The critical branch of alertmanager.yml's route for node and GPU causes."""
+    node = next(r for r in config["route"]["routes"] if "node" in r["matchers"][0])
+    return next(r for r in node["routes"] if r["matchers"] == ['severity="critical"'])
+
+
+# The node alert reaches Alertmanager up to two evaluation intervals after the first per-GPU
+# alert: its recording rule's group and its own are evaluated at other offsets within the
+# interval than the GPU alerts' group (alerts/alertmanager.yml, the node route's comment).
+NODE_ALERT_LAG_S = 2 * _duration_s(PARAMETERS["evaluation_interval"].default)
+
+
+def shipped_config(receiver_url: str) -> str:
+    """The shipped alertmanager.yml, timings as they are, pointed at the test's receiver."""
+    config = yaml.safe_load((ALERTS_DIR / "alertmanager.yml").read_text())
+    for receiver in config["receivers"]:
+        for hook in receiver.get("webhook_configs", []):
+            hook["url"] = receiver_url + "/" + hook["url"].rsplit("/", 1)[1]
+    return yaml.safe_dump(config)
+
+
+def test_the_node_route_waits_for_the_node_alert():
+    config = yaml.safe_load((ALERTS_DIR / "alertmanager.yml").read_text())
+    # Its lag, and some seconds to send it.
+    assert _duration_s(_node_route(config)["group_wait"]) >= NODE_ALERT_LAG_S + 5
+
+
+@pytest.fixture
+def shipped_manager_and_receiver(tmp_path):
+    receiver = WebhookReceiver()
+    manager = start_alertmanager(tmp_path, shipped_config(receiver.url))
+    try:
+        yield manager, receiver
+    finally:
+        manager.stop()
+        receiver.stop()
+
+
+def test_one_bad_node_makes_one_notification(shipped_manager_and_receiver):
+    """The shipped alertmanager.yml, its timings unchanged, and the alerts of one bad node in
+    the order Prometheus sends them: the XIDs first (GpuXidError, for 0s), the node alert
+    NODE_ALERT_LAG_S later (its recording rule and its group evaluated at other offsets), the
+    lost GPUs (GpuLost, for 1m) and the hung engines (minutes without progress) after it. One
+    notification for the node, its node alert's; another team's alert of the node (no cause)
+    is not held back."""
+    manager, receiver = shipped_manager_and_receiver
     bad = {"cluster": "c1", "node": "gpu-a"}
     source, targets = _node_alerts(bad)
+    xids = [a for a in targets if a["labels"]["alertname"] == "GpuXidError"]
+    later = [a for a in targets if a["labels"]["alertname"] != "GpuXidError"]
+    # Another team's alert of the same node, as kube-prometheus-stack sends it: no cause.
+    foreign = _alert("KubeNodeNotReady", "warning", "", **bad)
+    del foreign["labels"]["cause"]
     # Not held back: a GPU of another node of the same cluster, and the hang alerts of two
     # models on the node of the same name in the other cluster, which do not wait for each
     # other (one notification each).
@@ -390,19 +549,20 @@ def test_one_bad_node_makes_one_notification(manager_and_receiver):
         a for a in other_cluster if a["labels"]["alertname"] == "InferenceEngineNoProgress"
     ]
 
-    # The node alert first (Prometheus evaluates the node rule with the GPU rules; it must be
-    # known to the inhibitor before its targets are grouped), then everything else at once.
+    _post(manager, xids + elsewhere)
+    time.sleep(NODE_ALERT_LAG_S)
     _post(manager, [source])
     _wait(lambda: _key(source) in _states(manager), "node alert in Alertmanager")
-    _post(manager, targets + elsewhere)
+    _post(manager, [*later, foreign])
 
     # Alertmanager says which it holds back, and why: each target inhibited by the node alert.
     def settled():
         states = _states(manager)
-        return len(states) == 1 + len(targets) + len(elsewhere) and states
+        return len(states) == 2 + len(targets) + len(elsewhere) and states
 
     states = _wait(settled, "every alert in Alertmanager")
     assert states[_key(source)]["state"] == "active"
+    assert states[_key(foreign)]["state"] == "active", states[_key(foreign)]
     fingerprints = {
         a["fingerprint"]
         for a in requests.get(manager.base_url + "/api/v2/alerts", timeout=10).json()
@@ -415,16 +575,19 @@ def test_one_bad_node_makes_one_notification(manager_and_receiver):
     for alert in elsewhere:
         assert states[_key(alert)]["state"] == "active", alert["labels"]
 
-    # Delivered: the bad node's group (its node alert alone), the other node's GPU group, and
-    # one notification per model of the other cluster's hang alerts.
+    # Delivered: the bad node's group (its node alert alone), the other node's GPU group, one
+    # notification per model of the other cluster's hang alerts, and the other team's alert.
     def delivered():
         notes = [n for n in receiver.notifications if n["path"] == "/alerts"]
-        return len(notes) >= 4 and notes
+        return len(notes) >= 5 and notes
 
-    notes = _wait(delivered, "four notifications")
+    notes = _wait(delivered, "five notifications", timeout=90)
+    time.sleep(2)  # nothing else follows
+    notes = [n for n in receiver.notifications if n["path"] == "/alerts"]
+    node_groups = [n for n in notes if n["groupLabels"] == bad]
+    assert len(node_groups) == 1, node_groups
+    assert [a["labels"]["alertname"] for a in node_groups[0]["alerts"]] == ["NodeGpusFaulty"]
     by_group = {tuple(sorted(n["groupLabels"].items())): n for n in notes}
-    node_group = by_group[(("cluster", "c1"), ("node", "gpu-a"))]
-    assert [a["labels"]["alertname"] for a in node_group["alerts"]] == ["NodeGpusFaulty"]
     assert [
         a["labels"]["uuid"] for a in by_group[(("cluster", "c1"), ("node", "gpu-b"))]["alerts"]
     ] == ["GPU-gpu-b-0"]
@@ -435,15 +598,15 @@ def test_one_bad_node_makes_one_notification(manager_and_receiver):
     ]
     assert sorted(g["model"] for g in hang_groups) == ["glm", "qwen"]
     assert all(g["cluster"] == "c2" for g in hang_groups)
-    # Nothing of the bad node but its node alert ever reached the receiver.
-    delivered_bad = [
+    # Nothing of the bad node but its node alert, and the other team's, reached the receiver.
+    delivered_bad = sorted(
         a["labels"]["alertname"]
         for n in receiver.notifications
         for a in n["alerts"]
         if a["labels"].get("cluster") == "c1" and a["labels"].get("node") == "gpu-a"
-    ]
-    assert delivered_bad == ["NodeGpusFaulty"]
-    assert len(notes) == 4, [n["groupLabels"] for n in notes]
+    )
+    assert delivered_bad == ["KubeNodeNotReady", "NodeGpusFaulty"]
+    assert len(notes) == 5, [n["groupLabels"] for n in notes]
 
 
 def test_on_the_single_node_stack_the_node_alert_holds_back_the_machine_not_the_watchdog(
