@@ -66,6 +66,10 @@ FOREIGN_PROCESSES = (
     "the target's port."
 )
 RATE_INTERVAL = "$__rate_interval"
+# One process of one exporter: a pid within its instance, an instance within its place (the same
+# node name, or address, in two clusters of a central store; without cluster the join would find
+# both and fail as many-to-many). Every series of an exporter carries the same place.
+PROCESS_JOIN = "cluster, namespace, node, instance, pid"
 # The inference process's log lines, as Loki's `| json` sees them. Each request ends with one
 # line whose event is request_end (message "request finished", "request rejected: ..." or
 # "request failed: ..."); the watchdog writes a stall report and one line per stalled request.
@@ -95,6 +99,12 @@ NO_PLACE_IN_LOGS = (
     "Not filtered by cluster, namespace or node: log lines carry no such label (Alloy labels "
     "them with service and level only)."
 )
+# Our alerts firing: every rule of alerts/rules.py carries a cause (an Alert cannot be declared
+# without one), which other stacks' alerts in a shared Prometheus do not (kube-prometheus-stack's
+# KubeNodeNotReady carries node, not cause): this stays true as rules are added, where a list of
+# alert names would not. Our Watchdog (cause watchdog) always fires, the pipeline's heartbeat for
+# the dead man's switch, not a problem: left out, else the count is never 0.
+OUR_ALERTS_FIRING = 'alertstate="firing",cause!="",cause!="watchdog"'
 # A cell that turns red from 1 up (a count of broken things).
 RED_FROM_ONE = [{"color": "green", "value": None}, {"color": "red", "value": 1}]
 
@@ -395,14 +405,15 @@ def overview() -> Board:
     board.panel(
         "table",
         "Alerts firing now",
-        "Alerts Prometheus evaluates as firing (ALERTS), by name, severity and place. With a "
+        "Our alerts Prometheus evaluates as firing (ALERTS with a cause: not other stacks' in a "
+        "shared Prometheus; not the Watchdog, always firing), by name, severity and place. With a "
         "cluster, namespace or node chosen, only the alerts that carry it (an alert with no "
         "instance, such as a missing series, carries no node).",
         "none",
         [
             (
                 "sort_desc(max by (alertname, severity, cluster, node, instance, model, gpu) "
-                f'(ALERTS{{alertstate="firing",{PLACE_FILTER}}}))',
+                f"(ALERTS{{{OUR_ALERTS_FIRING},{PLACE_FILTER}}}))",
                 "",
             )
         ],
@@ -772,7 +783,9 @@ def hang_forensics() -> Board:
         loki=True,
         engines=True,
     )
-    by = "engine, instance, model"
+    # An instance is named within its cluster (the same node name in two clusters of a central
+    # store): cluster beside it, or two clusters' engines add up under one name.
+    by = "cluster, engine, instance, model"
     board.panel(
         "timeseries",
         "Progress against pending work",
@@ -818,11 +831,11 @@ def hang_forensics() -> Board:
         "short",
         [
             (
-                "max by (instance, target, engine, model, role, comm, pid, state) ("
+                "max by (cluster, node, instance, target, engine, model, role, comm, pid, state) ("
                 f"vigil_engine_process_info{{{ENGINE_FILTER}}} "
-                f"* on (instance, pid) group_left (state) "
+                f"* on ({PROCESS_JOIN}) group_left (state) "
                 f"(vigil_process_state{{{INSTANCE_FILTER}}} == 1) "
-                f"* on (instance, pid) group_left () "
+                f"* on ({PROCESS_JOIN}) group_left () "
                 f"rate(vigil_process_cpu_seconds_total{{{INSTANCE_FILTER}}}[{RATE_INTERVAL}]))",
                 "",
             )
@@ -1091,10 +1104,11 @@ def fleet() -> Board:
     board.panel(
         "stat",
         "Alerts firing",
-        "Alerts firing now on the nodes chosen (ALERTS); with every node, those without a node "
-        "too.",
+        "Our alerts firing now on the nodes chosen (ALERTS with a cause: not other stacks' in a "
+        "shared Prometheus; not the Watchdog, always firing); with every node, those without a "
+        "node too.",
         "short",
-        [(f'count(ALERTS{{alertstate="firing",{FLEET_FILTER}}}) or vector(0)', "")],
+        [(f"count(ALERTS{{{OUR_ALERTS_FIRING},{FLEET_FILTER}}}) or vector(0)", "")],
         width=4,
         height=4,
         thresholds=RED_FROM_ONE,
@@ -1151,13 +1165,13 @@ def fleet() -> Board:
     board.panel(
         "table",
         "Alerts firing by node",
-        "Per node, the alerts firing on it (ALERTS that carry its node); the most first. The "
-        "node links to its Overview, whose table names them.",
+        "Per node, our alerts firing on it (ALERTS with a cause that carry its node); the most "
+        "first. The node links to its Overview, whose table names them.",
         "short",
         [
             (
                 "sort_desc(count by (cluster, node) "
-                f'(ALERTS{{alertstate="firing",node!="",{FLEET_FILTER}}}))',
+                f'(ALERTS{{{OUR_ALERTS_FIRING},node!="",{FLEET_FILTER}}}))',
                 "",
             )
         ],

@@ -16,7 +16,7 @@ import requests
 import yaml
 from conftest import start_exporter, start_prometheus, start_server
 
-from dashboards.generate import DASHBOARDS_DIR, NO_PLACE_IN_LOGS, render
+from dashboards.generate import DASHBOARDS_DIR, NO_PLACE_IN_LOGS, OUR_ALERTS_FIRING, render
 from tools.metrics_reference import all_metric_names
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +60,22 @@ STAND_INS = {"vigil:engine_kv_cache_usage_ratio": "vigil:engine_requests_running
 EMPTY_WITHOUT_PLACE = {
     ("fleet.json", "Alerts firing by node"): "it counts the alerts that carry a node",
 }
+# Another stack's alert in the same Prometheus, as kube-prometheus-stack's KubeNodeNotReady: it
+# carries the place (the node) and no cause. The boards' alert panels must not count it.
+FOREIGN_ALERT = "KubeNodeNotReady"
+FOREIGN_RULES = f"""
+groups:
+  - name: another-stack
+    rules:
+      - alert: {FOREIGN_ALERT}
+        expr: >-
+          label_replace(max by (cluster, namespace) (vigil_exporter_build_info),
+          "node", "{A_PLACE["node"]}", "", "")
+        labels: {{severity: warning}}
+"""
+# A second cluster whose node, and exporter address (instance), have the same names as the first's,
+# as in a central store (Mimir, Thanos) holding two clusters.
+TWIN_CLUSTER = "twin-cluster"
 LOKI_VARS = {
     "$service": "inference",
     "$level": "error",
@@ -229,6 +245,64 @@ def test_every_promql_query_is_filtered_by_the_place():
                 assert f'{label}=~"${label}"' in matchers, where
             checked += 1
     assert checked > 60
+
+
+def test_alert_panels_count_only_our_alerts():
+    """Other stacks' alerts in a shared Prometheus (kube-prometheus-stack's KubeNodeNotReady
+    carries node) are not ours: every ALERTS selector keeps the alerts with a cause, which every
+    rule of ours has (and a rule added must have), and leaves out our always-firing Watchdog."""
+    alerting = [
+        rule
+        for path in sorted((REPO / "alerts").glob("*.rules.yml"))
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+    assert len(alerting) > 20
+    for rule in alerting:
+        assert rule["labels"].get("cause"), rule["alert"]
+    assert {r["alert"] for r in alerting if r["labels"]["cause"] == "watchdog"} == {"Watchdog"}
+    assert OUR_ALERTS_FIRING == 'alertstate="firing",cause!="",cause!="watchdog"'
+    checked = 0
+    for name, panel, expr in queries("prometheus"):
+        for series, matchers in selectors(expr)[0]:
+            if series == "ALERTS" or "ALERTS" in matchers:
+                assert OUR_ALERTS_FIRING in matchers, f"{name} / {panel['title']}: {expr}"
+                checked += 1
+    assert checked == 3  # overview: Alerts firing now; fleet: Alerts firing (by node)
+
+
+def joins(expr: str) -> list[tuple[str, list[str]]]:
+    """The label lists of a PromQL expression's vector matchings and groupings, as (keyword,
+    labels): on, ignoring, by, without (group_left/right name what they copy, not the match)."""
+    return [
+        (keyword, [label.strip() for label in labels.split(",") if label.strip()])
+        for keyword, labels in re.findall(r"\b(on|ignoring|by|without)\s*\(([^)]*)\)", expr)
+    ]
+
+
+def test_every_join_on_an_instance_names_its_cluster():
+    """The same node name, or exporter address (instance), can be in two clusters of a central
+    store: a join on (instance, pid) finds both and fails as many-to-many, an aggregation by
+    instance adds the two up. Every on (...) or by (...) that names instance names the board's
+    place (cluster first); no join ignores cluster."""
+    assert joins("a * on (instance, pid) group_left (state) sum by (x) (b) / ignoring (y) c") == [
+        ("on", ["instance", "pid"]),
+        ("by", ["x"]),
+        ("ignoring", ["y"]),
+    ]
+    ons = 0
+    for name, panel, expr in queries("prometheus"):
+        place = set(place_of(boards()[name]))
+        where = f"{name} / {panel['title']}: {expr}"
+        for keyword, labels in joins(expr):
+            assert keyword not in ("ignoring", "without") or "cluster" not in labels, where
+            if keyword == "on" and "instance" in labels:
+                assert place <= set(labels), where
+                ons += 1
+            if keyword == "by" and "instance" in labels:
+                assert "cluster" in labels, where
+    assert ons == 2  # hang-forensics: Engine processes
 
 
 def test_log_panels_say_that_logs_carry_no_place():
@@ -485,21 +559,60 @@ def image_message(colour: str) -> list[dict]:
     return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]
 
 
-def prometheus_config(rules: Path, exporter: str, place: dict[str, str] | None) -> str:
-    """Scrape the exporter every second with the shipped rules; with ``place``, its series carry
-    those labels, as Kubernetes' relabelling gives node and namespace and a central store
-    cluster (a relabel rule without source labels sets its target label to its replacement)."""
-    relabel = ", ".join(
-        f"{{target_label: {label}, replacement: {value}}}" for label, value in (place or {}).items()
-    )
+def prometheus_config(
+    rules: Path, exporter: str, places: list[dict[str, str] | None], foreign_rules: Path
+) -> str:
+    """Scrape the exporter every second with the shipped rules and another stack's; once per
+    place, whose labels its series carry, as Kubernetes' relabelling gives node and namespace and
+    a central store cluster (a relabel rule without source labels sets its target label to its
+    replacement). Two places: two clusters' copies of the same exporter, node and instance."""
+    jobs = []
+    for index, place in enumerate(places):
+        relabel = ", ".join(
+            f"{{target_label: {label}, replacement: {value}}}"
+            for label, value in (place or {}).items()
+        )
+        jobs.append(f"""
+  - job_name: vigil-exporter-{index}
+    static_configs: [{{targets: ["{exporter}"]}}]
+    relabel_configs: [{relabel}]""")
     return f"""
 global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
-rule_files: ["{rules}/*.rules.yml"]
-scrape_configs:
-  - job_name: vigil-exporter
-    static_configs: [{{targets: ["{exporter}"]}}]
-    relabel_configs: [{relabel}]
+rule_files: ["{rules}/*.rules.yml", "{foreign_rules}"]
+scrape_configs:{"".join(jobs)}
 """
+
+
+def query_at(prometheus, expr: str, at: float) -> list[dict]:
+    """An instant query at ``at``: two queries at the same time see the same alerts."""
+    response = requests.get(
+        prometheus.base_url + "/api/v1/query", params={"query": expr, "time": at}, timeout=10
+    )
+    response.raise_for_status()
+    return sorted(response.json()["data"]["result"], key=lambda r: sorted(r["metric"].items()))
+
+
+def alert_panels_count_only_ours(prometheus, values: dict[str, str]) -> list[str]:
+    """What is wrong with the alert panels on ``prometheus``: each must give what the same query
+    gives with our alerts named otherwise (neither the foreign alert nor the Watchdog), and not
+    what it gives with every alert (the foreign alert is firing there)."""
+    wrong = []
+    at = time.time() - 3  # the rules evaluated up to then are written
+    others = f'alertname!~"{FOREIGN_ALERT}|Watchdog"'
+    for board, panel, expr in queries("prometheus"):
+        if "ALERTS" not in expr:
+            continue
+        where = f"{board} / {panel['title']}: {expr}"
+        got = query_at(prometheus, substitute(expr, values), at)
+        for name, matchers in (("by name", others), ("every alert", "")):
+            alternative = expr.replace(
+                OUR_ALERTS_FIRING, ",".join(m for m in ('alertstate="firing"', matchers) if m)
+            )
+            assert alternative != expr, where
+            same = got == query_at(prometheus, substitute(alternative, values), at)
+            if same != (name == "by name"):
+                wrong.append(f"{'not ' if not same else ''}the same as {name}: {where}: {got}")
+    return wrong
 
 
 def empty_queries(prometheus, values: dict[str, str], without_place: bool) -> list[str]:
@@ -581,14 +694,21 @@ def test_every_promql_query_returns_data_after_real_traffic(tmp_path, demo_dir):
         "2",
     )
     started = []
+    foreign_rules = tmp_path / "another-stack.rules.yml"
+    foreign_rules.write_text(FOREIGN_RULES)
+    twin_place = A_PLACE | {"cluster": TWIN_CLUSTER}
     try:
-        for directory, place in (("plain", None), ("placed", A_PLACE)):
+        for directory, places in (
+            ("plain", [None]),
+            ("placed", [A_PLACE]),
+            ("two-clusters", [A_PLACE, twin_place]),
+        ):
             (tmp_path / directory).mkdir()
             config = prometheus_config(
-                REPO / "alerts", exporter.base_url.removeprefix("http://"), place
+                REPO / "alerts", exporter.base_url.removeprefix("http://"), places, foreign_rules
             )
             started.append(start_prometheus(tmp_path / directory, config))
-        plain, placed = started
+        plain, placed, two_clusters = started
         url = server.url("/v1/completions")
         for index in range(6):
             assert (
@@ -638,7 +758,12 @@ def test_every_promql_query_returns_data_after_real_traffic(tmp_path, demo_dir):
                 prometheus.wait_for(f'count({series}{{engine="vigil"}})', lambda v: v is not None)
             prometheus.wait_for("count(vigil_engine_process_info)", lambda v: v is not None)
             prometheus.wait_for("count(vigil:node_engines_hung)", lambda v: v is not None)
-        placed.wait_for('count(ALERTS{alertstate="firing",node!=""})', lambda v: v is not None)
+        for prometheus in started:
+            prometheus.wait_for(
+                f'count(ALERTS{{alertstate="firing",alertname="{FOREIGN_ALERT}"}})',
+                lambda v: v is not None,
+            )
+        placed.wait_for(f'count(ALERTS{{{OUR_ALERTS_FIRING},node!=""}})', lambda v: v is not None)
         time.sleep(3)
         chosen = PROM_VARS | {f"${label}": value for label, value in A_PLACE.items()}
         passes = (
@@ -649,7 +774,27 @@ def test_every_promql_query_returns_data_after_real_traffic(tmp_path, demo_dir):
         wrong = []
         for what, prometheus, values, without_place in passes:
             wrong += [f"{what}: {w}" for w in empty_queries(prometheus, values, without_place)]
+        for what, prometheus, values, _without_place in passes:
+            wrong += [f"{what}: {w}" for w in alert_panels_count_only_ours(prometheus, values)]
+        # Two clusters with the same node and instance names: every query runs (a join that
+        # finds both clusters' series fails as many-to-many), every row naming an instance names
+        # its cluster, and both clusters' rows are there.
+        clusters_seen = set()
+        for board, panel, expr in queries("prometheus"):
+            where = f"two clusters: {board} / {panel['title']}: {expr}"
+            try:
+                result = two_clusters.query(substitute(expr, PROM_VARS))
+            except requests.HTTPError as error:
+                wrong.append(f"{where}: {error.response.text}")
+                continue
+            for row in result:
+                if "instance" in row["metric"]:
+                    clusters_seen.add((board, panel["title"], row["metric"].get("cluster")))
+                    if "cluster" not in row["metric"]:
+                        wrong.append(f"{where}: an instance without its cluster: {row['metric']}")
         assert wrong == [], "\n".join(wrong)
+        processes = {c for _b, t, c in clusters_seen if t == "Engine processes"}
+        assert processes == {A_PLACE["cluster"], TWIN_CLUSTER}, processes
         seen = {(board, panel["title"]) for board, panel, _expr in queries("prometheus")}
         assert set(EXPECTED_EMPTY) | set(EMPTY_WITHOUT_PLACE) <= seen
         # Every query variable has values; outside Kubernetes the place variables have none.
