@@ -59,7 +59,7 @@ def configs(mode: str, receiver_url: str, rules_dir: Path) -> tuple[str, dict]:
 
         shorten(am["route"])
         shipped = {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
-        for name, text in render({"stall_window": "15s"}).items():
+        for name, text in render({"stall_window": "15s", "evaluation_interval": "1s"}).items():
             (rules_dir / name).write_text(text)
     else:
         for name, text in render().items():

@@ -35,6 +35,7 @@ HANG_ALERTS = (
 )
 # Short windows so that the test takes about two minutes; the shipped defaults are in the files.
 TEST_PARAMETERS = {
+    "evaluation_interval": "1s",  # each rule group carries it: this Prometheus's cadence
     "stall_window": "15s",
     "hang_for": "3s",
     "engine_hang_for": "3s",

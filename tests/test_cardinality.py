@@ -33,6 +33,8 @@ import requests
 from conftest import REPO, start_exporter, start_prometheus, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from alerts import rules
+
 DOC = REPO / "docs" / "cardinality.md"
 FLEET = REPO / "tests" / "data" / "fake_fleet.json"
 MODELS = ("glm-a", "glm-b")
@@ -128,12 +130,18 @@ class Node:
         )
         address = self.exporter.base_url.removeprefix("http://")
         (tmp / "prometheus").mkdir()
+        # The shipped rules at this Prometheus's 1 s cadence (each group carries its interval):
+        # the same series, recorded and alerting, within seconds instead of minutes.
+        rules_dir = tmp / "rules"
+        rules_dir.mkdir()
+        for name, text in rules.render({"evaluation_interval": "1s"}).items():
+            (rules_dir / name).write_text(text)
         self.prometheus = self._keep(
             start_prometheus(
                 tmp / "prometheus",
                 f"""
 global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
-rule_files: ["{REPO / "alerts"}/*.rules.yml"]
+rule_files: ["{rules_dir}/*.rules.yml"]
 scrape_configs:
   - job_name: vigil-exporter
     static_configs: [{{targets: ["{address}"]}}]
@@ -209,6 +217,9 @@ scrape_configs:
         while not evaluated(scrape):
             assert time.monotonic() < deadline, "the rules were never evaluated"
             time.sleep(0.2)
+        # The alert series are stored from the evaluations: the Watchdog, which always fires,
+        # says they are there.
+        self.prometheus.wait_for('ALERTS{alertname="Watchdog"}', lambda v: v == 1)
 
     def measure(self) -> dict[str, Series]:
         exporter = _series(self.exporter.metrics_text())

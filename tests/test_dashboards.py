@@ -16,6 +16,7 @@ import requests
 import yaml
 from conftest import start_exporter, start_prometheus, start_server
 
+from alerts import rules
 from dashboards.generate import DASHBOARDS_DIR, NO_PLACE_IN_LOGS, OUR_ALERTS_FIRING, render
 from tools.metrics_reference import all_metric_names
 
@@ -696,6 +697,11 @@ def test_every_promql_query_returns_data_after_real_traffic(tmp_path, demo_dir):
     started = []
     foreign_rules = tmp_path / "another-stack.rules.yml"
     foreign_rules.write_text(FOREIGN_RULES)
+    # The shipped rules at this test's 1 s cadence (each rule group carries its interval).
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    for name, text in rules.render({"evaluation_interval": "1s"}).items():
+        (rules_dir / name).write_text(text)
     twin_place = A_PLACE | {"cluster": TWIN_CLUSTER}
     try:
         for directory, places in (
@@ -705,7 +711,7 @@ def test_every_promql_query_returns_data_after_real_traffic(tmp_path, demo_dir):
         ):
             (tmp_path / directory).mkdir()
             config = prometheus_config(
-                REPO / "alerts", exporter.base_url.removeprefix("http://"), places, foreign_rules
+                rules_dir, exporter.base_url.removeprefix("http://"), places, foreign_rules
             )
             started.append(start_prometheus(tmp_path / directory, config))
         plain, placed, two_clusters = started
