@@ -1068,7 +1068,7 @@ def fleet() -> Board:
         "stat",
         "Faulty GPUs",
         "GPUs lost, with a failed or pending row remap, an uncorrected ECC error or a critical "
-        "XID in 10 minutes, or slowed down by heat or hardware (vigil:node_gpus_unhealthy).",
+        "XID in 10 minutes (vigil:node_gpus_unhealthy; throttling is no fault here).",
         "short",
         [(f"sum(vigil:node_gpus_unhealthy{{{FLEET_FILTER}}})", "")],
         width=4,
@@ -1148,8 +1148,8 @@ def fleet() -> Board:
         "table",
         "Faulty GPUs by node",
         "Per node, its faulty GPUs (lost, row remap failed or pending, uncorrected ECC, "
-        "critical XID, slowed by heat or hardware) of its GPUs; the most faulty first. The "
-        "node links to its GPUs and Overview.",
+        "critical XID; throttling is on the GPUs board) of its GPUs; the most faulty first. "
+        "The node links to its GPUs and Overview.",
         "short",
         [
             (f"sort_desc(vigil:node_gpus_unhealthy{{{FLEET_FILTER}}})", ""),
