@@ -60,6 +60,15 @@ class Profile:
     duration_buckets: str
     requests: str  # per-second rate of finished requests, failed ones included
     errors: str | None  # per-second rate of requests the engine failed
+    # For the fast hang alert (alerts/rules.py, InferenceEngineStoppedGenerating), raw series
+    # only: the fast rule group reads no recording rule (those are evaluated at the slower
+    # interval). The scrape job the engine's series come from, the gauge of requests in the
+    # running batch, and the series each of whose changes is progress (counters that move with
+    # the forward passes, gauges republished while it steps), the first the one that moves most
+    # often. Names exactly as scraped; alerts/rules.py HANG_SERIES lists them per job.
+    job: str
+    stopped_running: str
+    stopped_progress: tuple[str, ...]
 
     def by_model(self, aggregation: str, expr: str, extra: str = "") -> str:
         by = f"instance, model{extra}"
@@ -84,6 +93,11 @@ VIGIL = Profile(
     duration_buckets="rate(gen_ai_server_request_duration_seconds_bucket[5m])",
     requests="rate(inference_requests_total[5m])",
     errors='rate(inference_requests_total{status=~"5.."}[5m])',
+    # Published by the exporter from the state directory at each scrape (the engine writes its
+    # counters every 0.25 s while it steps): a forward pass, prefill or decode, is one step.
+    job="vigil-exporter",
+    stopped_running=SERIES["vigil"].running,
+    stopped_progress=SERIES["vigil"].progress_counters,
 )
 
 # vLLM, V1 engine (vllm/v1/metrics/loggers.py), 0.8.0 to 0.33.0 (read from the released wheels).
@@ -116,6 +130,13 @@ VLLM = Profile(
     # finished_reason error (0.13.0 on) and abort (the engine gave the request up); client
     # disconnects are not counted by vLLM.
     errors='rate(vllm:request_success_total{finished_reason=~"error|abort"}[5m])',
+    # The generation counter moves at every engine iteration that decodes (loggers.py:798,
+    # recorded per iteration by the output handler); the prompt counter when a prefill is done,
+    # the KV-cache usage at every step that allocates (every prefill chunk): a long chunked
+    # prefill is progress too.
+    job="vllm",
+    stopped_running=SERIES["vllm"].running,
+    stopped_progress=(*SERIES["vllm"].progress_counters, *SERIES["vllm"].progress_gauges),
 )
 
 # SGLang (python/sglang/srt/metrics/collector.py up to 0.5.9, observability/metrics_collector.py
@@ -142,6 +163,22 @@ SGLANG = Profile(
     # No engine-failure counter: num_aborted_requests counts client aborts and disconnects too,
     # and http_responses_total has no model_name. Absent rather than wrong.
     errors=None,
+    # generation_tokens_total moves once per finished request (:1860), num_used_tokens every
+    # decode log interval (40 steps): too rare alone. The tokenizer manager observes the
+    # inter-token latency histogram whenever a request's completion tokens grew
+    # (managers/tokenizer_manager.py collect_metrics; the buckets, and so _count, grow by the
+    # new tokens: observe_inter_token_latency), at every output the scheduler streams: every
+    # decode step for a streamed request (--stream-interval 1), every 50 tokens for another
+    # (DEFAULT_FORCE_STREAM_INTERVAL); time_to_first_token_seconds_count moves at each
+    # request's first token (the end of its prefill).
+    job="sglang",
+    stopped_running=SERIES["sglang"].running,
+    stopped_progress=(
+        "sglang:inter_token_latency_seconds_count",
+        "sglang:time_to_first_token_seconds_count",
+        *SERIES["sglang"].progress_counters,
+        *SERIES["sglang"].progress_gauges,
+    ),
 )
 
 # TGI (huggingface/text-generation-inference router and backends/v3), v1.4.0 to v3.3.7. Router
@@ -165,6 +202,10 @@ TGI = Profile(
     # The engine's failures, not the client's (validation, template; dropped: the client went
     # away) nor back-pressure (overloaded).
     errors='rate(tgi_request_failure{err=~"generation|incomplete"}[5m])',
+    # Every prefill and decode call of the batch (label method), counted per call.
+    job="tgi",
+    stopped_running=SERIES["tgi"].running,
+    stopped_progress=SERIES["tgi"].progress_counters,
 )
 
 PROFILES = (VIGIL, VLLM, SGLANG, TGI)

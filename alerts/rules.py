@@ -55,6 +55,44 @@ def with_place(expr: str) -> str:
     return _GROUPING.sub(add, expr)
 
 
+# The rule group evaluated every hang_evaluation_interval (2 s) instead of evaluation_interval.
+FAST_HANG_GROUP = "vigil-hangs-fast"
+
+# What the fast hang group reads, per scrape job: job name (as alerts/prometheus.yml and
+# compose/prometheus/*.yml name the jobs) -> the exact metric names, as scraped (counters with
+# the suffix they are exposed with: TGI's without _total; a histogram's _count), that the fast
+# group's rules read from that job's targets. Prometheus scrapes exactly these every
+# hang_evaluation_interval in a job of its own per entry (``<job>-hang``) and drops them from
+# the normal job, so each series is stored once, under the fast job's ``job`` label: hence no
+# rule (fast or not) reads one of these names with a ``job`` matcher, and the fast group never
+# filters on ``job``. The fast group reads no recording rule (those are evaluated at
+# evaluation_interval). tests/test_alert_rules.py checks both.
+HANG_SERIES: dict[str, tuple[str, ...]] = {
+    PROFILE.job: tuple(
+        dict.fromkeys(
+            (
+                # Our watchdog's flag and stall counter (InferenceEngineStalled), and the
+                # exporter's view of the engines it probes (InferenceEngineStoppedGenerating).
+                *(
+                    (
+                        "inference_engine_stalled",
+                        "inference_engine_stalls_total",
+                        "vigil_engine_metrics_up",
+                        "vigil_engine_requests_running",
+                        "vigil_engine_progress_total",
+                    )
+                    if PROFILE is engines.VIGIL
+                    else ()
+                ),
+                PROFILE.stopped_running,
+                *PROFILE.stopped_progress,
+            )
+        )
+    )
+    for PROFILE in engines.PROFILES
+}
+
+
 @dataclass(frozen=True)
 class Parameter:
     default: str
@@ -69,6 +107,12 @@ PARAMETERS: dict[str, Parameter] = {
         "rules' subqueries: the evaluation_interval of alerts/prometheus.yml, written into the "
         "groups so that they keep it in a Prometheus whose global interval is another "
         "(kube-prometheus-stack's 30s).",
+    ),
+    "hang_evaluation_interval": Parameter(
+        "2s",
+        "How often the fast hang group (vigil-hangs-fast: InferenceEngineStalled, "
+        "InferenceEngineStoppedGenerating) is evaluated, its own interval; the series it reads "
+        "(HANG_SERIES in alerts/rules.py) are scraped as often, in jobs of their own.",
     ),
     "runbook_base": Parameter(
         "https://github.com/llm-vigil/llm-vigil/blob/main/alerts/runbooks",
@@ -95,6 +139,47 @@ PARAMETERS: dict[str, Parameter] = {
         "progress rate over 1m at 0) to count as hung: with that 1m window, at least 2 minutes "
         "without progress while work waits, longer than one long prefill and shorter than "
         "vLLM's and SGLang's own 300 s timeouts.",
+    ),
+    "engine_stopped_window": Parameter(
+        "20s",
+        "InferenceEngineStoppedGenerating: how long requests must have been running with none of "
+        "the engine's progress series moving (read from the engine's own metrics, or ours from "
+        "the exporter's state-directory view). Five times a 4 s prefill (a pause that is no "
+        "hang), ten fast scrapes, and short enough for a notification within 30 s.",
+    ),
+    "engine_stopped_before": Parameter(
+        "1m",
+        "InferenceEngineStoppedGenerating: the window before the silence (offset by its length) "
+        "in which the engine must have been moving often (engine_stopped_moves).",
+    ),
+    "engine_stopped_moves": Parameter(
+        "12",
+        "InferenceEngineStoppedGenerating: changes of the engine's busiest progress series "
+        "within engine_stopped_before before the silence (at most 29 at a 2 s scrape): 12 is "
+        "a move every 5 s on average, so that engine_stopped_window is four such gaps. An "
+        "engine that was idle, loading, or moving rarely (SGLang's non-streamed requests "
+        "report every 50 tokens) is left to InferenceEngineNoProgress.",
+    ),
+    "engine_stopped_hold": Parameter(
+        "5m",
+        "InferenceEngineStoppedGenerating: how far back the moves before the silence are "
+        "looked for, so that the alert keeps firing while the silence lasts (the minute before "
+        "the window slides into the silence); longer than InferenceEngineNoProgress takes "
+        "(about 2 to 3 minutes), which carries a longer hang on.",
+    ),
+    "engine_stopped_exporter_window": Parameter(
+        "45s",
+        "InferenceEngineStoppedGenerating from the exporter's view of an engine Prometheus "
+        "does not scrape itself (vigil_engine_progress_total): the exporter reads the "
+        "engine's /metrics once per probe round, every 15 s (--probe-interval), longer when "
+        "the round's checks take their 5 s timeouts (up to about 25 s between two reads): "
+        "the window spans at least one more read than that.",
+    ),
+    "engine_stopped_exporter_moves": Parameter(
+        "3",
+        "InferenceEngineStoppedGenerating from the exporter's view: reads of the minute "
+        "before the silence (four at the default 15 s probe interval) in which the engine's "
+        "progress had moved.",
     ),
     "engine_pending_window": Parameter(
         "1m",
@@ -220,7 +305,11 @@ def _dedent(expr: str) -> str:
 
 def groups(p: dict[str, str]) -> dict[str, list[dict]]:
     """File stem -> its rule groups."""
-    hangs = [
+    # The fast group (vigil-hangs-fast, evaluated every hang_evaluation_interval): the hang
+    # signals that are unambiguous within seconds. It reads raw series only, each listed in
+    # HANG_SERIES (scraped as often, in jobs of their own), never a recording rule (those are
+    # evaluated at evaluation_interval) and never by job.
+    hangs_fast = [
         Alert(
             name="InferenceEngineStalled",
             for_=p["stall_for"],
@@ -239,6 +328,27 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
                 "ids."
             ),
         ),
+        Alert(
+            name="InferenceEngineStoppedGenerating",
+            for_="0s",
+            severity="critical",
+            cause="hang",
+            expr=_engines_stopped(p),
+            summary="{{ $labels.engine }} engine of {{ $labels.model }} stopped generating",
+            description=(
+                "{{ $value }} requests have been running on {{ $labels.model }} "
+                "({{ $labels.engine }}) at {{ $labels.instance }} for "
+                f"{p['engine_stopped_window']} (seen by the exporter: "
+                f"{p['engine_stopped_exporter_window']}) and none of the engine's progress "
+                "series has moved (generated tokens, forward passes, KV-cache updates), right "
+                "after it had been moving every few seconds: the engine stopped mid-work (a "
+                "collective that never returns, a wedged GPU, a deadlocked scheduler). Any "
+                "engine, also where our watchdog does not run; an exporter's view names "
+                "{{ $labels.target }}."
+            ),
+        ),
+    ]
+    hangs = [
         Alert(
             name="InferenceEngineNoProgress",
             for_=p["engine_hang_for"],
@@ -813,6 +923,17 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
         ]
         for stem, alerts in alerts_by_file.items()
     }
+    # Its own interval: "[ interval: <duration> | default = global.evaluation_interval ]" per
+    # rule group (prometheus.io/docs/prometheus/latest/configuration/recording_rules/
+    # #rule_group); the slower hang alerts stay in vigil-hangs as the backstop.
+    files["hangs"].insert(
+        0,
+        {
+            "name": FAST_HANG_GROUP,
+            "interval": p["hang_evaluation_interval"],
+            "rules": [alert.rule(p["runbook_base"]) for alert in hangs_fast],
+        },
+    )
     # The recording rules that map every engine to one vocabulary, which the alerts above read.
     files["engines"] = engines.recording_groups()
     files["fleet"] = [
@@ -830,7 +951,7 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
         # route's group_wait (alerts/alertmanager.yml) were written for ours.
         files[stem] = [
             {"name": group["name"], "interval": p["evaluation_interval"], **group} for group in body
-        ]
+        ]  # a group's own interval (the fast group's) stays
         for group in files[stem]:
             for rule in group["rules"]:
                 rule["expr"] = with_place(rule["expr"])
@@ -853,10 +974,12 @@ def _no_live_own_process(p: dict[str, str]) -> str:
     Alive: vigil_process_alive 1, except the processes of a target known to be another engine
     (vigil_engine_process_info, where the exporter sees them from their port): a live vLLM
     beside our dead process hides nothing. Our own process behind a local target has engine
-    vigil there, and one not recognised yet has engine "": both count as ours."""
+    vigil there, and one not recognised yet has engine "": both count as ours.
+    vigil_engine_metrics_up is read without a job matcher: it is one of HANG_SERIES, scraped
+    (and stored) under the exporter's fast job only; the rest under exporter_job."""
     job = f'job="{p["exporter_job"]}"'
     return f"""(
-    group by (instance) (vigil_engine_metrics_up{{{job},engine="vigil"}})
+    group by (instance) (vigil_engine_metrics_up{{engine="vigil"}})
     or
     group by (instance) (vigil_process_alive{{{job}}} == 0)
     or
@@ -911,6 +1034,107 @@ def _engines_hung(p: dict[str, str]) -> str:
     "address", "$1", "target", "https?://([^/]+).*")
     {_SEEN_DIRECTLY}
     )"""
+
+
+def _changes(profile: engines.Profile, window: str, offset: str = "") -> str:
+    """The changes of each of the engine's progress series within ``window`` (ending ``offset``
+    ago), one series per signal (``vigil_signal``: or keeps only one of equal label sets), its
+    model label as ``model``."""
+    signals = "\nor\n".join(
+        f'label_replace(changes({name}[{window}]{offset}), "vigil_signal", "{name}", "", "")'
+        for name in profile.stopped_progress
+    )
+    return engines._as_model(f"(\n{signals}\n)", profile.model_label)
+
+
+def _engine_stopped(profile: engines.Profile, p: dict[str, str]) -> str:
+    """One engine read from its own series: requests running throughout engine_stopped_window
+    and now (a scrape that fails marks the series stale, so a dead or unreachable engine is no
+    "silence"), none of its progress series changed in the window, and its busiest one changed
+    at least engine_stopped_moves times in the engine_stopped_before before it. That last part
+    is looked for over the last engine_stopped_hold (a subquery at the fast group's interval):
+    as the silence goes on, the minute before the window slides into it, and the alert would
+    end after some 40 s of a hang that lasts. The value: the fewest requests running within the
+    window."""
+    window, before = p["engine_stopped_window"], p["engine_stopped_before"]
+    running = profile.stopped_running
+
+    def per_model(expr: str) -> str:
+        return engines._as_model(expr, profile.model_label)
+
+    silent = f"max by (instance, model) ({_changes(profile, window)}) == 0"
+    return f"""label_replace(
+    sum by (instance, model) ({per_model(f"min_over_time({running}[{window}])")}) > 0
+    and on (instance, model)
+    sum by (instance, model) ({per_model(running)}) > 0
+    and on (instance, model)
+    {silent}
+    and on (instance, model)
+    max_over_time((
+    {silent}
+    and on (instance, model)
+    max by (instance, model) ({_changes(profile, before, f" offset {window}")}) >= {p["engine_stopped_moves"]}
+    )[{p["engine_stopped_hold"]}:{p["hang_evaluation_interval"]}]),
+    "engine", "{profile.engine}", "", "")"""
+
+
+def _scraped_directly(selector: str = "") -> str:
+    """The foreign engines Prometheus scrapes itself (their running gauge), with ``engine`` and
+    ``model``: raw series, as the fast group reads no recording rule."""
+    return "\nor\n".join(
+        f"label_replace(group by (instance, model) "
+        f"({engines._as_model(profile.stopped_running + selector, profile.model_label)}), "
+        f'"engine", "{profile.engine}", "", "")'
+        for profile in engines.PROFILES
+        if profile.engine != "vigil"
+    )
+
+
+def _exporter_stopped(p: dict[str, str]) -> str:
+    """The exporter's view of an engine (vigil_engine_*, read from its /metrics once per probe
+    round): the same condition over engine_stopped_exporter_window, with every read of it
+    successful (vigil_engine_metrics_up 1 throughout and now: while /metrics cannot be read the
+    exporter keeps the last requests and a flat progress, which says nothing either way; a
+    frozen engine is InferenceEngineNoProgress's). Left out where Prometheus reads the engine
+    itself (the branches above, by address or, on Kubernetes, by engine, model and node), and
+    our own process where the same exporter publishes its state directory."""
+    window, before = p["engine_stopped_exporter_window"], p["engine_stopped_before"]
+    key = "instance, target, engine, model"
+    return f"""label_replace(
+    sum by ({key}) (min_over_time(vigil_engine_requests_running[{window}])) > 0
+    and on ({key})
+    sum by ({key}) (vigil_engine_requests_running) > 0
+    and on ({key})
+    sum by ({key}) (changes(vigil_engine_progress_total[{window}])) == 0
+    and on ({key})
+    max_over_time((
+    sum by ({key}) (changes(vigil_engine_progress_total[{window}])) == 0
+    and on ({key})
+    sum by ({key}) (changes(vigil_engine_progress_total[{before}] offset {window})) >= {p["engine_stopped_exporter_moves"]}
+    )[{p["engine_stopped_hold"]}:{p["hang_evaluation_interval"]}])
+    and on (instance, target, engine)
+    min by (instance, target, engine) (min_over_time(vigil_engine_metrics_up[{window}])) == 1
+    and on (instance, target, engine)
+    min by (instance, target, engine) (vigil_engine_metrics_up) == 1,
+    "address", "$1", "target", "https?://([^/]+).*")
+    unless on (engine, address, cluster)
+    label_replace(
+    {_scraped_directly()},
+    "address", "$1", "instance", "(.*)")
+    unless on (engine, model, cluster, node)
+    (
+    {_scraped_directly('{node!=""}')}
+    )
+    unless on (instance, engine)
+    label_replace(group by (instance) ({engines.VIGIL.stopped_running}), "engine", "vigil", "", "")"""
+
+
+def _engines_stopped(p: dict[str, str]) -> str:
+    """InferenceEngineStoppedGenerating: every engine profile from its own series, and the
+    exporter's view of the engines Prometheus does not read itself."""
+    branches = [_engine_stopped(profile, p) for profile in engines.PROFILES]
+    branches.append(_exporter_stopped(p))
+    return "\nor\n".join(f"(\n{branch}\n)" for branch in branches)
 
 
 # The GPU readings that mean a hard fault now, each as a per-GPU filter (vigil_gpu_* series

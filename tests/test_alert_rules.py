@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alerts.rules import ALERTS_DIR, PARAMETERS, alert_names, defaults, groups, render
+from alerts import engines
+from alerts.rules import (
+    ALERTS_DIR,
+    FAST_HANG_GROUP,
+    HANG_SERIES,
+    PARAMETERS,
+    alert_names,
+    defaults,
+    groups,
+    render,
+)
 from tools.metrics_reference import all_metric_names
 
 PROMTOOL = shutil.which("promtool")
@@ -44,8 +54,31 @@ VLLM = 'instance="gpu1:8000",job="vllm",model_name="glm",engine="0"'
 AT_VLLM = {"instance": "gpu1:8000", "model": "glm", "engine": "vllm"}
 
 
-def case(series: dict[str, str], eval_time: str, expected: list[dict] | None = None) -> dict:
-    return {"series": series, "eval_time": eval_time, "expected": expected or []}
+def case(
+    series: dict[str, str],
+    eval_time: str,
+    expected: list[dict] | None = None,
+    interval: str = "1m",
+) -> dict:
+    """Input series (selector -> values, one every ``interval``), when to look, what fires."""
+    return {
+        "series": series,
+        "eval_time": eval_time,
+        "expected": expected or [],
+        "interval": interval,
+    }
+
+
+def values(points: list[float]) -> str:
+    """promtool's input values, one per point."""
+    return " ".join(f"{point:g}" for point in points)
+
+
+def rising_then_flat(per_step: float, rising: int, flat: int, start: float = 0) -> str:
+    """A counter that grows by per_step at each of ``rising`` scrapes, then stands still for
+    ``flat`` scrapes."""
+    top = start + per_step * rising
+    return f"{start:g}+{per_step:g}x{rising} {top:g}x{flat}"
 
 
 # Alert -> (a case where it fires, a case where it does not).
@@ -58,6 +91,28 @@ CASES: dict[str, tuple[dict, dict]] = {
                 f'inference_engine_stalls_total{{{MODEL},stage="decode"}}': "0x5",
             },
             "5m",
+        ),
+    ),
+    "InferenceEngineStoppedGenerating": (
+        # vLLM generating 20 tokens a second, scraped every 2 s (its fast job), for 140 s,
+        # then nothing while 8 requests run: at 3m the last 20 s are flat and the minute
+        # before moved at every scrape. More in test_engine_stopped_generating_*.
+        case(
+            {
+                f"vllm:num_requests_running{{{VLLM}}}": "8x90",
+                f"vllm:generation_tokens_total{{{VLLM}}}": rising_then_flat(40, 70, 20),
+            },
+            "3m",
+            [AT_VLLM],
+            interval="2s",
+        ),
+        case(
+            {
+                f"vllm:num_requests_running{{{VLLM}}}": "8x90",
+                f"vllm:generation_tokens_total{{{VLLM}}}": "0+40x90",
+            },
+            "3m",
+            interval="2s",
         ),
     ),
     "InferenceEngineNoProgress": (
@@ -561,12 +616,18 @@ def _rule_labels() -> dict[str, dict[str, str]]:
     }
 
 
-def _promtool_test(series: dict[str, str], eval_time: str, expected: dict[str, list[dict]]) -> dict:
-    """One test of promtool test rules: the input series (selector -> values) and, per alert
-    name, the places (labels beyond the rule's own) it fires at by eval_time."""
+def _promtool_test(
+    series: dict[str, str],
+    eval_time: str,
+    expected: dict[str, list[dict]],
+    interval: str = "1m",
+) -> dict:
+    """One test of promtool test rules: the input series (selector -> values, one every
+    ``interval``) and, per alert name, the places (labels beyond the rule's own) it fires at by
+    eval_time."""
     labels = _rule_labels()
     return {
-        "interval": "1m",
+        "interval": interval,
         "input_series": [
             {"series": selector, "values": values} for selector, values in series.items()
         ],
@@ -601,9 +662,13 @@ def test_every_alert_has_cases():
 @needs_promtool
 def test_each_alert_fires_and_stays_quiet(tmp_path):
     tests = []
-    for name, (fires, quiet) in CASES.items():
-        tests.append(_promtool_test(fires["series"], fires["eval_time"], {name: fires["expected"]}))
-        tests.append(_promtool_test(quiet["series"], quiet["eval_time"], {name: quiet["expected"]}))
+    for name, pair in CASES.items():
+        for one in pair:
+            tests.append(
+                _promtool_test(
+                    one["series"], one["eval_time"], {name: one["expected"]}, one["interval"]
+                )
+            )
     _run_promtool(tmp_path, tests, _labels_only_rules(tmp_path))
 
 
@@ -718,13 +783,19 @@ def test_every_group_is_evaluated_at_the_stacks_interval():
         "evaluation_interval"
     ]
     assert PARAMETERS["evaluation_interval"].default == interval
+    fast = PARAMETERS["hang_evaluation_interval"].default
+    assert fast == "2s"
     groups_seen = 0
     for text in render().values():
         for group in yaml.safe_load(text)["groups"]:
             groups_seen += 1
-            assert group.get("interval") == interval, group["name"]
+            own = fast if group["name"] == FAST_HANG_GROUP else interval
+            assert group.get("interval") == own, group["name"]
             for rule in group["rules"]:
                 assert not re.search(r":\s*\]", rule["expr"]), (group["name"], rule["expr"])
+                # A subquery's step is its group's interval.
+                for step in re.findall(r"\[[^\]:]+:([^\]]+)\]", rule["expr"]):
+                    assert step == own, (group["name"], rule["expr"])
     assert groups_seen >= 10
 
 
@@ -885,6 +956,10 @@ def test_every_metric_in_a_rule_is_in_the_reference():
         unknown = metrics - known
         if group in foreign:
             unknown = {m for m in unknown if not m.startswith(foreign[group])}
+        if group == FAST_HANG_GROUP:  # the engines' own names each profile cites
+            unknown -= {
+                n for p in engines.PROFILES for n in (p.stopped_running, *p.stopped_progress)
+            }
         assert unknown == set(), (rule.get("alert") or rule["record"], unknown)
 
 
@@ -895,3 +970,303 @@ def test_every_alert_has_a_runbook_with_its_sections():
         text = path.read_text()
         for section in ("## Meaning", "## Impact", "## Diagnosis", "## Mitigation"):
             assert section in text, (name, section)
+
+
+# The fast hang group: InferenceEngineStoppedGenerating on literal series, scraped and evaluated
+# every 2 s as the fast jobs and vigil-hangs-fast are. The hang starts after the sample at 120 s
+# (the last that moved); with the 20 s window it must fire by 2m22s (window, one scrape, one
+# evaluation) and not before 2m16s (no earlier than the window allows).
+FAST = "2s"
+HANG_AT = 60  # scrapes before the hang (120 s)
+AFTER = 45  # scrapes after it (90 s)
+SGLANG = 'instance="gpu2:30000",job="sglang",model_name="glm",tp_rank="0"'
+AT_SGLANG = {"instance": "gpu2:30000", "model": "glm", "engine": "sglang"}
+TGI = 'instance="gpu3:3000",job="tgi"'
+AT_TGI = {"instance": "gpu3:3000", "engine": "tgi"}
+EXPORTED = 'instance="n1:9400",job="vigil-exporter",target="http://gpu4:8000",engine="vllm"'
+AT_EXPORTED = {
+    "instance": "n1:9400",
+    "target": "http://gpu4:8000",
+    "engine": "vllm",
+    "model": "glm",
+    "address": "gpu4:8000",
+}
+
+
+def _stopped(series: dict[str, str], at: dict[str, list[dict]]) -> dict:
+    """InferenceEngineStoppedGenerating (and nothing else of the fast group) at each eval time."""
+    labels = _rule_labels()["InferenceEngineStoppedGenerating"]
+    return {
+        "interval": FAST,
+        "input_series": [{"series": k, "values": v} for k, v in series.items()],
+        "alert_rule_test": [
+            {
+                "eval_time": eval_time,
+                "alertname": "InferenceEngineStoppedGenerating",
+                "exp_alerts": [{"exp_labels": {**labels, **where}} for where in places],
+            }
+            for eval_time, places in at.items()
+        ],
+    }
+
+
+def _fast_rules(tmp_path: Path) -> list[str]:
+    """The hang rule file (vigil-hangs-fast with its 2 s interval, and vigil-hangs)."""
+    return [f for f in _labels_only_rules(tmp_path) if f.endswith("hangs.rules.yml")]
+
+
+def _exporter_reads(moving_reads: int, flat_reads: int, per_read: float = 300) -> str:
+    """vigil_engine_progress_total as the fast job sees it: the exporter reads the engine every
+    15 s (its probe round), so the series moves at one scrape in 7 or 8, and stands still
+    between reads; then ``flat_reads`` rounds without progress."""
+    points, value = [], 0.0
+    for scrape in range(HANG_AT + AFTER + 1):
+        second = scrape * 2
+        reads = second // 15
+        value = per_read * min(reads, moving_reads)
+        points.append(value)
+    return values(points)
+
+
+def _vllm(generation: str, running: str = f"8x{HANG_AT + AFTER}") -> dict[str, str]:
+    return {
+        f"vllm:num_requests_running{{{VLLM}}}": running,
+        f"vllm:num_requests_waiting{{{VLLM}}}": f"0x{HANG_AT + AFTER}",
+        f"vllm:generation_tokens_total{{{VLLM}}}": generation,
+        f"vllm:prompt_tokens_total{{{VLLM}}}": f"5000x{HANG_AT + AFTER}",
+    }
+
+
+@needs_promtool
+def test_engine_stopped_generating_fires_within_its_window_after_sustained_generation(
+    tmp_path,
+):
+    """A hang after sustained generation, for each engine from its own series and for an engine
+    only the exporter reads: quiet until the window has passed, firing by window + a scrape + an
+    evaluation (the exporter's view: its longer window, as it reads every 15 s)."""
+    n = HANG_AT + AFTER
+    hung_vllm = _vllm(rising_then_flat(40, HANG_AT, AFTER))
+    hung_vllm[f"vllm:kv_cache_usage_perc{{{VLLM}}}"] = rising_then_flat(0.001, HANG_AT, AFTER, 0.2)
+    hung_sglang = {
+        f"sglang:num_running_reqs{{{SGLANG}}}": f"4x{n}",
+        f"sglang:num_queue_reqs{{{SGLANG}}}": f"0x{n}",
+        # Streamed requests: the tokenizer observes the inter-token latency at every step.
+        f"sglang:inter_token_latency_seconds_count{{{SGLANG}}}": rising_then_flat(
+            8, HANG_AT, AFTER
+        ),
+        f"sglang:generation_tokens_total{{{SGLANG}}}": rising_then_flat(50, 6, n - 6),
+    }
+    hung_tgi = {
+        f"tgi_batch_current_size{{{TGI}}}": f"2x{n}",
+        f'tgi_batch_inference_count{{{TGI},method="decode"}}': rising_then_flat(30, HANG_AT, AFTER),
+    }
+    ours = {
+        # Our process seen from the exporter (its state directory): forward passes.
+        f"inference_requests_running{{{PROCESS}}}": f"3x{n}",
+        f'inference_engine_steps_total{{{MODEL},stage="decode"}}': rising_then_flat(
+            20, HANG_AT, AFTER
+        ),
+        # The same exporter probes our process too: its vigil_engine_* view of it is left out.
+        f'vigil_engine_metrics_up{{{INSTANCE},target="http://127.0.0.1:8000",engine="vigil"}}': f"1x{n}",
+        f'vigil_engine_requests_running{{{INSTANCE},target="http://127.0.0.1:8000",engine="vigil",model="glm"}}': f"3x{n}",
+        f'vigil_engine_progress_total{{{INSTANCE},target="http://127.0.0.1:8000",engine="vigil",model="glm"}}': _exporter_reads(
+            8, 7
+        ),
+    }
+    exported = {
+        f"vigil_engine_metrics_up{{{EXPORTED}}}": f"1x{n}",
+        f'vigil_engine_requests_running{{{EXPORTED},model="glm"}}': f"6x{n}",
+        f'vigil_engine_progress_total{{{EXPORTED},model="glm"}}': _exporter_reads(8, 7),
+    }
+    tests = [
+        # Still firing as the hang goes on (the minute before the window has slid into it).
+        _stopped(hung_vllm, {"2m16s": [], "2m22s": [AT_VLLM], "3m30s": [AT_VLLM]}),
+        _stopped(hung_sglang, {"2m16s": [], "2m22s": [AT_SGLANG]}),
+        _stopped(hung_tgi, {"2m16s": [], "2m22s": [AT_TGI]}),
+        _stopped(ours, {"2m16s": [], "2m22s": [AT_ENGINE]}),
+        # The exporter's last read that moved is at 120 s: quiet at 120 + 40, firing by
+        # 120 + 45 + a scrape + an evaluation.
+        _stopped(exported, {"2m40s": [], "2m49s": [AT_EXPORTED]}),
+        # vLLM scraped by Prometheus and read by the exporter at the same address: one alert,
+        # from Prometheus's own view.
+        _stopped(
+            {
+                **hung_vllm,
+                **{k.replace("gpu4:8000", "gpu1:8000"): v for k, v in exported.items()},
+            },
+            {"3m": [AT_VLLM]},
+        ),
+    ]
+    _run_promtool(tmp_path, tests, _fast_rules(tmp_path), evaluation_interval=FAST)
+
+
+@needs_promtool
+def test_engine_stopped_generating_stays_quiet_where_no_hang_is(tmp_path):
+    """Idleness, decode that is slow but moves (a token a second per request), a 4 s prefill
+    (and a 16 s pause) after sustained generation, a burst of 48 queued requests behind a batch
+    that moves, an engine that never generated (a model load), progress that moves rarely
+    (SGLang's non-streamed requests report every 50 tokens), an engine that stops answering its
+    scrapes, and the exporter's frozen read (its series stand still while /metrics fails)."""
+    n = HANG_AT + AFTER
+    everywhere = {f"{time}s": [] for time in range(120, 211, 6)}
+    fast_then = f"0+40x{HANG_AT}"
+    quiet = {
+        "idle": _vllm(f"0+40x30 1200x{n - 30}", running=f"8x30 0x{n - 30}"),
+        # 2 requests at a token a second each: +4 per 2 s scrape.
+        "slow decode": _vllm(f"{fast_then} 2400+4x{AFTER - 1}"),
+        # The prefill of a new request holds the batch for 4 s (two scrapes stand still).
+        "4 s prefill": _vllm(f"{fast_then} 2400x2 2440+40x{AFTER - 3}"),
+        "16 s pause": _vllm(f"{fast_then} 2400x8 2440+40x{AFTER - 9}"),
+        "48 queued": {
+            **_vllm(f"0+32x{n}", running=f"16x{n}"),
+            f"vllm:num_requests_waiting{{{VLLM}}}": f"0x{HANG_AT} 48x{AFTER}",
+        },
+        # Requests admitted while the model loads (or its first prefill): nothing generated yet.
+        "never generated": _vllm(f"0x{n}", running=f"0x30 4x{n - 30}"),
+        "rare moves": {
+            f"sglang:num_running_reqs{{{SGLANG}}}": f"1x{n}",
+            # One non-streamed request at a token a second: an output every 50 tokens.
+            f"sglang:inter_token_latency_seconds_count{{{SGLANG}}}": values(
+                [50 * (second // 50) for second in range(0, 2 * n + 1, 2)]
+            ),
+            f"sglang:num_used_tokens{{{SGLANG}}}": values(
+                [1000 + 40 * (second // 40) for second in range(0, 2 * n + 1, 2)]
+            ),
+        },
+        # vLLM's scrapes fail from 120 s on (the series go stale): down, not a silence.
+        "unscraped": _vllm(f"{fast_then} stale", running=f"8x{HANG_AT} stale"),
+        # The exporter cannot read /metrics from 120 s on: the engine's last requests and a flat
+        # progress stay published, vigil_engine_metrics_up is 0.
+        "frozen read": {
+            f"vigil_engine_metrics_up{{{EXPORTED}}}": f"1x{HANG_AT} 0x{AFTER}",
+            f'vigil_engine_requests_running{{{EXPORTED},model="glm"}}': f"6x{n}",
+            f'vigil_engine_progress_total{{{EXPORTED},model="glm"}}': _exporter_reads(8, 7),
+        },
+    }
+    tests = [_stopped(series, everywhere) for series in quiet.values()]
+    _run_promtool(tmp_path, tests, _fast_rules(tmp_path), evaluation_interval=FAST)
+    # The same inputs with the engine stopping instead do fire (the cases can fail).
+    stopped = _vllm(f"{fast_then} 2400x{AFTER}")
+    _run_promtool(
+        tmp_path,
+        [_stopped(stopped, {"3m": [AT_VLLM]})],
+        _fast_rules(tmp_path),
+        evaluation_interval=FAST,
+    )
+
+
+@needs_promtool
+def test_engine_stalled_fires_at_once_in_the_fast_group(tmp_path):
+    """Our watchdog's flag raises InferenceEngineStalled at the fast group's first evaluation
+    after the scrape that carries it, and a stall recorded by a process that exited right after
+    keeps it firing."""
+    labels = _rule_labels()["InferenceEngineStalled"]
+    test = {
+        "interval": FAST,
+        "input_series": [
+            {"series": f"inference_engine_stalled{{{PROCESS}}}", "values": "0x30 1x5 stale"},
+            {
+                "series": f'inference_engine_stalls_total{{{MODEL},stage="decode"}}',
+                "values": "0x30 1x5 stale",
+            },
+        ],
+        "alert_rule_test": [
+            {"eval_time": t, "alertname": "InferenceEngineStalled", "exp_alerts": exp}
+            for t, exp in (
+                ("58s", []),
+                ("62s", [{"exp_labels": {**labels, **AT_MODEL}}]),
+                ("2m", [{"exp_labels": {**labels, **AT_MODEL}}]),
+            )
+        ],
+    }
+    _run_promtool(tmp_path, [test], _fast_rules(tmp_path), evaluation_interval=FAST)
+
+
+def _fast_group_rules() -> list[dict]:
+    return [
+        rule
+        for text in render().values()
+        for group in yaml.safe_load(text)["groups"]
+        if group["name"] == FAST_HANG_GROUP
+        for rule in group["rules"]
+    ]
+
+
+_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "by",
+    "on",
+    "without",
+    "ignoring",
+    "offset",
+    "bool",
+    "group_left",
+    "group_right",
+}
+
+
+def _selectors(expr: str) -> list[tuple[str, str]]:
+    """(metric name, its matchers) of every vector selector in ``expr``: names not called as
+    functions, not keywords, not label names inside by/on (...), braces or strings."""
+    expr = re.sub(r'"[^"]*"', '""', expr)
+    expr = re.sub(r"\b(by|on|without|ignoring|group_left|group_right)\s*\([^()]*\)", " ", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges and subquery steps
+    found = []
+    for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
+        name, start, end = match.group(0), match.start(), match.end()
+        if start and (expr[start - 1].isalnum() or expr[start - 1] in "_:."):
+            continue  # the tail of a number (20s) or of another word
+        before = expr[:start]
+        if before.count("{") > before.count("}") or name in _KEYWORDS:
+            continue  # a label name in a selector's braces
+        rest = expr[end:].lstrip()
+        if rest.startswith("("):
+            continue  # a function or an aggregation
+        matchers = re.match(r"\{[^}]*\}", rest)
+        found.append((name, matchers.group(0) if matchers else ""))
+    return found
+
+
+def test_the_fast_group_reads_only_hang_series_and_no_recording_rule():
+    """Every metric the fast group reads is in HANG_SERIES (scraped every 2 s), and none is a
+    recording rule (evaluated every 10 s) or selected by job (the fast jobs store them)."""
+    listed = {name for names in HANG_SERIES.values() for name in names}
+    rules = _fast_group_rules()
+    assert {rule["alert"] for rule in rules} == {
+        "InferenceEngineStalled",
+        "InferenceEngineStoppedGenerating",
+    }
+    read = set()
+    for rule in rules:
+        selectors = _selectors(rule["expr"])
+        names = {name for name, _ in selectors}
+        assert not {name for name in names if name.startswith("vigil:")}, rule["alert"]
+        assert "job" not in rule["expr"], rule["alert"]
+        read |= names
+    read -= {"time"}
+    assert read - listed == set()
+    # The pattern finds them: every listed name is read (nothing is scraped fast for nothing).
+    assert read == listed
+    # The jobs are those of the scrape configs (compose/prometheus/*.yml, alerts/prometheus.yml).
+    assert set(HANG_SERIES) == {"vigil-exporter", "vllm", "sglang", "tgi"}
+    assert set(HANG_SERIES) == {profile.job for profile in engines.PROFILES}
+
+
+def test_no_rule_reads_a_hang_series_by_job():
+    """The hang series are stored under the fast jobs' ``job`` label (``<job>-hang``) or
+    relabelled back: either way a job matcher on one of them could select nothing."""
+    listed = {name for names in HANG_SERIES.values() for name in names}
+    checked = 0
+    for text in render().values():
+        for group in yaml.safe_load(text)["groups"]:
+            for rule in group["rules"]:
+                for name, matchers in _selectors(rule["expr"]):
+                    if name in listed:
+                        checked += 1
+                        assert "job" not in matchers, (rule.get("alert") or rule["record"], name)
+                assert not re.search(
+                    r"__name__\s*=~?\s*\"[^\"]*\"[^}]*job|job[^}]*__name__", rule["expr"]
+                )
+    assert checked > 20
