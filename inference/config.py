@@ -227,9 +227,29 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "stall_timeout",
         positive_float,
-        "Seconds the engine may go without a prefill or decode step while work is pending "
-        "before the watchdog declares it stalled.",
+        "Upper bound, in seconds, on how long the engine may go without a prefill or decode "
+        "step while work is pending before the watchdog declares it stalled; the threshold "
+        "while the running step has no prediction (the first steps after the load). Below "
+        "it, the threshold follows the step: max(--stall-floor, --stall-factor x its "
+        "predicted duration).",
         metavar="SECONDS",
+    ),
+    Option(
+        "stall_floor",
+        positive_float,
+        "Seconds a step may always take: a step shorter than this never counts as a stall, "
+        "whatever its prediction (at most --stall-timeout); also the threshold for pending "
+        "work that the engine does not take (stage schedule).",
+        metavar="SECONDS",
+    ),
+    Option(
+        "stall_factor",
+        positive_float,
+        "A step is stalled past this many times its predicted duration (learned per device "
+        "from the last steps of its stage and size: prefill by tokens, decode by batch size, "
+        "the vision tower by patches), above --stall-floor and below --stall-timeout. "
+        "(measured: see bench/step_time_ratios.py).",
+        metavar="FACTOR",
     ),
     Option(
         "load_timeout",
@@ -287,6 +307,8 @@ class Config:
     log_level: str = "INFO"
     log_prompts: bool = False
     stall_timeout: float = 30.0
+    stall_floor: float = 5.0
+    stall_factor: float = 8.0
     load_timeout: float = 900.0
     on_stall: str = "exit"
     enable_fault_injection: bool = False

@@ -53,6 +53,8 @@ class InferenceService:
         self.watchdog = Watchdog(
             self,
             stall_timeout=config.stall_timeout,
+            stall_floor=config.stall_floor,
+            stall_factor=config.stall_factor,
             load_timeout=config.load_timeout,
             on_stall=config.on_stall,
         )
@@ -81,6 +83,10 @@ class InferenceService:
                 "status": "stalled",
                 "stage": stall.stage,
                 "stalled_for_s": round(stall.stalled_for_s(), 3),
+                "threshold_s": round(stall.threshold_s, 3),
+                "predicted_step_s": (
+                    None if stall.predicted_s is None else round(stall.predicted_s, 6)
+                ),
                 "on_stall": self.config.on_stall,
             }
         if self.state == "loaded" and (self.engine is None or not self.engine.alive):

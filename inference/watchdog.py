@@ -1,14 +1,32 @@
 """The stall watchdog: a thread that notices when the engine stops making progress.
 
 Stalled means work is pending (waiting in the queue or held by the engine) and neither a prefill
-nor a decode step has completed for longer than ``--stall-timeout`` seconds, counted from the
-later of the last step and the arrival of the oldest pending request (so an idle server, or a
-long generation that keeps producing tokens, is never stalled). A model load that takes longer
-than ``--load-timeout`` is a stall too (stage ``load``).
+nor a decode step has completed for longer than the threshold of the step under way, counted
+from the later of the last step and the arrival of the oldest pending request (so an idle
+server, or a long generation that keeps producing tokens, is never stalled).
+
+The threshold follows the work in flight: the engine learns what its steps cost on its device
+(engine/step_cost.py) and predicts how long the running one should take; the step is stalled
+past ``max(--stall-floor, --stall-factor x predicted)``, and never later than ``--stall-timeout``,
+the upper bound, which also applies alone while there is no prediction (the first steps after
+the load, an unseen stage). By stage:
+- ``prefill``, ``decode`` and ``vision`` (the vision tower): as above;
+- ``schedule`` (work pending, the engine taking none): the floor (at most the bound). No step
+  runs, so nothing legitimate takes long: an idle engine takes queued work within one turn of
+  its loop (half a second at most), and a batch that holds new requests back (memory, a cache
+  that cannot grow) is decoding, so its stage is decode;
+- ``vision`` in preprocessing (a request's images being decoded by a worker thread, before the
+  queue): the bound. Its cost follows the images' sizes and formats and the CPU's share, which
+  nothing here learns; and such a hang holds only its own request while the engine serves the
+  others, so detecting it sooner buys little, and a false alarm with ``--on-stall exit`` would
+  restart the process under everyone;
+- ``load``: ``--load-timeout``, the load's own allowance.
 
 On a stall the watchdog, once per stall:
-- logs at ERROR one stall report: every thread's Python stack, and each pending request (id,
-  trace id, stage, tokens so far, age);
+- logs at ERROR one stall report: the predicted and the actual duration and the threshold used
+  (``predicted_step_s``, ``stalled_for_s``, ``threshold_s``; ``stall_timeout_s`` the bound),
+  every thread's Python stack, and each pending request (id, trace id, stage, tokens so far,
+  age);
 - then one ERROR line per stalled request (``event`` ``stalled_request``) with its
   ``request_id`` and ``trace_id`` at the top level of the line: Loki's ``| json`` skips arrays
   (the report's ``requests``), so following a request id in the logs finds these lines;
@@ -47,9 +65,40 @@ class Stall:
     detected_ns: int
     engine_iterations: int = 0  # the engine loop's count when the stall was seen
     preprocessing: Any = None  # the PreprocessJob that hangs, for a stall in preprocessing
+    threshold_s: float = 0.0  # the threshold it ran past
+    predicted_s: float | None = None  # the step's predicted duration, when there was one
+    units: int | None = None  # the step's units of work (tokens, batch size, patches)
 
     def stalled_for_s(self, now_ns: int | None = None) -> float:
         return ((now_ns or time.perf_counter_ns()) - self.since_ns) / 1e9
+
+
+def stall_threshold(
+    predicted_s: float | None, *, floor: float, factor: float, bound: float
+) -> float:
+    """Seconds the running step may take before it is a stall: ``max(floor, factor x
+    predicted)``, never more than ``bound``; the bound alone without a prediction."""
+    if predicted_s is None:
+        return bound
+    return min(bound, max(floor, factor * predicted_s))
+
+
+def describe_threshold(stall: Stall, *, floor: float, factor: float, bound: float) -> str:
+    """Where a stall's threshold came from, in words, for the report."""
+    if stall.stage == "load":
+        return "--load-timeout"
+    if stall.stage == "schedule":
+        return "--stall-floor: no step runs" if stall.threshold_s < bound else "--stall-timeout"
+    if stall.preprocessing is not None:
+        return "--stall-timeout: preprocessing is timed by the bound"
+    if stall.predicted_s is None:
+        return "--stall-timeout, no prediction for this step yet"
+    predicted = f"{factor:g} x the predicted {stall.predicted_s:.3g} s"
+    if stall.threshold_s >= bound:
+        return f"--stall-timeout, the bound ({predicted}, floor {floor:g} s)"
+    if stall.threshold_s <= floor:
+        return f"--stall-floor, above {predicted}"
+    return predicted
 
 
 def thread_stacks() -> list[dict[str, Any]]:
@@ -135,15 +184,20 @@ class Watchdog:
         stall_timeout: float,
         load_timeout: float,
         on_stall: str,
+        stall_floor: float = 5.0,
+        stall_factor: float = 8.0,
         exit_process: Callable[[int], None] = os._exit,
         interval: float | None = None,
     ):
         self.service = service
-        self.stall_timeout = stall_timeout
+        self.stall_timeout = stall_timeout  # the upper bound, and the threshold with no prediction
+        self.stall_floor = stall_floor
+        self.stall_factor = stall_factor
         self.load_timeout = load_timeout
         self.on_stall = on_stall
         self._exit = exit_process
-        self.interval = interval or min(1.0, max(0.05, stall_timeout / 20))
+        shortest = min(stall_timeout, stall_floor)
+        self.interval = interval or min(1.0, max(0.05, shortest / 20))
         self.stall: Stall | None = None  # the current stall, read by the API
         self._load_reported = False
         self._stopping = threading.Event()
@@ -189,19 +243,59 @@ class Watchdog:
         pending = service.queue.snapshot() + engine.held_requests()
         job = service.preprocessing.oldest()
         if job is not None and (now_ns - job.watched_from_ns) / 1e9 > self.stall_timeout:
-            # A request's images stuck in decoding or in the processor (a worker thread).
+            # A request's images stuck in decoding or in the processor (a worker thread): the
+            # bound (see the module's docstring).
             since = job.watched_from_ns
-            stall = Stall("vision", since, now_ns, engine.iterations, preprocessing=job)
+            stall = Stall(
+                "vision",
+                since,
+                now_ns,
+                engine.iterations,
+                preprocessing=job,
+                threshold_s=self.stall_timeout,
+            )
             self._stalled(stall, pending, job.thread_id)
             return
         if not pending:
             return
         # Pending work is timed from when it reached the queue (a download before is not ours).
         since = max(engine.last_progress_ns, min(r.queued_ns for r in pending))
-        if (now_ns - since) / 1e9 <= self.stall_timeout:
-            return
+        elapsed = (now_ns - since) / 1e9
+        if elapsed <= min(self.stall_floor, self.stall_timeout):
+            return  # below every threshold: nothing to predict
         stage = engine.stage if engine.stage != "idle" else "schedule"
-        self._stalled(Stall(stage, since, now_ns, engine.iterations), pending, engine.thread_id)
+        predicted, units = self._prediction(engine, stage)
+        if stage == "schedule":
+            threshold = min(self.stall_floor, self.stall_timeout)
+        else:
+            threshold = stall_threshold(
+                predicted,
+                floor=self.stall_floor,
+                factor=self.stall_factor,
+                bound=self.stall_timeout,
+            )
+        if elapsed <= threshold:
+            return
+        stall = Stall(
+            stage,
+            since,
+            now_ns,
+            engine.iterations,
+            threshold_s=threshold,
+            predicted_s=predicted,
+            units=units,
+        )
+        self._stalled(stall, pending, engine.thread_id)
+
+    @staticmethod
+    def _prediction(engine: Any, stage: str) -> tuple[float | None, int | None]:
+        """The running step's predicted duration and units, when the engine runs one of
+        ``stage`` and has learned enough to predict it."""
+        step = engine.current_step
+        if step is None or step[0] != stage:
+            return None, None
+        _, units, _ = step
+        return engine.step_costs.predict(engine.device_key, stage, units), units
 
     def _check_load(self, now_ns: int) -> None:
         started = self.service.load_started_ns
@@ -209,7 +303,8 @@ class Watchdog:
             return
         if (now_ns - started) / 1e9 > self.load_timeout:
             self._load_reported = True
-            self._stalled(Stall("load", started, now_ns), [], self.service.loader_thread_id)
+            stall = Stall("load", started, now_ns, threshold_s=self.load_timeout)
+            self._stalled(stall, [], self.service.loader_thread_id)
 
     # ---- acting on a stall -------------------------------------------------------------------
 
@@ -224,7 +319,11 @@ class Watchdog:
         if metrics is not None:
             metrics.stalled(stall.stage)
         seconds = stall.stalled_for_s(stall.detected_ns)
-        threshold = self.load_timeout if stall.stage == "load" else self.stall_timeout
+        threshold = stall.threshold_s
+        bound = self.load_timeout if stall.stage == "load" else self.stall_timeout
+        why = describe_threshold(
+            stall, floor=self.stall_floor, factor=self.stall_factor, bound=bound
+        )
         stacks = thread_stacks()
         culprit = next((s for s in stacks if s["thread_id"] == culprit_thread), None)
         where = ""
@@ -247,16 +346,20 @@ class Watchdog:
             ),
             stage=stall.stage,
             stalled_for_s=round(seconds, 3),
-            stall_timeout_s=threshold,
+            threshold_s=round(threshold, 3),
+            predicted_step_s=None if stall.predicted_s is None else round(stall.predicted_s, 6),
+            step_units=stall.units,
+            stall_timeout_s=bound,
             on_stall=self.on_stall,
             requests=described,
             threads=stacks,
         ).error(
             "stall report: the engine made no progress in {} for {:.1f} s "
-            "(threshold {:g} s) with {} request(s) pending{}; {}",
+            "(threshold {:.3g} s: {}) with {} request(s) pending{}; {}",
             stall.stage,
             seconds,
             threshold,
+            why,
             len(pending),
             where,
             f"exiting with status {STALL_EXIT_CODE}"

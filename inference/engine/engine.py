@@ -44,6 +44,7 @@ from .memory import KvCacheShape, MemoryProbe, cuda_figures, describe_figures, i
 from .queue import RequestQueue
 from .request import EngineError, GenerationRequest, TextDelta
 from .sampling import BatchSampler
+from .step_cost import StepCosts
 
 
 def returned_cache(output: Any) -> Any:
@@ -95,6 +96,7 @@ class Engine:
         faults: FaultInjector | None = None,
         kv_cache: KvCacheShape | None = None,
         memory: MemoryProbe | None = None,
+        step_costs: StepCosts | None = None,
     ):
         self.loaded = loaded
         self.queue = queue
@@ -131,6 +133,12 @@ class Engine:
         self.last_progress_ns = time.perf_counter_ns()
         self.stage = "idle"
         self.iterations = 0  # turns of the engine loop: a stuck step stops it
+        # What each step costs on this device, learned as it runs (step_cost.py), and the step
+        # under way: (stage, units, perf_counter_ns at its start), one tuple assigned at once so
+        # that the watchdog reads a consistent view; it predicts that step's duration from both.
+        self.step_costs = step_costs if step_costs is not None else StepCosts()
+        self.device_key = str(loaded.device)
+        self.current_step: tuple[str, int, int] | None = None
         # Mean seconds a request spends in the engine, for Retry-After estimates.
         self.mean_request_seconds = 1.0
 
@@ -474,6 +482,7 @@ class Engine:
             [row.request.prompt_ids + row.request.output_ids for row in rows],
             self.loaded.pad_token_id,
         )
+        self.current_step = ("prefill", ids.numel(), time.perf_counter_ns())
         ids, mask = ids.to(device), mask.to(device)
         if features is None:
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -507,8 +516,9 @@ class Engine:
         self.stage = "vision"
         vision, tower = request.vision, self.loaded.vision
         device = self.loaded.device
-        request.vision_started_ns = time.perf_counter_ns()
+        started = request.vision_started_ns = time.perf_counter_ns()
         request.vision_finished_ns = None  # a preempted request's images are encoded again
+        self.current_step = ("vision", int(vision.pixel_values.shape[0]), started)
         features = self._run_stage(
             tower.encode,
             {
@@ -520,8 +530,16 @@ class Engine:
         now = time.perf_counter_ns()
         request.vision_finished_ns = now
         self.last_progress_ns = now  # the tower's pass is progress: the watchdog sees it move
+        self._step_done(now)
         self.observer.step("vision", 1)
         return features
+
+    def _step_done(self, now_ns: int) -> None:
+        """The step under way completed at ``now_ns``: learn what it cost."""
+        step = self.current_step
+        if step is not None:
+            stage, units, started_ns = step
+            self.step_costs.record(self.device_key, stage, units, (now_ns - started_ns) / 1e9)
 
     def _sampler_for(self, rows: Sequence[Row]) -> BatchSampler:
         return BatchSampler.build(
@@ -558,6 +576,7 @@ class Engine:
         if self._drop_done_rows():
             return
         self.stage = "decode"
+        self.current_step = ("decode", len(batch), time.perf_counter_ns())
         mask_before, positions_before = batch.attention_mask, batch.positions
         batch.attention_mask = torch.cat(
             [batch.attention_mask, batch.attention_mask.new_ones((len(batch), 1))], dim=1
@@ -612,6 +631,7 @@ class Engine:
         batch.last_tokens = tokens
         now = time.perf_counter_ns()
         self.last_progress_ns = now
+        self._step_done(now)
         self.observer.step(stage, len(batch))
         eos_ids = self.loaded.eos_token_ids
         suppression_changed = False

@@ -294,7 +294,8 @@ METRICS: tuple[MetricSpec, ...] = (
         "",
         ("model",),
         "1 while the watchdog holds the engine stalled (work pending and no progress for longer "
-        "than the stall timeout, or a model load past its allowance), else 0. /health answers "
+        "than the running step's stall threshold, or a model load past its allowance), else 0. "
+        "/health answers "
         "503 meanwhile.",
     ),
     M(
@@ -311,7 +312,9 @@ METRICS: tuple[MetricSpec, ...] = (
         "gauge",
         "seconds",
         ("model",),
-        "The configured stall timeout (--stall-timeout), for alert rules to compare against.",
+        "The configured stall timeout (--stall-timeout): the upper bound of the stall threshold "
+        "(which follows the step under way, from --stall-floor up), for alert rules to compare "
+        "against.",
     ),
     M(
         "inference_out_of_memory_errors",
