@@ -16,6 +16,18 @@ their engine (``vigil=URL``). The exporter then finds each server's processes fr
 reads each server's /metrics every probe round (the shipped 15 s) instead of the state
 directory's files.
 
+The hang series alone (issue 18): each phase also scrapes ``/metrics?name[]=...`` restricted to
+the series the fast hang rule group reads from the exporter (``alerts.rules.HANG_SERIES``,
+``--names`` to choose others), as the 2 s job ``vigil-exporter-hang`` of alerts/prometheus.yml
+does; prometheus_client's handler serves only the samples named (exposition.py
+``_bake_output``: ``registry.restricted_registry(params['name[]'])``), but the exporter's
+collectors all run (they are registered without names so that the filter reaches their
+families: exporter/registry.py), so the saving is in formatting and sending, not in reading
+the state directory or the GPUs. The script prints both costs, their ratio, and what each way of
+getting the hang series every 2 s would cost: the whole exporter every 2 s (one job), against
+the whole exporter every 10 s plus the hang series every 2 s (two jobs, each series stored
+once): exporter CPU in cores and samples stored per second.
+
 "Other load" is the CPU that processes outside this benchmark took meanwhile, in cores (the
 machine may be shared).
 
@@ -25,12 +37,13 @@ at commit c99e352) they took 1.6-1.7x less CPU per scrape (4.3-4.7 against 6.7-8
 missed the p99 goal under traffic as well (240 against 304 ms, with 1.3 cores of other load):
 a scrape waits for the CPU the inference processes take, not for its formatting.
 
-Run: ``.venv/bin/python bench/exporter_scrape.py`` (about 2.5 minutes on the CPU).
+Run: ``.venv/bin/python bench/exporter_scrape.py`` (about 4 minutes on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -130,14 +143,31 @@ class Traffic:
             thread.join(70)
 
 
-def scrape_phase(url: str, pid: int, scrapes: int, rate: float, meter: CpuMeter) -> dict:
-    session = requests.Session()
-    # Baseline: the exporter's CPU over the same span without scrapes (its background threads).
-    span = scrapes / rate
+def idle_cpu(pid: int, span: float) -> float:
+    """The exporter's CPU seconds over ``span`` seconds without scrapes (its background threads)."""
     cpu0 = proc_cpu_seconds(pid)
     time.sleep(span)
-    idle_cpu = proc_cpu_seconds(pid) - cpu0
-    latencies, sizes = [], []
+    return proc_cpu_seconds(pid) - cpu0
+
+
+def sample_count(text: str) -> int:
+    """Sample lines of a text exposition: the series one scrape stores."""
+    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def scrape_phase(
+    url: str,
+    pid: int,
+    scrapes: int,
+    rate: float,
+    meter: CpuMeter,
+    idle: float,
+    params: dict | None = None,
+) -> dict:
+    """``scrapes`` scrapes of /metrics (with ``params``, e.g. name[]) at ``rate`` per second;
+    ``idle``: the exporter's CPU seconds over the same span without scrapes."""
+    session = requests.Session()
+    latencies, sizes, samples = [], [], []
     mark = meter.mark()
     cpu0 = proc_cpu_seconds(pid)
     start = time.monotonic()
@@ -147,10 +177,11 @@ def scrape_phase(url: str, pid: int, scrapes: int, rate: float, meter: CpuMeter)
         if pause > 0:
             time.sleep(pause)
         t0 = time.perf_counter()
-        response = session.get(url + "/metrics", timeout=30)
+        response = session.get(url + "/metrics", params=params, timeout=30)
         latencies.append(time.perf_counter() - t0)
         response.raise_for_status()
         sizes.append(len(response.content))
+        samples.append(sample_count(response.text))
     cpu = proc_cpu_seconds(pid) - cpu0
     other_load = meter.foreign_cores(mark)
     latencies.sort()
@@ -159,11 +190,30 @@ def scrape_phase(url: str, pid: int, scrapes: int, rate: float, meter: CpuMeter)
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "max_ms": 1000 * latencies[-1],
         "cpu_per_scrape_ms": 1000 * cpu / scrapes,
-        "cpu_per_scrape_beyond_idle_ms": 1000 * (cpu - idle_cpu) / scrapes,
-        "idle_cpu_ms_per_interval": 1000 * idle_cpu / scrapes,
+        "cpu_per_scrape_beyond_idle_ms": 1000 * (cpu - idle) / scrapes,
+        "idle_cpu_ms_per_interval": 1000 * idle / scrapes,
         "bytes": statistics.median(sizes),
+        "samples": statistics.median(samples),
         "other_load": other_load,
         **proc_memory(pid),
+    }
+
+
+def two_second_costs(full: dict, hang: dict, fast: float = 2.0, normal: float = 10.0) -> dict:
+    """What getting the hang series every ``fast`` seconds costs the exporter (cores, from the
+    CPU per scrape beyond idle) and Prometheus (samples stored per second): the whole exporter
+    every ``fast`` seconds, against the whole every ``normal`` seconds less the hang series
+    (dropped there) plus the hang series alone every ``fast`` seconds."""
+    full_cpu = full["cpu_per_scrape_beyond_idle_ms"] / 1000
+    hang_cpu = hang["cpu_per_scrape_beyond_idle_ms"] / 1000
+    return {
+        "whole_cores": full_cpu / fast,
+        "whole_samples_per_s": full["samples"] / fast,
+        "split_cores": full_cpu / normal + hang_cpu / fast,
+        "split_samples_per_s": (full["samples"] - hang["samples"]) / normal
+        + hang["samples"] / fast,
+        "now_cores": full_cpu / normal,
+        "now_samples_per_s": full["samples"] / normal,
     }
 
 
@@ -214,11 +264,22 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=10.0, help="scrapes per second")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument(
+        "--names",
+        nargs="+",
+        help="the series of the restricted scrape (default: alerts.rules.HANG_SERIES"
+        '["vigil-exporter"], what the fast hang rule group reads from the exporter)',
+    )
+    parser.add_argument(
         "--foreign",
         action="store_true",
         help="the servers as foreign engines: no shared state directory, found from their ports",
     )
     args = parser.parse_args(argv)
+    if args.names is None:
+        from alerts.rules import HANG_SERIES
+
+        args.names = list(HANG_SERIES["vigil-exporter"])
+    restricted = {"name[]": args.names}
 
     with tempfile.TemporaryDirectory(prefix="vigil-bench-exporter-") as tmp:
         workdir = Path(tmp)
@@ -247,21 +308,45 @@ def main(argv=None) -> int:
                 f"{' (foreign engines, found from their ports)' if args.foreign else ''}, "
                 f"{args.scrapes} scrapes at {args.rate:g}/s per phase"
             )
-            results = {"idle": scrape_phase(url, exporter.pid, args.scrapes, args.rate, meter)}
-            with Traffic([s.url for s in servers], args.max_tokens) as traffic:
-                time.sleep(2)
-                results["traffic"] = scrape_phase(url, exporter.pid, args.scrapes, args.rate, meter)
-            print(f"  (completions sent during the traffic phase: {traffic.sent})")
+            hang_text = requests.get(url + "/metrics", params=restricted, timeout=10).text
+            served = {
+                line.split("{")[0].split()[0]
+                for line in hang_text.splitlines()
+                if line and not line.startswith("#")
+            }
+            absent = sorted(set(args.names) - served)
             print(
-                f"{'phase':>8} {'median':>9} {'p99':>9} {'max':>9} {'CPU/scrape':>11} "
-                f"{'beyond idle':>12} {'body':>8} {'RSS':>8} {'peak RSS':>9} "
+                f"restricted scrape: {len(args.names)} names asked, {len(served)} served"
+                + (f"; absent here: {', '.join(absent)}" if absent else "")
+            )
+            span = args.scrapes / args.rate
+            results: dict[str, dict] = {}
+            for phase in ("idle", "traffic"):
+                busy = phase == "traffic"
+                urls = [s.url for s in servers]
+                with Traffic(urls, args.max_tokens) if busy else contextlib.nullcontext() as load:
+                    if busy:
+                        time.sleep(2)
+                    idle = idle_cpu(exporter.pid, span)
+                    results[phase] = scrape_phase(
+                        url, exporter.pid, args.scrapes, args.rate, meter, idle
+                    )
+                    results[f"{phase} hang"] = scrape_phase(
+                        url, exporter.pid, args.scrapes, args.rate, meter, idle, restricted
+                    )
+                if busy:
+                    print(f"  (completions sent during the traffic phase: {load.sent})")
+            print(
+                f"{'phase':>12} {'median':>9} {'p99':>9} {'max':>9} {'CPU/scrape':>11} "
+                f"{'beyond idle':>12} {'samples':>8} {'body':>8} {'RSS':>8} {'peak RSS':>9} "
                 f"{'other load':>11}"
             )
             for phase, r in results.items():
                 print(
-                    f"{phase:>8} {r['median_ms']:7.2f}ms {r['p99_ms']:7.2f}ms "
+                    f"{phase:>12} {r['median_ms']:7.2f}ms {r['p99_ms']:7.2f}ms "
                     f"{r['max_ms']:7.2f}ms {r['cpu_per_scrape_ms']:9.2f}ms "
-                    f"{r['cpu_per_scrape_beyond_idle_ms']:10.2f}ms {r['bytes'] / 1024:6.1f}KB "
+                    f"{r['cpu_per_scrape_beyond_idle_ms']:10.2f}ms {r['samples']:8.0f} "
+                    f"{r['bytes'] / 1024:6.1f}KB "
                     f"{r['VmRSS'] / 2**20:6.1f}MB {r['VmHWM'] / 2**20:7.1f}MB "
                     f"{r['other_load']:6.2f} cores"
                 )
@@ -272,6 +357,26 @@ def main(argv=None) -> int:
                 f"{worst['VmHWM'] / 2**20:.1f} MB = {worst['VmHWM'] / (80 * 2**20):.2f}x the "
                 f"80 MB goal; p99 traffic/idle {worst['p99_ms'] / results['idle']['p99_ms']:.2f}x"
             )
+            for phase in ("idle", "traffic"):
+                full, hang = results[phase], results[f"{phase} hang"]
+                costs = two_second_costs(full, hang)
+                ratio = full["cpu_per_scrape_beyond_idle_ms"] / max(
+                    hang["cpu_per_scrape_beyond_idle_ms"], 1e-9
+                )
+                print(
+                    f"{phase}: CPU per scrape beyond idle, whole "
+                    f"{full['cpu_per_scrape_beyond_idle_ms']:.2f} ms / hang series "
+                    f"{hang['cpu_per_scrape_beyond_idle_ms']:.2f} ms = {ratio:.2f}x; "
+                    f"samples {full['samples']:.0f} / {hang['samples']:.0f}"
+                )
+                print(
+                    f"  hang series every 2 s: the whole exporter every 2 s "
+                    f"{1000 * costs['whole_cores']:.1f} mcores, {costs['whole_samples_per_s']:.0f} "
+                    f"samples/s; whole every 10 s + hang job every 2 s "
+                    f"{1000 * costs['split_cores']:.1f} mcores, {costs['split_samples_per_s']:.0f} "
+                    f"samples/s (today, whole every 10 s: {1000 * costs['now_cores']:.1f} mcores, "
+                    f"{costs['now_samples_per_s']:.0f} samples/s)"
+                )
         finally:
             if exporter is not None:
                 exporter.terminate()

@@ -1590,3 +1590,182 @@ def test_compose_renders_the_engine_overrides(engine, tmp_path: Path):
         f"--config.file=/etc/vigil/prometheus/{engine.name}.yml"
         in (rendered["services"]["prometheus"]["command"])
     )
+
+
+# --- the fast path of hang alerts (issue 18) -------------------------------------------------
+
+
+def _job_of(config: dict[str, Any], name: str) -> dict[str, Any]:
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == name]
+    return job
+
+
+def _names_of(step: dict[str, Any]) -> set[str]:
+    """The metric names a keep/drop step on __name__ matches: its regex must be exactly an
+    alternation of names (no pattern that would match more than it says)."""
+    assert step["source_labels"] == ["__name__"], step
+    names = step["regex"].split("|")
+    assert all(re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", name) for name in names), step
+    return set(names)
+
+
+def _duration_s(text: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    total = 0.0
+    for amount, unit in re.findall(r"(\d+)(ms|s|m|h)", text):
+        total += int(amount) * units[unit]
+    assert re.fullmatch(r"((\d+)(ms|s|m|h))+", text), text
+    return total
+
+
+def _check_fast_pair(config: dict[str, Any], job_name: str, names: set[str], params: bool) -> None:
+    """``job_name`` drops exactly ``names``; ``<job_name>-hang`` scrapes the same targets every
+    2 s within the interval and stores exactly ``names`` under ``job_name``."""
+    job, fast = _job_of(config, job_name), _job_of(config, f"{job_name}-hang")
+    (drop,) = job["metric_relabel_configs"]
+    assert drop["action"] == "drop" and _names_of(drop) == names
+    assert fast["static_configs"] == job["static_configs"]
+    assert fast.get("metrics_path") == job.get("metrics_path")
+    assert _duration_s(fast["scrape_interval"]) == 2
+    assert _duration_s(fast["scrape_timeout"]) < _duration_s(fast["scrape_interval"])
+    *filters, rename = fast["metric_relabel_configs"]
+    assert rename == {"target_label": "job", "replacement": job_name}
+    if params:  # the target filters (name[]); nothing to keep after the scrape
+        assert set(fast["params"]["name[]"]) == names and not filters
+    else:  # the whole /metrics, kept to the names
+        assert "params" not in fast
+        (keep,) = filters
+        assert keep["action"] == "keep" and _names_of(keep) == names
+
+
+def test_the_exporter_hang_job_scrapes_exactly_the_series_the_hang_rules_read():
+    """alerts/prometheus.yml: vigil-exporter-hang asks the exporter for HANG_SERIES
+    ["vigil-exporter"] every 2 s, vigil-exporter drops them (each stored once). Read from
+    alerts.rules at test time: a rule that reads another series fails this until the config
+    names it."""
+    from alerts.rules import HANG_SERIES
+
+    config = yaml.safe_load((ALERTS / "prometheus.yml").read_text(encoding="utf-8"))
+    _check_fast_pair(config, "vigil-exporter", set(HANG_SERIES["vigil-exporter"]), params=True)
+    assert _duration_s(config["global"]["scrape_interval"]) == 10, "other jobs keep 10 s"
+
+
+def test_the_engine_hang_jobs_keep_exactly_the_series_the_hang_rules_read(engine):
+    """compose/prometheus/<engine>.yml: <engine>-hang scrapes the engine's whole /metrics every
+    2 s (vLLM's and SGLang's /metrics do not filter by name[]) and keeps HANG_SERIES[engine];
+    <engine> drops them."""
+    from alerts.rules import HANG_SERIES
+
+    config = yaml.safe_load((COMPOSE_DIR / "prometheus" / f"{engine.name}.yml").read_text())
+    _check_fast_pair(config, engine.name, set(HANG_SERIES[engine.name]), params=False)
+
+
+def _relabelled(name: str, job_config: dict[str, Any]) -> str | None:
+    """The job a sample of metric ``name`` scraped by a job is stored under after its
+    metric_relabel_configs (keep, drop, a fixed job), None when not served (a name[] that does
+    not name it: the exporter serves only those) or dropped."""
+    if name not in job_config.get("params", {}).get("name[]", [name]):
+        return None
+    job = "scraped"
+    for step in job_config.get("metric_relabel_configs", []):
+        action = step.get("action", "replace")
+        if action in ("keep", "drop"):
+            matched = re.fullmatch(step["regex"], name) is not None
+            if matched != (action == "keep"):
+                return None
+        elif action == "replace" and step.get("target_label") == "job":
+            job = step["replacement"]
+        else:
+            raise AssertionError(f"step {step} not simulated")
+    return job
+
+
+@pytest.mark.parametrize(
+    "config_path",
+    ["alerts/prometheus.yml", *(f"compose/prometheus/{e}.yml" for e in ENGINE_OVERRIDES)],
+)
+def test_every_series_is_stored_once_under_its_own_job(config_path):
+    """Replaying the metric relabelings on every series the hang rules read and on others: each
+    is stored by exactly one of the two jobs, always under the job's own name."""
+    from alerts.rules import HANG_SERIES
+
+    config = yaml.safe_load((REPO / config_path).read_text(encoding="utf-8"))
+    for job_name, names in HANG_SERIES.items():
+        jobs = [
+            j for j in config["scrape_configs"] if j["job_name"] in (job_name, f"{job_name}-hang")
+        ]
+        if not jobs:
+            continue
+        others = [f"{name}_other" for name in names] + ["up_like", "vigil_gpu_up", "x" + names[0]]
+        for name in [*names, *others]:
+            stored = [(job["job_name"], _relabelled(name, job)) for job in jobs]
+            kept = [(scraper, as_job) for scraper, as_job in stored if as_job is not None]
+            # A job whose sample is not relabelled keeps its own name ("scraped" here).
+            kept = [(s, job_name if j == "scraped" else j) for s, j in kept]
+            expected = f"{job_name}-hang" if name in names else job_name
+            assert kept == [(expected, job_name)], (config_path, name, stored)
+
+
+def _route_of(config_file: Path, labels: list[str]) -> list[str]:
+    """The matchers of the routes an alert with ``labels`` takes (amtool config routes test
+    --tree), one string per route, e.g. '{cause="hang",severity="critical"}'."""
+    result = subprocess.run(
+        ["amtool", "config", "routes", "test", f"--config.file={config_file}", "--tree", *labels],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return re.findall(r"[├└]── (\{.*\})", result.stdout)
+
+
+def _route_with(config: dict[str, Any], matchers: str) -> list[dict[str, Any]]:
+    """The first-level routes whose matchers amtool prints as ``matchers``."""
+    found = []
+    for route in config["route"]["routes"]:
+        printed = "{" + ",".join(m.replace(" ", "") for m in route.get("matchers", [])) + "}"
+        if printed == matchers:
+            found.append(route)
+    return found
+
+
+HANG = ["alertname=InferenceEngineStalled", "cause=hang", "severity=critical", "instance=a:1"]
+
+
+@pytest.mark.skipif(
+    AMTOOL is None, reason="amtool is not installed (Debian package prometheus-alertmanager)"
+)
+@pytest.mark.parametrize("file_name", ["alertmanager.yml", "alertmanager.examples.yml"])
+def test_hang_alerts_are_sent_within_a_second_or_two(file_name):
+    """A critical hang alert takes a route of its own: group_wait at most 2s, a group_interval
+    that sends a second hang of its group within 10 s, repeat_interval a multiple of it. Other
+    alerts keep their routes: a critical node alert its 30 s, the Watchdog the dead man's
+    switch, other critical alerts 5 s, a warning of cause hang the warning route."""
+    path = ALERTS / file_name
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    routes = _route_of(path, HANG)
+    assert routes and set(routes) == {'{cause="hang",severity="critical"}'}, routes
+    for route in _route_with(config, routes[0]):
+        assert _duration_s(route["group_wait"]) <= 2
+        assert _duration_s(route["group_interval"]) <= 10
+        assert _duration_s(route["repeat_interval"]) % _duration_s(route["group_interval"]) == 0
+    # The others, as before.
+    watchdog = _route_of(path, ["alertname=Watchdog", "cause=watchdog", "severity=none"])
+    assert watchdog == ['{alertname="Watchdog",cause="watchdog"}']
+    assert '{cause="hang",severity="critical"}' not in _route_of(
+        path, ["alertname=InferenceTargetDown", "cause=down", "severity=critical"]
+    )
+    assert '{cause="hang",severity="critical"}' not in _route_of(
+        path, ["alertname=InferenceProcessInDriverWait", "cause=hang", "severity=warning"]
+    )
+    if file_name == "alertmanager.yml":
+        node = _route_of(path, ["alertname=NodeGpusFaulty", "cause=node", "severity=critical"])
+        assert node == ['{cause=~"node|gpu|gpu_lost|throttle|exporter"}', '{severity="critical"}']
+        (parent,) = _route_with(config, node[0])
+        assert parent["routes"][0]["group_wait"] == "30s"
+        other = _route_of(
+            path, ["alertname=InferenceTargetDown", "cause=down", "severity=critical"]
+        )
+        assert other == ['{severity="critical"}']
+        (route,) = _route_with(config, other[0])
+        assert route["group_wait"] == "5s"

@@ -42,6 +42,7 @@ import jsonschema
 import pytest
 import yaml
 
+from alerts.rules import HANG_SERIES
 from tools import operator_resources
 from tools.operator_resources import (
     ALERTMANAGER_NAMESPACE,
@@ -188,12 +189,13 @@ def _relabel(labels: dict[str, str], relabelings: list[dict]) -> dict[str, str]:
     return labels
 
 
-def _scraped_labels(monitor: dict, meta: dict[str, str]) -> dict[str, str]:
+def _scraped_labels(monitor: dict, meta: dict[str, str], index: int = 0) -> dict[str, str]:
     """The target labels Prometheus gives a pod: the Operator's relabelings first (namespace,
     container, pod, then job = <namespace>/<PodMonitor>, then endpoint = the port's name when
     the endpoint names one: pkg/prometheus/promcfg.go generatePodMonitorConfig, v0.93.0 lines
-    1599-1654), then the endpoint's (line 1661); instance from __address__ when unset."""
-    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    1599-1654), then the endpoint's (line 1661); instance from __address__ when unset. Endpoint
+    ``index`` of the PodMonitor."""
+    endpoint = monitor["spec"]["podMetricsEndpoints"][index]
     operator = [
         {"sourceLabels": ["__meta_kubernetes_namespace"], "targetLabel": "namespace"},
         {"sourceLabels": ["__meta_kubernetes_pod_container_name"], "targetLabel": "container"},
@@ -227,8 +229,29 @@ def test_the_exporter_pod_monitor_selects_the_exporter_and_yields_job_vigil_expo
         }
     }
     assert spec["namespaceSelector"] == {"matchNames": ["llm-vigil"]}
-    (endpoint,) = spec["podMetricsEndpoints"]
+    endpoint, fast = spec["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    # The hang series (read at test time: a rule that reads another fails this until the
+    # PodMonitor follows): asked for every 2 s on the same port (the exporter honours name[]),
+    # stored under the exporter's job; the first endpoint drops them.
+    names = set(HANG_SERIES["vigil-exporter"])
+    (drop,) = endpoint["metricRelabelings"]
+    assert drop["action"] == "drop" and set(drop["regex"].split("|")) == names
+    assert (fast["port"], fast["path"]) == ("metrics", "/metrics")
+    assert set(fast["params"]["name[]"]) == names
+    assert fast["metricRelabelings"] == [{"targetLabel": "job", "replacement": "vigil-exporter"}]
+    shipped = {
+        job["job_name"]: job
+        for job in yaml.safe_load((REPO / "alerts" / "prometheus.yml").read_text())[
+            "scrape_configs"
+        ]
+    }["vigil-exporter-hang"]
+    assert (fast["interval"], fast["scrapeTimeout"]) == (
+        shipped["scrape_interval"],
+        shipped["scrape_timeout"],
+    )
+    fast_labels = _scraped_labels(monitor, POD_META, 1)
+    assert fast_labels == {**_scraped_labels(monitor, POD_META), "job": "vigil-exporter-hang"}
     # The rules' windows were written for the stack's scrape timing.
     timing = yaml.safe_load((REPO / "alerts" / "prometheus.yml").read_text())["global"]
     assert (endpoint["interval"], endpoint["scrapeTimeout"]) == (
@@ -268,16 +291,15 @@ def test_a_replaced_exporter_pod_continues_the_same_series():
     assert _scraped_labels(monitor, elsewhere)["instance"] == "gpu-node-2"
 
 
-def _compose_engine_job(engine: str) -> str:
-    """The job compose/prometheus/<engine>.yml adds to alerts/prometheus.yml's."""
+def _compose_engine_jobs(engine: str) -> list[dict]:
+    """The jobs compose/prometheus/<engine>.yml adds to alerts/prometheus.yml's."""
     shared = yaml.safe_load((REPO / "alerts" / "prometheus.yml").read_text())["scrape_configs"]
     jobs = yaml.safe_load((REPO / "compose" / "prometheus" / f"{engine}.yml").read_text())
-    (extra,) = [
-        job["job_name"]
+    return [
+        job
         for job in jobs["scrape_configs"]
         if job["job_name"] not in {j["job_name"] for j in shared}
     ]
-    return extra
 
 
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
@@ -285,13 +307,30 @@ def test_an_engine_pod_monitor_scrapes_the_engine_port_in_any_namespace(engine):
     spec = _pod_monitors()[f"llm-vigil-{engine}"]["spec"]
     assert spec["selector"] == {"matchLabels": {"llm-vigil.io/engine": engine}}
     assert spec["namespaceSelector"] == {"any": True}
-    (endpoint,) = spec["podMetricsEndpoints"]
-    assert endpoint["portNumber"] == operator_resources.ENGINE_PORTS[engine]
+    endpoint, fast = spec["podMetricsEndpoints"]
+    assert endpoint["portNumber"] == fast["portNumber"] == operator_resources.ENGINE_PORTS[engine]
     assert "port" not in endpoint, "a port name takes precedence over portNumber"
     assert endpoint["path"] == "/metrics"
     meta = {**POD_META, "__address__": "10.4.5.6:8000", "__meta_kubernetes_namespace": "serving"}
     labels = _scraped_labels(_pod_monitors()[f"llm-vigil-{engine}"], meta)
-    assert labels["job"] == _compose_engine_job(engine) == engine
+    compose_job, compose_fast = _compose_engine_jobs(engine)
+    assert labels["job"] == compose_job["job_name"] == engine
+    # The hang series: the whole /metrics every 2 s kept to them (the engines' /metrics do not
+    # filter by name[]), under the engine's job; the first endpoint drops them; as in compose.
+    names = set(HANG_SERIES[engine])
+    assert "params" not in fast
+    keep, rename = fast["metricRelabelings"]
+    assert keep["action"] == "keep" and set(keep["regex"].split("|")) == names
+    assert rename == {"targetLabel": "job", "replacement": engine}
+    (drop,) = endpoint["metricRelabelings"]
+    assert drop["action"] == "drop" and set(drop["regex"].split("|")) == names
+    assert (fast["interval"], fast["scrapeTimeout"]) == (
+        compose_fast["scrape_interval"],
+        compose_fast["scrape_timeout"],
+    )
+    assert compose_fast["metric_relabel_configs"][0]["regex"] == keep["regex"]
+    fast_labels = _scraped_labels(_pod_monitors()[f"llm-vigil-{engine}"], meta, 1)
+    assert fast_labels["job"] == compose_fast["job_name"] == f"{engine}-hang"
     assert labels["node"] == "gpu-node-1"
     # The engine keeps its address as instance: the rules match it to the exporter's target;
     # and its pod (an engine pod is its own server, not a node's).
@@ -303,13 +342,15 @@ def test_no_pod_monitor_scrapes_our_own_inference_process():
     """The exporter republishes our process's metrics: scraping it too would double count."""
     jobs = set()
     for monitor in _pod_monitors().values():
-        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-        jobs |= {
-            step["replacement"]
-            for step in endpoint["relabelings"]
-            if step.get("targetLabel") == "job"
-        }
-    assert jobs == {"vigil-exporter", "vllm", "sglang"}
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            jobs |= {
+                step["replacement"]
+                for step in endpoint["relabelings"]
+                if step.get("targetLabel") == "job"
+            }
+    assert jobs == {"vigil-exporter", "vllm", "sglang"} | {
+        f"{job}-hang" for job in ("vigil-exporter", "vllm", "sglang")
+    }
 
 
 @pytest.mark.parametrize(

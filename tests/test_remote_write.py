@@ -639,12 +639,20 @@ def test_the_helm_values_leave_the_clusters_intervals_and_ours_carry_their_own()
     timing = _shipped()["global"]
     monitors = list(yaml.safe_load_all((OPERATOR_FOLDER / "podmonitors.yaml").read_text()))
     assert monitors
+    # Each PodMonitor: the endpoint of the shipped 10 s, then the one of the hang series at the
+    # fast job's 2 s (alerts/prometheus.yml vigil-exporter-hang).
+    (fast,) = [j for j in _shipped()["scrape_configs"] if j["job_name"] == "vigil-exporter-hang"]
     for monitor in monitors:
-        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
-            assert endpoint["interval"] == timing["scrape_interval"], monitor["metadata"]
+        endpoints = monitor["spec"]["podMetricsEndpoints"]
+        assert [e["interval"] for e in endpoints] == [
+            timing["scrape_interval"],
+            fast["scrape_interval"],
+        ], monitor["metadata"]
     (rule,) = yaml.safe_load_all((OPERATOR_FOLDER / "prometheusrule.yaml").read_text())
-    for group in rule["spec"]["groups"]:
-        assert group.get("interval") == timing["evaluation_interval"], group["name"]
+    intervals = {group["name"]: group.get("interval") for group in rule["spec"]["groups"]}
+    # Every group at the evaluation_interval but the fast hang group, at the fast job's.
+    assert intervals.pop("vigil-hangs-fast") == fast["scrape_interval"]
+    assert set(intervals.values()) == {timing["evaluation_interval"]}, intervals
 
 
 def test_the_helm_values_say_what_the_compose_config_says():

@@ -33,6 +33,7 @@ from conftest import start_server
 from prometheus_client.parser import text_string_to_metric_families
 from stack_ports import free_ports, is_free, port_args
 
+from alerts.rules import HANG_SERIES
 from vigil import netproc
 from vigil import stack as vigil_stack
 from vigil.stackparts import Part
@@ -542,6 +543,7 @@ def test_other_ports_write_configurations_that_follow_them(tmp_path):
     }
     assert targets == {
         "vigil-exporter": ["127.0.0.1:19401"],
+        "vigil-exporter-hang": ["127.0.0.1:19401"],
         "prometheus": ["127.0.0.1:19091"],
         "alertmanager": ["127.0.0.1:19094"],
     }
@@ -813,6 +815,21 @@ def test_the_engine_scrape_job_is_named_after_the_engine(url, address, extra):
     assert job == {"job_name": "vllm", **extra, "static_configs": [{"targets": [address]}]}
 
 
+def test_an_engine_without_hang_series_gets_no_fast_job():
+    """--engine vigil: our process's own /metrics; the hang rules read ours from the exporter."""
+    assert "vigil" not in HANG_SERIES
+    assert vigil_stack.engine_scrape_jobs("vigil", "http://127.0.0.1:8000") == [
+        vigil_stack.engine_scrape_job("vigil", "http://127.0.0.1:8000")
+    ]
+
+
+def test_a_hang_series_that_is_no_metric_name_is_refused(monkeypatch):
+    """The names go into a relabel regex unescaped: anything else would match other series."""
+    monkeypatch.setitem(HANG_SERIES, "tgi", ("tgi_queue_size", "tgi_.*"))
+    with pytest.raises(ValueError, match="tgi_"):
+        vigil_stack.engine_scrape_jobs("tgi", "http://127.0.0.1:3000")
+
+
 def test_the_plan_for_an_engine_starts_no_inference_and_writes_its_own_prometheus_config(
     tmp_path,
 ):
@@ -829,11 +846,29 @@ def test_the_plan_for_an_engine_starts_no_inference_and_writes_its_own_prometheu
     config = yaml.safe_load(written.read_text(encoding="utf-8"))
     shipped = yaml.safe_load((ALERTS / "prometheus.yml").read_text(encoding="utf-8"))
     assert config["rule_files"] == [str(ALERTS / "*.rules.yml")]
-    assert config["scrape_configs"][:-1] == shipped["scrape_configs"]
-    assert config["scrape_configs"][-1] == {
-        "job_name": "sglang",
-        "static_configs": [{"targets": ["127.0.0.1:30000"]}],
-    }
+    assert config["scrape_configs"][:-2] == shipped["scrape_configs"]
+    # The engine's job, and its hang series every 2 s in a job of their own (kept from the whole
+    # /metrics: SGLang's does not filter by name[]), dropped from the first.
+    names = "|".join(sorted(HANG_SERIES["sglang"]))
+    assert config["scrape_configs"][-2:] == [
+        {
+            "job_name": "sglang",
+            "static_configs": [{"targets": ["127.0.0.1:30000"]}],
+            "metric_relabel_configs": [
+                {"source_labels": ["__name__"], "regex": names, "action": "drop"}
+            ],
+        },
+        {
+            "job_name": "sglang-hang",
+            "scrape_interval": "2s",
+            "scrape_timeout": "1500ms",
+            "static_configs": [{"targets": ["127.0.0.1:30000"]}],
+            "metric_relabel_configs": [
+                {"source_labels": ["__name__"], "regex": names, "action": "keep"},
+                {"target_label": "job", "replacement": "sglang"},
+            ],
+        },
+    ]
     assert {k: v for k, v in config.items() if k not in ("rule_files", "scrape_configs")} == {
         k: v for k, v in shipped.items() if k not in ("rule_files", "scrape_configs")
     }

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_operator_resources import POD_META, _compose_engine_job, _scraped_labels
+from test_operator_resources import POD_META, _compose_engine_jobs, _scraped_labels
 
 from alerts import rules
 from tools import operator_resources, plain_kubernetes
@@ -187,8 +187,39 @@ def test_a_pod_the_pod_monitor_does_not_select_is_dropped(job_name, meta):
 def test_the_job_names_are_those_the_rules_and_compose_use():
     jobs = _jobs()
     assert rules.PARAMETERS["exporter_job"].default in jobs
-    assert {"vllm", "sglang"} == {_compose_engine_job(engine) for engine in ("vllm", "sglang")}
-    assert set(jobs) == {"vigil-exporter", "vllm", "sglang", "prometheus", "alertmanager"}
+    compose = {job["job_name"] for e in ("vllm", "sglang") for job in _compose_engine_jobs(e)}
+    assert compose == {"vllm", "vllm-hang", "sglang", "sglang-hang"}
+    assert set(jobs) == {"vigil-exporter", "vigil-exporter-hang", "prometheus", "alertmanager"} | (
+        compose
+    )
+
+
+@pytest.mark.parametrize(
+    ("job", "monitor", "port"),
+    [
+        ("vigil-exporter", "llm-vigil-exporter", ("metrics", 9400)),
+        ("vllm", "llm-vigil-vllm", ("http", 8000)),
+        ("sglang", "llm-vigil-sglang", ("http", 30000)),
+    ],
+)
+def test_the_hang_jobs_are_the_pod_monitors_second_endpoints(job, monitor, port):
+    """<job>-hang: the target labels, params and metric relabelings of the PodMonitor's second
+    endpoint (the hang series every 2 s); <job> drops those series as its first does."""
+    pod_labels = EXPORTER_POD if job == "vigil-exporter" else {"llm-vigil.io/engine": job}
+    meta = _discovered(pod_labels, port)
+    source = _pod_monitors()[monitor]
+    endpoint, fast = source["spec"]["podMetricsEndpoints"]
+    for name, index, which in ((job, 0, endpoint), (f"{job}-hang", 1, fast)):
+        config = _jobs()[name]
+        assert _target_labels(config, meta) == _operator_labels(source, meta, index)
+        assert config.get("params") == which.get("params")
+        assert config["metric_relabel_configs"] == [
+            plain_kubernetes.relabel_config(step, "") for step in which["metricRelabelings"]
+        ]
+        assert (config["scrape_interval"], config["scrape_timeout"]) == (
+            which["interval"],
+            which["scrapeTimeout"],
+        )
 
 
 def test_the_global_settings_follow_alerts_prometheus_yml():

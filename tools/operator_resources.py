@@ -27,6 +27,7 @@ CRDs' openAPIV3Schema) is OPERATOR_VERSION.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -35,6 +36,7 @@ import yaml
 
 from alerts import rules
 from dashboards import generate as dashboards
+from vigil import stack
 
 REPO = Path(__file__).resolve().parents[1]
 # The release whose CRDs the tests check every resource against (tests/test_operator_resources.py);
@@ -114,6 +116,18 @@ def _scrape_timing() -> dict:
     return {"interval": config["scrape_interval"], "scrapeTimeout": config["scrape_timeout"]}
 
 
+def _hang_timing() -> dict:
+    """The interval and timeout of alerts/prometheus.yml's fast job (vigil-exporter-hang), for
+    the endpoints that scrape the hang series (vigil.stack.hang_scrape_timing)."""
+    timing = stack.hang_scrape_timing()
+    return {"interval": timing["scrape_interval"], "scrapeTimeout": timing["scrape_timeout"]}
+
+
+def _names(names: list[str], action: str) -> dict:
+    """A metric relabeling that keeps or drops exactly these metric names."""
+    return {"sourceLabels": ["__name__"], "regex": stack.names_regex(names), "action": action}
+
+
 # Relabelings run after the Operator's own (pkg/prometheus/promcfg.go generatePodMonitorConfig
 # appends the endpoint's relabelings after those that set namespace, container, pod, job and
 # endpoint), so a `job` set here wins over the Operator's default `<namespace>/<PodMonitor>`.
@@ -154,9 +168,41 @@ def _pod_monitor(name: str, spec: dict) -> dict:
     }
 
 
+def _with_hang_endpoint(endpoint: dict, job: str, params: bool) -> list[dict]:
+    """The endpoint, and when the hang rule group reads series of ``job``
+    (alerts.rules.HANG_SERIES) a second one on the same port for those, as alerts/prometheus.yml
+    and vigil.stack.engine_scrape_jobs do: every 2 s, job ``<job>-hang`` for its target (its up
+    and scrape_*), its samples relabelled back to ``job``; the endpoint drops them, so each
+    series is stored once. ``params``: the endpoint asks for the names only (name[], which our
+    exporter honours), else it scrapes everything and keeps them (the engines: see
+    engine_scrape_jobs). The Operator writes an endpoint's params, metricRelabelings, interval
+    and scrapeTimeout into its own scrape config (params: "Optional HTTP URL parameters",
+    PodMetricsEndpoint in the PodMonitor CRD), and names each endpoint's job apart
+    (podMonitor/<namespace>/<name>/<index>)."""
+    names = stack.hang_series(job)
+    if not names:
+        return [endpoint]
+    fast = {
+        key: value
+        for key, value in endpoint.items()
+        if key not in ("interval", "scrapeTimeout", "relabelings")
+    }
+    fast.update(_hang_timing())
+    if params:
+        fast["params"] = {"name[]": names}
+    fast["relabelings"] = [
+        _job(job + stack.HANG_JOB_SUFFIX) if step == _job(job) else copy.deepcopy(step)
+        for step in endpoint["relabelings"]
+    ]
+    fast["metricRelabelings"] = ([] if params else [_names(names, "keep")]) + [_job(job)]
+    return [{**endpoint, "metricRelabelings": [_names(names, "drop")]}, fast]
+
+
 def pod_monitors() -> list[dict]:
-    """One PodMonitor for the exporter and one per engine watched directly."""
+    """One PodMonitor for the exporter and one per engine watched directly, each with a second
+    endpoint for the hang series (_with_hang_endpoint)."""
     timing = _scrape_timing()
+    exporter_job = rules.PARAMETERS["exporter_job"].default
     exporter = _pod_monitor(
         f"{NAME}-exporter",
         {
@@ -165,13 +211,13 @@ def pod_monitors() -> list[dict]:
             # reads vigil-exporter, so a relabeling sets it.
             "selector": {"matchLabels": dict(EXPORTER_POD_LABELS)},
             "namespaceSelector": {"matchNames": [EXPORTER_NAMESPACE]},
-            "podMetricsEndpoints": [
+            "podMetricsEndpoints": _with_hang_endpoint(
                 {
                     "port": EXPORTER_PORT_NAME,
                     "path": "/metrics",
                     **timing,
                     "relabelings": [
-                        _job(rules.PARAMETERS["exporter_job"].default),
+                        _job(exporter_job),
                         NODE_RELABELING,
                         # One exporter per node: the node, not the pod's address, names it, so
                         # that its series (and the alerts on them) go on across a replaced
@@ -184,8 +230,10 @@ def pod_monitors() -> list[dict]:
                         },
                         EXPORTER_LABELDROP,
                     ],
-                }
-            ],
+                },
+                exporter_job,
+                params=True,
+            ),
         },
     )
     monitors = [exporter]
@@ -196,7 +244,7 @@ def pod_monitors() -> list[dict]:
                 {
                     "selector": {"matchLabels": {ENGINE_LABEL: engine}},
                     "namespaceSelector": {"any": True},
-                    "podMetricsEndpoints": [
+                    "podMetricsEndpoints": _with_hang_endpoint(
                         {
                             # The name of the engine's port in a user's pod is unknown; its
                             # number is the engine's default. portNumber (PodMonitor CRD since
@@ -209,8 +257,10 @@ def pod_monitors() -> list[dict]:
                             # instance stays the pod's address: the rules match the engine's
                             # instance to the address the exporter probes (its target label).
                             "relabelings": [_job(engine), NODE_RELABELING],
-                        }
-                    ],
+                        },
+                        engine,
+                        params=False,
+                    ),
                 },
             )
         )
@@ -414,6 +464,10 @@ PODMONITORS_NOTE = """\
 # serve their own /metrics, in pods labelled llm-vigil.io/engine: vllm or sglang (jobs vllm and
 # sglang, port 8000 or 30000: patch portNumber for another). Our own inference process is not
 # scraped: the exporter publishes its metrics, and scraping both would count them twice.
+# Each has a second endpoint on the same port for the series the hang rule group reads
+# (alerts.rules.HANG_SERIES): every 2 s, job <job>-hang for its up and scrape_*, its samples
+# relabelled to the job's name; the first endpoint drops them, so each is stored once. The
+# exporter's asks for them only (name[]); an engine's scrapes its whole /metrics and keeps them.
 """
 
 

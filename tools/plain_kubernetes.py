@@ -72,7 +72,16 @@ _RELABEL_KEYS = {
     "replacement": "replacement",
     "action": "action",
 }
-_ENDPOINT_KEYS = {"port", "portNumber", "path", "interval", "scrapeTimeout", "relabelings"}
+_ENDPOINT_KEYS = {
+    "port",
+    "portNumber",
+    "path",
+    "interval",
+    "scrapeTimeout",
+    "params",
+    "relabelings",
+    "metricRelabelings",
+}
 _SPEC_KEYS = {"selector", "namespaceSelector", "podMetricsEndpoints"}
 
 
@@ -113,9 +122,18 @@ def _job_of(relabelings: list[dict], where: str) -> str:
     return jobs[0]
 
 
-def scrape_config(monitor: dict) -> dict:
-    """A PodMonitor of one endpoint as the scrape config the Operator would generate for it,
-    named after the job its relabelings set (the Operator's job_name, podMonitor/<namespace>/
+def scrape_configs(monitor: dict) -> list[dict]:
+    """A PodMonitor as the scrape configs the Operator would generate for it, one per endpoint
+    (scrape_config)."""
+    return [
+        scrape_config(monitor, index)
+        for index in range(len(monitor["spec"]["podMetricsEndpoints"]))
+    ]
+
+
+def scrape_config(monitor: dict, index: int = 0) -> dict:
+    """Endpoint ``index`` of a PodMonitor as the scrape config the Operator would generate for
+    it, named after the job its relabelings set (the Operator's job_name, podMonitor/<namespace>/
     <name>/0, names nothing a user sees: the job label is relabeled). The relabel steps, in the
     Operator's order (promcfg.go generatePodMonitorConfig):
 
@@ -130,6 +148,7 @@ def scrape_config(monitor: dict) -> dict:
     5. (job = <namespace>/<PodMonitor>: left out, the endpoint's own job step overrides it);
     6. endpoint = the port's name, when the endpoint names one;
     7. the endpoint's relabelings, unchanged.
+    Then its params and metricRelabelings (metric_relabel_configs), unchanged.
 
     Left out: the Operator's __tmp_prometheus_job_name (a __ label, dropped before the scrape)
     and the shard filter (hashmod on __address__ modulo the shard count: with one shard it keeps
@@ -140,7 +159,7 @@ def scrape_config(monitor: dict) -> dict:
     spec = monitor["spec"]
     _unknown(f"PodMonitor {name}", set(spec) - _SPEC_KEYS)
     _unknown(f"PodMonitor {name} selector", set(spec["selector"]) - {"matchLabels"})
-    (endpoint,) = spec["podMetricsEndpoints"]
+    endpoint = spec["podMetricsEndpoints"][index]
     _unknown(f"PodMonitor {name} endpoint", set(endpoint) - _ENDPOINT_KEYS)
 
     namespaces = spec["namespaceSelector"]
@@ -210,8 +229,15 @@ def scrape_config(monitor: dict) -> dict:
         config["scrape_timeout"] = endpoint["scrapeTimeout"]
     if "path" in endpoint:
         config["metrics_path"] = endpoint["path"]
+    if "params" in endpoint:
+        config["params"] = {key: list(values) for key, values in endpoint["params"].items()}
     config["kubernetes_sd_configs"] = [sd]
     config["relabel_configs"] = relabel
+    if "metricRelabelings" in endpoint:
+        config["metric_relabel_configs"] = [
+            relabel_config(step, f"PodMonitor {name} metricRelabelings[{number}]")
+            for number, step in enumerate(endpoint["metricRelabelings"])
+        ]
     return config
 
 
@@ -219,7 +245,7 @@ def prometheus_config() -> dict:
     """prometheus.yml: alerts/prometheus.yml's global timing and its own jobs (Prometheus
     itself, Alertmanager), the PodMonitors' jobs, the cluster label, the rules beside it."""
     source = yaml.safe_load((REPO / "alerts" / "prometheus.yml").read_text())
-    pods = [scrape_config(monitor) for monitor in operator_resources.pod_monitors()]
+    pods = [job for monitor in operator_resources.pod_monitors() for job in scrape_configs(monitor)]
     names = [job["job_name"] for job in pods]
     if len(set(names)) != len(names):
         raise ValueError(f"two PodMonitors set the same job: {names}")

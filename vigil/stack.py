@@ -34,6 +34,7 @@ rules of alerts/engines.py map to one vocabulary. The shipped file is left as it
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import importlib.util
 import re
@@ -174,6 +175,72 @@ def engine_scrape_job(engine: str, url: str) -> dict[str, Any]:
     return job
 
 
+# The fast path of hang alerts (issue 18): the series the hang rule group reads from a job
+# (alerts.rules.HANG_SERIES, by job) are scraped every 2 s by a job of their own, named after it
+# with this suffix, and dropped from the job itself, so that each series is stored once. The
+# fast job's samples are relabelled to the job's name: every series keeps the labels it had,
+# only `up` and scrape_* tell the two jobs apart.
+HANG_JOB_SUFFIX = "-hang"
+EXPORTER_JOB = "vigil-exporter"
+
+
+def hang_series(job: str) -> list[str]:
+    """The metric names the hang rule group reads from ``job``'s targets (none: no fast job)."""
+    from alerts.rules import HANG_SERIES
+
+    names = sorted(HANG_SERIES.get(job, ()))
+    for name in names:  # the names go into a relabel regex as they are
+        if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", name):
+            raise ValueError(f"HANG_SERIES[{job!r}] holds {name!r}, not a metric name")
+    return names
+
+
+def hang_scrape_timing() -> dict[str, str]:
+    """scrape_interval and scrape_timeout of alerts/prometheus.yml's fast exporter job, which
+    every fast job takes (the engines' here, the PodMonitors' in tools/operator_resources.py)."""
+    config = yaml.safe_load((ALERTS / "prometheus.yml").read_text(encoding="utf-8"))
+    (job,) = [
+        job for job in config["scrape_configs"] if job["job_name"] == EXPORTER_JOB + HANG_JOB_SUFFIX
+    ]
+    return {key: job[key] for key in ("scrape_interval", "scrape_timeout")}
+
+
+def names_regex(names: Iterable[str]) -> str:
+    """A relabel regex that matches exactly these metric names (Prometheus anchors it)."""
+    return "|".join(names)
+
+
+def engine_scrape_jobs(engine: str, url: str) -> list[dict[str, Any]]:
+    """The engine's scrape job, and when the hang rule group reads series of it
+    (alerts.rules.HANG_SERIES[engine]) a fast job ``<engine>-hang`` for those: the job drops
+    them, the fast job keeps only them. The fast job scrapes the engine's whole /metrics and
+    keeps the names after the scrape (metric_relabel_configs), without name[]: vLLM's /metrics
+    is prometheus-fastapi-instrumentator's handler (generate_latest of the whole registry, any
+    query ignored; vllm/entrypoints/serve/instrumentator/metrics.py adds it before the
+    prometheus_client app), SGLang's registry of a MultiProcessCollector answers name[] with
+    nothing (a collector without names is filtered only in a registry built with
+    support_collectors_without_names=True, prometheus_client 0.25+, docs/content/multiprocess),
+    TGI's router renders every metric whatever the query. The cost is the engine rendering its
+    whole /metrics every 2 s; what is stored is only the hang series every 2 s."""
+    job = engine_scrape_job(engine, url)
+    names = hang_series(engine)
+    if not names:
+        return [job]
+    fast = {
+        "job_name": engine + HANG_JOB_SUFFIX,
+        **hang_scrape_timing(),
+        **{key: copy.deepcopy(value) for key, value in job.items() if key != "job_name"},
+        "metric_relabel_configs": [
+            {"source_labels": ["__name__"], "regex": names_regex(names), "action": "keep"},
+            {"target_label": "job", "replacement": engine},
+        ],
+    }
+    job["metric_relabel_configs"] = [
+        {"source_labels": ["__name__"], "regex": names_regex(names), "action": "drop"}
+    ]
+    return [job, fast]
+
+
 def moved_addresses(ports: Mapping[str, int]) -> dict[str, str]:
     """``127.0.0.1:<default>`` (and ``localhost:<default>``) to the same host at the part's
     port, for each part whose port is not the default."""
@@ -211,16 +278,19 @@ def prometheus_config(
 ) -> dict[str, Any]:
     """alerts/prometheus.yml with ``rule_files`` in place of its own (relative to it), its
     targets and Alertmanager moved to ``ports``, and a scrape job for the engine's /metrics when
-    ``engine`` is given: what the stack writes for --engine or other ports, and what the compose
-    overrides for vLLM and SGLang ship (compose/prometheus/, checked by the tests)."""
+    ``engine`` is given (and its fast job for the hang series, engine_scrape_jobs): what the
+    stack writes for --engine or other ports, and what the compose overrides for vLLM and SGLang
+    ship (compose/prometheus/, checked by the tests)."""
     config = yaml.safe_load((ALERTS / "prometheus.yml").read_text(encoding="utf-8"))
     config["rule_files"] = list(rule_files)
     config = _move(config, moved_addresses(ports or DEFAULT_PORTS))
     if engine is not None and url is not None:
         jobs = [job["job_name"] for job in config["scrape_configs"]]
-        if engine in jobs:
-            raise ValueError(f"alerts/prometheus.yml already has a job named {engine}")
-        config["scrape_configs"].append(engine_scrape_job(engine, url))
+        added = engine_scrape_jobs(engine, url)
+        for job in added:
+            if job["job_name"] in jobs:
+                raise ValueError(f"alerts/prometheus.yml already has a job named {job['job_name']}")
+        config["scrape_configs"] += added
     return config
 
 
@@ -257,7 +327,7 @@ def write_prometheus_config(
     header = (
         f"Written by vigil.stack for {what}{_port_note(ports)}:\n"
         f"{ALERTS / 'prometheus.yml'} with the alert rules by absolute path"
-        + (" and a scrape job for\nthe engine's own /metrics" if engine else "")
+        + (" and the scrape jobs for\nthe engine's own /metrics" if engine else "")
         + (", the addresses moved to those ports" if _port_note(ports) else "")
         + ".\nRewritten at every start; change alerts/prometheus.yml instead."
     )
