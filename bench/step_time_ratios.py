@@ -12,9 +12,11 @@ here holds the GIL in bursts (as the API thread does), so the engine is preempte
 busy host.
 
 Printed per stage and over all: the count, and p50, p90, p99, p99.9 and max of the ratio, and the
-same for the steps whose predicted duration was at least ``--long-step`` seconds (those for which
-the factor, not the floor, sets the threshold on a slow device). A factor above the worst ratio,
-with margin, raises no stall from a step that is merely slow.
+same for the steps whose predicted duration was at least ``--long-step`` seconds; the ratios by
+band of predicted duration (the factor sets the threshold only where factor x predicted is above
+the floor); how many steps each factor would have called stalls with the floor and the bound;
+and the slowest steps. A factor above the worst ratio of long steps, with margin, raises no
+stall from a step that is merely slow.
 
 Run: ``.venv/bin/python bench/step_time_ratios.py`` (about 2 minutes on the CPU).
 """
@@ -218,6 +220,17 @@ def main(argv=None) -> int:
             )
     print(_line("all", everything))
     print(_line(f"all (>= {args.long_step:g} s)", long))
+    print("actual/predicted by predicted duration (where the factor, not the floor, matters):")
+    bands = (0.0, 0.05, 0.2, 0.6, 2.0, math.inf)
+    for low, high in zip(bands, bands[1:], strict=False):
+        rows = [(p, a) for _, _, p, a in predicted if low <= p < high]
+        if rows:
+            ratios = [a / p for p, a in rows]
+            print(
+                f"  predicted {low:g}-{high:g} s: {len(rows):>5} step(s), ratio p50 "
+                f"{_quantile(ratios, 0.5):.2f} p99 {_quantile(ratios, 0.99):.2f} max "
+                f"{max(ratios):.2f}; actual max {max(a for _, a in rows):.3f} s"
+            )
     print(
         f"false stalls by --stall-factor, with --stall-floor {args.floor:g} and --stall-timeout "
         f"{args.bound:g} (steps past the threshold; no prediction: the bound):"

@@ -185,7 +185,7 @@ class Watchdog:
         load_timeout: float,
         on_stall: str,
         stall_floor: float = 5.0,
-        stall_factor: float = 8.0,
+        stall_factor: float = 10.0,
         exit_process: Callable[[int], None] = os._exit,
         interval: float | None = None,
     ):
