@@ -11,9 +11,15 @@ log lines and the client both give it):
 It then waits for the engine to move again before the next round. One more round per timeout
 runs with ``--on-stall exit`` and adds the moment the process exited.
 
-The figures are latencies beyond the threshold (the watchdog checks every min(1, T/20) s, and
-the engine's last step before the hang counts as progress), printed as medians and maxima.
-Run: ``.venv/bin/python bench/stall_detection.py`` (about 2 minutes on the CPU).
+``default`` in ``--timeouts`` runs the shipped options instead (no ``--stall-timeout``: the
+threshold follows the step, max(--stall-floor 5 s, --stall-factor 10 x predicted), bounded by
+30 s): the server is first warmed up with a few completions so that the decode step has a
+prediction (milliseconds on the CPU), and the hang is reported past the 5 s floor.
+
+The figures are latencies beyond the threshold (the watchdog checks every min(1, T/20) s, T the
+smaller of the timeout and the floor, and the engine's last step before the hang counts as
+progress), printed as medians and maxima.
+Run: ``.venv/bin/python bench/stall_detection.py`` (about 3 minutes on the CPU).
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--timeouts",
-        default="1,2,5",
-        help="comma-separated stall timeouts in seconds (default 1,2,5)",
+        default="1,2,5,default",
+        help="comma-separated stall timeouts in seconds, or default for the shipped options "
+        "(default 1,2,5,default)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="hangs per timeout (default 5)")
     parser.add_argument(
@@ -71,6 +78,23 @@ def _wait(predicate, timeout: float) -> None:
     raise RuntimeError("timed out")
 
 
+DEFAULT_FLOOR_S = 5.0  # --stall-floor's default: the threshold of a hung millisecond step
+
+
+def _warm_up(server: Server) -> None:
+    """Steps enough for a decode prediction (the first two of a stage are not learned)."""
+    for _ in range(4):
+        requests.post(
+            server.url + "/v1/completions",
+            timeout=120,
+            json={"model": "demo", "prompt": "warm up", "max_tokens": 8},
+        ).raise_for_status()
+
+
+def _stall_options(timeout_s: float | None) -> list[str]:
+    return [] if timeout_s is None else ["--stall-timeout", str(timeout_s)]
+
+
 def one_hang(server: Server, timeout_s: float) -> dict[str, float]:
     started = time.time()
     armed = requests.post(
@@ -93,23 +117,27 @@ def one_hang(server: Server, timeout_s: float) -> dict[str, float]:
     return {"report": report - hang, "client": answered - hang}
 
 
-def run_timeout(args, workdir: Path, timeout_s: float) -> dict[str, list[float]]:
+def run_timeout(args, workdir: Path, timeout_s: float | None) -> dict[str, list[float]]:
+    """The rounds for one stall timeout (None: the shipped options, threshold the floor)."""
+    threshold = DEFAULT_FLOOR_S if timeout_s is None else timeout_s
     figures: dict[str, list[float]] = {"report": [], "client": [], "exit": []}
     server = Server(
         args.demo_dir,
         workdir,
         free_port(),
-        ["--enable-fault-injection", "--on-stall", "report", "--stall-timeout", str(timeout_s)],
+        ["--enable-fault-injection", "--on-stall", "report", *_stall_options(timeout_s)],
     )
     try:
         server.wait_ready(120)
+        if timeout_s is None:
+            _warm_up(server)
         for _ in range(args.rounds):
-            result = one_hang(server, timeout_s)
+            result = one_hang(server, threshold)
             for key, value in result.items():
                 figures[key].append(value)
             _wait(
                 lambda: requests.get(server.url + "/health", timeout=5).status_code == 200,
-                timeout_s + 30,
+                threshold + 30,
             )
     finally:
         server.stop()
@@ -117,13 +145,15 @@ def run_timeout(args, workdir: Path, timeout_s: float) -> dict[str, list[float]]
         args.demo_dir,
         workdir,
         free_port(),
-        ["--enable-fault-injection", "--stall-timeout", str(timeout_s)],
+        ["--enable-fault-injection", *_stall_options(timeout_s)],
     )
     try:
         server.wait_ready(120)
+        if timeout_s is None:
+            _warm_up(server)
         started = time.time()
-        result = one_hang(server, timeout_s)
-        server.process.wait(timeout=timeout_s + 30)
+        result = one_hang(server, threshold)
+        server.process.wait(timeout=threshold + 30)
         exited = time.time()
         hang = _log_time(server, "injected fault hang fires", started)
         figures["report"].append(result["report"])
@@ -138,7 +168,7 @@ def run_timeout(args, workdir: Path, timeout_s: float) -> dict[str, list[float]]
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    timeouts = [float(t) for t in args.timeouts.split(",")]
+    timeouts = [None if t == "default" else float(t) for t in args.timeouts.split(",")]
     print(
         f"stall detection: {args.rounds} hangs per timeout with --on-stall report, one with "
         "exit; seconds from the hang's start"
@@ -149,14 +179,17 @@ def main(argv=None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="vigil-stall-bench-") as tmp:
         for timeout_s in timeouts:
-            workdir = Path(tmp) / f"t{timeout_s:g}"
+            name = "default" if timeout_s is None else f"{timeout_s:g}s"
+            threshold = DEFAULT_FLOOR_S if timeout_s is None else timeout_s
+            workdir = Path(tmp) / f"t{name}"
             workdir.mkdir()
             f = run_timeout(args, workdir, timeout_s)
             report, client = statistics.median(f["report"]), statistics.median(f["client"])
             print(
-                f"{timeout_s:>7g}s {report:>13.2f}s {max(f['report']):>10.2f}s "
+                f"{name:>8} {report:>13.2f}s {max(f['report']):>10.2f}s "
                 f"{client:>13.2f}s {max(f['client']):>10.2f}s {f['exit'][0]:>5.2f}s   "
-                f"+{report - timeout_s:.2f}s ({report / timeout_s:.2f}x)"
+                f"+{report - threshold:.2f}s ({report / threshold:.2f}x)"
+                + (f" of the {threshold:g} s floor" if timeout_s is None else "")
             )
     return 0
 
