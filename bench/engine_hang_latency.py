@@ -1,13 +1,14 @@
 """Detection latency of the any-engine hang alert (InferenceEngineNoProgress) with the shipped
 defaults: from the start of a hang to the notification at the receiver.
 
-The engine is this project's inference process on the demo model, watched as a foreign engine
-is: Prometheus scrapes its own /metrics (a job of its own, as for vLLM), the exporter probes it
-and does not share its state directory, and its watchdog is kept out of the way
-(--stall-timeout 3600), as an engine without one. Each round arms a decode hang that never ends,
-sends one completion, and times the InferenceEngineNoProgress notification. The shipped files
-are used as they are: scrape and evaluation every 10 s, the progress rate over 1 m, the alert's
-for of 1 m (engine_hang_for), Alertmanager's critical group_wait.
+The engine is this project's inference process on the demo model, watched as a foreign engine is:
+Prometheus scrapes its own /metrics (a job of its own, as for vLLM), the exporter probes it and
+does not share its state directory, and its watchdog is kept out of the way (--stall-timeout and
+--stall-floor 3600), as an engine without one. Each round arms a decode hang that never ends, sends
+one completion, and times the InferenceEngineNoProgress notification. The shipped files are used as
+they are: scrape and evaluation every 10 s (the hang series and the fast hang group every 2 s,
+whose InferenceEngineStoppedGenerating may arrive first after steady traffic), the progress rate
+over 1 m, the alert's for of 1 m (engine_hang_for), Alertmanager's critical group_wait.
 
 Two cases: the hang is the first work of an idle engine (the default: the alert then waits for
 work to have been pending for engine_pending_window, 2 m), or, with ``--busy``, it comes after
@@ -73,6 +74,8 @@ def one_round(demo_dir: str, workdir: Path, busy_seconds: float, settle: float) 
         demo_dir,
         "--enable-fault-injection",
         "--stall-timeout",
+        "3600",
+        "--stall-floor",  # the floor applies once a step has a prediction: out of the way too
         "3600",
         "--on-stall",
         "report",

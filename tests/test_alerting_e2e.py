@@ -247,8 +247,16 @@ def test_a_frozen_foreign_engine_reaches_a_person_with_its_stacks(tmp_path, demo
         (rules_dir / name).write_text(text)
     receiver = WebhookReceiver()
     (tmp_path / "engine").mkdir()
+    # The watchdog out of the way (as an engine without one): the bound and the floor, which
+    # applies once a step has a prediction.
     server = start_server(
-        tmp_path / "engine", demo_dir, "--enable-fault-injection", "--stall-timeout", "3600"
+        tmp_path / "engine",
+        demo_dir,
+        "--enable-fault-injection",
+        "--stall-timeout",
+        "3600",
+        "--stall-floor",
+        "3600",
     )
     target = f"vigil={server.base_url}"
     exporter = start_exporter(

@@ -78,6 +78,8 @@ def frozen(tmp_path_factory, demo_dir):
         "--enable-fault-injection",
         "--stall-timeout",
         "3600",
+        "--stall-floor",  # a step with a prediction stalls past the floor: out of the way too
+        "3600",
         "--header-timeout",
         "120",
         "--body-timeout",

@@ -85,7 +85,7 @@ def stalled_error(stage: str, seconds: float, threshold: float) -> EngineError:
         503,
         "server_unavailable",
         f"the engine stalled in {stage}: no progress for {seconds:.1f} s (the "
-        f"stall timeout is {threshold:g} s); the request was abandoned, retry "
+        f"stall threshold is {threshold:g} s); the request was abandoned, retry "
         "later",
         code="engine_stalled",
     )
