@@ -30,10 +30,13 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 from conftest import REPO, start_exporter, start_prometheus, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from alerts import rules
+
+EXPORTER_JOB = rules.PARAMETERS["exporter_job"].default
 
 DOC = REPO / "docs" / "cardinality.md"
 FLEET = REPO / "tests" / "data" / "fake_fleet.json"
@@ -136,18 +139,24 @@ class Node:
         rules_dir.mkdir()
         for name, text in rules.render({"evaluation_interval": "1s"}).items():
             (rules_dir / name).write_text(text)
-        self.prometheus = self._keep(
-            start_prometheus(
-                tmp / "prometheus",
-                f"""
-global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
-rule_files: ["{rules_dir}/*.rules.yml"]
-scrape_configs:
-  - job_name: vigil-exporter
-    static_configs: [{{targets: ["{address}"]}}]
-""",
-            )
-        )
+        # The exporter's jobs as alerts/prometheus.yml ships them (the normal one, and the fast
+        # one for the hang series, each series stored once), pointed at this exporter, with the
+        # normal job at 1 s like the rules.
+        shipped = yaml.safe_load((REPO / "alerts" / "prometheus.yml").read_text())
+        jobs = [j for j in shipped["scrape_configs"] if j["job_name"].startswith(EXPORTER_JOB)]
+        assert len(jobs) == 2, [j["job_name"] for j in jobs]
+        for job in jobs:
+            job["static_configs"] = [{"targets": [address]}]
+        config = {
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
+            "rule_files": [f"{rules_dir}/*.rules.yml"],
+            "scrape_configs": jobs,
+        }
+        self.prometheus = self._keep(start_prometheus(tmp / "prometheus", yaml.safe_dump(config)))
         self.sent = 0
 
     def _keep(self, part):
@@ -197,9 +206,10 @@ scrape_configs:
             active = targets.json()["data"]["activeTargets"]
             if not active:  # not discovered yet
                 return None
-            (target,) = active
-            when = _time(target["lastScrape"])
-            return when if when > after and target["health"] == "up" else None
+            if len(active) < 2 or any(t["health"] != "up" for t in active):
+                return None
+            when = min(_time(t["lastScrape"]) for t in active)  # both jobs scraped since
+            return when if when > after else None
 
         def evaluated(since: float) -> bool:
             rules = requests.get(self.prometheus.base_url + "/api/v1/rules", timeout=10)
@@ -234,7 +244,7 @@ scrape_configs:
 
         return {
             "exporter": exporter,
-            "scrape": stored('{job="vigil-exporter", __name__=~"up|scrape_.+"}'),
+            "scrape": stored(f'{{job=~"{EXPORTER_JOB}.*", __name__=~"up|scrape_.+"}}'),
             "recorded": stored('{__name__=~"vigil:.+"}'),
             "alerts": stored('{__name__=~"ALERTS|ALERTS_FOR_STATE"}'),
             "engines": engines,
