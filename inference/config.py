@@ -39,6 +39,16 @@ def _device(text: str) -> str:
     raise ValueError("must be auto, cpu, cuda or cuda:N")
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("must be a whole number, 0 or more") from None
+    if value < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return value
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(
         "model",
@@ -261,6 +271,17 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SECONDS",
     ),
     Option(
+        "warmup_tokens",
+        _non_negative_int,
+        "Tokens the engine generates right after the model load, before the process reports "
+        "ready (part of the load, under --load-timeout; not a client request): a few short "
+        "greedy generations of a tiny text prompt, so that kernels are compiled and the step "
+        "costs learned, and a hang in the first client request is judged against a predicted "
+        "step rather than --stall-timeout. 11 or more give decode (batch size 1) and prefill "
+        "predictions; 0 turns the warm-up off.",
+        metavar="N",
+    ),
+    Option(
         "on_stall",
         str,
         "What the watchdog does after its stall report: exit (with status 75, so that the "
@@ -313,6 +334,7 @@ class Config:
     stall_floor: float = 5.0
     stall_factor: float = 10.0
     load_timeout: float = 900.0
+    warmup_tokens: int = 24
     on_stall: str = "exit"
     enable_fault_injection: bool = False
 

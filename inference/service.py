@@ -1,8 +1,10 @@
 """The inference service: loads the model in the background and owns the queue and engine.
 
 ``/health`` answers from the moment the process starts; ``ready`` turns true only once the model
-is loaded and the engine thread runs. A failed load is logged with its cause and leaves the
-service not ready for good (it never pretends to serve); the supervisor decides what to do.
+is loaded, the engine warmed up (a few short generations of its own, so that kernels are
+compiled and step costs learned before the first client request) and the engine thread runs.
+A failed load is logged with its cause and leaves the service not ready for good (it never
+pretends to serve); the supervisor decides what to do.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from .telemetry.metrics import InferenceMetrics
 from .vision.preprocess import Preprocessing
 from .watchdog import Watchdog
 
+# The warm-up's prompt (tokenized as a completion's is): a few tokens with any tokenizer.
+WARMUP_PROMPT = "Warming up the engine."
+
 
 class InferenceService:
     def __init__(self, config: Config, metrics: InferenceMetrics | None = None):
@@ -48,6 +53,7 @@ class InferenceService:
         self.api_tokenizers: tuple[Any, ...] = ()  # the API's copies of the tokenizer
         self.engine: Engine | None = None
         self._loader: threading.Thread | None = None
+        self._stopping = threading.Event()  # stop() was called: a load under way starts nothing
         self.faults = FaultInjector() if config.enable_fault_injection else None
         self.preprocessing = Preprocessing()  # requests' images being decoded, for the watchdog
         self.watchdog = Watchdog(
@@ -101,6 +107,7 @@ class InferenceService:
         self.watchdog.start()
 
     def stop(self) -> None:
+        self._stopping.set()
         self.watchdog.stop()
         if self.faults is not None:
             self.faults.release()
@@ -157,6 +164,10 @@ class InferenceService:
                 kv_cache=kv_cache,
                 memory=(CudaMemory(loaded.device) if loaded.device.type == "cuda" else None),
             )
+            if self.config.warmup_tokens:
+                self._warm_up(engine, engine_view)
+            if self._stopping.is_set():
+                return  # stopped while loading: the engine is never started
             engine.start()
         except Exception as exc:  # noqa: BLE001 - whatever it is, say it and stay not-ready
             self.load_duration_s = time.perf_counter() - started
@@ -204,6 +215,51 @@ class InferenceService:
             load_duration_s=round(self.load_duration_s, 3),
         )
         self._write_identity()
+
+    def _warm_up(self, engine: Engine, loaded: LoadedModel) -> None:
+        """The engine's warm-up, on this (the loader's) thread before the engine thread starts
+        and before the service is ready: part of the load, under --load-timeout (a hang here is
+        a load stall, this thread's stack in its report), and no client request. Text only: a
+        vision-language model's tower and image prefills learn from their first requests. A
+        warm-up that fails is reported and the load goes on: the error is the one the first
+        requests will meet, and they get it with their own context."""
+        ids = [i for i in loaded.tokenizer(WARMUP_PROMPT)["input_ids"] if i < loaded.vocab_size]
+        ids = ids or [loaded.pad_token_id]
+        tokens = min(self.config.warmup_tokens, max(loaded.context_length - len(ids), 0))
+        done = engine.warm_up(ids, tokens, timeout_s=self.config.load_timeout)
+        costs, device = engine.step_costs, engine.device_key
+        decode = costs.predict(device, "decode", 1)
+        prefill = costs.predict(device, "prefill", len(ids))
+        fields = {
+            "warmup_tokens": done.tokens,
+            "warmup_s": round(done.seconds, 3),
+            "predicted_decode_s": None if decode is None else round(decode, 6),
+            "predicted_prefill_s": None if prefill is None else round(prefill, 6),
+        }
+        if done.error is not None:
+            logger.warning(
+                "engine warm-up failed after {} token(s) in {:.2f} s: {}; serving without it",
+                done.tokens,
+                done.seconds,
+                done.error,
+                model=self.model_name,
+                **fields,
+            )
+            return
+        logger.info(
+            "engine warmed up in {:.2f} s: {} token(s) over {} generation(s) of a {}-token "
+            "prompt (not client requests); predicted steps: decode at batch size 1 {}, "
+            "prefill of {} tokens {}",
+            done.seconds,
+            done.tokens,
+            done.generations,
+            len(ids),
+            "none yet" if decode is None else f"{decode * 1000:.3g} ms",
+            len(ids),
+            "none yet" if prefill is None else f"{prefill * 1000:.3g} ms",
+            model=self.model_name,
+            **fields,
+        )
 
     def describe(self) -> dict[str, Any]:
         state = self.state

@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -42,7 +43,7 @@ from .errors import (
 from .faults import Fault, FaultInjector, middle_layer
 from .memory import KvCacheShape, MemoryProbe, cuda_figures, describe_figures, is_out_of_memory
 from .queue import RequestQueue
-from .request import EngineError, GenerationRequest, TextDelta
+from .request import EngineError, GenerationRequest, SamplingParams, TextDelta
 from .sampling import BatchSampler
 from .step_cost import StepCosts
 
@@ -51,6 +52,36 @@ def returned_cache(output: Any) -> Any:
     """The KV cache a forward pass returns (``cache`` since transformers 5.x renamed it)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+# The warm-up's generations are named warmup-1, warmup-2, ... in the engine's log lines.
+WARMUP_REQUEST_PREFIX = "warmup-"
+# Prefills beyond the ones a step-cost bucket needs before it predicts (one, in case a step of
+# the warm-up is an outlier: the median then still has a majority of ordinary steps).
+WARMUP_MARGIN_PREFILLS = 1
+
+
+def warmup_plan(tokens: int, prefills: int) -> list[int]:
+    """The ``max_tokens`` of each warm-up generation: ``tokens`` in all, over ``prefills``
+    generations (fewer when there are fewer tokens), as evenly as possible. A generation of n
+    tokens is one prefill and n - 1 decode steps at batch size 1, so the warm-up runs
+    min(tokens, prefills) prefills and the rest as decode steps."""
+    if tokens <= 0:
+        return []
+    rounds = max(1, min(tokens, prefills))
+    share, extra = divmod(tokens, rounds)
+    return [share + (1 if index < extra else 0) for index in range(rounds)]
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What a warm-up did: its generations, the tokens generated, its seconds, and the error
+    that ended it early (None when it completed)."""
+
+    generations: int
+    tokens: int
+    seconds: float
+    error: str | None = None
 
 
 class EngineObserver(Protocol):
@@ -189,18 +220,75 @@ class Engine:
                         self.queue.wait(timeout=0.5)
                         if self._stopping.is_set():
                             break
-                    try:
-                        self._admit()
-                        if self._batch is not None:
-                            self._decode_step()
-                    except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-                        self._fail_held(exc)
+                    self._turn()
         except BaseException as exc:
             final_error = engine_dead_error(exc)
             logger.opt(exception=exc).critical("the engine thread died: {}", exc)
             raise
         finally:
             self._fail_everything(final_error)
+
+    def _turn(self) -> None:
+        """One turn of the loop's work: admit (and prefill) what waits, then one decode step."""
+        try:
+            self._admit()
+            if self._batch is not None:
+                self._decode_step()
+        except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+            self._fail_held(exc)
+
+    # ---- warm-up ---------------------------------------------------------------------------
+
+    def warm_up(self, prompt_ids: Sequence[int], tokens: int, *, timeout_s: float) -> WarmUp:
+        """Generate ``tokens`` tokens from ``prompt_ids`` through the engine's own path
+        (queue, admission, prefill, decode steps, sampling), on the calling thread, before the
+        engine thread starts: kernels are selected and compiled, caches filled, and the step
+        costs learned, before the first client request (see ``warmup_plan`` for the split).
+
+        Nothing of it reaches the observer (the metrics count client work only) or the client
+        queue; a failed generation ends the warm-up and is returned, not raised. Greedy
+        sampling: the seeded generator is not drawn from. Each generation must end within
+        ``timeout_s`` of the start (the engine's deadline check); a step that never returns
+        is the caller's watchdog's to catch."""
+        if self._thread is not None:
+            raise RuntimeError("the engine warms up before it starts")
+        plan = warmup_plan(tokens, self.step_costs.steps_to_predict + WARMUP_MARGIN_PREFILLS)
+        started = time.perf_counter_ns()
+        deadline = started + int(timeout_s * 1e9)
+        observer, queue, mean = self.observer, self.queue, self.mean_request_seconds
+        self.observer, self.queue = NullObserver(), RequestQueue(1)
+        generated, error = 0, None
+        try:
+            with torch.inference_mode():
+                for index, max_tokens in enumerate(plan, 1):
+                    request = GenerationRequest(
+                        request_id=f"{WARMUP_REQUEST_PREFIX}{index}",
+                        prompt_ids=list(prompt_ids),
+                        params=SamplingParams(
+                            max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+                        ),
+                        stream=False,
+                        deadline_ns=deadline,
+                    )
+                    self.queue.put(request)
+                    while not request.ended:
+                        self._turn()
+                    generated += request.completion_tokens
+                    if request.error is not None:
+                        error = request.error.message
+                        break
+        finally:
+            self.observer, self.queue, self.mean_request_seconds = observer, queue, mean
+            self._batch, self._preempted, self._admitting = None, [], []
+            self._oom_cap = None
+            self.stage, self.current_step = "idle", None
+            self.last_progress_ns = time.perf_counter_ns()
+        return WarmUp(
+            generations=len(plan),
+            tokens=generated,
+            seconds=(time.perf_counter_ns() - started) / 1e9,
+            error=error,
+        )
 
     def _fail_held(self, exc: Exception) -> None:
         """A step failed: every request the engine holds gets the error; the queue is kept."""

@@ -21,6 +21,8 @@ bucket, scaled up by the ratio of units to the power of the stage's exponent (1 
 where a bigger batch costs at most in proportion; 2 for prefill and vision, whose attention is
 quadratic in the tokens or patches), else from the nearest bigger bucket, unscaled. A device or
 stage with no bucket ready predicts nothing (``None``): the caller falls back to its fixed bound.
+The engine's warm-up, right after the model load, runs enough prefills and decode steps of one
+small size for both stages to predict before the first client request (``Engine.warm_up``).
 
 Cheap in the hot path: ``record`` is a lock, a dict lookup and a deque append, once per step;
 the medians are computed only by ``predict`` (the watchdog, at most once per check). Pure
@@ -107,6 +109,12 @@ class StepCosts:
             return statistics.median(s * (units / u) ** exponent for u, s in samples)
         samples = ready[min(b for b in ready if b > own)]
         return statistics.median(s for _, s in samples)
+
+    @property
+    def steps_to_predict(self) -> int:
+        """Steps of one stage and size a fresh device needs before that size predicts: the
+        ignored warm-up steps and then a bucket's worth (the engine's warm-up runs as many)."""
+        return self.warmup + self.min_samples
 
     def steps_seen(self, device: str, stage: str) -> int:
         with self._lock:
