@@ -17,9 +17,10 @@ Two settings:
   process serves WARM_REQUESTS short completions, as one in service has: its stall threshold
   follows step costs it has learned (inference/engine/step_cost.py), and the any-engine alert
   needs progress before the silence.
-- cold: as defaults, but the hang meets the process's very first decode step after its start:
-  nothing learned yet, so the watchdog waits its upper bound, --stall-timeout (30 s), and the
-  any-engine alert has no progress to miss.
+- cold: as defaults, but the hang meets the process's very first client decode step after its
+  start: the step costs come from the load's warm-up alone (--warmup-tokens; with 0 nothing is
+  learned and the watchdog waits its upper bound, --stall-timeout 30 s), and the any-engine
+  alert has no progress to miss.
 - short: the end-to-end test's cadence: every scrape and evaluation interval 1 s, the rules
   rendered with evaluation_interval 1s, 1 s grouping, --stall-timeout 2 --on-stall report.
 Prometheus runs with --rules.alert.resend-delay=1s so that the Watchdog, dropped while
