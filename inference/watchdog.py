@@ -1,9 +1,13 @@
 """The stall watchdog: a thread that notices when the engine stops making progress.
 
-Stalled means work is pending (waiting in the queue or held by the engine) and neither a prefill
-nor a decode step has completed for longer than the threshold of the step under way, counted
-from the later of the last step and the arrival of the oldest pending request (so an idle
-server, or a long generation that keeps producing tokens, is never stalled).
+Stalled means work is pending (waiting in the queue or held by the engine) and the engine has
+made no progress (no prefill, decode or vision step completed) for too long, counted from the
+later of the last progress and the arrival of the oldest pending request (so an idle server, or
+a long generation that keeps producing tokens, is never stalled). That time is two spans, each
+judged on its own: the step under way, from its start, against that step's threshold (below);
+and the time before it, outside any step (admission, a failed pass retried after running out of
+memory, detokenization, a merge; all of it when no step runs), against ``--stall-floor``. The
+stall report says which ran past (``span``: ``step`` or ``outside_step``).
 
 The threshold follows the work in flight: the engine learns what its steps cost on its device
 (engine/step_cost.py) and predicts how long the running one should take; the step is stalled
@@ -68,6 +72,11 @@ class Stall:
     threshold_s: float = 0.0  # the threshold it ran past
     predicted_s: float | None = None  # the step's predicted duration, when there was one
     units: int | None = None  # the step's units of work (tokens, batch size, patches)
+    # True: the running step ran past its threshold (since_ns its start); False: the time
+    # outside any step (since the last progress, up to the step's start, outside_s long) ran
+    # past the floor; None: neither applies (load, preprocessing)
+    in_step: bool | None = None
+    outside_s: float | None = None
 
     def stalled_for_s(self, now_ns: int | None = None) -> float:
         return ((now_ns or time.perf_counter_ns()) - self.since_ns) / 1e9
@@ -87,8 +96,15 @@ def describe_threshold(stall: Stall, *, floor: float, factor: float, bound: floa
     """Where a stall's threshold came from, in words, for the report."""
     if stall.stage == "load":
         return "--load-timeout"
-    if stall.stage == "schedule":
-        return "--stall-floor: no step runs" if stall.threshold_s < bound else "--stall-timeout"
+    if stall.in_step is False:
+        if stall.threshold_s >= bound:
+            return "--stall-timeout"
+        if stall.stage == "schedule":
+            return "--stall-floor: no step runs"
+        return (
+            f"--stall-floor: {stall.outside_s:.3g} s outside any step, since the last "
+            f"progress, before or between {stall.stage} steps"
+        )
     if stall.preprocessing is not None:
         return "--stall-timeout: preprocessing is timed by the bound"
     if stall.predicted_s is None:
@@ -260,30 +276,52 @@ class Watchdog:
             return
         # Pending work is timed from when it reached the queue (a download before is not ours).
         since = max(engine.last_progress_ns, min(r.queued_ns for r in pending))
-        elapsed = (now_ns - since) / 1e9
-        if elapsed <= min(self.stall_floor, self.stall_timeout):
+        floor = min(self.stall_floor, self.stall_timeout)
+        if (now_ns - since) / 1e9 <= floor:
             return  # below every threshold: nothing to predict
         stage = engine.stage if engine.stage != "idle" else "schedule"
-        predicted, units = self._prediction(engine, stage)
-        if stage == "schedule":
-            threshold = min(self.stall_floor, self.stall_timeout)
-        else:
-            threshold = stall_threshold(
-                predicted,
-                floor=self.stall_floor,
-                factor=self.stall_factor,
-                bound=self.stall_timeout,
+        step = engine.current_step
+        # A step runs when one has started since the last progress (a completed one made
+        # progress at its end; a failed one is cleared by the engine).
+        running = step is not None and stage != "schedule" and step[2] >= engine.last_progress_ns
+        # Two spans, each against its own threshold: the running step, from its start, against
+        # that step's threshold; the time before it since the last progress (admission, a failed
+        # pass retried after running out of memory, detokenization, a merge; all of it when no
+        # step runs), against the floor: no step ran then. Charged to the step, that earlier
+        # work would count against a threshold predicted for the step alone.
+        step_start = max(step[2], since) if running else now_ns
+        if (step_start - since) / 1e9 > floor:
+            stall = Stall(
+                stage,
+                since,
+                now_ns,
+                engine.iterations,
+                threshold_s=floor,
+                in_step=False,
+                outside_s=(step_start - since) / 1e9,
             )
-        if elapsed <= threshold:
+            self._stalled(stall, pending, engine.thread_id)
+            return
+        if not running:
+            return
+        predicted, units = self._prediction(engine, stage)
+        threshold = stall_threshold(
+            predicted,
+            floor=self.stall_floor,
+            factor=self.stall_factor,
+            bound=self.stall_timeout,
+        )
+        if (now_ns - step_start) / 1e9 <= threshold:
             return
         stall = Stall(
             stage,
-            since,
+            step_start,
             now_ns,
             engine.iterations,
             threshold_s=threshold,
             predicted_s=predicted,
             units=units,
+            in_step=True,
         )
         self._stalled(stall, pending, engine.thread_id)
 
@@ -349,14 +387,17 @@ class Watchdog:
             threshold_s=round(threshold, 3),
             predicted_step_s=None if stall.predicted_s is None else round(stall.predicted_s, 6),
             step_units=stall.units,
+            # which span ran past its threshold: the running step, or the time outside any step
+            span={True: "step", False: "outside_step"}.get(stall.in_step),
             stall_timeout_s=bound,
             on_stall=self.on_stall,
             requests=described,
             threads=stacks,
         ).error(
-            "stall report: the engine made no progress in {} for {:.1f} s "
+            "stall report: the engine made no progress in {}{} for {:.1f} s "
             "(threshold {:.3g} s: {}) with {} request(s) pending{}; {}",
             stall.stage,
+            {True: " (the running step)", False: " (outside any step)"}.get(stall.in_step, ""),
             seconds,
             threshold,
             why,

@@ -356,6 +356,72 @@ def test_the_reason_names_the_floor_and_the_bound(setup):
     assert "(threshold 5 s: --stall-floor, above" in report
 
 
+def test_time_before_the_step_is_not_charged_to_the_step(setup):
+    """4 s of work outside any step (admission, a failed pass retried) before a long prefill:
+    the prefill is judged from its own start against its own threshold."""
+    progress = 1000 * S
+    setup.engine.run("prefill", 512, progress)  # its threshold: 10 x 2 s
+    setup.engine.current_step = ("prefill", 512, progress + 4 * S)
+    expected = setup.defaults.stall_factor * 2.0
+    assert _first_stall_s(setup.watchdog, progress, 4 + expected - 0.1) is None
+    fired = _first_stall_s(setup.watchdog, progress, 40)
+    assert fired is not None and 4 + expected < fired <= 4 + expected + 0.05 + 1e-9
+    stall = setup.watchdog.stall
+    assert stall.in_step is True and stall.since_ns == progress + 4 * S
+    assert stall.stalled_for_s(stall.detected_ns) == pytest.approx(fired - 4)
+
+
+def test_time_outside_any_step_is_judged_against_the_floor(setup):
+    """6 s between the last progress and the start of a long prefill: past the floor, though
+    the prefill's own threshold (20 s) is far off; the report says it was outside a step."""
+    from loguru import logger
+
+    progress = 1000 * S
+    setup.engine.run("prefill", 512, progress)
+    setup.engine.current_step = ("prefill", 512, progress + 6 * S)
+    records: list[dict] = []
+    sink = logger.add(lambda message: records.append(message.record), level="ERROR")
+    try:
+        setup.watchdog.check(progress + 6 * S + S // 10)
+    finally:
+        logger.remove(sink)
+    stall = setup.watchdog.stall
+    assert stall is not None and stall.in_step is False
+    assert stall.threshold_s == setup.defaults.stall_floor
+    assert stall.outside_s == pytest.approx(6.0)
+    [report] = [r for r in records if r["message"].startswith("stall report")]
+    assert report["extra"]["span"] == "outside_step"
+    assert "(outside any step)" in report["message"]
+    assert "6 s outside any step" in report["message"]
+
+
+def test_work_after_a_completed_step_is_judged_against_the_floor(setup):
+    """A long prefill completed (progress at its end), then the engine spends time outside any
+    step (stage still prefill): the floor applies, not the finished prefill's 20 s."""
+    start = 1000 * S
+    setup.engine.run("prefill", 512, start)
+    setup.engine.last_progress_ns = start + 2 * S  # it completed after 2 s
+    fired = _first_stall_s(setup.watchdog, start + 2 * S, 40)
+    floor = setup.defaults.stall_floor
+    assert fired is not None and floor < fired <= floor + 0.05 + 1e-9
+    assert setup.watchdog.stall.in_step is False and setup.watchdog.stall.threshold_s == floor
+
+
+def test_a_step_stall_says_it_was_the_step(setup):
+    from loguru import logger
+
+    records: list[dict] = []
+    sink = logger.add(lambda message: records.append(message.record), level="ERROR")
+    try:
+        setup.engine.run("decode", 1, 1000 * S)
+        setup.watchdog.check(1006 * S)
+    finally:
+        logger.remove(sink)
+    [report] = [r for r in records if r["message"].startswith("stall report")]
+    assert report["extra"]["span"] == "step"
+    assert "(the running step)" in report["message"]
+
+
 # ---- through a real server, faults injected --------------------------------------------------
 
 FAULTY = ("--enable-fault-injection", "--on-stall", "report")

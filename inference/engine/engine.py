@@ -167,6 +167,9 @@ class Engine:
         # What each step costs on this device, learned as it runs (step_cost.py), and the step
         # under way: (stage, units, perf_counter_ns at its start), one tuple assigned at once so
         # that the watchdog reads a consistent view; it predicts that step's duration from both.
+        # A step runs while its start is at or after last_progress_ns (a completed step makes
+        # progress at its end); a failed one is set back to None, so that the time after it
+        # counts as outside any step.
         self.step_costs = step_costs if step_costs is not None else StepCosts()
         self.device_key = str(loaded.device)
         self.current_step: tuple[str, int, int] | None = None
@@ -235,6 +238,7 @@ class Engine:
             if self._batch is not None:
                 self._decode_step()
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+            self.current_step = None
             self._fail_held(exc)
 
     # ---- warm-up ---------------------------------------------------------------------------
@@ -429,6 +433,7 @@ class Engine:
             try:
                 return self._prefill(rows)
             except Exception as exc:  # noqa: BLE001 - only the new group fails; the batch goes on
+                self.current_step = None  # the failed pass runs no more (see the watchdog)
                 if not is_out_of_memory(exc, self.loaded.device):
                     self._fail_step(exc, [row.request for row in rows])
                     return None
@@ -681,6 +686,7 @@ class Engine:
             batch.positions = batch.positions + 1
             self._choose_and_accept(batch, output.logits[:, -1, :], "decode")
         except Exception as exc:
+            self.current_step = None  # the failed pass runs no more (see the watchdog)
             if (
                 not is_out_of_memory(exc, self.loaded.device)
                 or len(batch) == 1
