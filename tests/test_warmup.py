@@ -10,6 +10,7 @@ import time
 
 import pytest
 import requests
+import torch
 
 from inference.config import Config, ConfigError, load_config
 from inference.engine.engine import Engine, warmup_plan
@@ -128,6 +129,52 @@ def test_a_started_engine_does_not_warm_up(loaded):
             engine.warm_up([1, 2, 3], 8, timeout_s=60)
     finally:
         engine.stop()
+
+
+def test_a_step_is_timed_until_the_host_has_its_tokens(loaded, monkeypatch):
+    """The recorded step time includes the copy of the chosen tokens to the host, which on CUDA
+    is where the step's kernels are waited for (engine._choose_and_accept). On the CPU, a copy
+    made slow on the engine's clock (100 s per step, a fake clock: nothing is timed) must show
+    in every recorded prefill and decode step."""
+    import inference.engine.engine as engine_module
+    from inference.engine.sampling import BatchSampler
+
+    slow_s = 100.0
+    offset = [0]
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter_ns() -> int:
+            return time.perf_counter_ns() + offset[0]
+
+    class SlowToHost(torch.Tensor):
+        __torch_function__ = torch._C._disabled_torch_function_impl  # ops give plain tensors
+
+        def tolist(self):
+            offset[0] += int(slow_s * 1e9)  # the copy to the host takes 100 s
+            return torch.Tensor.tolist(self)
+
+    select = BatchSampler.select
+    monkeypatch.setattr(
+        BatchSampler, "select", lambda self, *a: select(self, *a).as_subclass(SlowToHost)
+    )
+    monkeypatch.setattr(engine_module, "time", FakeTime)
+    engine = Engine(loaded, RequestQueue(8), max_batch_size=8)
+    recorded: list[tuple[str, float]] = []
+    learn = engine.step_costs.record
+    monkeypatch.setattr(
+        engine.step_costs,
+        "record",
+        lambda device, stage, units, seconds: (
+            recorded.append((stage, seconds)),
+            learn(device, stage, units, seconds),
+        ),
+    )
+    done = engine.warm_up(loaded.tokenizer(WARMUP_PROMPT)["input_ids"], 11, timeout_s=3600)
+    assert done.error is None and done.tokens == 11
+    assert {stage for stage, _ in recorded} == {"prefill", "decode"}
+    assert len(recorded) == 11  # each step: one copy, recorded once
+    assert all(seconds >= slow_s for _, seconds in recorded), recorded
 
 
 # ---- the service -------------------------------------------------------------------------------

@@ -620,6 +620,12 @@ class Engine:
             },
             self._vision_fault_layer,
         )
+        # The tower's kernels run asynchronously on CUDA (see _choose_and_accept): its end is
+        # taken after waiting for them, so that its GPU time is the vision step's, not charged
+        # to the prefill that consumes the features. One wait per request with images, off the
+        # decode path; on the CPU the pass has finished already.
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
         now = time.perf_counter_ns()
         request.vision_finished_ns = now
         self.last_progress_ns = now  # the tower's pass is progress: the watchdog sees it move
@@ -723,13 +729,21 @@ class Engine:
             self._force_eos = False
         batch.sampler.record(tokens)
         batch.last_tokens = tokens
+        # The step ends when the host has its tokens, not before: on CUDA, kernel launches
+        # return at once and the work runs later ("By default, GPU operations are asynchronous
+        # [...] PyTorch automatically performs necessary synchronization when copying data
+        # between CPU and GPU", https://docs.pytorch.org/docs/stable/notes/cuda.html
+        # #asynchronous-execution), so a clock read before this copy would time the launches
+        # of the forward pass and the sampling, not their work. This copy is the step's own
+        # synchronisation (the tokens are needed here anyway): nothing is added to the hot path.
+        chosen = tokens.tolist()
         now = time.perf_counter_ns()
         self.last_progress_ns = now
         self._step_done(now)
         self.observer.step(stage, len(batch))
         eos_ids = self.loaded.eos_token_ids
         suppression_changed = False
-        for row, token in zip(batch.rows, tokens.tolist(), strict=True):
+        for row, token in zip(batch.rows, chosen, strict=True):
             request = row.request
             if row.done:
                 continue
