@@ -1628,14 +1628,15 @@ def _check_fast_pair(config: dict[str, Any], job_name: str, names: set[str], par
     assert fast.get("metrics_path") == job.get("metrics_path")
     assert _duration_s(fast["scrape_interval"]) == 2
     assert _duration_s(fast["scrape_timeout"]) < _duration_s(fast["scrape_interval"])
-    *filters, rename = fast["metric_relabel_configs"]
+    keep, rename = fast["metric_relabel_configs"]
     assert rename == {"target_label": "job", "replacement": job_name}
-    if params:  # the target filters (name[]); nothing to keep after the scrape
-        assert set(fast["params"]["name[]"]) == names and not filters
-    else:  # the whole /metrics, kept to the names
+    # Kept to the names after the scrape either way: a target that ignores name[] (an older
+    # exporter image during a rolling upgrade) must not have every series stored twice.
+    assert keep["action"] == "keep" and _names_of(keep) == names
+    if params:  # the target filters (name[]) too
+        assert set(fast["params"]["name[]"]) == names
+    else:  # the whole /metrics
         assert "params" not in fast
-        (keep,) = filters
-        assert keep["action"] == "keep" and _names_of(keep) == names
 
 
 def test_the_exporter_hang_job_scrapes_exactly_the_series_the_hang_rules_read():
@@ -1660,11 +1661,12 @@ def test_the_engine_hang_jobs_keep_exactly_the_series_the_hang_rules_read(engine
     _check_fast_pair(config, engine.name, set(HANG_SERIES[engine.name]), params=False)
 
 
-def _relabelled(name: str, job_config: dict[str, Any]) -> str | None:
+def _relabelled(name: str, job_config: dict[str, Any], honours_params: bool = True) -> str | None:
     """The job a sample of metric ``name`` scraped by a job is stored under after its
     metric_relabel_configs (keep, drop, a fixed job), None when not served (a name[] that does
-    not name it: the exporter serves only those) or dropped."""
-    if name not in job_config.get("params", {}).get("name[]", [name]):
+    not name it: the exporter serves only those) or dropped. ``honours_params=False``: the
+    target serves its whole exposition whatever the query (an exporter older than name[])."""
+    if honours_params and name not in job_config.get("params", {}).get("name[]", [name]):
         return None
     job = "scraped"
     for step in job_config.get("metric_relabel_configs", []):
@@ -1680,14 +1682,23 @@ def _relabelled(name: str, job_config: dict[str, Any]) -> str | None:
     return job
 
 
+@pytest.mark.parametrize("honours_params", [True, False], ids=["name-filter", "full-exposition"])
 @pytest.mark.parametrize(
     "config_path",
-    ["alerts/prometheus.yml", *(f"compose/prometheus/{e}.yml" for e in ENGINE_OVERRIDES)],
+    [
+        "alerts/prometheus.yml",
+        "compose/prometheus/remote-write.yml",
+        *(f"compose/prometheus/{e}.yml" for e in ENGINE_OVERRIDES),
+    ],
 )
-def test_every_series_is_stored_once_under_its_own_job(config_path):
+def test_every_series_is_stored_once_under_its_own_job(config_path, honours_params):
     """Replaying the metric relabelings on every series the hang rules read and on others: each
-    is stored by exactly one of the two jobs, always under the job's own name."""
+    is stored by exactly one of the two jobs, always under the job's own name; also when the
+    target serves its full exposition to the fast job (an exporter that ignores name[], as an
+    older image would during a rolling upgrade): the fast job still stores only the hang
+    names."""
     from alerts.rules import HANG_SERIES
+    from tools.metrics_reference import all_metric_names
 
     config = yaml.safe_load((REPO / config_path).read_text(encoding="utf-8"))
     for job_name, names in HANG_SERIES.items():
@@ -1697,8 +1708,10 @@ def test_every_series_is_stored_once_under_its_own_job(config_path):
         if not jobs:
             continue
         others = [f"{name}_other" for name in names] + ["up_like", "vigil_gpu_up", "x" + names[0]]
+        # And every series our processes publish (the exporter's whole exposition).
+        others += sorted(all_metric_names() - set(names))
         for name in [*names, *others]:
-            stored = [(job["job_name"], _relabelled(name, job)) for job in jobs]
+            stored = [(job["job_name"], _relabelled(name, job, honours_params)) for job in jobs]
             kept = [(scraper, as_job) for scraper, as_job in stored if as_job is not None]
             # A job whose sample is not relabelled keeps its own name ("scraped" here).
             kept = [(s, job_name if j == "scraped" else j) for s, j in kept]

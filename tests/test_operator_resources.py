@@ -239,7 +239,11 @@ def test_the_exporter_pod_monitor_selects_the_exporter_and_yields_job_vigil_expo
     assert drop["action"] == "drop" and set(drop["regex"].split("|")) == names
     assert (fast["port"], fast["path"]) == ("metrics", "/metrics")
     assert set(fast["params"]["name[]"]) == names
-    assert fast["metricRelabelings"] == [{"targetLabel": "job", "replacement": "vigil-exporter"}]
+    # Kept to them after the scrape too: an exporter that ignores name[] (an older image during
+    # a rolling upgrade) would otherwise have every series stored twice under the same labels.
+    keep, rename = fast["metricRelabelings"]
+    assert keep == {"sourceLabels": ["__name__"], "regex": drop["regex"], "action": "keep"}
+    assert rename == {"targetLabel": "job", "replacement": "vigil-exporter"}
     shipped = {
         job["job_name"]: job
         for job in yaml.safe_load((REPO / "alerts" / "prometheus.yml").read_text())[

@@ -174,11 +174,12 @@ def _with_hang_endpoint(endpoint: dict, job: str, params: bool) -> list[dict]:
     and vigil.stack.engine_scrape_jobs do: every 2 s, job ``<job>-hang`` for its target (its up
     and scrape_*), its samples relabelled back to ``job``; the endpoint drops them, so each
     series is stored once. ``params``: the endpoint asks for the names only (name[], which our
-    exporter honours), else it scrapes everything and keeps them (the engines: see
-    engine_scrape_jobs). The Operator writes an endpoint's params, metricRelabelings, interval
-    and scrapeTimeout into its own scrape config (params: "Optional HTTP URL parameters",
-    PodMetricsEndpoint in the PodMonitor CRD), and names each endpoint's job apart
-    (podMonitor/<namespace>/<name>/<index>)."""
+    exporter honours), else it scrapes everything (the engines: see engine_scrape_jobs); either
+    way it keeps only the names after the scrape, so that an exporter that ignores name[] (an
+    older image during a rolling upgrade) does not store every series twice. The Operator
+    writes an endpoint's params, metricRelabelings, interval and scrapeTimeout into its own
+    scrape config (params: "Optional HTTP URL parameters", PodMetricsEndpoint in the PodMonitor
+    CRD), and names each endpoint's job apart (podMonitor/<namespace>/<name>/<index>)."""
     names = stack.hang_series(job)
     if not names:
         return [endpoint]
@@ -194,7 +195,7 @@ def _with_hang_endpoint(endpoint: dict, job: str, params: bool) -> list[dict]:
         _job(job + stack.HANG_JOB_SUFFIX) if step == _job(job) else copy.deepcopy(step)
         for step in endpoint["relabelings"]
     ]
-    fast["metricRelabelings"] = ([] if params else [_names(names, "keep")]) + [_job(job)]
+    fast["metricRelabelings"] = [_names(names, "keep"), _job(job)]
     return [{**endpoint, "metricRelabelings": [_names(names, "drop")]}, fast]
 
 
@@ -467,7 +468,8 @@ PODMONITORS_NOTE = """\
 # Each has a second endpoint on the same port for the series the hang rule group reads
 # (alerts.rules.HANG_SERIES): every 2 s, job <job>-hang for its up and scrape_*, its samples
 # relabelled to the job's name; the first endpoint drops them, so each is stored once. The
-# exporter's asks for them only (name[]); an engine's scrapes its whole /metrics and keeps them.
+# exporter's asks for them only (name[]); an engine's scrapes its whole /metrics; both keep
+# only them after the scrape (an exporter that ignores name[] stores nothing twice).
 """
 
 
