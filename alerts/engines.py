@@ -69,6 +69,10 @@ class Profile:
     job: str
     stopped_running: str
     stopped_progress: tuple[str, ...]
+    # How long the running gauge must stay above 0 with no progress series moving, where the
+    # engine's gauge can lag the work by longer than the engine_stopped_window parameter
+    # (alerts/rules.py); None: that parameter.
+    stopped_window: str | None = None
 
     def by_model(self, aggregation: str, expr: str, extra: str = "") -> str:
         by = f"instance, model{extra}"
@@ -179,6 +183,18 @@ SGLANG = Profile(
         *SERIES["sglang"].progress_counters,
         *SERIES["sglang"].progress_gauges,
     ),
+    # num_running_reqs is a stale gauge after a burst: the scheduler sets it only when it logs
+    # its stats, every decode log interval (40 steps) while it decodes and, once idle, every
+    # 30 s ("During idle time, also collect metrics every 30 seconds": Scheduler.check_memory,
+    # python/sglang/srt/managers/scheduler.py, later the scheduler's runtime-checker mixin,
+    # `time.perf_counter() > self.metrics_collector.last_log_time + 30`). So when the last
+    # requests finish, the gauge keeps their number for up to 30 s while nothing moves: with
+    # the 20 s window every burst that ends would look like a hang. SGLang has no prompter
+    # in-flight gauge (the tokenizer manager counts requests only when they finish), so its
+    # window is longer than that refresh: 30 s plus 15 s of margin (the idle loop's own
+    # period, a scrape, a slow log round). A hang is then notified some 25 s later than on
+    # the other engines; InferenceEngineNoProgress stays the backstop.
+    stopped_window="45s",
 )
 
 # TGI (huggingface/text-generation-inference router and backends/v3), v1.4.0 to v3.3.7. Router

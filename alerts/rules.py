@@ -77,6 +77,8 @@ HANG_SERIES: dict[str, tuple[str, ...]] = {
                     (
                         "inference_engine_stalled",
                         "inference_engine_stalls_total",
+                        # A process with our watchdog is left to InferenceEngineStalled.
+                        "inference_watchdog_stall_timeout_seconds",
                         "vigil_engine_metrics_up",
                         "vigil_engine_requests_running",
                         "vigil_engine_progress_total",
@@ -120,8 +122,8 @@ PARAMETERS: dict[str, Parameter] = {
     ),
     "stall_for": Parameter(
         "0s",
-        "How long the engine's own stall flag must hold (the watchdog "
-        "already waited --stall-timeout).",
+        "How long the engine's own stall flag must hold (the watchdog already waited its "
+        "stall threshold: the running step's, from --stall-floor up to --stall-timeout).",
     ),
     "stall_window": Parameter(
         "5m",
@@ -145,7 +147,9 @@ PARAMETERS: dict[str, Parameter] = {
         "InferenceEngineStoppedGenerating: how long requests must have been running with none of "
         "the engine's progress series moving (read from the engine's own metrics, or ours from "
         "the exporter's state-directory view). Five times a 4 s prefill (a pause that is no "
-        "hang), ten fast scrapes, and short enough for a notification within 30 s.",
+        "hang), ten fast scrapes, and short enough for a notification within 30 s. SGLang's "
+        "profile has its own, longer window (alerts/engines.py: its running gauge lags by up "
+        "to 30 s once idle).",
     ),
     "engine_stopped_before": Parameter(
         "1m",
@@ -180,6 +184,11 @@ PARAMETERS: dict[str, Parameter] = {
         "InferenceEngineStoppedGenerating from the exporter's view: reads of the minute "
         "before the silence (four at the default 15 s probe interval) in which the engine's "
         "progress had moved.",
+    ),
+    "hang_scrape_failing_for": Parameter(
+        "1m",
+        "VigilHangScrapeFailing: how long a fast hang job's scrapes (<job>-hang) must fail while "
+        "the normal job's succeed (30 failed 2 s scrapes: not one slow response).",
     ),
     "engine_pending_window": Parameter(
         "1m",
@@ -321,7 +330,7 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             summary="Inference engine stalled on {{ $labels.model }}",
             description=(
                 "The watchdog of {{ $labels.model }} on {{ $labels.instance }} found work "
-                "pending and no engine progress for longer than its stall timeout (now, or "
+                "pending and no engine progress for longer than its stall threshold (now, or "
                 f"within the last {p['stall_window']}: with --on-stall exit the process "
                 "restarted right after); the waiting requests were answered 503 engine_stalled. "
                 "The stall report in the log holds every thread's stack and the requests' trace "
@@ -338,12 +347,14 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             description=(
                 "{{ $value }} requests have been running on {{ $labels.model }} "
                 "({{ $labels.engine }}) at {{ $labels.instance }} for "
-                f"{p['engine_stopped_window']} (seen by the exporter: "
+                f"{p['engine_stopped_window']} (SGLang: {engines.SGLANG.stopped_window}, its "
+                "running gauge lags; seen by the exporter: "
                 f"{p['engine_stopped_exporter_window']}) and none of the engine's progress "
                 "series has moved (generated tokens, forward passes, KV-cache updates), right "
                 "after it had been moving every few seconds: the engine stopped mid-work (a "
                 "collective that never returns, a wedged GPU, a deadlocked scheduler). Any "
-                "engine, also where our watchdog does not run; an exporter's view names "
+                "engine where our watchdog does not run (a process of ours that publishes its "
+                "watchdog is InferenceEngineStalled's); an exporter's view names "
                 "{{ $labels.target }}."
             ),
         ),
@@ -892,6 +903,30 @@ def groups(p: dict[str, str]) -> dict[str, list[dict]]:
             ),
         ),
         Alert(
+            # Every series the hang alerts read (HANG_SERIES) comes from the fast jobs only
+            # (the normal jobs drop them): a fast scrape that fails (its timeout is 1.5 s, the
+            # normal job's 10 s) blinds InferenceEngineStalled, InferenceEngineStoppedGenerating
+            # and the vocabulary's progress series behind InferenceEngineNoProgress at once,
+            # while the normal job looks fine. Critical, as VigilExporterDown: no hang of that
+            # target can page. Cause exporter: sent with the node's other exporter alerts and
+            # held back by a node alert. Where the normal job fails too, the target is down
+            # (VigilExporterDown, InferenceTargetDown): that is the news.
+            name="VigilHangScrapeFailing",
+            for_=p["hang_scrape_failing_for"],
+            severity="critical",
+            cause="exporter",
+            expr="""up{job=~".+-hang"} == 0
+            unless on (instance, job)
+            label_replace(up == 0, "job", "$1-hang", "job", "(.+)")""",
+            summary="The fast hang scrape of {{ $labels.instance }} fails",
+            description=(
+                "Prometheus cannot scrape the hang series of {{ $labels.instance }} (job "
+                "{{ $labels.job }}, every 2 s with a 1.5 s timeout) while its normal job "
+                "scrapes: the hang alerts of that target (InferenceEngineStalled, "
+                "InferenceEngineStoppedGenerating, InferenceEngineNoProgress) cannot fire."
+            ),
+        ),
+        Alert(
             name="VigilExporterCollectorFailing",
             for_="5m",
             severity="warning",
@@ -1056,13 +1091,24 @@ def _engine_stopped(profile: engines.Profile, p: dict[str, str]) -> str:
     as the silence goes on, the minute before the window slides into it, and the alert would
     end after some 40 s of a hang that lasts. The value: the fewest requests running within the
     window."""
-    window, before = p["engine_stopped_window"], p["engine_stopped_before"]
+    window = profile.stopped_window or p["engine_stopped_window"]
+    before = p["engine_stopped_before"]
     running = profile.stopped_running
 
     def per_model(expr: str) -> str:
         return engines._as_model(expr, profile.model_label)
 
     silent = f"max by (instance, model) ({_changes(profile, window)}) == 0"
+    # Our own process, seen through the exporter, has its watchdog (published as
+    # inference_watchdog_stall_timeout_seconds): its stall threshold follows the step under way,
+    # up to --stall-timeout for a step it cannot predict, so a silence of engine_stopped_window
+    # may be a legitimate long step, and a real hang pages as InferenceEngineStalled already.
+    watchdog = (
+        "\n    unless on (instance, model)\n    "
+        "group by (instance, model) (inference_watchdog_stall_timeout_seconds)"
+        if profile is engines.VIGIL
+        else ""
+    )
     return f"""label_replace(
     sum by (instance, model) ({per_model(f"min_over_time({running}[{window}])")}) > 0
     and on (instance, model)
@@ -1074,7 +1120,7 @@ def _engine_stopped(profile: engines.Profile, p: dict[str, str]) -> str:
     {silent}
     and on (instance, model)
     max by (instance, model) ({_changes(profile, before, f" offset {window}")}) >= {p["engine_stopped_moves"]}
-    )[{p["engine_stopped_hold"]}:{p["hang_evaluation_interval"]}]),
+    )[{p["engine_stopped_hold"]}:{p["hang_evaluation_interval"]}]){watchdog},
     "engine", "{profile.engine}", "", "")"""
 
 

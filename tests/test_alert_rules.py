@@ -530,6 +530,27 @@ CASES: dict[str, tuple[dict, dict]] = {
         ),
         case({'up{instance="n1:9400",job="vigil-exporter"}': "1x5"}, "5m"),
     ),
+    # vLLM's fast job times out while its normal job scrapes; quiet where both fail (the target
+    # is down: other alerts say so) or where the fast job recovers within a minute.
+    "VigilHangScrapeFailing": (
+        case(
+            {
+                'up{instance="gpu1:8000",job="vllm-hang"}': "1 0x3",
+                'up{instance="gpu1:8000",job="vllm"}': "1x3",
+            },
+            "3m",
+            [{"instance": "gpu1:8000", "job": "vllm-hang"}],
+        ),
+        case(
+            {
+                'up{instance="gpu1:8000",job="vllm-hang"}': "1 0x3",
+                'up{instance="gpu1:8000",job="vllm"}': "1 0x3",
+                'up{instance="n1:9400",job="vigil-exporter-hang"}': "1 0 1 0",
+                'up{instance="n1:9400",job="vigil-exporter"}': "1x3",
+            },
+            "3m",
+        ),
+    ),
     "VigilExporterCollectorFailing": (
         case(
             {f'vigil_exporter_collector_success{{{INSTANCE},collector="gpu"}}': "0x10"},
@@ -1081,7 +1102,8 @@ def test_engine_stopped_generating_fires_within_its_window_after_sustained_gener
     tests = [
         # Still firing as the hang goes on (the minute before the window has slid into it).
         _stopped(hung_vllm, {"2m16s": [], "2m22s": [AT_VLLM], "3m30s": [AT_VLLM]}),
-        _stopped(hung_sglang, {"2m16s": [], "2m22s": [AT_SGLANG]}),
+        # SGLang's own window (45 s: its running gauge lags by up to 30 s once idle).
+        _stopped(hung_sglang, {"2m40s": [], "2m49s": [AT_SGLANG]}),
         _stopped(hung_tgi, {"2m16s": [], "2m22s": [AT_TGI]}),
         _stopped(ours, {"2m16s": [], "2m22s": [AT_ENGINE]}),
         # The exporter's last read that moved is at 120 s: quiet at 120 + 40, firing by
@@ -1132,6 +1154,26 @@ def test_engine_stopped_generating_stays_quiet_where_no_hang_is(tmp_path):
             f"sglang:num_used_tokens{{{SGLANG}}}": values(
                 [1000 + 40 * (second // 40) for second in range(0, 2 * n + 1, 2)]
             ),
+        },
+        # SGLang's burst ends at 120 s: its scheduler refreshes num_running_reqs only when it
+        # logs (every 40 decode steps, every 30 s once idle), so the gauge keeps 4 for 28 s
+        # after the last move, then drops to 0.
+        "sglang stale gauge": {
+            f"sglang:num_running_reqs{{{SGLANG}}}": f"4x{HANG_AT + 14} 0x{AFTER - 15}",
+            f"sglang:inter_token_latency_seconds_count{{{SGLANG}}}": rising_then_flat(
+                8, HANG_AT, AFTER
+            ),
+            f"sglang:generation_tokens_total{{{SGLANG}}}": rising_then_flat(50, 6, n - 6),
+        },
+        # Our own process with its watchdog: a silence is the watchdog's to judge (its stall
+        # threshold follows the step, up to --stall-timeout) and InferenceEngineStalled's to
+        # page.
+        "our watchdog": {
+            f"inference_requests_running{{{PROCESS}}}": f"3x{n}",
+            f'inference_engine_steps_total{{{MODEL},stage="decode"}}': rising_then_flat(
+                20, HANG_AT, AFTER
+            ),
+            f"inference_watchdog_stall_timeout_seconds{{{PROCESS}}}": f"30x{n}",
         },
         # vLLM's scrapes fail from 120 s on (the series go stale): down, not a silence.
         "unscraped": _vllm(f"{fast_then} stale", running=f"8x{HANG_AT} stale"),
