@@ -488,10 +488,13 @@ def test_engine_probe_services_and_podmonitors_agree_on_the_port(name):
     objects = build(name)
     for text in exporter_config(objects).target:
         target = parse_target(text)
-        (endpoint,) = monitors[target.engine]["spec"]["podMetricsEndpoints"]
+        # Every endpoint (the normal one and the 2 s one for the hang series) scrapes that port.
+        endpoints = monitors[target.engine]["spec"]["podMetricsEndpoints"]
+        assert endpoints
         (port,) = target_service(objects, target.url)["spec"]["ports"]
-        assert endpoint["portNumber"] == port["targetPort"] == ENGINE_PORTS[target.engine]
-        assert f"containerPort: {endpoint['portNumber']}" in section, target.engine
+        for endpoint in endpoints:
+            assert endpoint["portNumber"] == port["targetPort"] == ENGINE_PORTS[target.engine]
+            assert f"containerPort: {endpoint['portNumber']}" in section, target.engine
 
 
 def readme_section(title: str) -> str:

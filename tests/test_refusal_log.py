@@ -40,7 +40,19 @@ def test_what_counts_as_a_refusal():
 
 
 def test_a_429_storm_logs_a_summary_and_counts_every_refusal(server_factory):
-    server = server_factory("--max-queue", "1", "--max-batch-size", "1", "--enable-fault-injection")
+    server = server_factory(
+        "--max-queue",
+        "1",
+        "--max-batch-size",
+        "1",
+        "--enable-fault-injection",
+        # The batch is held on purpose: the watchdog out of the way (the bound, and the floor
+        # that applies once the step has a prediction from the load's warm-up).
+        "--stall-timeout",
+        "3600",
+        "--stall-floor",
+        "3600",
+    )
     server.hang_a_request(seconds=60)  # holds the batch; the next request fills the queue
     server.wait_for(lambda: server.sample("inference_requests_running") == 1, what="running")
     url = server.url("/v1/chat/completions")
