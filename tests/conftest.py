@@ -317,21 +317,29 @@ class Prometheus:
 
 
 def start_prometheus(tmp_path: Path, config_text: str, *extra: str) -> Prometheus:
+    config = tmp_path / "prometheus.yml"
+    config.write_text(config_text)
+    return launch_prometheus(
+        config, tmp_path / "tsdb", free_port(), tmp_path / "prometheus.log", *extra
+    )
+
+
+def launch_prometheus(
+    config: Path, tsdb: Path, port: int, log_path: Path, *extra: str
+) -> Prometheus:
+    """Prometheus with this configuration file on this port (a configuration that scrapes
+    Prometheus itself needs the port beforehand), ready to answer."""
     import shutil
 
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus is not installed (Debian package prometheus)")
-    config = tmp_path / "prometheus.yml"
-    config.write_text(config_text)
-    port = free_port()
-    log_path = tmp_path / "prometheus.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [
                 binary,
                 f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--storage.tsdb.path={tsdb}",
                 f"--web.listen-address=127.0.0.1:{port}",
                 *extra,
             ],

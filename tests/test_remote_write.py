@@ -31,6 +31,7 @@ from conftest import (
     REPO,
     Prometheus,
     free_port,
+    launch_prometheus,
     start_alertmanager,
     start_exporter,
     start_prometheus,
@@ -112,35 +113,6 @@ def _moved(config: dict[str, Any], ports: dict[str, int], receiver: str) -> dict
     return moved
 
 
-def _start_prometheus_on(directory: Path, config: Path, port: int) -> Prometheus:
-    """A Prometheus on a port chosen beforehand (its configuration scrapes itself there)."""
-    log_path = directory / "sender.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={directory / 'sender-tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    prometheus = Prometheus(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError("prometheus exited:\n" + log_path.read_text()[-3000:])
-        try:
-            if requests.get(prometheus.base_url + "/-/ready", timeout=2).status_code == 200:
-                return prometheus
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    prometheus.stop()
-    raise AssertionError("prometheus never became ready:\n" + log_path.read_text()[-3000:])
-
-
 ALERTMANAGER = """
 route: {receiver: none, group_wait: 0s}
 receivers: [{name: none}]
@@ -204,7 +176,9 @@ def test_raw_and_recorded_series_reach_the_central_store_with_the_cluster_label(
         }
         config = _lay_out(tmp_path / "etc", _moved(shipped, ports, receiver.base_url))
         _promtool_check(config)
-        sender = _start_prometheus_on(tmp_path, config, sender_port)
+        sender = launch_prometheus(
+            config, tmp_path / "sender-tsdb", sender_port, tmp_path / "sender.log"
+        )
         started.append(sender)
         logs = (sender.log_path, receiver.log_path)
 
