@@ -79,6 +79,23 @@ def engine_service(model: str) -> str:
     return f"http://llm-vigil-vllm-{model}.serving.svc:8000"
 
 
+def xid_79_alerts(cluster: str, node: str) -> list[dict[str, str]]:
+    """The labels of GpuXidError for XID 79 on every GPU of the node (its exporter's place)."""
+    return [
+        {
+            "cluster": cluster,
+            "namespace": "vigil",
+            "node": node,
+            "instance": node,
+            "gpu": str(index),
+            "uuid": f"GPU-{node}-{index}-{cluster}",
+            "gpu_name": "H100",
+            "xid": "79",
+        }
+        for index in range(GPUS)
+    ]
+
+
 def healthy_node(cluster: str, node: str) -> dict[str, str]:
     """Everything an exporter and its node's vLLM pods publish when all is well."""
     at = exporter(cluster, node)
@@ -213,19 +230,7 @@ def test_one_bad_node_raises_the_node_alert_once_for_that_node(tmp_path):
         "NodeGpusVanished": [],
         # The per-GPU and per-engine alerts fire too, each with its place (Alertmanager holds
         # them back while the node alert fires: test below).
-        "GpuXidError": [
-            {
-                "cluster": cluster,
-                "namespace": "vigil",
-                "node": node,
-                "instance": node,
-                "gpu": str(index),
-                "uuid": f"GPU-{node}-{index}-{cluster}",
-                "gpu_name": "H100",
-                "xid": "79",
-            }
-            for index in range(GPUS)
-        ],
+        "GpuXidError": xid_79_alerts(cluster, node),
         "InferenceEngineNoProgress": [
             {
                 "cluster": cluster,
@@ -334,19 +339,7 @@ def test_the_node_alert_fires_with_the_first_gpu_alerts(tmp_path):
         series[f'vigil_gpu_xid_errors_total{{{g},xid="79"}}'] = f"_x3 1x{STEPS - 3}"
     expected = {
         "NodeGpusFaulty": [{"cluster": cluster, "node": node}],
-        "GpuXidError": [
-            {
-                "cluster": cluster,
-                "namespace": "vigil",
-                "node": node,
-                "instance": node,
-                "gpu": str(index),
-                "uuid": f"GPU-{node}-{index}-{cluster}",
-                "gpu_name": "H100",
-                "xid": "79",
-            }
-            for index in range(GPUS)
-        ],
+        "GpuXidError": xid_79_alerts(cluster, node),
     }
     quiet = {name: [] for name in expected}
     step = PARAMETERS["evaluation_interval"].default
