@@ -1389,14 +1389,20 @@ def main(argv: list[str] | None = None) -> int:
         name, _, value = item.partition("=")
         overrides[name] = value
     try:
-        files = render(overrides)
+        write(Path(args.out), overrides)
     except ValueError as exc:
         parser.error(str(exc))
-    out = Path(args.out)
+    return 0
+
+
+def write(out: Path, overrides: dict[str, str] | None = None) -> Path:
+    """Render the rule files with ``overrides`` into ``out`` (made if missing); returns ``out``.
+    Tests and benchmarks use it for rules at their own cadence or thresholds."""
+    files = render(overrides)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (out / name).write_text(text)
-    return 0
+    return out
 
 
 if __name__ == "__main__":

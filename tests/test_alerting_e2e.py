@@ -25,7 +25,8 @@ from conftest import (
     start_server,
 )
 
-from alerts.rules import ALERTS_DIR, render
+from alerts.rules import ALERTS_DIR
+from alerts.rules import write as write_rules
 
 HANG_ALERTS = (
     "InferenceEngineStalled",
@@ -88,10 +89,7 @@ def prometheus_config(rules_dir, exporter_address: str, alertmanager_address: st
 
 
 def test_hang_and_oom_reach_a_person_and_legitimate_work_does_not(tmp_path, demo_dir):
-    rules_dir = tmp_path / "rules"
-    rules_dir.mkdir()
-    for name, text in render(TEST_PARAMETERS).items():
-        (rules_dir / name).write_text(text)
+    rules_dir = write_rules(tmp_path / "rules", TEST_PARAMETERS)
     receiver = WebhookReceiver()
     server = start_server(
         tmp_path,
@@ -243,8 +241,7 @@ def test_a_frozen_foreign_engine_reaches_a_person_with_its_stacks(tmp_path, demo
         "engine_progress_window": "5s",
         "engine_hang_for": "3s",
     }
-    for name, text in render(parameters).items():
-        (rules_dir / name).write_text(text)
+    write_rules(rules_dir, parameters)
     receiver = WebhookReceiver()
     (tmp_path / "engine").mkdir()
     # The watchdog out of the way (as an engine without one): the bound and the floor, which

@@ -135,10 +135,7 @@ class Node:
         (tmp / "prometheus").mkdir()
         # The shipped rules at this Prometheus's 1 s cadence (each group carries its interval):
         # the same series, recorded and alerting, within seconds instead of minutes.
-        rules_dir = tmp / "rules"
-        rules_dir.mkdir()
-        for name, text in rules.render({"evaluation_interval": "1s"}).items():
-            (rules_dir / name).write_text(text)
+        rules_dir = rules.write(tmp / "rules", {"evaluation_interval": "1s"})
         # The exporter's jobs as alerts/prometheus.yml ships them (the normal one, and the fast
         # one for the hang series, each series stored once), pointed at this exporter, with the
         # normal job at 1 s like the rules.

@@ -698,10 +698,7 @@ def test_every_promql_query_returns_data_after_real_traffic(tmp_path, demo_dir):
     foreign_rules = tmp_path / "another-stack.rules.yml"
     foreign_rules.write_text(FOREIGN_RULES)
     # The shipped rules at this test's 1 s cadence (each rule group carries its interval).
-    rules_dir = tmp_path / "rules"
-    rules_dir.mkdir()
-    for name, text in rules.render({"evaluation_interval": "1s"}).items():
-        (rules_dir / name).write_text(text)
+    rules_dir = rules.write(tmp_path / "rules", {"evaluation_interval": "1s"})
     twin_place = A_PLACE | {"cluster": TWIN_CLUSTER}
     try:
         for directory, places in (
